@@ -1,0 +1,1 @@
+"""VIC's extraconfig codec: dataclasses with vic tags <-> flat guestinfo key/value maps."""

@@ -1,0 +1,42 @@
+"""The `tether` command: dispatches to subcommands, importing only the one that runs."""
+from __future__ import annotations
+
+import importlib
+import sys
+
+# name -> (module, function, one-line help). Each function takes argv (after the name).
+COMMANDS = {
+    "agent": ("tether.agent", "main", "run the agent (PID 1 of a container VM)"),
+    "sandbox": ("tether.sandbox", "main", "run the agent as PID 1 of new namespaces here"),
+    "config": ("tether.configcli", "main", "encode JSON config to VMX lines, or decode back"),
+    "logs": ("tether.iolog", "main", "print a session output log (iolog framing)"),
+    "attach": ("tether.clientcli", "attach_main", "attach to a session"),
+    "exec": ("tether.clientcli", "exec_main", "start a process in a running agent"),
+    "ps": ("tether.clientcli", "ps_main", "list sessions"),
+    "kill": ("tether.clientcli", "kill_main", "signal a session"),
+    "cp": ("tether.clientcli", "cp_main", "copy files into or out of the container"),
+    "vm": ("tether.vm", "main", "boot a config in a QEMU VM, playing the port layer"),
+}
+
+
+def usage() -> str:
+    lines = ["usage: tether COMMAND [ARGS...]", "", "commands:"]
+    lines += [f"  {name:<8} {help_}" for name, (_, _, help_) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0 if argv else 2
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"tether: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    module, function, _ = COMMANDS[name]
+    return getattr(importlib.import_module(module), function)(rest) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

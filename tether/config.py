@@ -1,0 +1,140 @@
+"""The ExecutorConfig model (seed 002), with VIC's tags so extraconfig keys match byte for byte.
+
+Attribute names are snake_case; the Go names live in the tags and make the keys.
+Field order is Go declaration order: it fixes the sink's write order (`started` last).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+from extraconfig.gotime import GoTime
+from extraconfig.schema import untagged, vic
+from extraconfig.types import IP, URL, IPNet
+
+RO = "read-only"
+RW = "read-write"
+HIDDEN = "hidden"
+
+
+@dataclasses.dataclass
+class Common:
+    execution_environment: str = untagged("ExecutionEnvironment", default="")
+    id: str = vic("ID", RO, "id", default="")
+    name: str = vic("Name", RO, "name", default="")
+    notes: str = vic("Notes", HIDDEN, "notes", default="")
+
+
+@dataclasses.dataclass
+class ExitLog:
+    time: GoTime = untagged("Time", default_factory=GoTime)
+    exit_status: int = untagged("ExitStatus", default=0)
+    message: str = untagged("Message", default="")
+
+
+@dataclasses.dataclass
+class Diagnostics:
+    debug_level: int = vic("DebugLevel", RO, "debug", default=0)
+    resurrection_count: int = vic("ResurrectionCount", RW, "resurrections", default=0)
+    exit_logs: Optional[list[ExitLog]] = vic("ExitLogs", RW, "exitlogs", default=None)
+
+
+@dataclasses.dataclass
+class Detail:
+    create_time: int = vic("CreateTime", RW, "createtime", default=0)
+    start_time: int = vic("StartTime", RW, "starttime", default=0)
+    stop_time: int = vic("StopTime", RW, "stoptime", default=0)
+
+
+@dataclasses.dataclass
+class Cmd:
+    path: str = vic("Path", RO, "Path", default="")
+    args: Optional[list[str]] = vic("Args", RO, "Args", default=None)
+    env: Optional[list[str]] = vic("Env", RO, "Env", default=None)
+    dir: str = vic("Dir", RO, "Dir", default="")
+
+
+@dataclasses.dataclass
+class SessionConfig:
+    common: Common = vic("Common", RO, "common", default_factory=Common)
+    detail: Detail = vic("Detail", RW, "detail", default_factory=Detail)
+    cmd: Cmd = vic("Cmd", RO, "cmd", default_factory=Cmd)
+    attach: bool = vic("Attach", RO, "attach", default=False)
+    open_stdin: bool = vic("OpenStdin", RO, "openstdin", default=False)
+    run_block: bool = vic("RunBlock", RO, "runblock", default=False)
+    tty: bool = vic("Tty", RO, "tty", default=False)
+    exit_status: int = vic("ExitStatus", RW, "status", default=0)
+    started: str = vic("Started", RW, "started", default="")
+    restart: bool = vic("Restart", RO, "restart", default=False)
+    stop_signal: str = vic("StopSignal", RO, "stopSignal", default="")
+    diagnostics: Diagnostics = vic("Diagnostics", RO, "diagnostics", default_factory=Diagnostics)
+    user: str = vic("User", RO, "User", default="")
+    group: str = vic("Group", RO, "Group", default="")
+
+    @property
+    def id(self) -> str:
+        return self.common.id
+
+
+@dataclasses.dataclass
+class MountSpec:
+    source: URL = vic("Source", RO, "source", default_factory=URL)
+    path: str = vic("Path", RO, "dest", default="")
+    mode: str = vic("Mode", RO, "mode", default="")
+
+
+@dataclasses.dataclass
+class Range:
+    """pkg/ip.Range: an IP pool."""
+    first_ip: IP = vic("FirstIP", RO, "first", default_factory=lambda: IP(b""))
+    last_ip: IP = vic("LastIP", RO, "last", default_factory=lambda: IP(b""))
+
+
+@dataclasses.dataclass
+class AssignedNetwork:
+    """ContainerNetwork.Assigned: an anonymous struct in the Go source."""
+    gateway: IPNet = vic("Gateway", RW, "gateway", default_factory=IPNet)
+    nameservers: Optional[list[IP]] = vic("Nameservers", RW, "dns", default=None)
+
+
+@dataclasses.dataclass
+class ContainerNetwork:
+    common: Common = untagged("Common", default_factory=Common)
+    type: str = vic("Type", RW, "type", default="")
+    destinations: Optional[list[IPNet]] = vic("Destinations", RO, "destinations", default=None)
+    gateway: IPNet = vic("Gateway", RO, "gateway", default_factory=IPNet)
+    default: bool = vic("Default", RO, "default", default=False)
+    nameservers: Optional[list[IP]] = vic("Nameservers", RO, "dns", default=None)
+    pools: Optional[list[Range]] = vic("Pools", RO, "pools", default=None)
+    aliases: Optional[list[str]] = vic("Aliases", HIDDEN, "aliases", default=None)
+    assigned: AssignedNetwork = vic("Assigned", RW, "assigned", default_factory=AssignedNetwork)
+
+
+@dataclasses.dataclass
+class NetworkEndpoint:
+    common: Common = untagged("Common", default_factory=Common)
+    static: bool = vic("Static", RO, "static", default=False)
+    ip: Optional[IPNet] = vic("IP", RO, "ip", default=None)
+    assigned: IPNet = vic("Assigned", RW, "assigned", default_factory=IPNet)
+    network: ContainerNetwork = vic("Network", RO, "network", default_factory=ContainerNetwork)
+    ports: Optional[list[str]] = vic("Ports", RO, "ports", default=None)
+
+
+@dataclasses.dataclass
+class ExecutorConfig:
+    common: Common = vic("Common", RO, "common", default_factory=Common)
+    create_time: int = vic("CreateTime", RW, "createtime", default=0)
+    diagnostics: Diagnostics = vic("Diagnostics", RO, "diagnostics", default_factory=Diagnostics)
+    sessions: Optional[dict[str, Optional[SessionConfig]]] = vic(
+        "Sessions", RO, "sessions", default=None)
+    mounts: Optional[dict[str, MountSpec]] = vic("Mounts", RO, "mounts", default=None)
+    networks: Optional[dict[str, Optional[NetworkEndpoint]]] = vic(
+        "Networks", RO, "networks", default=None)
+    key: Optional[bytes] = vic("Key", RO, "key", default=None)
+    layer_id: str = vic("LayerID", RO, "layerid", default="")
+    annotations: Optional[dict[str, str]] = vic("Annotations", HIDDEN, "annotations", default=None)
+    repo_name: str = vic("RepoName", RO, "repo", default="")
+
+    @property
+    def id(self) -> str:
+        return self.common.id
