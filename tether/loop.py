@@ -1,0 +1,187 @@
+"""The agent's single-threaded event loop: fds, timers, signals and cross-thread calls.
+
+Everything that touches sessions runs on this loop. Threads (DHCP renewal, toolbox)
+hand work to it with `call_soon_threadsafe`. A callback that raises is logged and the
+loop goes on: PID 1 must not die of one bad callback.
+"""
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import os
+import selectors
+import signal
+import threading
+import time
+from collections import deque
+from typing import Callable
+
+log = logging.getLogger("tether.loop")
+
+Callback = Callable[[], object]
+
+
+class Timer:
+    __slots__ = ("when", "callback", "cancelled")
+
+    def __init__(self, when: float, callback: Callback):
+        self.when = when
+        self.callback = callback
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class Loop:
+    def __init__(self) -> None:
+        self._selector = selectors.DefaultSelector()
+        self._readers: dict[int, Callback] = {}
+        self._writers: dict[int, Callback] = {}
+        self._timers: list[tuple[float, int, Timer]] = []
+        self._seq = itertools.count()
+        self._ready: deque[Callback] = deque()
+        self._threadsafe: deque[Callback] = deque()
+        self._signal_handlers: dict[int, Callback] = {}
+        self._stopping = False
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._selector.register(self._wake_r, selectors.EVENT_READ)
+        self._owner = threading.get_ident()
+
+    # -- file descriptors -------------------------------------------------------------
+    def add_reader(self, fd: int, callback: Callback) -> None:
+        self._readers[fd] = callback
+        self._update(fd)
+
+    def remove_reader(self, fd: int) -> None:
+        if self._readers.pop(fd, None) is not None:
+            self._update(fd)
+
+    def add_writer(self, fd: int, callback: Callback) -> None:
+        self._writers[fd] = callback
+        self._update(fd)
+
+    def remove_writer(self, fd: int) -> None:
+        if self._writers.pop(fd, None) is not None:
+            self._update(fd)
+
+    def _update(self, fd: int) -> None:
+        events = (selectors.EVENT_READ if fd in self._readers else 0) | (
+            selectors.EVENT_WRITE if fd in self._writers else 0)
+        try:
+            key = self._selector.get_key(fd)
+        except KeyError:
+            key = None
+        if key is None:
+            if events:
+                self._selector.register(fd, events)
+        elif events:
+            self._selector.modify(fd, events)
+        else:
+            self._selector.unregister(fd)
+
+    # -- callbacks and timers ------------------------------------------------------------
+    def call_soon(self, callback: Callback) -> None:
+        self._ready.append(callback)
+
+    def call_later(self, delay: float, callback: Callback) -> Timer:
+        timer = Timer(time.monotonic() + max(0.0, delay), callback)
+        heapq.heappush(self._timers, (timer.when, next(self._seq), timer))
+        return timer
+
+    def call_soon_threadsafe(self, callback: Callback) -> None:
+        self._threadsafe.append(callback)
+        self._wake()
+
+    def _wake(self) -> None:
+        try:
+            os.write(self._wake_w, b"\0")
+        except BlockingIOError:
+            pass  # the pipe is full, so the loop will wake anyway
+
+    # -- signals ---------------------------------------------------------------------------
+    def add_signal_handler(self, signum: int, callback: Callback) -> None:
+        """Run `callback` on the loop when `signum` arrives (main thread only)."""
+        self._signal_handlers[signum] = callback
+        signal.signal(signum, self._on_signal)
+        signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
+        signal.siginterrupt(signum, False)
+
+    def _on_signal(self, signum: int, _frame) -> None:
+        # Runs between bytecodes on the main thread; defer the work to the loop.
+        handler = self._signal_handlers.get(signum)
+        if handler is not None:
+            self._threadsafe.append(handler)
+
+    # -- running -----------------------------------------------------------------------------
+    def stop(self) -> None:
+        self._stopping = True
+        self._wake()
+
+    def run_until(self, done: Callable[[], bool], timeout: float | None = None) -> bool:
+        """Run until `done()` is true (checked after each round); False on timeout."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        self._stopping = False
+        while not done():
+            if self._stopping:
+                return False
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
+            self._run_once(deadline)
+        return True
+
+    def run_forever(self) -> None:
+        self.run_until(lambda: False)
+
+    def _run_once(self, deadline: float | None) -> None:
+        timeout: float | None = None
+        if self._ready or self._threadsafe:
+            timeout = 0
+        elif self._timers:
+            timeout = max(0.0, self._timers[0][0] - time.monotonic())
+        if deadline is not None:
+            left = max(0.0, deadline - time.monotonic())
+            timeout = left if timeout is None else min(timeout, left)
+        try:
+            events = self._selector.select(timeout)
+        except InterruptedError:
+            events = []
+        for key, mask in events:
+            fd = key.fd
+            if fd == self._wake_r:
+                self._drain_wakeup()
+                continue
+            if mask & selectors.EVENT_READ and fd in self._readers:
+                self._run(self._readers[fd])
+            if mask & selectors.EVENT_WRITE and fd in self._writers:
+                self._run(self._writers[fd])
+        now = time.monotonic()
+        while self._timers and self._timers[0][0] <= now:
+            _, _, timer = heapq.heappop(self._timers)
+            if not timer.cancelled:
+                self._run(timer.callback)
+        while self._threadsafe:
+            self._ready.append(self._threadsafe.popleft())
+        for _ in range(len(self._ready)):
+            self._run(self._ready.popleft())
+
+    def _drain_wakeup(self) -> None:
+        try:
+            while os.read(self._wake_r, 4096):
+                pass
+        except BlockingIOError:
+            pass
+
+    @staticmethod
+    def _run(callback: Callback) -> None:
+        try:
+            callback()
+        except Exception:
+            log.exception("callback %r failed; the agent carries on", callback)
+
+    def close(self) -> None:
+        signal.set_wakeup_fd(-1)
+        self._selector.close()
+        os.close(self._wake_r)
+        os.close(self._wake_w)
