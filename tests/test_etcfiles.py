@@ -1,0 +1,135 @@
+"""Generated /etc files: rendering line by line, and the bind mounts in a private mount namespace."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from tether.etcfiles import EtcFiles, _resolve_in_root
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+IMAGE_HOSTS = """\
+# image comment
+127.0.0.1\tlocalhost
+10.9.9.9 oldname web.localhost
+192.168.1.5 printer
+"""
+
+
+def test_hosts_blends_image_lines_and_ours():
+    etc = EtcFiles("/nonexistent", "/nonexistent-state")
+    etc.set_hostname("abcdef012345", ["mycontainer"])
+    etc.set_network_host("web", "172.16.0.2")
+    etc.set_network_host("db", "172.17.0.2")
+    lines = etc.render_hosts(IMAGE_HOSTS.splitlines()).splitlines()
+    assert lines == [
+        "::1\tlocalhost ip6-localhost ip6-loopback",   # v6 localhost ensured, v4 was there
+        "# image comment",
+        "127.0.0.1\tlocalhost",
+        "10.9.9.9 oldname",                            # our managed name removed from it
+        "192.168.1.5 printer",
+        "127.0.1.1\tabcdef012345 mycontainer",
+        "172.16.0.2\tweb.localhost",
+        "172.17.0.2\tdb.localhost",
+    ]
+
+
+def test_hosts_without_image_file():
+    etc = EtcFiles("/nonexistent", "/nonexistent-state")
+    etc.set_hostname("h1")
+    etc.set_network_host("net", None)     # no address yet: no entry
+    assert etc.render_hosts([]).splitlines() == [
+        "127.0.0.1\tlocalhost",
+        "::1\tlocalhost ip6-localhost ip6-loopback",
+        "127.0.1.1\th1",
+    ]
+
+
+def test_resolv_static_beats_dhcp_and_gateway_fallback():
+    etc = EtcFiles("/x", "/y")
+    assert etc.render_resolv() is None         # no network: the image's file stays
+    etc.set_nameservers("a", [], [], "10.0.0.1")
+    assert etc.render_resolv().splitlines() == [
+        "nameserver 10.0.0.1", "options timeout:15", "options attempts:5"]
+    etc.set_nameservers("b", [], ["10.1.0.53", "10.1.0.54"], "10.1.0.1")
+    etc.set_nameservers("c", ["8.8.8.8"], ["10.2.0.53"], "10.2.0.1")
+    assert etc.render_resolv().splitlines() == [
+        "nameserver 8.8.8.8", "nameserver 10.1.0.53", "nameserver 10.1.0.54",
+        "options timeout:15", "options attempts:5"]
+
+
+def test_resolv_stale_dhcp_servers_removed_on_renewal():
+    etc = EtcFiles("/x", "/y")
+    etc.set_nameservers("a", [], ["10.1.0.53"], "10.1.0.1")
+    etc.set_nameservers("a", [], ["10.1.0.99"], "10.1.0.1")
+    assert "10.1.0.53" not in etc.render_resolv()
+    assert etc.render_resolv().splitlines()[0] == "nameserver 10.1.0.99"
+
+
+def test_resolve_in_root_keeps_absolute_links_inside(tmp_path):
+    (tmp_path / "etc").mkdir()
+    (tmp_path / "run" / "resolve").mkdir(parents=True)
+    os.symlink("/run/resolve/stub.conf", tmp_path / "etc" / "resolv.conf")
+    os.symlink("../../..", tmp_path / "run" / "resolve" / "up")
+    assert _resolve_in_root(str(tmp_path), "/etc/resolv.conf") == str(
+        tmp_path / "run" / "resolve" / "stub.conf")
+    assert _resolve_in_root(str(tmp_path), "/run/resolve/up/etc") == str(tmp_path / "etc")
+
+
+SCRIPT = textwrap.dedent("""
+    import json, os, sys
+    from tether.etcfiles import EtcFiles
+    root, state = sys.argv[1], sys.argv[2]
+    etc = EtcFiles(root, state)
+    etc.set_hostname("abcdef012345", ["box"])
+    etc.set_network_host("bridge", "172.16.0.2")
+    etc.set_nameservers("bridge", [], ["10.0.0.53"], "172.16.0.1")
+    etc.flush()
+    read = lambda n: open(os.path.join(root, "etc", n)).read()
+    first = {n: read(n) for n in ("hostname", "hosts", "resolv.conf")}
+    etc.set_nameservers("bridge", [], ["10.0.0.54"], "172.16.0.1")
+    etc.flush()
+    etc.flush()   # unchanged: no new mount
+    mounts = [l.split()[4] for l in open("/proc/self/mountinfo")]
+    print(json.dumps({"first": first, "resolv2": read("resolv.conf"), "hosts2": read("hosts"),
+                      "mounts": [m for m in mounts if m.startswith(root)]}))
+""")
+
+
+@pytest.mark.root
+def test_flush_binds_generated_files_and_leaves_image_untouched(tmp_path):
+    if os.geteuid() != 0 or not shutil.which("unshare"):
+        pytest.skip("needs root and unshare(1) for a private mount namespace")
+    root, state = tmp_path / "root", tmp_path / "state"
+    (root / "etc").mkdir(parents=True)
+    (root / "etc" / "hosts").write_text(IMAGE_HOSTS)
+    (root / "etc" / "hostname").write_text("imagehost\n")
+    # no resolv.conf in the image: the mount target is created
+    out = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", sys.executable, "-c", SCRIPT,
+         str(root), str(state)],
+        cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout)
+    assert got["first"]["hostname"] == "abcdef012345\n"
+    assert "127.0.1.1\tabcdef012345 box" in got["first"]["hosts"].splitlines()
+    assert "192.168.1.5 printer" in got["first"]["hosts"].splitlines()
+    assert "172.16.0.2\tbridge.localhost" in got["first"]["hosts"].splitlines()
+    assert got["first"]["resolv.conf"].splitlines()[0] == "nameserver 10.0.0.53"
+    assert got["resolv2"].splitlines() == [
+        "nameserver 10.0.0.54", "options timeout:15", "options attempts:5"]
+    assert got["hosts2"] == got["first"]["hosts"]
+    # hostname, hosts, resolv.conf, and one more resolv.conf for the change
+    assert sorted(got["mounts"]) == sorted(
+        [str(root / "etc" / n) for n in ("hostname", "hosts", "resolv.conf", "resolv.conf")])
+    # outside the namespace the image's files are as they were
+    assert (root / "etc" / "hosts").read_text() == IMAGE_HOSTS
+    assert (root / "etc" / "hostname").read_text() == "imagehost\n"
+    assert (root / "etc" / "resolv.conf").read_text() == ""
+    assert (state / "resolv.conf").read_text() == got["resolv2"]

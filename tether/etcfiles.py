@@ -1,0 +1,219 @@
+"""Generated /etc/hostname, /etc/hosts and /etc/resolv.conf for the container root.
+
+The files are written atomically (temp file + rename) into `state_dir` and bind-mounted over
+`<root>/etc/<name>`, so the image's own files stay untouched (VIC issue #489). The image's
+/etc/hosts is read once, before anything is mounted over it, and blended with our entries.
+
+A bind mount pins an inode, so a later change cannot be a plain rename: each changed file is
+written under a new name and bind-mounted on top of the previous one. Readers switch from the
+old complete file to the new complete file in one step. Changes after the first are rare (a
+DHCP server handing out other DNS servers), so the few stacked mounts cost nothing.
+"""
+from __future__ import annotations
+
+import ipaddress
+import os
+import threading
+
+MANAGED = ("hostname", "hosts", "resolv.conf")
+HOSTNAME_IP = "127.0.1.1"
+LOCALHOST_V4 = ("127.0.0.1", ["localhost"])
+LOCALHOST_V6 = ("::1", ["localhost", "ip6-localhost", "ip6-loopback"])
+RESOLV_OPTIONS = ["options timeout:15", "options attempts:5"]
+
+
+class EtcFilesError(Exception):
+    pass
+
+
+class EtcFiles:
+    """The generated files' model. Setters change memory only; `flush()` writes and mounts."""
+
+    def __init__(self, root: str, state_dir: str):
+        self.root = root
+        self.state_dir = state_dir
+        self.hostname: str | None = None
+        self.aliases: list[str] = []
+        self.network_hosts: dict[str, str | None] = {}
+        # endpoint -> (static, dynamic, gateway); insertion order is the endpoints' order
+        self.nameservers: dict[str, tuple[list[str], list[str], str | None]] = {}
+        self._seed_hosts: list[str] | None = None
+        self._written: dict[str, str] = {}      # name -> content last mounted
+        self._generation = 0
+        self._lock = threading.Lock()           # renewal threads flush too
+
+    # -- model -----------------------------------------------------------------------------
+    def set_hostname(self, name: str, aliases: list[str] | tuple[str, ...] = ()) -> None:
+        self.hostname = name
+        self.aliases = [a for a in aliases if a and a != name]
+
+    def set_network_host(self, network_name: str, ip: str | None) -> None:
+        """`<network_name>.localhost` resolves to `ip` (None removes the entry)."""
+        self.network_hosts[f"{network_name}.localhost"] = ip
+
+    def set_nameservers(self, endpoint: str, static: list[str], dynamic: list[str],
+                        gateway: str | None) -> None:
+        """Replace this endpoint's servers, so stale DHCP servers go away on renewal."""
+        self.nameservers[endpoint] = (list(static), list(dynamic), gateway)
+
+    # -- rendering (pure) --------------------------------------------------------------------
+    def render_hostname(self) -> str | None:
+        return None if self.hostname is None else self.hostname + "\n"
+
+    def render_resolv(self) -> str | None:
+        """Static servers beat DHCP ones; the gateway only when an endpoint has neither."""
+        if not self.nameservers:
+            return None
+        static, dynamic, fallback = [], [], []
+        for st, dyn, gw in self.nameservers.values():
+            if st:
+                static += st
+            elif dyn:
+                dynamic += dyn
+            elif gw:
+                fallback.append(gw)
+        servers = _unique(static + dynamic) or _unique(fallback)
+        return "".join(f"nameserver {s}\n" for s in servers) + "\n".join(RESOLV_OPTIONS) + "\n"
+
+    def render_hosts(self, seed: list[str]) -> str:
+        """The image's lines kept (minus names we manage), localhost ensured, ours appended."""
+        ours: list[tuple[str, list[str]]] = []
+        if self.hostname:
+            ours.append((HOSTNAME_IP, [self.hostname] + self.aliases))
+        by_ip: dict[str, list[str]] = {}
+        for name, ip in self.network_hosts.items():
+            if ip:
+                by_ip.setdefault(ip, []).append(name)
+        ours += list(by_ip.items())
+        managed = {n for _, names in ours for n in names}
+
+        kept: list[str] = []
+        have_v4 = have_v6 = False
+        for line in seed:
+            fields = line.split("#", 1)[0].split()
+            if len(fields) < 2:
+                kept.append(line)           # comments and blank lines stay as they were
+                continue
+            names = [n for n in fields[1:] if n not in managed]
+            if not names:
+                continue
+            if names != fields[1:]:
+                line = " ".join([fields[0]] + names)
+            if "localhost" in names:
+                version = _ip_version(fields[0])
+                have_v4 |= version == 4
+                have_v6 |= version == 6
+            kept.append(line)
+
+        head = []
+        if not have_v4:
+            head.append(_hosts_line(*LOCALHOST_V4))
+        if not have_v6:
+            head.append(_hosts_line(*LOCALHOST_V6))
+        lines = head + kept + [_hosts_line(ip, names) for ip, names in ours]
+        return "".join(line + "\n" for line in lines)
+
+    # -- I/O -------------------------------------------------------------------------------
+    def flush(self) -> None:
+        """Write what changed into state_dir and bind it over the container's /etc files."""
+        with self._lock:
+            if self._seed_hosts is None:
+                self._seed_hosts = self._read_seed_hosts()
+            wanted = {
+                "hostname": self.render_hostname(),
+                "hosts": self.render_hosts(self._seed_hosts),
+                "resolv.conf": self.render_resolv(),
+            }
+            os.makedirs(self.state_dir, mode=0o755, exist_ok=True)
+            for name, content in wanted.items():
+                if content is None or self._written.get(name) == content:
+                    continue
+                self._generation += 1
+                source = self._write_atomically(name, content)
+                target = self._mount_target(name)
+                try:
+                    from tether.volumes import bind_mount
+                    bind_mount(source, target)
+                except OSError as exc:
+                    raise EtcFilesError(
+                        f"cannot bind {source} over {target}: {exc.strerror or exc}") from exc
+                self._written[name] = content
+
+    def _read_seed_hosts(self) -> list[str]:
+        try:
+            path = _resolve_in_root(self.root, "/etc/hosts")
+            with open(path, encoding="utf-8", errors="replace") as f:
+                return f.read().splitlines()
+        except (OSError, EtcFilesError):
+            return []
+
+    def _write_atomically(self, name: str, content: str) -> str:
+        # A new name per generation: the file under an existing bind mount is never replaced.
+        final = os.path.join(self.state_dir, f"{name}.{self._generation}")
+        tmp = final + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(content)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.rename(tmp, final)
+        # the plain name always holds the latest content, for people looking at state_dir
+        latest_tmp = os.path.join(self.state_dir, f".{name}.tmp")
+        with open(latest_tmp, "w", encoding="utf-8") as f:
+            f.write(content)
+        os.chmod(latest_tmp, 0o644)
+        os.rename(latest_tmp, os.path.join(self.state_dir, name))
+        return final
+
+    def _mount_target(self, name: str) -> str:
+        """`<root>/etc/<name>`, symlinks resolved inside the root, created empty if missing."""
+        target = _resolve_in_root(self.root, f"/etc/{name}")
+        if not os.path.exists(target):
+            os.makedirs(os.path.dirname(target), mode=0o755, exist_ok=True)
+            fd = os.open(target, os.O_WRONLY | os.O_CREAT, 0o644)
+            os.close(fd)
+        return target
+
+
+def _resolve_in_root(root: str, path: str, max_links: int = 40) -> str:
+    """Follow symlinks as a chrooted process would, so `/etc/resolv.conf -> /run/...` in the
+    image never resolves into the bootstrap root."""
+    root = os.path.abspath(root)
+    parts = [p for p in path.split("/") if p]
+    resolved: list[str] = []
+    links = 0
+    while parts:
+        part = parts.pop(0)
+        if part == ".":
+            continue
+        if part == "..":
+            if resolved:
+                resolved.pop()
+            continue
+        candidate = os.path.join(root, *resolved, part)
+        if os.path.islink(candidate):
+            links += 1
+            if links > max_links:
+                raise EtcFilesError(f"too many symlinks resolving {path} in {root}")
+            link = os.readlink(candidate)
+            if link.startswith("/"):
+                resolved = []
+            parts = [p for p in link.split("/") if p] + parts
+            continue
+        resolved.append(part)
+    return os.path.join(root, *resolved)
+
+
+def _hosts_line(ip: str, names: list[str]) -> str:
+    return f"{ip}\t{' '.join(names)}"
+
+
+def _ip_version(text: str) -> int | None:
+    try:
+        return ipaddress.ip_address(text).version
+    except ValueError:
+        return None
+
+
+def _unique(items: list[str]) -> list[str]:
+    return list(dict.fromkeys(items))

@@ -1,0 +1,342 @@
+"""Volumes: label, NFS, tmpfs and bind mounts into the container root; finding a disk by label.
+
+Mounts are made with mount(2) through ctypes (no helper processes: the agent's reaper owns
+every child). Filesystem types are found by reading superblocks, so no blkid is needed.
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import os
+import socket
+import stat
+import time
+from dataclasses import dataclass
+
+# mount(2) flags (linux/mount.h)
+MS_RDONLY = 1
+MS_NOSUID = 2
+MS_NODEV = 4
+MS_NOEXEC = 8
+MS_SYNCHRONOUS = 16
+MS_REMOUNT = 32
+MS_DIRSYNC = 128
+MS_NOATIME = 1024
+MS_NODIRATIME = 2048
+MS_BIND = 4096
+MS_REC = 16384
+MS_PRIVATE = 1 << 18
+MS_RELATIME = 1 << 21
+MS_STRICTATIME = 1 << 24
+MNT_DETACH = 2
+
+# option word -> (flags to set, flags to clear)
+FLAG_OPTIONS = {
+    "ro": (MS_RDONLY, 0), "rw": (0, MS_RDONLY),
+    "nosuid": (MS_NOSUID, 0), "suid": (0, MS_NOSUID),
+    "nodev": (MS_NODEV, 0), "dev": (0, MS_NODEV),
+    "noexec": (MS_NOEXEC, 0), "exec": (0, MS_NOEXEC),
+    "sync": (MS_SYNCHRONOUS, 0), "async": (0, MS_SYNCHRONOUS),
+    "dirsync": (MS_DIRSYNC, 0),
+    "noatime": (MS_NOATIME, 0), "atime": (0, MS_NOATIME),
+    "nodiratime": (MS_NODIRATIME, 0), "diratime": (0, MS_NODIRATIME),
+    "relatime": (MS_RELATIME, 0), "norelatime": (0, MS_RELATIME),
+    "strictatime": (MS_STRICTATIME, 0),
+    "defaults": (0, 0),
+}
+# the per-mount flags a bind mount can carry (applied by a remount)
+BIND_FLAGS = MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC | MS_NOATIME | MS_NODIRATIME | MS_RELATIME
+
+STAGING_DIR = "/.tether/.filesystem-by-label"
+DATA_SUBDIR = ".vic.vol.data"     # the port layer's data directory: hides lost+found
+
+
+class VolumeError(Exception):
+    pass
+
+
+# -- platform actions ------------------------------------------------------------------------
+_libc = None
+
+
+def _lib():
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        _libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p,
+                                ctypes.c_ulong, ctypes.c_char_p]
+        _libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+    return _libc
+
+
+def _b(text: str | None) -> bytes | None:
+    return None if text is None else os.fsencode(text)
+
+
+def mount(source: str | None, target: str, fstype: str | None, flags: int = 0,
+          data: str | None = None) -> None:
+    """mount(2); raises OSError with errno and the target."""
+    if _lib().mount(_b(source), _b(target), _b(fstype), flags, _b(data)) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), target)
+
+
+def umount(target: str, flags: int = 0) -> None:
+    if _lib().umount2(_b(target), flags) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), target)
+
+
+def bind_mount(source: str, target: str, flags: int = 0) -> None:
+    """Bind `source` over `target`; per-mount flags (e.g. MS_RDONLY) need a second remount."""
+    mount(source, target, None, MS_BIND)
+    if flags & BIND_FLAGS:
+        mount(None, target, None, MS_REMOUNT | MS_BIND | (flags & BIND_FLAGS))
+
+
+# -- options ---------------------------------------------------------------------------------
+def parse_mode(mode: str) -> tuple[int, list[str]]:
+    """`ro,noatime,size=64m` -> (MS_RDONLY|MS_NOATIME, ["size=64m"])."""
+    flags = 0
+    data: list[str] = []
+    for word in (w.strip() for w in mode.split(",")):
+        if not word:
+            continue
+        if word in FLAG_OPTIONS:
+            set_, clear = FLAG_OPTIONS[word]
+            flags = (flags | set_) & ~clear
+        else:
+            data.append(word)
+    return flags, data
+
+
+def nfs_options(mode: str, address: str) -> tuple[int, str]:
+    """Mount flags and the nfs data string with `addr=` set to the resolved address."""
+    flags, data = parse_mode(mode)
+    data = [w for w in data if not w.startswith("addr=")] + [f"addr={address}"]
+    return flags, ",".join(data)
+
+
+def nfs_device(host: str, path: str) -> str:
+    """`host:/share` with exactly one slash (the reference produced `host://share`)."""
+    return f"{host}:/{path.lstrip('/')}"
+
+
+# -- finding a disk by label -------------------------------------------------------------------
+def probe(device: str) -> tuple[str, str] | None:
+    """(fstype, label) read from a block device's superblock, or None when unknown."""
+    try:
+        with open(device, "rb") as f:
+            head = f.read(36 * 1024)
+    except OSError:
+        return None
+    return probe_bytes(head)
+
+
+def probe_bytes(head: bytes) -> tuple[str, str] | None:
+    def text(raw: bytes) -> str:
+        return raw.split(b"\0", 1)[0].decode("utf-8", "replace").rstrip(" ")
+
+    if len(head) >= 1024 + 136 and head[1024 + 56:1024 + 58] == b"\x53\xef":
+        sb = head[1024:]
+        compat = int.from_bytes(sb[92:96], "little")
+        incompat = int.from_bytes(sb[96:100], "little")
+        ro_compat = int.from_bytes(sb[100:104], "little")
+        if incompat & 0x2c0 or ro_compat & ~0x7:       # extents, 64bit, flex_bg, huge_file...
+            fstype = "ext4"
+        elif compat & 0x4:                             # has_journal
+            fstype = "ext3"
+        else:
+            fstype = "ext2"
+        return fstype, text(sb[120:136])
+    if len(head) >= 32768 + 72 and head[32769:32774] == b"CD001":
+        return "iso9660", text(head[32768 + 40:32768 + 72])
+    if head[:4] == b"XFSB" and len(head) >= 120:
+        return "xfs", text(head[108:120])
+    if len(head) >= 512 and head[510:512] == b"\x55\xaa":
+        if head[82:87] == b"FAT32":
+            return "vfat", text(head[71:82])
+        if head[54:57] == b"FAT":
+            return "vfat", text(head[43:54])
+    return None
+
+
+def _label_link(label: str) -> str:
+    # udev escapes '/' and whitespace as \x2f, \x20 in by-label names
+    escaped = "".join(c if c.isalnum() or c in "#+-.:=@_" else f"\\x{ord(c):02x}" for c in label)
+    return os.path.join("/dev/disk/by-label", escaped)
+
+
+def _scan_sysfs(label: str) -> str | None:
+    try:
+        names = sorted(os.listdir("/sys/class/block"))
+    except OSError:
+        return None
+    for name in names:
+        device = f"/dev/{name}"
+        try:
+            if int(open(f"/sys/class/block/{name}/size").read().strip() or 0) == 0:
+                continue
+        except (OSError, ValueError):
+            continue
+        if not os.path.exists(device):
+            continue
+        found = probe(device)
+        if found and found[1] == label:
+            return device
+    return None
+
+
+def find_device_by_label(label: str, timeout: float) -> str:
+    """The block device holding a filesystem labelled `label`; waits (sleeping) up to
+    `timeout` seconds for it to appear. Raises VolumeError when it never does."""
+    deadline = time.monotonic() + timeout
+    delay = 0.01
+    while True:
+        link = _label_link(label)
+        if os.path.exists(link):
+            return os.path.realpath(link)
+        device = _scan_sysfs(label)
+        if device:
+            return device
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise VolumeError(
+                f"no disk labelled {label!r} appeared within {timeout:g}s "
+                f"(looked in /dev/disk/by-label and the superblocks of /sys/class/block)")
+        time.sleep(min(delay, left))
+        delay = min(delay * 2, 0.25)
+
+
+# -- mounting volumes --------------------------------------------------------------------------
+@dataclass
+class _Prepared:
+    target: str
+    keep: os.stat_result | None    # the mount point existed: keep its owner and mode
+
+
+def _resolve_target(root: str, path: str) -> str:
+    from tether.etcfiles import _resolve_in_root
+    return _resolve_in_root(root, path)
+
+
+def _prepare_target(target: str) -> _Prepared:
+    try:
+        st = os.stat(target)
+        if not stat.S_ISDIR(st.st_mode):
+            raise VolumeError(f"mount point {target} exists and is not a directory")
+        return _Prepared(target, st)
+    except FileNotFoundError:
+        os.makedirs(target, mode=0o755, exist_ok=True)
+        return _Prepared(target, None)
+
+
+def _restore_owner(prepared: _Prepared, flags: int) -> None:
+    if prepared.keep is None or flags & MS_RDONLY:
+        return
+    try:
+        os.chown(prepared.target, prepared.keep.st_uid, prepared.keep.st_gid)
+        os.chmod(prepared.target, stat.S_IMODE(prepared.keep.st_mode))
+    except OSError:
+        pass    # a filesystem without owners (vfat, some NFS exports) keeps its own
+
+
+def _mount_label(name: str, spec, target: str, flags: int, data: list[str],
+                 label_timeout: float, staging_dir: str) -> None:
+    label = spec.source.path.lstrip("/") or spec.source.host or spec.source.opaque
+    if not label:
+        raise VolumeError(f"volume {name}: label:// without a label")
+    device = find_device_by_label(label, label_timeout)
+    found = probe(device)
+    fstypes = [found[0]] if found else _block_fstypes()
+    staging = os.path.join(staging_dir, label)
+    os.makedirs(staging, mode=0o755, exist_ok=True)
+    errors = []
+    for fstype in fstypes:
+        try:
+            mount(device, staging, fstype, flags, ",".join(data) or None)
+            break
+        except OSError as exc:
+            errors.append(f"{fstype}: {exc.strerror}")
+    else:
+        raise VolumeError(f"volume {name}: cannot mount {device} (label {label}) on "
+                          f"{target}: {'; '.join(errors) or 'no filesystem type to try'}")
+    data_dir = os.path.join(staging, DATA_SUBDIR)
+    source = data_dir if os.path.isdir(data_dir) else staging
+    try:
+        bind_mount(source, target, flags)
+    except OSError as exc:
+        raise VolumeError(f"volume {name}: cannot bind {device} (label {label}) to "
+                          f"{target}: {exc.strerror}") from exc
+
+
+def _block_fstypes() -> list[str]:
+    try:
+        lines = open("/proc/filesystems").read().splitlines()
+    except OSError:
+        return ["ext4"]
+    return [ln.split()[-1] for ln in lines if ln and not ln.startswith("nodev")]
+
+
+def _mount_nfs(name: str, spec, target: str, mode: str) -> None:
+    host = spec.source.host
+    hostname = host.rsplit(":", 1)[0] if host.count(":") == 1 else host.strip("[]")
+    if not hostname:
+        raise VolumeError(f"volume {name}: nfs:// without a host")
+    try:
+        infos = socket.getaddrinfo(hostname, None, proto=socket.IPPROTO_TCP)
+    except socket.gaierror as exc:
+        raise VolumeError(f"volume {name}: cannot resolve NFS host {hostname}: {exc}") from exc
+    addresses = list(dict.fromkeys(info[4][0] for info in infos))
+    device = nfs_device(hostname, spec.source.path)
+    errors = []
+    for address in addresses:
+        flags, data = nfs_options(mode, address)
+        try:
+            mount(device, target, "nfs", flags | MS_NOATIME, data)
+            return
+        except OSError as exc:
+            errors.append(f"{address}: {exc.strerror}")
+    raise VolumeError(f"volume {name}: cannot mount {device} on {target}: {'; '.join(errors)}")
+
+
+def mount_volumes(mounts: dict | None, root: str, label_timeout: float = 30.0,
+                  staging_dir: str = STAGING_DIR) -> None:
+    """Mount every MountSpec into `root`, parents first. Raises VolumeError on the first
+    failure, naming the volume, the device and the error."""
+    if not mounts:
+        return
+    order = sorted(mounts.items(), key=lambda kv: [p for p in kv[1].path.split("/") if p])
+    for name, spec in order:
+        if not spec.path:
+            raise VolumeError(f"volume {name}: no destination path")
+        scheme = spec.source.scheme
+        target = _resolve_target(root, spec.path)
+        try:
+            prepared = _prepare_target(target)
+        except OSError as exc:
+            raise VolumeError(f"volume {name}: cannot create mount point {target}: "
+                              f"{exc.strerror}") from exc
+        flags, data = parse_mode(spec.mode)
+        try:
+            if scheme == "label":
+                _mount_label(name, spec, target, flags | MS_NOATIME, data,
+                             label_timeout, staging_dir)
+            elif scheme == "nfs":
+                _mount_nfs(name, spec, target, spec.mode)
+            elif scheme == "tmpfs":
+                mount("tmpfs", target, "tmpfs", flags, ",".join(data) or None)
+            elif scheme == "bind":
+                source = "/" + "/".join(p for p in (spec.source.host, spec.source.path)
+                                        if p).lstrip("/")
+                if not os.path.exists(source):
+                    raise VolumeError(f"volume {name}: bind source {source} does not exist")
+                bind_mount(source, target, flags)
+            else:
+                raise VolumeError(f"unsupported volume mount type for {name}: {scheme}")
+        except OSError as exc:
+            device = {"tmpfs": "tmpfs", "bind": spec.source.path}.get(scheme, str(spec.source))
+            raise VolumeError(f"volume {name}: cannot mount {device} on {target}: "
+                              f"{exc.strerror or exc}") from exc
+        _restore_owner(prepared, flags)
