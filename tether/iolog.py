@@ -1,0 +1,231 @@
+"""The reference's output-log framing (VIC lib/iolog), and `tether logs` to read it back.
+
+Each entry is the 16-character base64 form of a 10-byte header, then the payload:
+8 bytes little-endian UnixNano (UTC), then a little-endian 16-bit word
+`size << 4 | stream << 3 | flags`. Entries are cut at newlines; a line longer than
+4095 bytes is split; a trailing partial line waits for its newline or `close`.
+
+Extension (documented in docs/agent.md): the reference logged one session only. We log
+every session on the same port. Entries of the primary session are exactly the
+reference's; entries of other sessions set flag bit 0 (`TAGGED`, one of the three bits
+the reference reserves) and their payload starts with one byte N and the N-byte session
+ID. A reference reader shows those bytes as a prefix; the primary's log stays clean.
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import struct
+import sys
+import time
+from typing import Callable, Iterator
+
+MAX_ENTRY = 4095
+HEADER_LEN = 10
+ENCODED_HEADER_LEN = 16
+STDOUT, STDERR = 0, 1
+TAGGED = 0x1
+
+_header = struct.Struct("<qH")
+
+
+def encode_entry(payload: bytes, stream: int = STDOUT, when_ns: int | None = None,
+                 session: str | None = None) -> bytes:
+    """One framed entry. `session` set means a tagged (non-primary) entry."""
+    flags = 0
+    if session is not None:
+        ident = session.encode()[:255]
+        payload = bytes([len(ident)]) + ident + payload
+        flags = TAGGED
+    if len(payload) > MAX_ENTRY:
+        raise ValueError(f"entry of {len(payload)} bytes exceeds {MAX_ENTRY}")
+    when = time.time_ns() if when_ns is None else when_ns
+    header = _header.pack(when, len(payload) << 4 | (stream & 1) << 3 | flags)
+    return base64.b64encode(header) + payload
+
+
+class Entry:
+    __slots__ = ("when_ns", "stream", "session", "data")
+
+    def __init__(self, when_ns: int, stream: int, session: str | None, data: bytes):
+        self.when_ns, self.stream, self.session, self.data = when_ns, stream, session, data
+
+    def __repr__(self) -> str:
+        return f"Entry({self.when_ns}, {self.stream}, {self.session!r}, {self.data!r})"
+
+
+class FramingError(ValueError):
+    pass
+
+
+def parse(blob: bytes) -> Iterator[Entry]:
+    """Entries of a complete log. A truncated final entry raises FramingError."""
+    pos = 0
+    while pos < len(blob):
+        raw = blob[pos:pos + ENCODED_HEADER_LEN]
+        if len(raw) < ENCODED_HEADER_LEN:
+            raise FramingError(f"truncated header at offset {pos}")
+        try:
+            when, word = _header.unpack(base64.b64decode(raw, validate=True))
+        except (ValueError, struct.error) as err:
+            raise FramingError(f"bad header at offset {pos}: {err}") from None
+        size = word >> 4
+        start = pos + ENCODED_HEADER_LEN
+        payload = blob[start:start + size]
+        if len(payload) < size:
+            raise FramingError(f"truncated entry at offset {pos}: {len(payload)} of {size} bytes")
+        session = None
+        if word & TAGGED:
+            n = payload[0] if payload else 0
+            session = payload[1:1 + n].decode(errors="replace")
+            payload = payload[1 + n:]
+        yield Entry(when, (word >> 3) & 1, session, payload)
+        pos = start + size
+
+
+class LineFramer:
+    """Cuts one stream of one session into entries (sans-IO: bytes in, framed bytes out)."""
+
+    def __init__(self, stream: int, session: str | None,
+                 clock: Callable[[], int] = time.time_ns):
+        self.stream = stream
+        self.session = session
+        self.clock = clock
+        self._partial = bytearray()
+        room = MAX_ENTRY - (0 if session is None else 1 + len(session.encode()[:255]))
+        self._room = max(1, room)
+
+    def feed(self, data: bytes) -> bytes:
+        self._partial += data
+        out = []
+        while True:
+            nl = self._partial.find(b"\n", 0, self._room)
+            if nl >= 0:
+                cut = nl + 1
+            elif len(self._partial) >= self._room:
+                cut = self._room
+            else:
+                break
+            out.append(self._entry(bytes(self._partial[:cut])))
+            del self._partial[:cut]
+        return b"".join(out)
+
+    def close(self) -> bytes:
+        if not self._partial:
+            return b""
+        entry = self._entry(bytes(self._partial))
+        self._partial.clear()
+        return entry
+
+    def _entry(self, payload: bytes) -> bytes:
+        return encode_entry(payload, self.stream, self.clock(), self.session)
+
+
+def format_time(when_ns: int) -> str:
+    """Go's 2006-01-02T15:04:05.000000000Z07:00, in UTC."""
+    secs, nanos = divmod(when_ns, 1_000_000_000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(secs)) + f".{nanos:09d}Z"
+
+
+PRIMARY_LABEL = "primary"
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="tether logs", description="Print a session output log (iolog framing).")
+    parser.add_argument("file", help="the output log (a file, or - for stdin)")
+    parser.add_argument("--session", help=f"only this session ID ('{PRIMARY_LABEL}': "
+                        "the untagged entries, i.e. the primary session)")
+    parser.add_argument("--raw", action="store_true", help="payload only, no timestamps")
+    args = parser.parse_args(argv)
+    try:
+        blob = sys.stdin.buffer.read() if args.file == "-" else open(args.file, "rb").read()
+    except OSError as err:
+        print(f"tether logs: cannot read {args.file}: {err.strerror}", file=sys.stderr)
+        return 1
+    out = sys.stdout.buffer
+    try:
+        for entry in parse(blob):
+            label = entry.session if entry.session is not None else PRIMARY_LABEL
+            if args.session is not None and label != args.session:
+                continue
+            if args.raw:
+                out.write(entry.data)
+                continue
+            stream = "stderr" if entry.stream else "stdout"
+            out.write(f"{format_time(entry.when_ns)} {label} {stream} ".encode())
+            out.write(entry.data if entry.data.endswith(b"\n") else entry.data + b"\n")
+    except FramingError as err:
+        out.flush()
+        print(f"tether logs: {args.file}: {err}", file=sys.stderr)
+        return 1
+    out.flush()
+    return 0
+
+
+class LogPort:
+    """Bytes to the output-log port without blocking the loop when the port is slow.
+
+    A regular file is written directly. A device (serial, virtio-serial) is made
+    non-blocking and fed from a bounded buffer on the loop; past `limit` bytes the
+    oldest pending output is dropped and counted, rather than stalling every session.
+    """
+
+    def __init__(self, fd: int, loop=None, limit: int = 8 << 20):
+        import os
+        import stat
+        self.fd = fd
+        self.loop = loop
+        self.limit = limit
+        self.dropped = 0
+        self._pending = bytearray()
+        self._direct = loop is None or stat.S_ISREG(os.fstat(fd).st_mode)
+        if not self._direct:
+            os.set_blocking(fd, False)
+
+    def write(self, data: bytes) -> None:
+        import os
+        if not data or self.fd < 0:
+            return
+        if self._direct:
+            try:
+                while data:
+                    data = data[os.write(self.fd, data):]
+            except OSError:
+                self.fd = -1   # the port went away: stop logging, keep running
+            return
+        was_empty = not self._pending
+        self._pending += data
+        if len(self._pending) > self.limit:
+            extra = len(self._pending) - self.limit
+            del self._pending[:extra]
+            self.dropped += extra
+        if was_empty:
+            self._flush()
+
+    def _flush(self) -> None:
+        import os
+        try:
+            while self._pending:
+                n = os.write(self.fd, self._pending)
+                del self._pending[:n]
+        except BlockingIOError:
+            pass
+        except OSError:
+            self._pending.clear()
+            self.fd = -1
+        if self.loop is None:
+            return
+        if self._pending:
+            self.loop.add_writer(self.fd, self._flush)
+        elif self.fd >= 0:
+            self.loop.remove_writer(self.fd)
+
+    def drain(self, timeout: float = 5.0) -> None:
+        """Push out what is pending, blocking up to `timeout` (used at shutdown)."""
+        import os
+        import select
+        deadline = time.monotonic() + timeout
+        while self._pending and self.fd >= 0 and time.monotonic() < deadline:
+            select.select([], [self.fd], [], max(0.0, deadline - time.monotonic()))
+            self._flush()

@@ -1,0 +1,638 @@
+"""Launching a session process, and fanning out its output.
+
+A session runs in its own session and process group (setsid; a tty session also gets
+its pty as controlling tty), chrooted into the container root, as the configured user,
+with exactly the configured environment and only fds 0-2 open. The child resolves the
+path itself, after chroot and chdir, so container symlinks resolve inside the container;
+any failure before exec comes back over a close-on-exec pipe as the `started` text.
+
+Output is read non-blocking on the loop and goes, for every session, to the output log
+(iolog framing), the replay ring (last 64 KiB) and attach listeners.
+"""
+from __future__ import annotations
+
+import errno
+import fcntl
+import logging
+import os
+import signal
+import termios
+import time
+from collections import deque
+from typing import Callable
+
+from tether.iolog import STDERR, STDOUT, LineFramer
+from tether.reaper import describe_status
+
+log = logging.getLogger("tether.sessions")
+
+REPLAY_LIMIT = 64 << 10
+STDIN_LIMIT = 4 << 20
+READ_CHUNK = 64 << 10
+EXIT_OUTPUT_GRACE = 2.0     # seconds to wait for output after the process exited
+RESTART_BASE = 0.25         # first restart delay, doubled each quick exit
+RESTART_MAX = 30.0
+STABLE_RUN = 10.0           # a run this long resets the backoff
+MAX_EXIT_LOGS = 5
+EOT = b"\x04"
+
+# The signals our own handlers use: reset to default in the child before exec.
+_AGENT_SIGNALS = ("SIGCHLD", "SIGHUP", "SIGTERM", "SIGINT", "SIGPWR", "SIGUSR1", "SIGUSR2",
+                  "SIGPIPE", "SIGXFSZ", "SIGQUIT")
+
+
+class LaunchError(Exception):
+    """A session could not start; the text goes into `started`."""
+
+
+# -- signals ------------------------------------------------------------------------------
+def parse_signal(spec: str, default: int = signal.SIGTERM) -> int:
+    """'TERM', 'SIGTERM', 'term' or '15' -> 15; '' -> default. ValueError otherwise."""
+    spec = (spec or "").strip()
+    if not spec:
+        return default
+    if spec.isdigit():
+        num = int(spec)
+        if 0 < num < signal.NSIG:
+            return num
+        raise ValueError(f"unknown signal {spec!r}")
+    name = spec.upper()
+    if not name.startswith("SIG"):
+        name = "SIG" + name
+    try:
+        return int(signal.Signals[name])
+    except KeyError:
+        raise ValueError(f"unknown signal {spec!r}") from None
+
+
+# -- users and groups, from the container's files ----------------------------------------
+class Credentials:
+    __slots__ = ("uid", "gid", "groups", "home")
+
+    def __init__(self, uid: int, gid: int, groups: list[int], home: str):
+        self.uid, self.gid, self.groups, self.home = uid, gid, groups, home
+
+
+def _read_db(root: str, name: str) -> list[list[str]]:
+    try:
+        with open(os.path.join(root, "etc", name), errors="replace") as f:
+            return [line.rstrip("\n").split(":") for line in f
+                    if line.strip() and not line.startswith("#")]
+    except FileNotFoundError:
+        return []
+
+
+def _parse_id(text: str, what: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 2**31 - 1:
+        raise LaunchError(f"{what} {text} is out of range 0..2147483647")
+    return value
+
+
+def resolve_credentials(root: str, user: str, group: str) -> Credentials:
+    """User and group by name or number from `root`/etc/passwd and /etc/group.
+    Raises LaunchError; it never falls back to root for a user that is not found."""
+    if ":" in user and not group:
+        user, group = user.split(":", 1)
+    passwd = [e for e in _read_db(root, "passwd") if len(e) >= 7]
+    groups_db = [e for e in _read_db(root, "group") if len(e) >= 3]
+    user = user or "0"
+    entry = None
+    if user.isdigit():
+        uid = _parse_id(user, "user")
+        entry = next((e for e in passwd if e[2] == user), None)
+    else:
+        entry = next((e for e in passwd if e[0] == user), None)
+        if entry is None:
+            raise LaunchError(f"unable to find user {user}: no matching entries in passwd "
+                              f"file {os.path.join(root, 'etc/passwd')}")
+        uid = _parse_id(entry[2], "user")
+    gid = _parse_id(entry[3], "group") if entry else 0
+    home = entry[5] if entry and entry[5] else "/"
+    if group:
+        if group.isdigit():
+            gid = _parse_id(group, "group")
+        else:
+            match = next((e for e in groups_db if e[0] == group), None)
+            if match is None:
+                raise LaunchError(f"unable to find group {group}: no matching entries in group "
+                                  f"file {os.path.join(root, 'etc/group')}")
+            gid = _parse_id(match[2], "group")
+    supplementary = [gid]
+    name = entry[0] if entry else None
+    if name is not None:
+        for e in groups_db:
+            members = e[3].split(",") if len(e) > 3 and e[3] else []
+            if name in members and e[2].isdigit():
+                g = int(e[2])
+                if g not in supplementary:
+                    supplementary.append(g)
+    return Credentials(uid, gid, supplementary, home)
+
+
+# -- output fan-out -------------------------------------------------------------------------
+class OutputFanout:
+    """Every byte a session writes: to the output log, the replay ring and listeners."""
+
+    def __init__(self, session_id: str, log_port=None, primary: bool = True,
+                 echo: Callable[[bytes], object] | None = None):
+        self.session_id = session_id
+        self._listeners: list = []
+        self._ring: deque[tuple[str, bytes]] = deque()
+        self._ring_size = 0
+        self._log_port = log_port
+        self._echo = echo
+        tag = None if primary else session_id
+        self._framers = {"stdout": LineFramer(STDOUT, tag), "stderr": LineFramer(STDERR, tag)}
+        self.closed = False
+
+    def subscribe(self, listener) -> None:
+        if listener not in self._listeners:
+            self._listeners.append(listener)
+
+    def unsubscribe(self, listener) -> None:
+        try:
+            self._listeners.remove(listener)
+        except ValueError:
+            pass
+
+    def replay(self) -> list[tuple[str, bytes]]:
+        return list(self._ring)
+
+    def publish(self, stream: str, data: bytes) -> None:
+        self._ring.append((stream, data))
+        self._ring_size += len(data)
+        while self._ring_size > REPLAY_LIMIT:
+            first_stream, first = self._ring[0]
+            extra = self._ring_size - REPLAY_LIMIT
+            if len(first) <= extra:
+                self._ring.popleft()
+                self._ring_size -= len(first)
+            else:
+                self._ring[0] = (first_stream, first[extra:])
+                self._ring_size -= extra
+        if self._log_port is not None:
+            self._log_port.write(self._framers[stream].feed(data))
+        if self._echo is not None:
+            self._echo(data)
+        for listener in list(self._listeners):
+            try:
+                listener.on_output(stream, data)
+            except Exception:
+                log.exception("output listener %r failed; dropping it", listener)
+                self.unsubscribe(listener)
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if self._log_port is not None:
+            for framer in self._framers.values():
+                self._log_port.write(framer.close())
+        for listener in list(self._listeners):
+            try:
+                listener.on_close()
+            except Exception:
+                log.exception("output listener %r failed on close", listener)
+        self._listeners.clear()
+
+    def reopen(self) -> None:
+        """A restarted session gets a fresh output stream (listeners re-attach)."""
+        self.closed = False
+
+
+# -- the child side ------------------------------------------------------------------------
+def _go_error(prefix: str, err: OSError) -> str:
+    text = os.strerror(err.errno) if err.errno else str(err)
+    return f"{prefix}: {text[:1].lower()}{text[1:]}"
+
+
+def _is_executable(path: str) -> str | None:
+    """None when `path` can be executed, else the `started` error text."""
+    try:
+        st = os.stat(path)
+    except OSError as err:
+        return _go_error(f"stat {path}", err)
+    if (st.st_mode & 0o170000) == 0o040000:
+        return f"{path}: is a directory"
+    if not st.st_mode & 0o111:
+        return f"{path}: permission denied"
+    return None
+
+
+def lookup_path(path: str, env: list[str], cwd: str) -> str:
+    """The reference's lookup against the session's own PATH. Raises LaunchError."""
+    if not path:
+        raise LaunchError("no command given (cmd.Path is empty)")
+    if path.startswith("./") or path.startswith("../"):
+        candidate = os.path.normpath(os.path.join(cwd, path))
+    elif "/" in path:
+        candidate = os.path.normpath(path)
+    else:
+        search = next((e[5:] for e in env if e.startswith("PATH=")), None)
+        if search is None:
+            raise LaunchError(f"{path}: no such executable in PATH (the session has no PATH)")
+        for directory in search.split(":"):
+            candidate = os.path.join(directory or ".", path)
+            if _is_executable(candidate) is None:
+                return os.path.normpath(candidate)
+        raise LaunchError(f"{path}: no such executable in PATH")
+    problem = _is_executable(candidate)
+    if problem:
+        raise LaunchError(problem)
+    return candidate
+
+
+class LaunchSpec:
+    """Plain data for the child: everything decided before the fork."""
+    __slots__ = ("path", "args", "env", "dir", "root", "creds", "stdin", "stdout", "stderr",
+                 "tty")
+
+    def __init__(self, **kw):
+        for name in self.__slots__:
+            setattr(self, name, kw.get(name))
+
+
+def _child_exec(spec: LaunchSpec, errw: int) -> None:
+    """Runs in the forked child; never returns. Only os-level calls, no logging."""
+    step = "setsid"
+    try:
+        os.setsid()
+        if spec.tty:
+            step = "set controlling tty"
+            fcntl.ioctl(spec.stdin, termios.TIOCSCTTY, 0)
+        step = "set up stdio"
+        os.dup2(spec.stdin, 0)
+        os.dup2(spec.stdout, 1)
+        os.dup2(spec.stderr, 2)
+        if spec.root not in ("", "/"):
+            step = f"chroot {spec.root}"
+            os.chroot(spec.root)
+        directory = spec.dir or "/"
+        step = f"chdir {directory}"
+        os.chdir(directory)
+        creds = spec.creds
+        step = f"set groups {creds.groups}"
+        os.setgroups(creds.groups)
+        step = f"setgid {creds.gid}"
+        os.setgid(creds.gid)
+        step = f"setuid {creds.uid}"
+        os.setuid(creds.uid)
+        try:
+            path = lookup_path(spec.path, spec.env, directory)
+        except LaunchError as err:
+            os.write(errw, str(err).encode())
+            os._exit(127)
+        step = f"fork/exec {path}"
+        os.closerange(3, errw)
+        os.closerange(errw + 1, 1 << 20)
+        for name in _AGENT_SIGNALS:
+            signal.signal(getattr(signal, name), signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_SETMASK, ())
+        os.execve(path, spec.args, dict(e.split("=", 1) if "=" in e else (e, "")
+                                        for e in spec.env))
+    except OSError as err:
+        msg = _go_error(step, err)
+    except BaseException as err:   # noqa: BLE001 - the child must never return
+        msg = f"{step}: {err}"
+    try:
+        os.write(errw, msg.encode(errors="replace"))
+    finally:
+        os._exit(127)
+
+
+# -- the session -----------------------------------------------------------------------
+class Session:
+    """One configured process: launch, I/O, exit, restart bookkeeping (see architecture.md)."""
+
+    def __init__(self, config, *, loop, reaper, root: str = "/", log_port=None,
+                 primary: bool = False, echo: Callable[[bytes], object] | None = None,
+                 on_launched: Callable[["Session"], object] | None = None,
+                 on_exited: Callable[["Session"], object] | None = None):
+        self.id: str = config.common.id
+        self.config = config
+        self.loop = loop
+        self.reaper = reaper
+        self.root = root
+        self.primary = primary
+        self.pid: int | None = None
+        self.running = False
+        self.blocked = False                # waiting for an attach to release RunBlock
+        self.exit_signal = 0                # the signal that killed the last run, if any
+        self.output = OutputFanout(self.id, log_port, primary, echo)
+        self._on_launched = on_launched
+        self._on_exited = on_exited
+        self._readers: dict[int, str] = {}  # fd -> stream name
+        self._stdin_fd = -1
+        self._stdin_buf = bytearray()
+        self._stdin_closing = False
+        self._master_fd = -1
+        self._wait_status: int | None = None
+        self._grace_timer = None
+        self._started_at = 0.0
+        self._backoff = RESTART_BASE
+        self.launches = 0
+        self._unblocked = not config.run_block
+
+    # -- launching --------------------------------------------------------------------
+    def start(self) -> None:
+        """Launch now, or hold it until `unblock` when RunBlock is set."""
+        if not self._unblocked:
+            if not self.blocked:
+                log.info("session %s waits for an attach to release RunBlock", self.id)
+            self.blocked = True
+            return
+        self.blocked = False
+        self._launch()
+        if self._on_launched is not None:
+            self._on_launched(self)
+
+    def unblock(self) -> None:
+        self._unblocked = True
+        if self.blocked:
+            self.start()
+
+    def _launch(self) -> None:
+        cfg = self.config
+        cfg.detail.start_time = int(time.time())
+        cfg.detail.stop_time = 0
+        self._wait_status = None
+        self.exit_signal = 0
+        try:
+            self._spawn()
+        except LaunchError as err:
+            cfg.started = str(err)
+            cfg.exit_status = 0
+            log.error("session %s did not start: %s", self.id, err)
+            return
+        except OSError as err:
+            cfg.started = _go_error("start", err)
+            log.error("session %s did not start: %s", self.id, cfg.started)
+            return
+        cfg.started = "true"
+        self.launches += 1
+        self._started_at = time.monotonic()
+        log.info("session %s started: pid %d, %s", self.id, self.pid,
+                 " ".join(cfg.cmd.args or [cfg.cmd.path]))
+
+    def _spawn(self) -> None:
+        cfg = self.config
+        creds = resolve_credentials(self.root, cfg.user, cfg.group)
+        env = list(cfg.cmd.env or [])
+        if not any(e.startswith("HOME=") for e in env):
+            env.append(f"HOME={creds.home}")
+        args = list(cfg.cmd.args) if cfg.cmd.args else [cfg.cmd.path]
+        child_fds: list[int] = []
+        parent_fds: list[int] = []
+        try:
+            if cfg.tty:
+                master, slave = os.openpty()
+                parent_fds.append(master)
+                child_fds.append(slave)
+                stdio = (slave, slave, slave)
+                readers = {master: "stdout"}
+                stdin_fd = master
+            else:
+                out_r, out_w = os.pipe2(os.O_CLOEXEC)
+                err_r, err_w = os.pipe2(os.O_CLOEXEC)
+                parent_fds += [out_r, err_r]
+                child_fds += [out_w, err_w]
+                if cfg.open_stdin:
+                    in_r, in_w = os.pipe2(os.O_CLOEXEC)
+                    parent_fds.append(in_w)
+                    child_fds.append(in_r)
+                    stdin_fd = in_w
+                else:
+                    in_r = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
+                    child_fds.append(in_r)
+                    stdin_fd = -1
+                stdio = (in_r, out_w, err_w)
+                readers = {out_r: "stdout", err_r: "stderr"}
+            spec = LaunchSpec(path=cfg.cmd.path, args=args, env=env, dir=cfg.cmd.dir,
+                              root=self.root, creds=creds, stdin=stdio[0], stdout=stdio[1],
+                              stderr=stdio[2], tty=cfg.tty)
+            pid = self._fork(spec)
+        except BaseException:
+            for fd in parent_fds:
+                os.close(fd)
+            raise
+        finally:
+            for fd in child_fds:
+                os.close(fd)
+        self.pid = pid
+        self.running = True
+        self.reaper.watch(pid, self._on_wait_status)
+        self.output.reopen()
+        self._master_fd = stdin_fd if cfg.tty else -1
+        self._stdin_fd = stdin_fd
+        self._stdin_closing = False
+        for fd, stream in readers.items():
+            os.set_blocking(fd, False)
+            self._readers[fd] = stream
+            self.loop.add_reader(fd, lambda fd=fd: self._on_readable(fd))
+        if stdin_fd >= 0:
+            os.set_blocking(stdin_fd, False)
+            if self._stdin_buf:
+                self._flush_stdin()
+
+    @staticmethod
+    def _fork(spec: LaunchSpec) -> int:
+        errr, errw = os.pipe2(os.O_CLOEXEC)
+        # Signals stay blocked across the fork so no Python handler runs in the child.
+        old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
+        try:
+            pid = os.fork()
+        except BaseException:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+            os.close(errr)
+            os.close(errw)
+            raise
+        if pid == 0:
+            os.close(errr)
+            _child_exec(spec, errw)   # never returns
+        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+        os.close(errw)
+        try:
+            chunks = []
+            while True:
+                chunk = os.read(errr, 4096)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+        finally:
+            os.close(errr)
+        if chunks:
+            # The child failed before exec and exits 127; collect it right here so the
+            # reaper never sees a session that never ran.
+            try:
+                os.waitpid(pid, 0)
+            except ChildProcessError:
+                pass
+            raise LaunchError(b"".join(chunks).decode(errors="replace"))
+        return pid
+
+    # -- output ---------------------------------------------------------------------------
+    def _on_readable(self, fd: int, budget: int = READ_CHUNK) -> None:
+        stream = self._readers.get(fd)
+        if stream is None:
+            return
+        read = 0
+        while read < budget:
+            try:
+                data = os.read(fd, READ_CHUNK)
+            except BlockingIOError:
+                return
+            except OSError as err:
+                if err.errno != errno.EIO:   # EIO: the pty's other side is gone
+                    log.warning("session %s: reading %s: %s", self.id, stream, err)
+                data = b""
+            if not data:
+                self._close_reader(fd)
+                return
+            read += len(data)
+            self.output.publish(stream, data)
+
+    def _close_reader(self, fd: int) -> None:
+        self._readers.pop(fd, None)
+        self.loop.remove_reader(fd)
+        if fd == self._stdin_fd:   # a tty's master is both: keep it until the end
+            if self._wait_status is None:
+                return
+            self._stdin_fd = -1
+            self._master_fd = -1
+            self.loop.remove_writer(fd)
+        os.close(fd)
+        self._maybe_finish()
+
+    # -- input ----------------------------------------------------------------------------
+    def write_stdin(self, data: bytes) -> None:
+        if self._stdin_closing or not data:
+            return
+        if len(self._stdin_buf) + len(data) > STDIN_LIMIT:
+            log.warning("session %s: stdin backlog over %d bytes, dropping input",
+                        self.id, STDIN_LIMIT)
+            return
+        self._stdin_buf += data
+        if self._stdin_fd >= 0:
+            self._flush_stdin()
+
+    def close_stdin(self) -> None:
+        if self.config.tty:
+            self.write_stdin(EOT)
+            return
+        self._stdin_closing = True
+        if self._stdin_fd >= 0:
+            self._flush_stdin()
+
+    def _flush_stdin(self) -> None:
+        fd = self._stdin_fd
+        if fd < 0:
+            return
+        try:
+            while self._stdin_buf:
+                n = os.write(fd, self._stdin_buf)
+                del self._stdin_buf[:n]
+        except BlockingIOError:
+            self.loop.add_writer(fd, self._flush_stdin)
+            return
+        except OSError:   # EPIPE: the process closed its stdin
+            self._stdin_buf.clear()
+        self.loop.remove_writer(fd)
+        if self._stdin_closing and not self.config.tty:
+            os.close(fd)
+            self._stdin_fd = -1
+
+    def resize(self, rows: int, cols: int) -> None:
+        if self._master_fd < 0:
+            return
+        import struct
+        fcntl.ioctl(self._master_fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+
+    def signal(self, signum: int) -> None:
+        if not self.running or self.pid is None:
+            return
+        try:
+            os.killpg(self.pid, signum)
+        except ProcessLookupError:
+            pass
+
+    # -- exit -----------------------------------------------------------------------------
+    def _on_wait_status(self, status: int) -> None:
+        self._wait_status = status
+        self.running = False
+        for fd in list(self._readers):   # output still in the pipes belongs before the exit
+            self._on_readable(fd, budget=1 << 20)
+        if self._readers:
+            self._grace_timer = self.loop.call_later(EXIT_OUTPUT_GRACE, self._abandon_output)
+        self._maybe_finish()
+
+    def _abandon_output(self) -> None:
+        log.info("session %s exited but something still holds its output open; "
+                 "closing it", self.id)
+        for fd in list(self._readers):
+            self._close_reader(fd)
+
+    def _maybe_finish(self) -> None:
+        if self._wait_status is None or self._readers:
+            return
+        if self._grace_timer is not None:
+            self._grace_timer.cancel()
+            self._grace_timer = None
+        for fd in (self._stdin_fd, self._master_fd):
+            if fd >= 0:
+                self.loop.remove_writer(fd)
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+        self._stdin_fd = self._master_fd = -1
+        self._stdin_buf.clear()
+        status, self._wait_status = self._wait_status, None
+        self._record_exit(status)
+        self.output.close()
+        if self._on_exited is not None:
+            self._on_exited(self)
+
+    def _record_exit(self, status: int) -> None:
+        from extraconfig.gotime import GoTime
+        from tether.config import ExitLog
+        cfg = self.config
+        message = describe_status(status)
+        if os.WIFSIGNALED(status):
+            self.exit_signal = os.WTERMSIG(status)
+            cfg.exit_status = -1
+        else:
+            self.exit_signal = 0
+            cfg.exit_status = os.waitstatus_to_exitcode(status)
+        cfg.detail.stop_time = int(time.time())
+        logs = list(cfg.diagnostics.exit_logs or [])
+        logs.append(ExitLog(time=GoTime.now(), exit_status=cfg.exit_status, message=message))
+        cfg.diagnostics.exit_logs = logs[-MAX_EXIT_LOGS:]
+        log.info("session %s (pid %s) %s", self.id, self.pid, message)
+
+    def restart_delay(self) -> float:
+        """The backoff before the next relaunch: doubles on quick exits, resets after a
+        stable run."""
+        if self._started_at and time.monotonic() - self._started_at >= STABLE_RUN:
+            self._backoff = RESTART_BASE
+        delay = self._backoff
+        self._backoff = min(self._backoff * 2, RESTART_MAX)
+        return delay
+
+    def relaunch(self) -> None:
+        self.config.diagnostics.resurrection_count += 1
+        self.start()
+
+    def exit_code(self) -> int:
+        """Shell convention: the exit code, or 128+N when signal N killed it."""
+        if self.exit_signal:
+            return 128 + self.exit_signal
+        return self.config.exit_status & 0xFF
+
+    def state(self) -> dict:
+        cfg = self.config
+        return {"id": self.id, "pid": self.pid, "started": cfg.started,
+                "status": cfg.exit_status, "starttime": cfg.detail.start_time,
+                "stoptime": cfg.detail.stop_time, "running": self.running,
+                "tty": cfg.tty, "blocked": self.blocked,
+                "resurrections": cfg.diagnostics.resurrection_count}
