@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
-from typing import Optional
+from typing import Annotated, Any, Optional
 
 from .schema import untagged
 
@@ -83,3 +83,29 @@ class URL:
     force_query: bool = untagged("ForceQuery", default=False)
     raw_query: str = untagged("RawQuery", default="")
     fragment: str = untagged("Fragment", default="")
+
+
+class GoKind:
+    """An `Annotated` marker for Go kinds Python has no type for (their wire rules differ)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __repr__(self) -> str:
+        return f"GoKind({self.name!r})"
+
+
+UINT = GoKind("uint")            # uint fields write nothing and read nothing (slices of them do)
+FLOAT32 = GoKind("float32")      # widened to float64 on encode; decoding one is an error
+INTERFACE = GoKind("interface")  # interface{} fields write and read nothing
+ARRAY = GoKind("array")          # fixed-size array: encodes like a slice; decoding one is an error
+
+Uint = Annotated[int, UINT]
+Float32 = Annotated[float, FLOAT32]
+Interface = Annotated[Optional[object], INTERFACE]
+Duration = int                   # time.Duration: integer nanoseconds
+
+
+def Array(elem: Any) -> Any:
+    """`[N]T`: a list with ARRAY semantics."""
+    return Annotated[list[elem], ARRAY]

@@ -1,0 +1,96 @@
+"""Leaf value texts as Go's strconv writes and reads them (reference §4, §6.2)."""
+from __future__ import annotations
+
+import base64
+import binascii
+import math
+import re
+import struct
+from decimal import Decimal
+
+_INT = re.compile(r"[+-]?[0-9]+\Z", re.ASCII)
+_UINT = re.compile(r"\+?[0-9]+\Z", re.ASCII)
+_FLOAT = re.compile(
+    r"[+-]?(?:(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?|inf|infinity|nan)\Z",
+    re.ASCII | re.IGNORECASE)
+_INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
+
+TRUE_WORDS = frozenset(("1", "t", "T", "TRUE", "true", "True"))
+
+
+def format_bool(value: bool) -> str:
+    return "true" if value else "false"
+
+
+def parse_bool(text: str) -> bool:
+    """strconv.ParseBool; anything it rejects reads as false, as in the reference."""
+    return text in TRUE_WORDS
+
+
+def format_int(value: int) -> str:
+    return str(int(value))
+
+
+def parse_int(text: str) -> int:
+    """strconv.ParseInt(text, 10, 64); an error reads as 0, as in the reference."""
+    if len(text) > 24 or not _INT.match(text):
+        return 0
+    value = int(text)
+    return value if _INT64_MIN <= value <= _INT64_MAX else 0
+
+
+def parse_uint(text: str) -> int:
+    if len(text) > 24 or not _UINT.match(text):
+        return 0
+    value = int(text)
+    return value if value < (1 << 64) else 0
+
+
+def format_float(value: float) -> str:
+    """strconv.FormatFloat(v, 'E', -1, 64): shortest round-trip mantissa, capital E."""
+    value = float(value)
+    if math.isnan(value):
+        return "NaN"
+    if math.isinf(value):
+        return "+Inf" if value > 0 else "-Inf"
+    sign = "-" if math.copysign(1.0, value) < 0 else ""
+    if value == 0:
+        return sign + "0E+00"
+    _, digits, exponent = Decimal(repr(abs(value))).as_tuple()
+    text = "".join(map(str, digits)).rstrip("0") or "0"
+    exp10 = exponent + len(digits) - 1
+    mantissa = text[0] + ("." + text[1:] if len(text) > 1 else "")
+    return f"{sign}{mantissa}E{'+' if exp10 >= 0 else '-'}{abs(exp10):02d}"
+
+
+def widen_float32(value: float) -> float:
+    """A float32 value as Go widens it to float64 before formatting."""
+    try:
+        return struct.unpack("f", struct.pack("f", value))[0]
+    except OverflowError:
+        return math.copysign(math.inf, value)
+
+
+def parse_float(text: str) -> float:
+    """strconv.ParseFloat(text, 64); an error (including overflow) reads as 0."""
+    if len(text) > 1100 or not _FLOAT.match(text):
+        return 0.0
+    value = float(text)
+    if math.isinf(value) and "inf" not in text.lower():
+        return 0.0
+    return value
+
+
+def format_bytes(value: bytes) -> str:
+    return base64.b64encode(value).decode("ascii")
+
+
+def parse_bytes(text: str) -> bytes | None:
+    """Standard base64 with padding (Go also skips CR and LF); None when invalid."""
+    try:
+        raw = text.replace("\r", "").replace("\n", "").encode("ascii")
+        if len(raw) % 4:
+            return None
+        return base64.b64decode(raw, validate=True)
+    except (UnicodeEncodeError, binascii.Error, ValueError):
+        return None

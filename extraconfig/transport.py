@@ -1,0 +1,220 @@
+"""Guestinfo transports (`info_get` / `info_set`) and the guest read/write rules.
+
+A transport is any object with:
+
+    info_get(key) -> str | None     # None: the key is not there
+    info_set(key, value) -> None
+
+`MapTransport` (in memory) and `VmxFileTransport` (a VMX-style file) live here; the
+VMware backdoor and virtio-serial transports live in their own modules and plug into
+`GuestSource` / `GuestSink` the same way.
+"""
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from collections.abc import Iterator, Mapping
+from typing import Protocol
+
+from .keys import insert_prefix
+
+OVF_ENV = "guestinfo.ovfEnv"
+NIL = "<nil>"
+
+
+class Transport(Protocol):
+    def info_get(self, key: str) -> str | None: ...
+    def info_set(self, key: str, value: str) -> None: ...
+
+
+class MapTransport:
+    """A dict-backed transport: tests, sandboxes, and the host side of a fake VM."""
+
+    def __init__(self, data: dict[str, str] | None = None) -> None:
+        self.data = {} if data is None else data
+
+    def info_get(self, key: str) -> str | None:
+        return self.data.get(key)
+
+    def info_set(self, key: str, value: str) -> None:
+        self.data[key] = value
+
+
+# ---------------------------------------------------------------------- VMX files
+
+# VMX values are written between double quotes; '|' starts a two-hex-digit escape.
+_MUST_ESCAPE = re.compile(r'[|"#\\\x00-\x1f\x7f]')
+_KEY_ESCAPE = re.compile(r'[|"#\\=\s\x00-\x1f\x7f]')
+_UNESCAPE_BYTES = re.compile(rb"\|([0-9A-Fa-f]{2})")
+_LINE = re.compile(r'\s*(\S+)\s*=\s*"(.*)"\s*\Z')
+
+
+def _escape(text: str, pattern: re.Pattern[str]) -> str:
+    return pattern.sub(lambda m: "".join(f"|{b:02X}" for b in m.group().encode()), text)
+
+
+def vmx_escape(value: str) -> str:
+    return _escape(value, _MUST_ESCAPE)
+
+
+def vmx_escape_key(key: str) -> str:
+    return _escape(key, _KEY_ESCAPE)
+
+
+def vmx_unescape(text: str) -> str:
+    """Undo `|XX` escapes; they stand for bytes, so multi-byte UTF-8 comes back whole."""
+    if "|" not in text:
+        return text
+    raw = text.encode("utf-8", errors="surrogateescape")
+    raw = _UNESCAPE_BYTES.sub(lambda m: bytes([int(m.group(1), 16)]), raw)
+    return raw.decode("utf-8", errors="surrogateescape")
+
+
+def format_vmx(entries: Mapping[str, str]) -> str:
+    """`key = "value"` lines, sorted by key, with VMX's `|XX` escapes."""
+    return "".join(f'{vmx_escape_key(k)} = "{vmx_escape(v)}"\n' for k, v in sorted(entries.items()))
+
+
+def parse_vmx(text: str) -> dict[str, str]:
+    """The entries of VMX text; blank lines and `#` comments are skipped."""
+    out: dict[str, str] = {}
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        m = _LINE.match(line)
+        if not m:
+            raise ValueError(f"line {number}: expected key = \"value\", got {line[:80]!r}")
+        out[vmx_unescape(m.group(1))] = vmx_unescape(m.group(2))
+    return out
+
+
+class VmxFileTransport:
+    """A VMX-style file; every `info_set` rewrites it atomically (write, fsync, rename)."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = os.fspath(path)
+        self._stamp: tuple[int, int] | None = None
+        self._data: dict[str, str] = {}
+
+    def _load(self) -> dict[str, str]:
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            self._stamp, self._data = None, {}
+            return self._data
+        stamp = (st.st_mtime_ns, st.st_size)
+        if stamp != self._stamp:
+            with open(self.path, encoding="utf-8", errors="surrogateescape") as f:
+                self._data = parse_vmx(f.read())
+            self._stamp = stamp
+        return self._data
+
+    def info_get(self, key: str) -> str | None:
+        return self._load().get(key)
+
+    def info_set(self, key: str, value: str) -> None:
+        data = dict(self._load())
+        data[key] = value
+        directory = os.path.dirname(self.path) or "."
+        fd, tmp = tempfile.mkstemp(prefix=".vmx-", dir=directory)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8", errors="surrogateescape") as f:
+                f.write(format_vmx(data))
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+            raise
+        self._data, self._stamp = data, None
+
+
+# ------------------------------------------------------------ guest semantics
+
+def _guest_key(key: str) -> str:
+    # rpcvmx puts "guestinfo." in front of any key not starting with "guestinfo"
+    return key if key.startswith("guestinfo") else "guestinfo." + key
+
+
+class GuestSource(Mapping[str, str]):
+    """The reference's in-guest reader (§8.2) over any transport.
+
+    `""` reads as missing and `<nil>` as the empty string; hidden keys are asked for as
+    `guestinfo.<key>`; `prefix` is spliced in as vic-init's does. `guestinfo.ovfEnv` is
+    read once at creation: when it holds a 32-byte key, `@secret` values are decrypted.
+    """
+
+    def __init__(self, transport: Transport, prefix: str = "") -> None:
+        self.transport = transport
+        self.prefix = prefix
+        from .secret import key_from_text
+        self.secret_key = key_from_text(self._raw(OVF_ENV))
+
+    def _raw(self, key: str) -> str | None:
+        if key != OVF_ENV:
+            key = insert_prefix(key, self.prefix)
+        value = self.transport.info_get(_guest_key(key))
+        if value is None or value == "":
+            return None
+        return "" if value == NIL else value
+
+    def __getitem__(self, key: str) -> str:
+        value = self._raw(key)
+        if value is None:
+            raise KeyError(key)
+        if "@secret" in key and "secret" in key.split("@")[1:]:
+            from .secret import open_value
+            value = open_value(self.secret_key, value, key)
+            if value is None:
+                raise KeyError(key)
+        return value
+
+    def get(self, key: str, default: str | None = None) -> str | None:  # type: ignore[override]
+        try:
+            return self[key]
+        except KeyError:
+            return default
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, str) and self.get(key) is not None
+
+    def __iter__(self) -> Iterator[str]:
+        raise TypeError("guestinfo cannot be listed, only read key by key")
+
+    def __len__(self) -> int:
+        raise TypeError("guestinfo cannot be listed, only read key by key")
+
+
+class GuestSink:
+    """The reference's in-guest writer (§8.1): a sink `sink(key, value)`.
+
+    Keys containing `/` (read-only ones) are dropped, `""` is sent as `<nil>`, and keys
+    not starting with `guestinfo` get `guestinfo.` in front, as rpcvmx does.
+    """
+
+    def __init__(self, transport: Transport, prefix: str = "") -> None:
+        self.transport = transport
+        self.prefix = prefix
+
+    def __call__(self, key: str, value: str) -> None:
+        if "/" in key:
+            return
+        key = insert_prefix(key, self.prefix)
+        self.transport.info_set(_guest_key(key), value if value != "" else NIL)
+
+
+class ScopeFilterSink:
+    """Forwards a pair only when the scope derived from its key meets `filter` (§5.3)."""
+
+    def __init__(self, filter: int, sink) -> None:
+        self.filter = filter
+        self.sink = sink
+
+    def __call__(self, key: str, value: str) -> None:
+        from .keys import filter_flags
+        if filter_flags(key) & self.filter:
+            self.sink(key, value)
