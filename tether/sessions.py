@@ -334,6 +334,11 @@ class Session:
         self.launches = 0
         self._unblocked = not config.run_block
 
+    @property
+    def finishing(self) -> bool:
+        """Exited, but its last output is still being collected."""
+        return self._wait_status is not None
+
     # -- launching --------------------------------------------------------------------
     def start(self) -> None:
         """Launch now, or hold it until `unblock` when RunBlock is set."""

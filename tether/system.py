@@ -129,10 +129,18 @@ def set_rlimits() -> None:
     """NOFILE 1M and CORE unlimited (inherited by sessions). Raises OSError naming the limit."""
     for name, (soft, hard) in (("NOFILE", (1 << 20, 1 << 20)),
                                ("CORE", (resource.RLIM_INFINITY, resource.RLIM_INFINITY))):
+        limit = getattr(resource, "RLIMIT_" + name)
         try:
-            resource.setrlimit(getattr(resource, "RLIMIT_" + name), (soft, hard))
+            resource.setrlimit(limit, (soft, hard))
         except (ValueError, OSError) as err:
-            raise OSError(errno.EPERM, f"setrlimit {name}: {err}") from None
+            # Not allowed that high (nr_open, no CAP_SYS_RESOURCE): take what we may.
+            _, current_hard = resource.getrlimit(limit)
+            try:
+                resource.setrlimit(limit, (current_hard, current_hard))
+            except (ValueError, OSError):
+                pass
+            raise OSError(errno.EPERM, f"setrlimit {name} to {hard}: {err}; "
+                          f"using {current_hard}") from None
 
 
 def set_hostname(name: str) -> None:

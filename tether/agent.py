@@ -1,0 +1,588 @@
+"""The agent: PID 1 of a container VM (or of the sandbox's namespaces), top to bottom.
+
+    system setup -> decode config -> hostname -> container root -> networks -> volumes
+    -> attach server -> launch sessions -> serve until the primary exits
+    -> stop the other sessions -> flush write-back -> sync -> power off (VM) or exit
+
+Every step runs under a guard: an exception is logged with its traceback and the agent
+goes on (a step without which nothing can run ends in a clean stop instead). PID 1
+never ends with a traceback.
+
+Debug hook, for tests only: the environment variable TETHER_FAILPOINTS, a comma list
+of step names (see STEPS), makes those steps raise an injected error.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import time
+
+log = logging.getLogger("tether.agent")
+
+FAILPOINTS_ENV = "TETHER_FAILPOINTS"
+STEPS = ("system", "config", "hostname", "rootfs", "networks", "volumes", "attach",
+         "sessions", "reload", "shutdown")
+DEFAULT_STOP_GRACE = 10.0
+CONTAINERFS_LABEL = "containerfs"
+CONTAINERFS_MOUNT = "/mnt/containerfs"
+STATE_DIR = "/run/tether"
+LOG_FORMAT = "%(asctime)s.%(msecs)03dZ %(levelname)s %(name)s: %(message)s"
+
+
+class InjectedFailure(RuntimeError):
+    pass
+
+
+def configure_logging(stream=None, level: int = logging.INFO) -> logging.Handler:
+    formatter = logging.Formatter(LOG_FORMAT, "%Y-%m-%dT%H:%M:%S")
+    formatter.converter = time.gmtime
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.setFormatter(formatter)
+    root = logging.getLogger("tether")
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    root.propagate = False
+    return handler
+
+
+class Options:
+    """How this agent runs; plain data filled from the command line or the sandbox."""
+
+    def __init__(self, *, rootfs: str | None = None, output_log: str | None = None,
+                 attach_endpoints: list[str] | None = None, power_off: bool = False,
+                 sandbox: bool = False, state_dir: str = STATE_DIR,
+                 stop_grace: float = DEFAULT_STOP_GRACE, echo_output: bool | None = None,
+                 before_reload=None):
+        self.rootfs = rootfs
+        self.output_log = output_log
+        self.attach_endpoints = attach_endpoints
+        self.power_off = power_off
+        self.sandbox = sandbox
+        self.state_dir = state_dir
+        self.stop_grace = stop_grace
+        self.echo_output = echo_output     # None: always in the sandbox, else at debug >= 1
+        self.before_reload = before_reload  # called on SIGHUP before the config is re-read
+
+
+class Agent:
+    def __init__(self, transport, options: Options):
+        from tether.loop import Loop
+        from tether.reaper import Reaper
+        self.transport = transport
+        self.options = options
+        self.loop = Loop()
+        self.reaper = Reaper(self.loop)
+        self.config = None
+        self.sessions: dict = {}
+        self.root = options.rootfs or "/"
+        self.key: bytes | None = None
+        self.stopping = False
+        self.stop_reason = ""
+        self.errors: list[str] = []
+        self.primary_failed_code: int | None = None
+        self._failpoints = {p.strip() for p in os.environ.get(FAILPOINTS_ENV, "").split(",")
+                            if p.strip()}
+        self._writeback = None
+        self._log_port = None
+        self._attach_server = None
+        self._network = None
+        self._etc = None
+        self._mounted_volumes: set[str] = set()
+        self._networks_applied = None
+        self._restart_timers: dict = {}
+        self._kill_timer = None
+        # Hostname, /etc files, networks and volumes are the machine's: only PID 1 (of a
+        # VM or of the sandbox's namespaces) touches them, never a host it merely runs on.
+        self.owns_system = os.getpid() == 1
+
+    # -- the guard ---------------------------------------------------------------------
+    def guarded(self, step: str, action, *args) -> bool:
+        """Run one step; an exception is logged and reported, never raised."""
+        try:
+            if step in self._failpoints:
+                raise InjectedFailure(f"injected failure in step {step!r} ({FAILPOINTS_ENV})")
+            action(*args)
+            return True
+        except Exception as err:   # noqa: BLE001 - PID 1 must not die of one step
+            self.errors.append(f"{step}: {err}")
+            log.error("step %s failed: %s; carrying on", step, err, exc_info=True)
+            return False
+
+    # -- the lifecycle -----------------------------------------------------------------
+    def run(self) -> int:
+        self.guarded("system", self.setup_system)
+        if not self.guarded("config", self.load_config):
+            log.error("no usable configuration: nothing to run; stopping")
+            self.guarded("shutdown", self.shutdown)
+            return 1
+        self.guarded("hostname", self.set_hostname)
+        self.guarded("rootfs", self.prepare_container_root)
+        self.guarded("networks", self.apply_networks)
+        self.guarded("volumes", self.mount_volumes)
+        self.guarded("attach", self.start_attach)
+        self.publish_all()
+        self.guarded("sessions", self.launch_sessions)
+        self.serve()
+        self.guarded("shutdown", self.shutdown)
+        return self.exit_code()
+
+    def setup_system(self) -> None:
+        from tether import system
+        self.reaper.start()
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGPWR):
+            self.loop.add_signal_handler(
+                signum, lambda s=signum: self.request_stop(f"signal {signal.Signals(s).name}"))
+        self.loop.add_signal_handler(signal.SIGHUP, self.reload)
+        if os.getpid() == 1:
+            mounted = system.mount_missing()
+            if mounted:
+                log.info("mounted %s", ", ".join(mounted))
+        else:
+            system.set_child_subreaper()
+        try:
+            system.set_rlimits()
+        except OSError as err:
+            log.warning("%s (sessions keep the inherited limits)", err)
+        if os.getpid() == 1 and not self.options.sandbox:
+            system.link_mtab("/")
+        self._open_output_log()
+
+    def _open_output_log(self) -> None:
+        path = self.options.output_log
+        if path is None and not self.options.sandbox:
+            path = find_virtio_port("org.tether.output") or (
+                "/dev/ttyS2" if os.path.exists("/dev/ttyS2") else None)
+        if path is None:
+            return
+        from tether.iolog import LogPort
+        flags = os.O_WRONLY | os.O_CLOEXEC | os.O_NOCTTY | os.O_APPEND
+        fd = os.open(path, flags | (os.O_CREAT if not path.startswith("/dev/") else 0), 0o644)
+        if os.isatty(fd):
+            set_raw_serial(fd)
+        self._log_port = LogPort(fd, self.loop)
+        log.info("session output log: %s", path)
+
+    def load_config(self) -> None:
+        from extraconfig.codec import decode
+        from extraconfig.transport import GuestSource
+        from tether.config import ExecutorConfig
+        from tether.writeback import WriteBack
+        self._writeback = WriteBack(self.transport)
+        self.config = decode(GuestSource(self.transport), ExecutorConfig)
+        self.key = self.config.key
+        self.set_log_level()
+        log.info("configuration for %s: %d session(s)", self.config.common.id or "(no ID)",
+                 len([s for s in (self.config.sessions or {}).values() if s is not None]))
+
+    def set_log_level(self) -> None:
+        level = self.config.diagnostics.debug_level
+        logging.getLogger("tether").setLevel(logging.DEBUG if level >= 1 else logging.INFO)
+        if level >= 1:
+            for line in dump_config(self.config, redact=level < 2):
+                log.debug("config %s", line)
+
+    def set_hostname(self) -> None:
+        from tether import system
+        name = hostname_for(self.config.common.id)
+        if not self.owns_system:
+            log.info("not PID 1: hostname and /etc files left alone")
+            return
+        if not name:
+            log.info("no executor ID: hostname left as it is")
+            return
+        system.set_hostname(name)
+        etc = self._etc_files()
+        if etc is not None:
+            aliases = [self.config.common.name] if self.config.common.name else []
+            etc.set_hostname(name, aliases)
+            etc.flush()
+        log.info("hostname %s", name)
+
+    def _etc_files(self):
+        if self._etc is None:
+            try:
+                from tether.etcfiles import EtcFiles
+            except ImportError as err:
+                log.warning("cannot write /etc/hostname and /etc/hosts: %s", err)
+                return None
+            os.makedirs(self.options.state_dir, exist_ok=True)
+            self._etc = EtcFiles(self.root, self.options.state_dir)
+        return self._etc
+
+    def prepare_container_root(self) -> None:
+        from tether import system
+        if self.options.rootfs is None and not self.options.sandbox and os.getpid() == 1:
+            self.root = self._mount_containerfs() or "/"
+        if self.root != "/":
+            system.bind_system_dirs(self.root)
+            log.info("container root %s", self.root)
+
+    def _mount_containerfs(self) -> str | None:
+        try:
+            from tether.volumes import find_device_by_label
+        except ImportError as err:
+            log.warning("cannot look for the %s disk: %s", CONTAINERFS_LABEL, err)
+            return None
+        try:
+            device = find_device_by_label(CONTAINERFS_LABEL, 0.5)
+        except Exception as err:   # noqa: BLE001
+            log.info("no %s disk (%s): sessions run in /", CONTAINERFS_LABEL, err)
+            return None
+        if not device:
+            return None
+        from tether import system
+        os.makedirs(CONTAINERFS_MOUNT, exist_ok=True)
+        system.mount(device, CONTAINERFS_MOUNT, "ext4")
+        return CONTAINERFS_MOUNT
+
+    def apply_networks(self) -> None:
+        networks = self.config.networks
+        if not networks:
+            return
+        if not self.owns_system:
+            log.warning("not PID 1: the configured networks are not applied")
+            return
+        signature = repr(networks)
+        if signature == self._networks_applied:
+            return   # idempotent: only a changed network config is applied again
+        if self._network is None:
+            try:
+                from tether.network import NetworkManager
+            except ImportError as err:
+                raise RuntimeError(f"networks are configured but networking is not "
+                                   f"available: {err}") from None
+            self._network = NetworkManager(
+                self.config, etc=self._etc_files(),
+                publish=lambda: self.loop.call_soon_threadsafe(self.publish_all), log=log)
+        self._network.apply()
+        self._networks_applied = signature
+
+    def mount_volumes(self) -> None:
+        mounts = self.config.mounts
+        if not mounts:
+            return
+        if not self.owns_system:
+            log.warning("not PID 1: the configured volumes are not mounted")
+            return
+        new = {k: v for k, v in mounts.items() if k not in self._mounted_volumes}
+        if not new:
+            return
+        try:
+            from tether.volumes import mount_volumes
+        except ImportError as err:
+            raise RuntimeError(f"volumes are configured but volume support is not "
+                               f"available: {err}") from None
+        mount_volumes(new, self.root)
+        self._mounted_volumes.update(new)
+
+    def start_attach(self) -> None:
+        endpoints = self.options.attach_endpoints
+        if endpoints is None:
+            endpoints = []
+            if not self.options.sandbox:
+                if find_virtio_port("org.tether.attach"):
+                    endpoints.append("port:org.tether.attach")
+                if os.path.exists("/dev/vsock"):
+                    endpoints.append("vsock:2377")
+        if not endpoints:
+            log.info("no attach endpoint")
+            return
+        try:
+            from tether.attach.server import start_attach_server
+        except ImportError as err:
+            raise RuntimeError(f"attach is not available: {err}") from None
+        self._attach_server = start_attach_server(self, endpoints)
+        log.info("attach server on %s", ", ".join(endpoints))
+
+    # -- sessions ------------------------------------------------------------------------
+    def launch_sessions(self) -> None:
+        for sid, cfg in sorted((self.config.sessions or {}).items()):
+            if cfg is None or sid in self.sessions:
+                continue
+            cfg.common.id = cfg.common.id or sid
+            self._new_session(cfg).start()
+        if self.config.common.id and self.config.common.id not in self.sessions:
+            log.warning("no primary session (ID %s): serving until told to stop",
+                        self.config.common.id)
+        log.info("serving %d session(s)", len(self.sessions))
+
+    def _new_session(self, cfg):
+        from tether.sessions import Session
+        # A new session starts fresh: what a previous boot wrote is history.
+        cfg.started = ""
+        cfg.detail.stop_time = 0
+        echo = self.options.echo_output
+        if echo is None:
+            echo = self.options.sandbox or self.config.diagnostics.debug_level >= 1
+        session = Session(cfg, loop=self.loop, reaper=self.reaper, root=self.root,
+                          log_port=self._log_port, primary=cfg.common.id == self.config.id,
+                          echo=write_console if echo else None,
+                          on_launched=self._session_launched, on_exited=self._session_exited)
+        self.sessions[session.id] = session
+        return session
+
+    def exec_session(self, cfg):
+        """Start a new session (the attach server's exec)."""
+        if self.config.sessions is None:
+            self.config.sessions = {}
+        self.config.sessions[cfg.common.id] = cfg
+        session = self._new_session(cfg)
+        session.start()
+        return session
+
+    def _session_launched(self, session) -> None:
+        self._publish_session(session)
+        if session.primary and session.config.started != "true":
+            self.primary_failed_code = 126 if "permission denied" in session.config.started \
+                else 127
+            self.request_stop(f"primary session failed to start: {session.config.started}")
+
+    def _session_exited(self, session) -> None:
+        self._publish_session(session)
+        if self.stopping:
+            return
+        if session.config.restart:
+            delay = session.restart_delay()
+            log.info("session %s restarts in %.2fs (resurrection %d)", session.id, delay,
+                     session.config.diagnostics.resurrection_count + 1)
+            self._restart_timers[session.id] = self.loop.call_later(
+                delay, lambda: self._relaunch(session))
+        elif session.primary:
+            self.request_stop(f"primary session {session.id} exited")
+
+    def _relaunch(self, session) -> None:
+        self._restart_timers.pop(session.id, None)
+        if self.stopping or session.running:
+            return
+        session.config.diagnostics.resurrection_count += 1
+        self._publish_session(session)   # the reference publishes the count before relaunch
+        session.start()
+
+    def _publish_session(self, session) -> None:
+        if self._writeback is not None:
+            self._writeback.session(self.config, session.config)
+
+    def publish_all(self) -> None:
+        if self._writeback is not None and self.config is not None:
+            self._writeback.everything(self.config)
+
+    # -- reload and stop ---------------------------------------------------------------------
+    def reload(self) -> None:
+        """SIGHUP: re-read the config; launch new sessions, relaunch `restart` ones."""
+        if self.stopping:
+            log.info("reload ignored: stopping")
+            return
+        log.info("reloading the configuration")
+        self.guarded("reload", self._reload)
+
+    def _reload(self) -> None:
+        from extraconfig.codec import decode
+        from extraconfig.transport import GuestSource
+        from tether.config import ExecutorConfig
+        if self.options.before_reload is not None:
+            self.options.before_reload()
+        fresh = decode(GuestSource(self.transport), ExecutorConfig)
+        self.config.diagnostics.debug_level = fresh.diagnostics.debug_level
+        self.set_log_level()
+        self.config.networks = fresh.networks
+        self.config.mounts = fresh.mounts
+        self.guarded("networks", self.apply_networks)
+        self.guarded("volumes", self.mount_volumes)
+        if self.config.sessions is None:
+            self.config.sessions = {}
+        for sid, cfg in sorted((fresh.sessions or {}).items()):
+            if cfg is None:
+                continue
+            known = self.sessions.get(sid)
+            if known is None:
+                cfg.common.id = cfg.common.id or sid
+                self.config.sessions[sid] = cfg
+                log.info("reload: new session %s", sid)
+                self._new_session(cfg).start()
+            elif known.config.restart and not known.running and not known.blocked \
+                    and sid not in self._restart_timers and known.launches:
+                log.info("reload: relaunching session %s", sid)
+                self._relaunch(known)
+
+    def request_stop(self, reason: str) -> None:
+        if self.stopping:
+            return
+        self.stopping = True
+        self.stop_reason = reason
+        log.info("stopping: %s", reason)
+        for timer in self._restart_timers.values():
+            timer.cancel()
+        self._restart_timers.clear()
+        from tether.sessions import parse_signal
+        for session in self.sessions.values():
+            session.blocked = False
+            if session.running:
+                try:
+                    signum = parse_signal(session.config.stop_signal)
+                except ValueError as err:
+                    log.warning("session %s: %s; using SIGTERM", session.id, err)
+                    signum = signal.SIGTERM
+                log.info("session %s: sending %s", session.id, signal.Signals(signum).name)
+                session.signal(signum)
+        self._kill_timer = self.loop.call_later(self.options.stop_grace, self._kill_remaining)
+
+    def _kill_remaining(self) -> None:
+        for session in self.sessions.values():
+            if session.running:
+                log.warning("session %s still running after %.0fs: SIGKILL", session.id,
+                            self.options.stop_grace)
+                session.signal(signal.SIGKILL)
+
+    def _stopped(self) -> bool:
+        return self.stopping and not any(s.running or s.finishing
+                                         for s in self.sessions.values())
+
+    def serve(self) -> None:
+        self.loop.run_until(self._stopped)
+
+    def shutdown(self) -> None:
+        if self._kill_timer is not None:
+            self._kill_timer.cancel()
+        if self._attach_server is not None:
+            self.guarded("shutdown", self._attach_server.close)
+        if self._network is not None:
+            self.guarded("shutdown", self._network.stop)
+        self.publish_all()
+        if self._log_port is not None:
+            self._log_port.drain()
+        if self.errors:
+            log.warning("finished with %d error(s): %s", len(self.errors),
+                        "; ".join(self.errors))
+        log.info("stopped (%s); orphans reaped: %d", self.stop_reason or "no sessions",
+                 self.reaper.orphans_reaped)
+        os.sync()
+
+    def exit_code(self) -> int:
+        primary = self.sessions.get(self.config.id) if self.config else None
+        if self.primary_failed_code is not None:
+            return self.primary_failed_code
+        if primary is None or not primary.launches:
+            return 0
+        return primary.exit_code()
+
+
+# -- small helpers --------------------------------------------------------------------------
+def hostname_for(executor_id: str) -> str:
+    """The reference's rule: the first 12 characters of the ID."""
+    return executor_id[:12]
+
+
+REDACTED = "<redacted>"
+_SECRET_FIELDS = {"args", "env", "key"}
+
+
+def dump_config(config, redact: bool = True, prefix: str = "") -> list[str]:
+    """`path = value` lines for the debug log; args, env and key redacted when asked."""
+    import dataclasses
+    lines = []
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        path = f"{prefix}{field.name}"
+        if redact and field.name in _SECRET_FIELDS and value:
+            lines.append(f"{path} = {REDACTED}")
+        elif dataclasses.is_dataclass(value) and not isinstance(value, type) \
+                and type(value).__module__.startswith("tether"):
+            lines += dump_config(value, redact, path + ".")
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                if dataclasses.is_dataclass(item):
+                    lines += dump_config(item, redact, f"{path}.{key}.")
+                else:
+                    lines.append(f"{path}.{key} = {item!r}")
+        else:
+            lines.append(f"{path} = {value!r}")
+    return lines
+
+
+def write_console(data: bytes) -> None:
+    """Session output echoed onto the agent log (stderr)."""
+    try:
+        while data:
+            data = data[os.write(2, data):]
+    except OSError:
+        pass
+
+
+def find_virtio_port(name: str, base: str = "/sys/class/virtio-ports") -> str | None:
+    try:
+        entries = os.listdir(base)
+    except OSError:
+        return None
+    for entry in entries:
+        try:
+            with open(os.path.join(base, entry, "name")) as f:
+                if f.read().strip() == name:
+                    return f"/dev/{entry}"
+        except OSError:
+            continue
+    return None
+
+
+def set_raw_serial(fd: int, speed: str = "B115200") -> None:
+    import termios
+    import tty
+    try:
+        tty.setraw(fd)
+        attrs = termios.tcgetattr(fd)
+        attrs[4] = attrs[5] = getattr(termios, speed)
+        termios.tcsetattr(fd, termios.TCSANOW, attrs)
+    except termios.error as err:
+        log.warning("could not set the serial port raw at 115200: %s", err)
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="tether agent",
+                                     description="Run the agent (PID 1 of a container VM).")
+    parser.add_argument("--guestinfo-file", help="VMX-style guestinfo file (when there is no "
+                        "backdoor or virtio-serial channel)")
+    parser.add_argument("--rootfs", help="container root (default: the containerfs disk, else /)")
+    parser.add_argument("--output-log", help="session output log path (default: virtio port "
+                        "org.tether.output, else /dev/ttyS2)")
+    parser.add_argument("--attach", action="append", dest="attach_endpoints",
+                        help="attach endpoint (unix:PATH, vsock:PORT, port:NAME, serial:DEV); "
+                        "repeatable")
+    parser.add_argument("--no-power-off", action="store_true",
+                        help="exit with the primary's status instead of powering off")
+    parser.add_argument("--stop-grace", type=float, default=DEFAULT_STOP_GRACE,
+                        help="seconds between the stop signal and SIGKILL")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str]) -> int:
+    """`tether agent`: the PID 1 entry. Never ends with a traceback."""
+    configure_logging()
+    code = 1
+    power_off = False
+    try:
+        args = parse_args(argv)
+        power_off = (os.getpid() == 1 and not args.no_power_off
+                     and not os.path.basename(sys.argv[0]).endswith("-debug"))
+        from tether.guestinfo import open_transport
+        transport = open_transport(args.guestinfo_file)
+        options = Options(rootfs=args.rootfs, output_log=args.output_log,
+                          attach_endpoints=args.attach_endpoints, power_off=power_off,
+                          stop_grace=args.stop_grace)
+        code = Agent(transport, options).run()
+    except SystemExit as exc:   # argparse: usage errors
+        code = exc.code if isinstance(exc.code, int) else 2
+    except BaseException:   # noqa: BLE001 - the last guard of PID 1
+        log.critical("the agent failed; stopping cleanly", exc_info=True)
+    if power_off:
+        log.info("powering off")
+        logging.shutdown()
+        try:
+            from tether import system
+            system.power_off()
+        except BaseException:   # noqa: BLE001
+            log.critical("power off failed; halting here", exc_info=True)
+            while True:   # PID 1 must not exit: that would panic the kernel
+                signal.pause()
+    return code

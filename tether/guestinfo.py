@@ -1,0 +1,54 @@
+"""Choosing the guestinfo transport: VMware backdoor, else virtio-serial, else a file.
+
+Each candidate that is missing or not usable is logged with the reason and the next
+one is tried. The file is a VMX-style file named by `--guestinfo-file` or the kernel
+argument `tether.guestinfo=PATH`.
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+
+log = logging.getLogger("tether.guestinfo")
+
+KERNEL_ARG = "tether.guestinfo="
+
+
+def kernel_guestinfo_file(cmdline_path: str = "/proc/cmdline") -> str | None:
+    try:
+        with open(cmdline_path) as f:
+            words = f.read().split()
+    except OSError:
+        return None
+    for word in words:
+        if word.startswith(KERNEL_ARG):
+            return word[len(KERNEL_ARG):] or None
+    return None
+
+
+def open_transport(guestinfo_file: str | None = None):
+    """The first guestinfo transport that works, or raise RuntimeError saying why none did."""
+    if guestinfo_file is None:
+        for module in ("extraconfig.backdoor", "extraconfig.virtio"):
+            try:
+                opener = importlib.import_module(module).open_transport
+            except ImportError as err:
+                log.info("guestinfo: %s is not available (%s)", module, err)
+                continue
+            try:
+                transport = opener(log)
+            except Exception as err:   # noqa: BLE001 - try the next transport
+                log.warning("guestinfo: %s failed: %s", module, err)
+                continue
+            if transport is not None:
+                log.info("guestinfo: using %s", module)
+                return transport
+            log.info("guestinfo: %s found no channel", module)
+        guestinfo_file = kernel_guestinfo_file()
+    if guestinfo_file is None:
+        raise RuntimeError("no guestinfo channel: no VMware backdoor, no virtio-serial port "
+                           "org.tether.guestinfo, and no --guestinfo-file or "
+                           f"{KERNEL_ARG}PATH kernel argument")
+    from extraconfig.transport import VmxFileTransport
+    log.info("guestinfo: using the file %s", guestinfo_file)
+    return VmxFileTransport(guestinfo_file)

@@ -1,0 +1,135 @@
+"""`tether sandbox CONFIG.json`: the agent as PID 1 of new PID, mount, UTS and IPC
+namespaces on this machine, with an in-memory guestinfo map seeded from the JSON config.
+
+The parent unshares, forks the agent (PID 1 inside), forwards SIGTERM/SIGINT/SIGHUP/
+SIGPWR to it and exits with its status. The agent writes the final guestinfo map (the
+keys it wrote included) as VMX lines to --out or stdout, and exits with the primary
+session's status (128+N when signal N killed it). On SIGHUP the JSON file is read again:
+new sessions appear, read-only keys are refreshed, the agent's own keys are kept.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+
+FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGPWR)
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="tether sandbox",
+        description="Run the agent as PID 1 of new namespaces, configured from JSON.")
+    parser.add_argument("config", help="the ExecutorConfig in JSON form")
+    parser.add_argument("--rootfs", help="container root directory (sessions chroot there)")
+    parser.add_argument("--out", help="write the final guestinfo map here (default: stdout)")
+    parser.add_argument("--attach-socket", help="serve attach on this unix socket")
+    parser.add_argument("--output-log", help="write session output (iolog framing) here")
+    parser.add_argument("--stop-grace", type=float, default=10.0,
+                        help="seconds between the stop signal and SIGKILL (default 10)")
+    return parser.parse_args(argv)
+
+
+def load_seed(path: str) -> dict[str, str]:
+    """Every key of the JSON config, as the host would have written them."""
+    from extraconfig.codec import encode
+    from tether.jsonform import load_config
+    return encode(load_config(path))
+
+
+def exit_code_of(status: int) -> int:
+    if os.WIFSIGNALED(status):
+        return 128 + os.WTERMSIG(status)
+    return os.waitstatus_to_exitcode(status)
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    from tether.agent import configure_logging
+    configure_logging()
+    try:
+        seed = load_seed(args.config)
+    except Exception as err:   # noqa: BLE001 - a bad config file is a usage error
+        print(f"tether sandbox: cannot load {args.config}: {err}", file=sys.stderr)
+        return 2
+    if args.rootfs and not os.path.isdir(args.rootfs):
+        print(f"tether sandbox: --rootfs {args.rootfs}: not a directory", file=sys.stderr)
+        return 2
+    from tether import system
+    try:
+        system.unshare(system.CLONE_NEWPID | system.CLONE_NEWNS | system.CLONE_NEWUTS
+                       | system.CLONE_NEWIPC)
+    except OSError as err:
+        print(f"tether sandbox: cannot create namespaces ({err}); it needs root "
+              "(CAP_SYS_ADMIN)", file=sys.stderr)
+        return 2
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            code = run_inside(args, seed)
+        except BaseException:   # noqa: BLE001 - report, then exit like PID 1 would
+            import traceback
+            traceback.print_exc()
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    for signum in FORWARDED:
+        signal.signal(signum, lambda s, _f: _forward(pid, s))
+    while True:
+        try:
+            _, status = os.waitpid(pid, 0)
+            break
+        except ChildProcessError:
+            return 1
+    return exit_code_of(status)
+
+
+def _forward(pid: int, signum: int) -> None:
+    try:
+        os.kill(pid, signum)
+    except ProcessLookupError:
+        pass
+
+
+def run_inside(args: argparse.Namespace, seed: dict[str, str]) -> int:
+    """PID 1 of the new namespaces: private mounts, a fresh /proc, then the agent."""
+    import tempfile
+    from extraconfig.transport import MapTransport
+    from tether import system
+    from tether.agent import Agent, Options
+    system.set_parent_death_signal(signal.SIGKILL)
+    system.make_mounts_private()
+    system.mount("proc", "/proc", "proc", system.MS_NOSUID | system.MS_NODEV | system.MS_NOEXEC)
+    store = dict(seed)
+    transport = MapTransport(store)
+
+    def refresh_from_json() -> None:
+        for key, value in load_seed(args.config).items():
+            if "/" in key or key not in store:   # read-only, or new: the host's word
+                store[key] = value
+
+    state_dir = tempfile.mkdtemp(prefix="tether-sandbox-")
+    options = Options(rootfs=os.path.abspath(args.rootfs) if args.rootfs else None,
+                      output_log=args.output_log,
+                      attach_endpoints=[f"unix:{args.attach_socket}"] if args.attach_socket
+                      else [],
+                      sandbox=True, state_dir=state_dir, stop_grace=args.stop_grace,
+                      before_reload=refresh_from_json)
+    try:
+        code = Agent(transport, options).run()
+    finally:
+        import shutil
+        shutil.rmtree(state_dir, ignore_errors=True)
+    from extraconfig.transport import format_vmx
+    text = format_vmx(store)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text)
+    else:
+        sys.stdout.write(text)
+    return code

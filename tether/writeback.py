@@ -1,0 +1,43 @@
+"""Publishing the agent's read-write keys through the guestinfo sink.
+
+Only read-write keys reach the transport (the GuestSink drops `/` keys). One session is
+written as its own subtree, under the key prefix `calculate_keys` gives for
+`Sessions.<id>` (the reference's EncodeWithPrefix); field order puts `started` last.
+A failed write is logged, never fatal: the process goes on and the next write retries.
+"""
+from __future__ import annotations
+
+import logging
+
+log = logging.getLogger("tether.writeback")
+
+
+class WriteBack:
+    def __init__(self, transport):
+        from extraconfig.transport import GuestSink
+        self.transport = transport
+        self.sink = GuestSink(transport)
+        self.failures = 0
+
+    def session(self, config, session_config) -> None:
+        """The subtree of one session: detail times, status, resurrections, exit logs,
+        then `started`."""
+        from extraconfig.codec import calculate_keys, encode_into
+        sid = session_config.common.id
+        try:
+            prefix = calculate_keys(config, f"Sessions.{sid}")[0]
+            encode_into(self.sink, session_config, prefix=prefix)
+        except Exception as err:   # noqa: BLE001 - the agent must keep serving
+            self.failures += 1
+            log.error("could not publish session %s to guestinfo: %s", sid, err,
+                      exc_info=log.isEnabledFor(logging.DEBUG))
+
+    def everything(self, config) -> None:
+        """Every read-write key of the executor (network assignments, all sessions)."""
+        from extraconfig.codec import encode_into
+        try:
+            encode_into(self.sink, config)
+        except Exception as err:   # noqa: BLE001
+            self.failures += 1
+            log.error("could not publish the configuration to guestinfo: %s", err,
+                      exc_info=log.isEnabledFor(logging.DEBUG))
