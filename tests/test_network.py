@@ -1,0 +1,492 @@
+"""Networking against the real kernel: network namespaces joined by veth pairs, a real dnsmasq
+in the peer namespace, the agent side run by tests/test_network_child.py under `ip netns exec`
+(which also gives it its own /sys and a private mount namespace for the /etc bind mounts)."""
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tether.network.nic import classify, find_interface_name, slot_to_pci_path, NicNotFound
+
+REPO = Path(__file__).resolve().parents[1]
+CHILD = REPO / "tests" / "test_network_child.py"
+
+
+# -- pure: the slot table of reference §6.1 ----------------------------------------------------
+@pytest.mark.parametrize("slot,numbering,path", [
+    (0, "old", "0000:00:00.0"),
+    (32, "old", "0000:00:11.0/0000:*:00.0"),
+    (33, "old", "0000:00:11.0/0000:*:01.0"),
+    (192, "old", "0000:00:16.0/0000:*:00.0"),
+    (224, "old", "0000:00:17.0/0000:*:00.0"),
+    (256, "old", "0000:00:18.0/0000:*:00.0"),
+    (1184, "new", "0000:00:15.1/0000:*:00.0"),
+    (1216, "new", "0000:00:16.1/0000:*:00.0"),
+    (1248, "new", "0000:00:17.1/0000:*:00.0"),
+    (1280, "new", "0000:00:18.1/0000:*:00.0"),
+    # fn = 0: both numberings agree
+    (192, "new", "0000:00:16.0/0000:*:00.0"),
+    # the old numbering keeps the function on the device
+    (1184, "old", "0000:00:15.0/0000:*:00.1"),
+    # bus 16 -> bridge slot 0x20, itself behind bridge 0x11
+    (16 << 5, "old", "0000:00:11.0/0000:*:00.0/0000:*:00.0"),
+])
+def test_slot_to_pci_path(slot, numbering, path):
+    assert slot_to_pci_path(slot, numbering) == path
+
+
+def test_classify_endpoint_ids():
+    assert classify("192") == "slot"
+    assert classify("0000:00:05.0") == "pci"
+    assert classify("00:05.0") == "pci"
+    assert classify("52:54:00:12:34:56") == "mac"
+    assert classify("eth0") == "name"
+
+
+def test_find_interface_by_slot_in_a_fake_sysfs_tree(tmp_path):
+    # the sysfs layout of a vNIC behind bridge 0x15 function 1 (new numbering), and virtio
+    (tmp_path / "0000:00:15.1" / "0000:0b:00.0" / "net" / "ens224").mkdir(parents=True)
+    (tmp_path / "0000:00:05.0" / "virtio2" / "net" / "eth1").mkdir(parents=True)
+    assert find_interface_name("1184", [], str(tmp_path)) == "ens224"
+    assert find_interface_name("0000:00:05.0", [], str(tmp_path)) == "eth1"
+    with pytest.raises(NicNotFound, match="no network interface at PCI slot 1216"):
+        find_interface_name("1216", [], str(tmp_path))
+    links = [(1, "lo", "00:00:00:00:00:00"), (2, "eth0", "52:54:00:aa:bb:cc")]
+    assert find_interface_name("52:54:00:AA:BB:CC", links) == "eth0"
+    with pytest.raises(NicNotFound, match="no network interface named 'eth9'"):
+        find_interface_name("eth9", links)
+
+
+# -- namespaces --------------------------------------------------------------------------------
+def _need_root_netns():
+    if os.geteuid() != 0:
+        pytest.skip("needs root for network namespaces")
+    if not shutil.which("ip"):
+        pytest.skip("needs iproute2's ip command")
+
+
+def sh(*argv, check=True, timeout=60):
+    return subprocess.run(argv, check=check, capture_output=True, text=True, timeout=timeout)
+
+
+class NetPair:
+    """Two namespaces joined by a veth: `eth0` in the agent one, `peer0` (addresses given)
+    in the peer one."""
+
+    def __init__(self, peer_addrs=("10.77.0.1/24",), agent_ifname="eth0"):
+        tag = secrets.token_hex(3)
+        self.agent, self.peer = f"tna-{tag}", f"tnp-{tag}"
+        self.created = []
+        sh("ip", "netns", "add", self.agent); self.created.append(self.agent)
+        sh("ip", "netns", "add", self.peer); self.created.append(self.peer)
+        a, p = f"va{tag}", f"vp{tag}"
+        sh("ip", "link", "add", a, "type", "veth", "peer", "name", p)
+        sh("ip", "link", "set", a, "netns", self.agent)
+        sh("ip", "link", "set", p, "netns", self.peer)
+        sh("ip", "-n", self.agent, "link", "set", a, "name", agent_ifname)
+        sh("ip", "-n", self.peer, "link", "set", p, "name", "peer0")
+        for ns in (self.agent, self.peer):
+            sh("ip", "-n", ns, "link", "set", "lo", "up")
+        for addr in peer_addrs:
+            extra = ["nodad"] if ":" in addr else []
+            sh("ip", "-n", self.peer, "addr", "add", addr, "dev", "peer0", *extra)
+        sh("ip", "-n", self.peer, "link", "set", "peer0", "up")
+        self.agent_ifname = agent_ifname
+
+    def close(self):
+        for ns in reversed(self.created):
+            sh("ip", "netns", "del", ns, check=False)
+
+    def agent_json(self, *args):
+        return json.loads(sh("ip", "-n", self.agent, "-j", *args).stdout or "[]")
+
+
+@pytest.fixture
+def netpair(request):
+    _need_root_netns()
+    params = getattr(request, "param", {})
+    pair = NetPair(**params)
+    try:
+        yield pair
+    finally:
+        pair.close()
+
+
+class Child:
+    """The agent side: NetworkManager in the agent namespace; JSON lines out."""
+
+    def __init__(self, pair: NetPair, tmp_path: Path, endpoints, **extra):
+        root, state = tmp_path / "root", tmp_path / "state"
+        (root / "etc").mkdir(parents=True, exist_ok=True)
+        if not (root / "etc" / "hosts").exists():
+            (root / "etc" / "hosts").write_text("127.0.0.1 localhost\n10.1.1.1 imagehost\n")
+        self.stop_file = tmp_path / "stop"
+        spec = {"endpoints": endpoints, "root": str(root), "state": str(state),
+                "hostname": "c0ffee123456", "stop_file": str(self.stop_file), **extra}
+        spec_path = tmp_path / "spec.json"
+        spec_path.write_text(json.dumps(spec))
+        self.root = root
+        self.proc = subprocess.Popen(
+            ["ip", "netns", "exec", pair.agent, sys.executable, str(CHILD), str(spec_path)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=str(REPO))
+        self.events = []
+
+    def next_event(self, timeout=90.0):
+        import selectors
+        sel = selectors.DefaultSelector()
+        sel.register(self.proc.stdout, selectors.EVENT_READ)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if sel.select(timeout=max(0.0, deadline - time.monotonic())):
+                line = self.proc.stdout.readline()
+                if not line:
+                    raise AssertionError(f"child ended: {self.proc.stderr.read()}")
+                event = json.loads(line)
+                self.events.append(event)
+                return event
+        raise AssertionError("no event from the child in time")
+
+    def wait_for(self, predicate, timeout=90.0):
+        deadline = time.monotonic() + timeout
+        while True:
+            event = self.next_event(max(0.1, deadline - time.monotonic()))
+            if predicate(event):
+                return event
+
+    def run_to_end(self, timeout=120.0):
+        out, err = self.proc.communicate(timeout=timeout)
+        self.events += [json.loads(line) for line in out.splitlines() if line.strip()]
+        self.stderr = err
+        return self.events
+
+    def stop(self):
+        self.stop_file.touch()
+
+    def close(self):
+        if self.proc.poll() is None:
+            self.stop()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        for stream in (self.proc.stdout, self.proc.stderr):
+            if stream:
+                stream.close()
+
+
+@pytest.fixture
+def child_factory(tmp_path):
+    children = []
+
+    def make(pair, endpoints, **extra):
+        child = Child(pair, tmp_path, endpoints, **extra)
+        children.append(child)
+        return child
+    try:
+        yield make
+    finally:
+        for c in children:
+            c.close()
+
+
+def last_publish(events):
+    pubs = [e for e in events if e["event"] == "publish"]
+    assert pubs, events
+    return pubs[-1]
+
+
+def addresses(pair, ifname):
+    out = []
+    for link in pair.agent_json("addr", "show", "dev", ifname):
+        for a in link.get("addr_info", []):
+            if a.get("scope") == "global":
+                out.append(f"{a['local']}/{a['prefixlen']}")
+    return sorted(out)
+
+
+# -- static ------------------------------------------------------------------------------------
+@pytest.mark.root
+@pytest.mark.parametrize("netpair", [{"peer_addrs": ("10.77.0.1/24", "fd77::1/64")}],
+                         indirect=True)
+def test_static_v4_and_v6_with_default_route_and_destinations(netpair, child_factory):
+    child = child_factory(netpair, [
+        {"key": "public", "id": "eth0", "name": "public", "static": True,
+         "ip": "10.77.0.2/24", "gateway": "10.77.0.1/24", "default": True,
+         "dns": ["10.77.0.53"]},
+        {"key": "v6net", "id": "public", "name": "public", "static": True,
+         "ip": "fd77::2/64", "gateway": "fd77::1/64",
+         "destinations": ["fd88::/64", "10.99.0.0/16"], "network_name": "v6net"},
+    ])
+    events = child.run_to_end()
+    assert events[-1]["event"] == "done", (events, child.stderr)
+    pub = last_publish(events)
+    assert pub["endpoints"]["public"] == {
+        "assigned": "10.77.0.2/24", "gateway": "10.77.0.1/24", "dns": ["10.77.0.53"]}
+    assert pub["endpoints"]["v6net"] == {
+        "assigned": "fd77::2/64", "gateway": "fd77::1/64", "dns": []}
+
+    # eth0 renamed to the endpoint name; both addresses on the one NIC
+    assert addresses(netpair, "public") == ["10.77.0.2/24", "fd77::2/64"]
+    routes4 = netpair.agent_json("route", "show")
+    assert {"dst": "default", "gateway": "10.77.0.1", "dev": "public"}.items() <= \
+        next(r for r in routes4 if r["dst"] == "default").items()
+    routes6 = netpair.agent_json("-6", "route", "show")
+    fd88 = next(r for r in routes6 if r["dst"] == "fd88::/64")
+    assert fd88["gateway"] == "fd77::1" and fd88["dev"] == "public"
+    # a v4 destination via a v6 gateway is skipped, not mangled
+    assert not any(r["dst"] == "10.99.0.0/16" for r in routes4)
+
+    # the /etc files, line by line
+    hosts = pub["files"]["hosts"].splitlines()
+    assert hosts == [
+        "::1\tlocalhost ip6-localhost ip6-loopback",
+        "127.0.0.1 localhost",
+        "10.1.1.1 imagehost",
+        "127.0.1.1\tc0ffee123456",
+        "10.77.0.2\tpublic.localhost",
+        "fd77::2\tv6net.localhost",
+    ]
+    assert pub["files"]["resolv.conf"].splitlines() == [
+        "nameserver 10.77.0.53",            # static DNS of one network beats the other's gateway
+        "options timeout:15", "options attempts:5"]
+    assert pub["files"]["hostname"] == "c0ffee123456\n"
+    # the peer sees the agent: ping through the configured address
+    ping = sh("ip", "netns", "exec", netpair.peer, "busybox", "ping", "-c1", "-W5", "10.77.0.2",
+              check=False)
+    assert ping.returncode == 0, ping.stdout + ping.stderr
+
+
+@pytest.mark.root
+def test_two_endpoints_on_one_nic_alias_and_mtu(netpair, child_factory):
+    sh("ip", "-n", netpair.agent, "link", "set", "eth0", "name", "ens9")
+    child = child_factory(netpair, [
+        {"key": "bridge", "id": "ens9", "name": "bridge", "static": True,
+         "ip": "10.77.0.2/24", "gateway": "10.77.0.1/24", "destinations": ["10.80.0.0/16"]},
+        {"key": "other", "id": "ens9", "name": "other", "static": True,
+         "ip": "10.78.0.2/24", "network_name": "othernet"},
+    ], mtus={"bridge": 1400})
+    events = child.run_to_end()
+    assert events[-1]["event"] == "done", (events, child.stderr)
+    link = netpair.agent_json("link", "show", "ens9")[0]
+    assert link["ifalias"] == "bridge"     # not eth*: alias, not rename; the second is warned
+    assert link["mtu"] == 1400
+    assert "UP" in link["flags"]
+    assert addresses(netpair, "ens9") == ["10.77.0.2/24", "10.78.0.2/24"]
+    routes = netpair.agent_json("route", "show")
+    assert any(r["dst"] == "10.80.0.0/16" and r.get("gateway") == "10.77.0.1" for r in routes)
+    assert not any(r["dst"] == "default" for r in routes)   # not a default network
+    pub = last_publish(events)
+    assert pub["endpoints"]["other"]["gateway"] == ""
+    assert pub["files"]["hosts"].splitlines()[-2:] == [
+        "10.77.0.2\tbridge.localhost", "10.78.0.2\tothernet.localhost"]
+    # no DNS anywhere: the gateway is the resolver
+    assert pub["files"]["resolv.conf"].splitlines()[0] == "nameserver 10.77.0.1"
+
+
+@pytest.mark.root
+def test_rename_by_mac_and_externally_managed(netpair, child_factory):
+    mac = netpair.agent_json("link", "show", "eth0")[0]["address"]
+    child = child_factory(netpair, [
+        {"key": "ext", "id": mac, "name": "ext", "static": True, "ip": "0.0.0.0/0"}])
+    events = child.run_to_end()
+    assert events[-1]["event"] == "done", (events, child.stderr)
+    link = netpair.agent_json("link", "show", "ext")[0]
+    assert link["address"] == mac and "UP" in link["flags"]
+    assert addresses(netpair, "ext") == []      # managed externally: no address added
+
+
+@pytest.mark.root
+def test_missing_nic_gives_a_clear_error(netpair, child_factory):
+    child = child_factory(netpair, [
+        {"key": "a", "id": "1216", "name": "a", "static": True, "ip": "10.77.0.2/24"},
+        {"key": "b", "id": "eth0", "name": "b", "static": True, "ip": "10.77.0.3/24"}])
+    events = child.run_to_end()
+    assert events[-1]["event"] == "error", events
+    message = events[-1]["message"]
+    assert message.startswith("network a: no network interface at PCI slot 1216")
+    assert "check the vNIC is connected" in message
+    # the other endpoint is configured all the same
+    assert addresses(netpair, "b") == ["10.77.0.3/24"]
+
+
+@pytest.mark.root
+def test_gratuitous_arp_sent_on_apply(netpair, child_factory):
+    import socket
+    # listen for ARP on the peer side, inside its namespace, with a raw socket in a thread
+    code = ("import socket,sys;s=socket.socket(socket.AF_PACKET,socket.SOCK_RAW,"
+            "socket.htons(0x0806));s.bind(('peer0',0));s.settimeout(60);print('ready',flush=True)\n"
+            "while True:\n"
+            " f=s.recv(100)\n"
+            " if f[20:22]==b'\\x00\\x01' and f[28:32]==f[38:42]==socket.inet_aton('10.77.0.2'):\n"
+            "  print('garp',flush=True);break\n")
+    listener = subprocess.Popen(["ip", "netns", "exec", netpair.peer, sys.executable, "-c", code],
+                                stdout=subprocess.PIPE, text=True)
+    try:
+        assert listener.stdout.readline().strip() == "ready"
+        child = child_factory(netpair, [
+            {"key": "n", "id": "eth0", "name": "n", "static": True, "ip": "10.77.0.2/24"}])
+        events = child.run_to_end()
+        assert events[-1]["event"] == "done", events
+        assert listener.stdout.readline().strip() == "garp"
+        arp_notify = sh("ip", "netns", "exec", netpair.agent, "cat",
+                        "/proc/sys/net/ipv4/conf/n/arp_notify").stdout.strip()
+        assert arp_notify == "1"
+    finally:
+        listener.kill()
+        listener.wait()
+        listener.stdout.close()
+
+
+# -- DHCP --------------------------------------------------------------------------------------
+class Dnsmasq:
+    def __init__(self, pair: NetPair, tmp_path: Path):
+        if not shutil.which("dnsmasq"):
+            pytest.skip("dnsmasq (dnsmasq-base) is not installed")
+        self.pair = pair
+        self.leases = tmp_path / "dnsmasq.leases"
+        self.log = tmp_path / "dnsmasq.log"
+        self.proc = None
+
+    def start(self, dns="10.77.0.53", t1=4, extra=()):
+        argv = ["ip", "netns", "exec", self.pair.peer, "dnsmasq", "--no-daemon",
+                "--conf-file=/dev/null", "--port=0", "--interface=peer0", "--bind-interfaces",
+                "--dhcp-authoritative", f"--dhcp-leasefile={self.leases}", "--pid-file",
+                "--log-dhcp", "--dhcp-range=10.77.0.50,10.77.0.99,255.255.255.0,120",
+                "--dhcp-option=option:router,10.77.0.1",
+                f"--dhcp-option=option:dns-server,{dns}",
+                f"--dhcp-option=option:T1,{t1}", "--dhcp-option=option:T2,100",
+                "--dhcp-option=option:mtu,1420", *extra]
+        self.logf = open(self.log, "a")
+        self.proc = subprocess.Popen(argv, stdout=self.logf, stderr=subprocess.STDOUT)
+        time.sleep(0.5)
+        assert self.proc.poll() is None, self.log.read_text()
+
+    def stop(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+        if getattr(self, "logf", None):
+            self.logf.close()
+            self.logf = None
+
+
+@pytest.fixture
+def dnsmasq(netpair, tmp_path):
+    server = Dnsmasq(netpair, tmp_path)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.mark.root
+def test_dhcp_lease_writeback_renewal_and_server_restart(netpair, dnsmasq, child_factory):
+    dnsmasq.start(dns="10.77.0.53")
+    child = child_factory(netpair, [
+        {"key": "public", "id": "eth0", "name": "public", "default": True}], hold=300)
+    first = child.wait_for(lambda e: e["event"] in ("publish", "error"))
+    assert first["event"] == "publish", first
+    ep = first["endpoints"]["public"]
+    assert ep["assigned"].startswith("10.77.0.") and ep["assigned"].endswith("/24")
+    assert ep["gateway"] == "10.77.0.1/24"
+    assert ep["dns"] == ["10.77.0.53"]
+    assert first["files"]["resolv.conf"].splitlines()[0] == "nameserver 10.77.0.53"
+    ip = ep["assigned"].split("/")[0]
+    assert f"{ip}\tpublic.localhost" in first["files"]["hosts"].splitlines()
+    assert child.wait_for(lambda e: e["event"] == "applied")
+    assert addresses(netpair, "public") == [ep["assigned"]]
+    routes = netpair.agent_json("route", "show")
+    assert any(r["dst"] == "default" and r.get("gateway") == "10.77.0.1" for r in routes)
+    assert netpair.agent_json("link", "show", "public")[0]["mtu"] == 1420   # option 26
+
+    # the reference's client id (type 255, IAID + DUID-EN with VMware's PEN) and hostname
+    lease_line = dnsmasq.leases.read_text().split()
+    assert lease_line[2] == ip and lease_line[3] == "c0ffee123456"
+    client_id = bytes.fromhex(lease_line[4].replace(":", ""))
+    assert client_id[0] == 255 and client_id[5:7] == b"\x00\x02" and \
+        client_id[7:11] == (6876).to_bytes(4, "big") and len(client_id) == 19
+
+    # a short T1: the lease renews, and the write-back is published again
+    renewed = child.wait_for(lambda e: e["event"] == "publish", timeout=60)
+    assert renewed["endpoints"]["public"]["assigned"] == ep["assigned"]
+
+    # the server goes away past T1, then comes back with another DNS server: the client
+    # retries, renews, and the stale DNS server is replaced in write-back and resolv.conf
+    dnsmasq.stop()
+    stopped_at = time.monotonic()
+    time.sleep(8)
+    dnsmasq.start(dns="10.77.0.54")
+    after = child.wait_for(
+        lambda e: e["event"] == "publish" and e["endpoints"]["public"]["dns"] == ["10.77.0.54"],
+        timeout=120)
+    assert after["t"] > stopped_at
+    assert after["endpoints"]["public"]["assigned"] == ep["assigned"]
+    assert after["files"]["resolv.conf"].splitlines() == [
+        "nameserver 10.77.0.54", "options timeout:15", "options attempts:5"]
+    log = dnsmasq.log.read_text()
+    assert "DHCPREQUEST(peer0)" in log
+
+    # stop: the lease is released
+    child.stop()
+    child.wait_for(lambda e: e["event"] == "done", timeout=60)
+    deadline = time.monotonic() + 20
+    while "DHCPRELEASE" not in dnsmasq.log.read_text() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert "DHCPRELEASE(peer0)" in dnsmasq.log.read_text()
+
+
+@pytest.mark.root
+def test_dhcp_requests_router_and_dns_only_when_not_configured(netpair, dnsmasq,
+                                                               child_factory):
+    dnsmasq.start(dns="10.77.0.53", t1=60)
+    child = child_factory(netpair, [
+        {"key": "n", "id": "eth0", "name": "n", "gateway": "10.77.0.1/24",
+         "dns": ["192.0.2.53"]}])
+    events = child.run_to_end()
+    assert events[-1]["event"] == "done", (events, child.stderr)
+    pub = last_publish(events)
+    assert pub["endpoints"]["n"]["gateway"] == "10.77.0.1/24"
+    assert pub["endpoints"]["n"]["dns"] == ["192.0.2.53"]
+    assert pub["files"]["resolv.conf"].splitlines()[0] == "nameserver 192.0.2.53"
+    log = dnsmasq.log.read_text()
+    requested = [line for line in log.splitlines() if "requested options" in line]
+    assert requested, log
+    joined = " ".join(requested)
+    assert "1:netmask" in joined
+    assert "3:router" not in joined and "6:dns-server" not in joined
+
+
+@pytest.mark.root
+def test_dhcp_without_server_times_out_clearly(netpair, child_factory):
+    child = child_factory(netpair, [{"key": "n", "id": "eth0", "name": "n"}], dhcp_timeout=3)
+    events = child.run_to_end()
+    assert events[-1]["event"] == "error", events
+    assert events[-1]["message"] == (
+        "network n: no DHCP lease on n within 3s; is a DHCP server reachable on that network?")
+
+
+def test_import_does_not_load_pyroute2():
+    out = subprocess.run(
+        [sys.executable, "-c",
+         "import sys, tether.network, tether.etcfiles, tether.volumes;"
+         "from tether.network import NetworkManager;"
+         "from tether.config import ExecutorConfig;"
+         "NetworkManager(ExecutorConfig(), None, lambda: None, None).apply();"
+         "print(any(m.startswith('pyroute2') for m in sys.modules))"],
+        cwd=str(REPO), capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == "False", out.stderr

@@ -1,0 +1,223 @@
+"""DHCP through pyroute2's client, on one background thread running an asyncio loop.
+
+pyroute2 does the protocol: DISCOVER/REQUEST, renewal at T1, rebinding at T2, retransmission
+with a randomized increasing backoff, a fresh DISCOVER when a lease expires, RELEASE on exit.
+This module adds what the reference sends (client id, hostname, a parameter list that asks
+for router and DNS only when the network has none), restarts a client that fails, and turns
+each lease into plain data for a callback that runs on a worker thread (netlink calls block).
+"""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import dataclasses
+import threading
+from typing import Callable, Optional
+
+from pyroute2.dhcp.client import AsyncDHCPClient, ClientConfig
+from pyroute2.dhcp.dhcp4socket import AsyncDHCP4Socket
+from pyroute2.dhcp.enums import dhcp
+from pyroute2.dhcp.hooks import Trigger, hook
+from pyroute2.dhcp.leases import Lease, MissingOptionError
+
+from .clientid import CLIENT_ID_TYPE
+
+RESTART_DELAYS = (1.0, 2.0, 4.0, 8.0, 16.0, 30.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class LeaseInfo:
+    ip: str
+    prefixlen: int
+    routers: tuple[str, ...]
+    dns: tuple[str, ...]
+    mtu: Optional[int]
+    server_id: Optional[str]
+    lease_time: Optional[int]
+
+    @classmethod
+    def from_lease(cls, lease: Lease) -> "LeaseInfo":
+        def opt(name, default=None):
+            try:
+                return getattr(lease, name)
+            except MissingOptionError:
+                return default
+        return cls(ip=lease.ip, prefixlen=lease.prefixlen,
+                   routers=tuple(opt("routers", ()) or ()), dns=tuple(opt("name_servers", ()) or ()),
+                   mtu=opt("mtu"), server_id=opt("server_id"), lease_time=opt("lease_time"))
+
+
+class MemoryLease(Lease):
+    """Leases live in the agent's memory: nothing to persist in a VM that boots fresh."""
+
+    def dump(self) -> None:
+        pass
+
+    @classmethod
+    def load(cls, interface: str) -> None:
+        return None
+
+
+def requested_parameters(want_router: bool, want_dns: bool) -> tuple:
+    params = [dhcp.Option.SUBNET_MASK]
+    if want_router:
+        params.append(dhcp.Option.ROUTER)
+    if want_dns:
+        params.append(dhcp.Option.NAME_SERVER)
+    params += [dhcp.Option.INTERFACE_MTU, dhcp.Option.LEASE_TIME,
+               dhcp.Option.RENEWAL_TIME, dhcp.Option.REBINDING_TIME]
+    return tuple(params)
+
+
+class _ClientIdSocket(AsyncDHCP4Socket):
+    """Puts the reference's RFC 4361 client id (type 255) on every message sent."""
+
+    def __init__(self, ifname: str, client_id: bytes):
+        super().__init__(ifname)
+        self._client_id = client_id
+
+    async def put(self, msg, *args, **kwargs):
+        msg.dhcp["options"]["client_id"] = {"type": CLIENT_ID_TYPE, "key": self._client_id}
+        return await super().put(msg, *args, **kwargs)
+
+
+class _Client(AsyncDHCPClient):
+    def __init__(self, config: ClientConfig, client_id: bytes):
+        super().__init__(config)
+        self._sock = _ClientIdSocket(config.interface, client_id)
+
+
+@dataclasses.dataclass
+class DhcpClientSpec:
+    ifname: str
+    client_id: bytes
+    hostname: Optional[str]
+    want_router: bool
+    want_dns: bool
+
+
+LeaseCallback = Callable[[str, Optional[LeaseInfo], str], None]   # ifname, lease|None, event
+
+
+class DhcpHandle:
+    def __init__(self, spec: DhcpClientSpec):
+        self.spec = spec
+        self.first_lease: concurrent.futures.Future = concurrent.futures.Future()
+        self.lease: Optional[LeaseInfo] = None
+        self.stop_event: Optional[asyncio.Event] = None
+        self.task: Optional[asyncio.Task] = None
+
+    def wait_first(self, timeout: float) -> LeaseInfo:
+        return self.first_lease.result(timeout)
+
+
+class DhcpService:
+    """All DHCP clients of the agent, on one daemon thread."""
+
+    def __init__(self, on_lease: LeaseCallback, log):
+        self._on_lease = on_lease
+        self._log = log
+        self._loop = asyncio.new_event_loop()
+        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="dhcp-apply")
+        self._thread = threading.Thread(target=self._run_loop, name="dhcp", daemon=True)
+        self._thread.start()
+        self.handles: dict[str, DhcpHandle] = {}
+
+    def _run_loop(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        self._loop.run_forever()
+
+    def start(self, spec: DhcpClientSpec) -> DhcpHandle:
+        handle = DhcpHandle(spec)
+        self.handles[spec.ifname] = handle
+        asyncio.run_coroutine_threadsafe(self._launch(handle), self._loop).result(10)
+        return handle
+
+    async def _launch(self, handle: DhcpHandle) -> None:
+        handle.stop_event = asyncio.Event()
+        handle.task = asyncio.ensure_future(self._keep_running(handle))
+
+    async def _keep_running(self, handle: DhcpHandle) -> None:
+        """Run the client until stopped; a client that dies (link gone, socket error) is
+        started again after a growing delay instead of leaving the NIC without a lease."""
+        spec = handle.spec
+        failures = 0
+        while not handle.stop_event.is_set():
+            config = ClientConfig(
+                interface=spec.ifname, lease_type=MemoryLease, hooks=self._hooks(handle),
+                requested_parameters=requested_parameters(spec.want_router, spec.want_dns),
+                handle_signals=False, vendor_id=None, host_name=spec.hostname or None,
+                hook_timeout=None, release=True)
+            try:
+                async with _Client(config, spec.client_id) as client:
+                    await client.bootstrap()
+                    await handle.stop_event.wait()
+                return
+            except Exception as exc:      # keep the agent's DHCP alive whatever happens
+                delay = RESTART_DELAYS[min(failures, len(RESTART_DELAYS) - 1)]
+                failures += 1
+                self._log.error("DHCP client on %s failed: %s; restarting in %.0fs",
+                                spec.ifname, exc, delay)
+                try:
+                    await asyncio.wait_for(handle.stop_event.wait(), delay)
+                except asyncio.TimeoutError:
+                    pass
+
+    def _hooks(self, handle: DhcpHandle):
+        service = self
+
+        @hook(Trigger.BOUND, Trigger.RENEWED, Trigger.REBOUND)
+        async def got_lease(lease: Lease):
+            info = LeaseInfo.from_lease(lease)
+            handle.lease = info
+            if not handle.first_lease.done():
+                # the first lease is applied by whoever waits for it (NetworkManager.apply)
+                handle.first_lease.set_result(info)
+                return
+            await asyncio.get_running_loop().run_in_executor(
+                service._pool, service._deliver, handle, info, "renewed")
+
+        @hook(Trigger.EXPIRED)
+        async def lost_lease(lease: Lease):
+            handle.lease = None
+            await asyncio.get_running_loop().run_in_executor(
+                service._pool, service._deliver, handle, None, "expired")
+
+        return (got_lease, lost_lease)
+
+    def _deliver(self, handle: DhcpHandle, info: Optional[LeaseInfo], event: str) -> None:
+        try:
+            self._on_lease(handle.spec.ifname, info, event)
+        except Exception as exc:
+            self._log.error("applying the DHCP lease on %s failed: %s", handle.spec.ifname, exc)
+
+    def stop_one(self, ifname: str, timeout: float = 10.0) -> None:
+        handle = self.handles.pop(ifname, None)
+        if handle is None or handle.task is None:
+            return
+
+        async def stop_it():
+            handle.stop_event.set()
+            await asyncio.wait([handle.task], timeout=timeout)
+        try:
+            asyncio.run_coroutine_threadsafe(stop_it(), self._loop).result(timeout + 2)
+        except Exception as exc:
+            self._log.warning("stopping the DHCP client on %s: %s", ifname, exc)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop every client (each RELEASEs its lease) and the thread."""
+        async def stop_all():
+            for handle in self.handles.values():
+                if handle.stop_event:
+                    handle.stop_event.set()
+            tasks = [h.task for h in self.handles.values() if h.task]
+            if tasks:
+                await asyncio.wait(tasks, timeout=timeout)
+        if self._loop.is_running():
+            try:
+                asyncio.run_coroutine_threadsafe(stop_all(), self._loop).result(timeout + 2)
+            except Exception as exc:
+                self._log.warning("stopping DHCP clients: %s", exc)
+            self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout)
+        self._pool.shutdown(wait=False)
