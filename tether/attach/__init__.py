@@ -1,0 +1,1 @@
+"""Attach and control: the msgpack protocol (sans-IO), its server, transports and client."""

@@ -1,0 +1,420 @@
+"""The attach client library: a blocking, single-threaded client for the attach protocol.
+
+    with Client.connect("unix:/run/tether.sock", key) as client:
+        print(client.list())
+        stream = client.attach("abc", replay=True)
+        stream.write(b"hello\n")
+        for kind, value in stream.events(timeout=5): ...
+
+Frames from the agent are sorted by channel into per-channel queues; any call that waits
+pumps the connection, so several channels can be open at once. Writes never block
+without also reading, so a chatty agent cannot deadlock a client that is sending.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import select
+import time
+from collections import deque
+from typing import BinaryIO, Iterator
+
+from tether.attach import protocol as p
+from tether.attach import transports
+
+DEFAULT_TIMEOUT = 30.0
+
+
+class ClientError(Exception):
+    """The agent refused a request or the connection failed; the text says why."""
+
+
+class Client:
+    def __init__(self, conn: transports.Conn, key: bytes | None = b"",
+                 timeout: float = DEFAULT_TIMEOUT):
+        self.conn = conn
+        self.key = key or b""
+        self.timeout = timeout
+        self.decoder = p.FrameDecoder()
+        self._queues: dict[int, deque] = {}
+        self._next_channel = 1
+        self._closed_error: str | None = None
+        self.server_version: int | None = None
+
+    @classmethod
+    def connect(cls, endpoint: str, key: bytes | None = b"",
+                timeout: float = DEFAULT_TIMEOUT) -> "Client":
+        conn = transports.connect(endpoint, timeout=timeout)
+        client = cls(conn, key, timeout)
+        try:
+            client.handshake()
+        except BaseException:
+            conn.close()
+            raise
+        return client
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def fileno(self) -> int:
+        return self.conn.fileno()
+
+    def close(self) -> None:
+        self.conn.close()
+
+    # -- handshake ---------------------------------------------------------------------------
+    def handshake(self) -> None:
+        shake = p.ClientHandshake(self.key)
+        self._send(p.encode(shake.start()))
+        deadline = time.monotonic() + self.timeout
+        while not shake.done:
+            messages = self._read(deadline, "the hello")
+            for message in messages:
+                try:
+                    replies = shake.receive(message)
+                except p.ProtocolError as err:
+                    raise ClientError(str(err)) from None
+                for reply in replies:
+                    self._send(p.encode(reply))
+                if shake.done:
+                    break
+        self.server_version = shake.server_version
+
+    # -- wire ------------------------------------------------------------------------------
+    def _read(self, deadline: float | None, waiting_for: str) -> list[dict]:
+        if self._closed_error:
+            raise ClientError(self._closed_error)
+        while True:
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                raise TimeoutError(f"no answer from the agent for {waiting_for} "
+                                   f"in {self.timeout:.0f}s")
+            ready, _, _ = select.select([self.conn.fd], [], [], left)
+            if not ready:
+                continue
+            data = self.conn.read(256 << 10)
+            if data is None:
+                continue
+            if not data:
+                self._closed_error = "the agent closed the connection"
+                raise ClientError(self._closed_error)
+            return self.decoder.feed(data)
+
+    def _dispatch(self, messages: list[dict]) -> None:
+        for message in messages:
+            channel = message.get("ch")
+            if channel is None:
+                if message.get("t") == p.ERROR:
+                    self._closed_error = f"the agent refused: {message.get('msg')}"
+                    raise ClientError(self._closed_error)
+                continue
+            queue = self._queues.get(channel)
+            if queue is not None:
+                queue.append(message)
+
+    def pump(self, timeout: float | None = 0.0) -> None:
+        """Read what is there (waiting up to `timeout`) and sort it into channels."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            self._dispatch(self._read(deadline, "data"))
+        except TimeoutError:
+            pass
+
+    def _send(self, data: bytes) -> None:
+        view = memoryview(data)
+        fd = self.conn.fd
+        deadline = time.monotonic() + self.timeout
+        while view:
+            n = self.conn.write(view)
+            if n:
+                view = view[n:]
+                deadline = time.monotonic() + self.timeout
+                continue
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("the agent has not read what we sent for "
+                                   f"{self.timeout:.0f}s")
+            readable, _, _ = select.select([fd], [fd], [], left)
+            if readable:   # keep reading while we wait, so neither side can deadlock
+                data_in = self.conn.read(256 << 10)
+                if data_in == b"":
+                    raise ClientError("the agent closed the connection")
+                if data_in:
+                    self._dispatch(self.decoder.feed(data_in))
+
+    def send(self, message: dict) -> None:
+        try:
+            self._send(p.encode(message))
+        except (BrokenPipeError, ConnectionResetError):
+            raise ClientError("the agent closed the connection") from None
+
+    # -- channels ---------------------------------------------------------------------------
+    def open_channel(self) -> int:
+        channel = self._next_channel
+        self._next_channel += 1
+        self._queues[channel] = deque()
+        return channel
+
+    def release_channel(self, channel: int) -> None:
+        self._queues.pop(channel, None)
+
+    def next_message(self, channel: int, timeout: float | None = None) -> dict | None:
+        """The next message on `channel`; None if none came within `timeout`."""
+        queue = self._queues[channel]
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not queue:
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                return None
+            self.pump(left)
+        return queue.popleft()
+
+    def request(self, kind: str, **fields) -> dict:
+        """Send a one-shot request and return its `ok` reply (raises ClientError)."""
+        channel = self.open_channel()
+        try:
+            self.send({"t": kind, "ch": channel, **fields})
+            reply = self._expect_ok(channel, kind)
+        finally:
+            self.release_channel(channel)
+        return reply
+
+    def _expect_ok(self, channel: int, kind: str) -> dict:
+        reply = self.next_message(channel, self.timeout)
+        if reply is None:
+            raise TimeoutError(f"no answer to {kind} in {self.timeout:.0f}s")
+        if reply["t"] == p.ERROR:
+            raise ClientError(f"{kind}: {reply.get('msg')}")
+        if reply["t"] != p.OK:
+            raise ClientError(f"{kind}: unexpected {reply['t']!r} reply")
+        return reply
+
+    # -- requests ---------------------------------------------------------------------------
+    def ping(self, data=None) -> dict:
+        return self.request(p.PING, data=data)
+
+    def list(self) -> list[dict]:
+        return self.request(p.LIST)["sessions"]
+
+    def stats(self) -> dict:
+        reply = self.request(p.STATS)
+        return {k: v for k, v in reply.items() if k not in ("t", "ch")}
+
+    def resize(self, session: str, rows: int, cols: int) -> None:
+        self.request(p.RESIZE, session=session, rows=rows, cols=cols)
+
+    def signal(self, session: str, signal: int | str) -> int:
+        return self.request(p.SIGNAL, session=session, signal=signal)["signal"]
+
+    def close_stdin(self, session: str) -> None:
+        self.request(p.CLOSE_STDIN, session=session)
+
+    def unblock(self, session: str) -> None:
+        self.request(p.UNBLOCK, session=session)
+
+    def attach(self, session: str, *, replay: bool = False, stdin: bool = True) -> "Stream":
+        channel = self.open_channel()
+        self.send({"t": p.ATTACH, "ch": channel, "session": session, "replay": replay,
+                   "stdin": stdin})
+        try:
+            reply = self._expect_ok(channel, "attach")
+        except BaseException:
+            self.release_channel(channel)
+            raise
+        return Stream(self, channel, session, reply)
+
+    def exec(self, args: list[str], *, tty: bool = False, env: list[str] | None = None,
+             dir: str = "", user: str = "", id: str | None = None,
+             attach: bool = True) -> "Stream | dict":
+        """Start a process; attached (a Stream) unless attach=False (the ok reply)."""
+        channel = self.open_channel()
+        message = {"t": p.EXEC, "ch": channel, "args": list(args), "tty": tty,
+                   "dir": dir, "user": user, "attach": attach}
+        if env is not None:
+            message["env"] = env
+        if id:
+            message["id"] = id
+        self.send(message)
+        try:
+            reply = self._expect_ok(channel, "exec")
+        except BaseException:
+            self.release_channel(channel)
+            raise
+        if not attach:
+            self.release_channel(channel)
+            return reply
+        return Stream(self, channel, reply["id"], reply)
+
+    def copy_to(self, path: str, source: bytes | BinaryIO, *, mode: int = 0o644,
+                tar: bool = False) -> dict:
+        """Write `source` to `path` in the container root (tar: extract under `path`).
+        Returns the agent's ok: size and sha256 of what it received."""
+        channel = self.open_channel()
+        try:
+            self.send({"t": p.COPY_TO, "ch": channel, "path": path, "mode": mode, "tar": tar})
+            self._expect_ok(channel, "copy-to")
+            if isinstance(source, (bytes, bytearray, memoryview)):
+                for frame in p.encode_data(channel, bytes(source), "stdin"):
+                    self._send(frame)
+                    self._raise_if_refused(channel, "copy-to")
+            else:
+                while True:
+                    chunk = source.read(p.DATA_CHUNK)
+                    if not chunk:
+                        break
+                    self._send(p.encode({"t": p.DATA, "ch": channel, "s": "stdin",
+                                         "d": chunk}))
+                    self._raise_if_refused(channel, "copy-to")
+            self.send({"t": p.EOF, "ch": channel})
+            return self._expect_ok(channel, "copy-to")
+        finally:
+            self.release_channel(channel)
+
+    def _raise_if_refused(self, channel: int, kind: str) -> None:
+        queue = self._queues[channel]
+        if queue and queue[0]["t"] == p.ERROR:
+            raise ClientError(f"{kind}: {queue[0].get('msg')}")
+
+    def copy_from(self, path: str, sink: BinaryIO, *, tar: bool | None = None) -> dict:
+        """Write the file (or a tar of the directory) at `path` to `sink`. Returns the
+        agent's description (kind "file" or "tar", size, mode) plus our sha256."""
+        channel = self.open_channel()
+        try:
+            self.send({"t": p.COPY_FROM, "ch": channel, "path": path, "tar": tar})
+            info = self._expect_ok(channel, "copy-from")
+            digest = hashlib.sha256()
+            received = 0
+            while True:
+                message = self.next_message(channel, self.timeout)
+                if message is None:
+                    raise TimeoutError(f"copy-from {path}: the agent stopped sending")
+                kind = message["t"]
+                if kind == p.DATA:
+                    sink.write(message["d"])
+                    digest.update(message["d"])
+                    received += len(message["d"])
+                elif kind == p.ERROR:
+                    raise ClientError(f"copy-from {path}: {message.get('msg')}")
+                elif kind in (p.EOF, p.CLOSE):
+                    break
+            if received != info.get("size"):
+                raise ClientError(f"copy-from {path}: got {received} of {info.get('size')} "
+                                  "bytes")
+            return {"kind": info.get("kind"), "size": received, "mode": info.get("mode"),
+                    "sha256": digest.hexdigest()}
+        finally:
+            self.release_channel(channel)
+
+
+class Stream:
+    """An attached session (or exec): output events in, stdin out."""
+
+    def __init__(self, client: Client, channel: int, session: str, reply: dict):
+        self.client = client
+        self.channel = channel
+        self.session = session
+        self.tty = bool(reply.get("tty"))
+        self.pid = reply.get("pid")
+        self.exit: dict | None = None       # the exit message, once it came
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        for frame in p.encode_data(self.channel, data, "stdin"):
+            self.client._send(frame)
+
+    def close_stdin(self) -> None:
+        self.client.close_stdin(self.session)
+
+    def resize(self, rows: int, cols: int) -> None:
+        self.client.resize(self.session, rows, cols)
+
+    def signal(self, sig: int | str) -> int:
+        return self.client.signal(self.session, sig)
+
+    def detach(self) -> None:
+        if not self.closed:
+            self.closed = True
+            try:
+                self.client.send({"t": p.CLOSE, "ch": self.channel})
+            finally:
+                self.client.release_channel(self.channel)
+
+    def events(self, timeout: float | None = None) -> Iterator[tuple[str, object]]:
+        """("stdout"|"stderr", bytes) and finally ("exit", code); stops after `timeout`
+        seconds without a message, or at the end of the channel."""
+        while not self.closed:
+            message = self.client.next_message(self.channel, timeout)
+            if message is None:
+                return
+            event = self._event(message)
+            if event is not None:
+                yield event
+
+    def pending(self) -> list[tuple[str, object]]:
+        """Events already received, without waiting."""
+        out = []
+        queue = self.client._queues.get(self.channel)
+        while queue:
+            event = self._event(queue.popleft())
+            if event is not None:
+                out.append(event)
+        return out
+
+    def _event(self, message: dict):
+        kind = message["t"]
+        if kind == p.DATA:
+            return message.get("s", "stdout"), message["d"]
+        if kind == p.EXIT:
+            self.exit = message
+            return "exit", message.get("code")
+        if kind == p.CLOSE:
+            self.closed = True
+            self.client.release_channel(self.channel)
+            return None
+        if kind == p.ERROR:
+            self.closed = True
+            self.client.release_channel(self.channel)
+            raise ClientError(f"session {self.session}: {message.get('msg')}")
+        return None
+
+    def read_until(self, needle: bytes, timeout: float = DEFAULT_TIMEOUT,
+                   stream: str | None = None) -> bytes:
+        """Collect output until `needle` shows up (TimeoutError otherwise)."""
+        got = bytearray()
+        deadline = time.monotonic() + timeout
+        while needle not in got:
+            left = deadline - time.monotonic()
+            if left <= 0 or self.closed:
+                raise TimeoutError(f"{needle!r} not seen; got {bytes(got[-400:])!r}")
+            for kind, value in self.events(timeout=min(left, 1.0)):
+                if kind in ("stdout", "stderr") and (stream is None or kind == stream):
+                    got += value
+                if needle in got or kind == "exit":
+                    break
+        return bytes(got)
+
+    def collect(self, timeout: float = DEFAULT_TIMEOUT) -> dict[str, bytes]:
+        """Everything until the exit: {"stdout", "stderr"} and self.exit set."""
+        out = {"stdout": bytearray(), "stderr": bytearray()}
+        deadline = time.monotonic() + timeout
+        while not self.closed:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"session {self.session} did not end in {timeout}s")
+            for kind, value in self.events(timeout=left):
+                if kind in out:
+                    out[kind] += value
+        return {k: bytes(v) for k, v in out.items()}
+
+
+def read_key(key_file: str | None = None, environ=os.environ) -> bytes:
+    """The HMAC key: --key-file, else $TETHER_KEY_FILE, else $TETHER_KEY (its UTF-8
+    bytes), else empty."""
+    path = key_file or environ.get("TETHER_KEY_FILE")
+    if path:
+        with open(path, "rb") as f:
+            return f.read()
+    return environ.get("TETHER_KEY", "").encode()

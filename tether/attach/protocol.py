@@ -1,0 +1,214 @@
+"""The attach protocol, sans-IO: frames, the hello/HMAC handshake and messages.
+
+Nothing here touches a socket. `FrameDecoder.feed(bytes)` yields messages (dicts);
+`encode(message)` gives the bytes to send. `ServerHandshake` and `ClientHandshake` are the
+two sides' state machines for the hello. `docs/attach-protocol.md` is the specification.
+
+Frame: MAGIC (4) | length u32 BE | ~length u32 BE | crc32(payload) u32 BE | payload.
+The payload is one msgpack map. The magic, the length's complement and the CRC let a
+reader on a noisy serial line skip garbage and find the next real frame (resync).
+"""
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import struct
+import zlib
+from typing import Iterator
+
+import msgpack
+
+VERSION = 1
+MAGIC = b"\xd7TtR"
+HEADER = struct.Struct(">4sIII")
+HEADER_SIZE = HEADER.size          # 16
+MAX_PAYLOAD = 1 << 20              # a frame body above this is garbage
+DATA_CHUNK = 64 << 10              # data frames carry at most this much
+CHALLENGE_SIZE = 32
+HMAC_CONTEXT = b"tether-attach-v1\0"
+
+# Message types (the "t" field).
+CONNECT = "connect"      # client -> server: start (or restart) a conversation
+HELLO = "hello"          # server -> client: version and challenge
+AUTH = "auth"            # client -> server: the HMAC answer
+WELCOME = "welcome"      # server -> client: authenticated
+# requests, client -> server, each on a fresh channel
+LIST, ATTACH, RESIZE, SIGNAL, CLOSE_STDIN, UNBLOCK = (
+    "list", "attach", "resize", "signal", "close-stdin", "unblock")
+EXEC, COPY_TO, COPY_FROM, STATS, PING = "exec", "copy-to", "copy-from", "stats", "ping"
+REQUESTS = frozenset({LIST, ATTACH, RESIZE, SIGNAL, CLOSE_STDIN, UNBLOCK, EXEC, COPY_TO,
+                      COPY_FROM, STATS, PING})
+# on an open channel, either way
+DATA = "data"            # {"ch", "d": bytes, "s": "stdin"|"stdout"|"stderr"}
+EOF = "eof"              # the sender's data on this channel is complete
+CLOSE = "close"          # the channel is finished (client: detach)
+# replies, server -> client
+OK = "ok"
+ERROR = "error"          # {"ch", "msg"}; ch absent/None: a connection-level error
+EXIT = "exit"            # {"ch", "status", "code", "signal"}: the attached process ended
+
+
+class ProtocolError(Exception):
+    """A peer broke the protocol; the message says how."""
+
+
+def encode(message: dict) -> bytes:
+    payload = msgpack.packb(message, use_bin_type=True)
+    if len(payload) > MAX_PAYLOAD:
+        raise ProtocolError(f"message of {len(payload)} bytes is over the {MAX_PAYLOAD} limit")
+    return HEADER.pack(MAGIC, len(payload), len(payload) ^ 0xFFFFFFFF,
+                       zlib.crc32(payload)) + payload
+
+
+def encode_data(channel: int, data: bytes, stream: str = "stdout") -> list[bytes]:
+    """Data frames for `data`, split into DATA_CHUNK pieces."""
+    view = memoryview(data)
+    return [encode({"t": DATA, "ch": channel, "s": stream, "d": bytes(view[i:i + DATA_CHUNK])})
+            for i in range(0, len(data), DATA_CHUNK)]
+
+
+class FrameDecoder:
+    """Bytes in, messages out. Garbage between frames is skipped and counted."""
+
+    def __init__(self, max_payload: int = MAX_PAYLOAD):
+        self._buf = bytearray()
+        self._max = max_payload
+        self.garbage_bytes = 0
+        self.bad_frames = 0
+
+    def feed(self, data: bytes) -> list[dict]:
+        if data:
+            self._buf += data
+        return list(self._frames())
+
+    def _frames(self) -> Iterator[dict]:
+        buf = self._buf
+        pos = 0
+        try:
+            while True:
+                start = buf.find(MAGIC, pos)
+                if start < 0:
+                    # Keep a tail that could be the start of a magic.
+                    keep = max(pos, len(buf) - (len(MAGIC) - 1))
+                    self.garbage_bytes += keep - pos
+                    pos = keep
+                    return
+                self.garbage_bytes += start - pos
+                pos = start
+                if len(buf) - pos < HEADER_SIZE:
+                    return
+                _, length, check, crc = HEADER.unpack_from(buf, pos)
+                if length ^ check != 0xFFFFFFFF or length > self._max:
+                    self.bad_frames += 1
+                    pos += 1
+                    continue
+                end = pos + HEADER_SIZE + length
+                if len(buf) < end:
+                    return
+                payload = bytes(buf[pos + HEADER_SIZE:end])
+                if zlib.crc32(payload) != crc:
+                    self.bad_frames += 1
+                    pos += 1          # rescan: a real frame may hide inside
+                    continue
+                try:
+                    message = msgpack.unpackb(payload, raw=False, strict_map_key=False)
+                except Exception:
+                    message = None
+                if not isinstance(message, dict) or not isinstance(message.get("t"), str):
+                    self.bad_frames += 1
+                    pos += 1
+                    continue
+                pos = end
+                yield message
+        finally:
+            del buf[:pos]
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buf)
+
+
+def answer(key: bytes, challenge: bytes) -> bytes:
+    """The client's proof: HMAC-SHA256 keyed by the executor Key (empty key allowed)."""
+    return hmac.new(key or b"", HMAC_CONTEXT + challenge, hashlib.sha256).digest()
+
+
+class ServerHandshake:
+    """Server side of the hello. `receive(message)` -> (reply messages, authenticated)."""
+
+    def __init__(self, key: bytes | None, random=os.urandom):
+        self._key = key or b""
+        self._random = random
+        self.challenge: bytes | None = None
+        self.authenticated = False
+
+    def start(self) -> dict:
+        self.challenge = self._random(CHALLENGE_SIZE)
+        self.authenticated = False
+        return {"t": HELLO, "v": VERSION, "challenge": self.challenge, "server": "tether"}
+
+    def receive(self, message: dict) -> list[dict]:
+        """Handle a handshake message; raises ProtocolError on a wrong answer."""
+        kind = message.get("t")
+        if kind == CONNECT:
+            return [self.start()]
+        if kind == AUTH:
+            if self.challenge is None:
+                raise ProtocolError("auth before hello: send connect first")
+            mac = message.get("mac")
+            expected = answer(self._key, self.challenge)
+            self.challenge = None          # one answer per challenge
+            if not isinstance(mac, bytes) or not hmac.compare_digest(mac, expected):
+                raise ProtocolError("authentication failed: wrong HMAC for the challenge")
+            self.authenticated = True
+            return [{"t": WELCOME, "v": VERSION}]
+        raise ProtocolError(f"{kind!r} before authentication")
+
+
+class ClientHandshake:
+    """Client side: connect, answer the hello, wait for welcome."""
+
+    def __init__(self, key: bytes | None):
+        self._key = key or b""
+        self.done = False
+        self.server_version: int | None = None
+
+    @staticmethod
+    def start() -> dict:
+        return {"t": CONNECT, "v": VERSION}
+
+    def receive(self, message: dict) -> list[dict]:
+        kind = message.get("t")
+        if kind == HELLO:
+            challenge = message.get("challenge")
+            if not isinstance(challenge, bytes):
+                raise ProtocolError("hello without a challenge")
+            self.server_version = message.get("v")
+            return [{"t": AUTH, "v": VERSION, "mac": answer(self._key, challenge)}]
+        if kind == WELCOME:
+            self.done = True
+            return []
+        if kind == ERROR:
+            raise ProtocolError(f"server refused: {message.get('msg')}")
+        return []   # stale traffic from an earlier conversation on this line
+
+
+# -- message checks (server side) --------------------------------------------------------------
+def require(message: dict, field: str, kind: type | tuple[type, ...]):
+    value = message.get(field)
+    if not isinstance(value, kind) or isinstance(value, bool) and kind is int:
+        raise ProtocolError(f"{message.get('t')}: field {field!r} must be "
+                            f"{getattr(kind, '__name__', kind)}, got {type(value).__name__}")
+    return value
+
+
+def plain(value):
+    """A value msgpack can carry (session state may hold other types)."""
+    if value is None or isinstance(value, (bool, int, float, str, bytes)):
+        return value
+    if isinstance(value, dict):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    return str(value)

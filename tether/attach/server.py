@@ -1,0 +1,663 @@
+"""The attach server: every configured transport at once, on the agent's loop.
+
+One `Connection` per client (or per serial/virtio line). Its output goes into a bounded
+buffer written when the fd is writable; a client whose backlog passes the bound is dropped
+with a logged reason, so a stuck client never holds up a session or another client.
+Requests map onto the Session API (docs/architecture.md); the wire format lives in
+`protocol.py` and `docs/attach-protocol.md`.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import stat
+import tarfile
+import tempfile
+import time
+from collections import deque
+
+from tether.attach import protocol as p
+from tether.attach import transports
+
+log = logging.getLogger("tether.attach")
+
+READ_SIZE = 256 << 10
+OUTPUT_LIMIT = 8 << 20        # a client this far behind is dropped
+COPY_LOW_WATER = 1 << 20      # copy-from reads the next chunk below this backlog
+LINE_RETRY = 0.5              # seconds before re-polling a serial line that hung up
+TAR_SPOOL = 8 << 20
+
+
+def start_attach_server(agent, endpoints: list[str]) -> "AttachServer":
+    """Listen on every endpoint; one that cannot be opened is logged and skipped."""
+    return AttachServer(agent, endpoints)
+
+
+class AttachServer:
+    def __init__(self, agent, endpoints: list[str]):
+        self.agent = agent
+        self.loop = agent.loop
+        self.listeners: list[transports.Listener] = []
+        self.connections: set[Connection] = set()
+        self.failed: dict[str, str] = {}
+        for endpoint in endpoints:
+            try:
+                opened = transports.listen(endpoint)
+            except (OSError, transports.EndpointError) as err:
+                self.failed[endpoint] = str(err)
+                log.error("attach endpoint %s not available: %s", endpoint, err)
+                continue
+            if isinstance(opened, transports.Listener):
+                self.listeners.append(opened)
+                self.loop.add_reader(opened.fileno(), lambda lst=opened: self._accept(lst))
+            else:
+                self._add(opened)
+        if endpoints and not self.listeners and not self.connections:
+            raise RuntimeError("no attach endpoint could be opened: " + "; ".join(
+                f"{e}: {m}" for e, m in self.failed.items()))
+
+    def _accept(self, listener: transports.Listener) -> None:
+        for _ in range(16):
+            try:
+                conn = listener.accept()
+            except OSError as err:   # EMFILE and friends: log, keep serving the others
+                log.warning("attach: accept on %s failed: %s", listener.name, err)
+                return
+            if conn is None:
+                return
+            self._add(conn)
+
+    def _add(self, conn: transports.Conn) -> "Connection":
+        connection = Connection(self, conn)
+        self.connections.add(connection)
+        return connection
+
+    def close(self) -> None:
+        for listener in self.listeners:
+            self.loop.remove_reader(listener.fileno())
+            listener.close()
+        self.listeners.clear()
+        for connection in list(self.connections):
+            connection.close("the attach server is shutting down")
+
+
+class Connection:
+    """One client's conversation: handshake, channels, bounded output."""
+
+    def __init__(self, server: AttachServer, conn: transports.Conn):
+        self.server = server
+        self.agent = server.agent
+        self.loop = server.loop
+        self.conn = conn
+        self.fd = conn.fileno()
+        self.decoder = p.FrameDecoder()
+        self.handshake = p.ServerHandshake(self.agent.key)
+        self.channels: dict[int, object] = {}
+        self._out: deque[bytes] = deque()
+        self._out_size = 0
+        self._writing = False
+        self._retry = None
+        self.closed = False
+        self.loop.add_reader(self.fd, self._on_readable)
+
+    # -- input --------------------------------------------------------------------------
+    def _on_readable(self) -> None:
+        try:
+            data = self.conn.read(READ_SIZE)
+        except OSError as err:
+            self.close(f"read failed: {err}")
+            return
+        if data is None:
+            return
+        if not data:
+            self._hung_up()
+            return
+        try:
+            messages = self.decoder.feed(data)
+        except Exception as err:   # the decoder never should; never let it reach PID 1
+            log.exception("attach: decoder failed on %s", self.conn.name)
+            self._reset(f"decoder failed: {err}")
+            return
+        for message in messages:
+            if self.closed:
+                return
+            try:
+                self._handle(message)
+            except p.ProtocolError as err:
+                self._refuse(str(err), message.get("ch"))
+
+    def _hung_up(self) -> None:
+        if not self.conn.persistent:
+            self.close("the client disconnected")
+            return
+        # A serial/virtio line: the host went away; start over when it comes back.
+        self._reset("the host hung up the line")
+        self.loop.remove_reader(self.fd)
+        self._retry = self.loop.call_later(LINE_RETRY, self._resume)
+
+    def _resume(self) -> None:
+        self._retry = None
+        if not self.closed:
+            self.loop.add_reader(self.fd, self._on_readable)
+
+    def _refuse(self, reason: str, channel) -> None:
+        log.warning("attach: %s: %s", self.conn.name, reason)
+        authenticated = self.handshake.authenticated
+        self.send({"t": p.ERROR, "ch": channel if authenticated else None, "msg": reason})
+        if not authenticated:
+            if self.conn.persistent:
+                self._reset(reason)
+            else:
+                self._close_after_flush = True
+                self._flush()
+
+    _close_after_flush = False
+
+    def _handle(self, message: dict) -> None:
+        kind = message["t"]
+        if kind == p.CONNECT:
+            if self.handshake.authenticated or self.channels:
+                self._reset("the client started a new conversation")
+            self.send(self.handshake.start())
+            return
+        if not self.handshake.authenticated:
+            for reply in self.handshake.receive(message):
+                self.send(reply)
+            if self.handshake.authenticated:
+                log.info("attach: %s authenticated", self.conn.name)
+            return
+        channel = message.get("ch")
+        if not isinstance(channel, int) or isinstance(channel, bool):
+            raise p.ProtocolError(f"{kind}: field 'ch' must be int")
+        if kind in p.REQUESTS:
+            if channel in self.channels:
+                raise p.ProtocolError(f"channel {channel} is already open")
+            try:
+                handler = getattr(self, "_req_" + kind.replace("-", "_"))
+                handler(channel, message)
+            except p.ProtocolError:
+                raise
+            except (KeyError, ValueError, OSError, TypeError) as err:
+                self.channels.pop(channel, None)
+                self.send({"t": p.ERROR, "ch": channel, "msg": _describe(err)})
+            return
+        target = self.channels.get(channel)
+        if target is None:
+            if kind in (p.DATA, p.EOF, p.CLOSE):
+                return   # late traffic for a channel that just ended
+            raise p.ProtocolError(f"unknown message type {kind!r}")
+        if kind == p.DATA:
+            target.on_data(p.require(message, "d", bytes))
+        elif kind == p.EOF:
+            target.on_eof()
+        elif kind == p.CLOSE:
+            self.channels.pop(channel, None)
+            target.on_detach()
+        else:
+            raise p.ProtocolError(f"unknown message type {kind!r}")
+
+    # -- output -------------------------------------------------------------------------
+    def send(self, message: dict) -> None:
+        self.send_bytes(p.encode(message))
+
+    def send_bytes(self, frame: bytes) -> bool:
+        """Queue a frame; False when the client was dropped for falling behind."""
+        if self.closed:
+            return False
+        self._out.append(frame)
+        self._out_size += len(frame)
+        if self._out_size > OUTPUT_LIMIT:
+            self._drop_slow()
+            return False
+        if not self._writing:
+            self._flush()
+        return not self.closed
+
+    @property
+    def backlog(self) -> int:
+        return self._out_size
+
+    def _flush(self) -> None:
+        while self._out:
+            head = self._out[0]
+            try:
+                n = self.conn.write(head)
+            except OSError as err:
+                self._hung_up() if self.conn.persistent else self.close(f"write failed: {err}")
+                return
+            if n == 0:
+                break
+            self._out_size -= n
+            if n < len(head):
+                self._out[0] = head[n:]
+                break
+            self._out.popleft()
+        if self._out:
+            if not self._writing:
+                self._writing = True
+                self.loop.add_writer(self.fd, self._flush)
+            return
+        if self._writing:
+            self._writing = False
+            self.loop.remove_writer(self.fd)
+        if self._close_after_flush:
+            self.close("authentication failed")
+            return
+        for channel in list(self.channels.values()):
+            pump = getattr(channel, "pump", None)
+            if pump is not None and self._out_size < COPY_LOW_WATER:
+                pump()
+
+    def _drop_slow(self) -> None:
+        reason = (f"dropped: {self._out_size} bytes of output queued, over the "
+                  f"{OUTPUT_LIMIT}-byte limit (the client stopped reading)")
+        self._out.clear()
+        self._out_size = 0
+        if self.conn.persistent:
+            self._reset(reason)
+        else:
+            self.close(reason)
+
+    # -- ending ---------------------------------------------------------------------------
+    def _reset(self, reason: str) -> None:
+        """End every channel (processes keep running); the line stays for a new hello."""
+        if self.channels:
+            log.info("attach: %s: %s; detaching %d channel(s)", self.conn.name, reason,
+                     len(self.channels))
+        channels, self.channels = self.channels, {}
+        for channel in channels.values():
+            channel.on_detach()
+        self.handshake = p.ServerHandshake(self.agent.key)
+        self._out.clear()
+        self._out_size = 0
+        self._close_after_flush = False
+
+    def close(self, reason: str) -> None:
+        if self.closed:
+            return
+        log.info("attach: %s closed: %s", self.conn.name, reason)
+        self._reset(reason)
+        self.closed = True
+        if self._retry is not None:
+            self._retry.cancel()
+        self.loop.remove_reader(self.fd)
+        if self._writing:
+            self.loop.remove_writer(self.fd)
+        self.conn.close()
+        self.server.connections.discard(self)
+
+    def finish(self, channel: int) -> None:
+        self.channels.pop(channel, None)
+        self.send({"t": p.CLOSE, "ch": channel})
+
+    # -- requests -------------------------------------------------------------------------
+    def _session(self, message: dict):
+        sid = p.require(message, "session", str)
+        session = self.agent.sessions.get(sid)
+        if session is None:
+            raise KeyError(f"session {sid} is invalid: no such session")
+        return session
+
+    def _ok(self, channel: int, **fields) -> None:
+        self.send({"t": p.OK, "ch": channel, **fields})
+
+    def _req_ping(self, channel: int, message: dict) -> None:
+        self._ok(channel, data=message.get("data"), time=time.time())
+
+    def _req_list(self, channel: int, message: dict) -> None:
+        sessions = [p.plain(s.state()) for _, s in sorted(self.agent.sessions.items())]
+        self._ok(channel, sessions=sessions)
+
+    def _req_resize(self, channel: int, message: dict) -> None:
+        session = self._session(message)
+        rows, cols = p.require(message, "rows", int), p.require(message, "cols", int)
+        if not (0 < rows < 65536 and 0 < cols < 65536):
+            raise ValueError(f"window size {rows}x{cols} is out of range")
+        if not session.config.tty:
+            raise ValueError(f"session {session.id} has no tty to resize")
+        session.resize(rows, cols)
+        self._ok(channel)
+
+    def _req_signal(self, channel: int, message: dict) -> None:
+        from tether.sessions import parse_signal
+        session = self._session(message)
+        spec = message.get("signal")
+        if isinstance(spec, int) and not isinstance(spec, bool):
+            signum = parse_signal(str(spec))
+        elif isinstance(spec, str):
+            signum = parse_signal(spec)
+        else:
+            raise ValueError("signal: give a signal name or number")
+        if not session.running:
+            raise ValueError(f"session {session.id} is not running")
+        session.signal(signum)
+        self._ok(channel, signal=signum)
+
+    def _req_close_stdin(self, channel: int, message: dict) -> None:
+        self._session(message).close_stdin()
+        self._ok(channel)
+
+    def _req_unblock(self, channel: int, message: dict) -> None:
+        session = self._session(message)
+        session.unblock()
+        started = session.config.started
+        if started not in ("", "true"):
+            raise ValueError(f"launch failed with: {started}")
+        self._ok(channel)
+
+    def _req_attach(self, channel: int, message: dict) -> None:
+        session = self._session(message)
+        started = session.config.started
+        if started not in ("", "true") and not session.running:
+            raise ValueError(f"session {session.id}: launch failed with: {started}")
+        self._open_attach(channel, session, stdin=message.get("stdin", True) is not False,
+                          replay=bool(message.get("replay")))
+
+    def _open_attach(self, channel: int, session, **options) -> None:
+        attachment = AttachChannel(self, channel, session)
+        self.channels[channel] = attachment
+        attachment.start(**options)
+
+    def _req_exec(self, channel: int, message: dict) -> None:
+        cfg = _exec_config(message)
+        if cfg.common.id in self.agent.sessions:
+            raise ValueError(f"session {cfg.common.id} already exists")
+        session = self.agent.exec_session(cfg)
+        if cfg.started != "true":
+            raise ValueError(f"exec {cfg.cmd.path}: {cfg.started or 'did not start'}")
+        if message.get("attach", True) is False:
+            self._ok(channel, id=session.id, pid=session.pid, tty=cfg.tty)
+            self.finish(channel)
+            return
+        self._open_attach(channel, session, stdin=True, replay=True,
+                          extra={"id": session.id, "pid": session.pid})
+
+    def _req_copy_to(self, channel: int, message: dict) -> None:
+        path = p.require(message, "path", str)
+        self.channels[channel] = CopyToChannel(self, channel, self.agent.root, path,
+                                               mode=message.get("mode"),
+                                               as_tar=bool(message.get("tar")))
+
+    def _req_copy_from(self, channel: int, message: dict) -> None:
+        path = p.require(message, "path", str)
+        self.channels[channel] = CopyFromChannel(self, channel, self.agent.root, path,
+                                                 as_tar=message.get("tar"))
+
+    def _req_stats(self, channel: int, message: dict) -> None:
+        self._ok(channel, **collect_stats(self.agent.sessions))
+
+
+def _describe(err: Exception) -> str:
+    if isinstance(err, KeyError) and err.args:
+        return str(err.args[0])
+    if isinstance(err, OSError) and err.filename:
+        return f"{err.filename}: {err.strerror}"
+    return str(err)
+
+
+def _exec_config(message: dict):
+    import secrets
+    from tether.config import Cmd, Common, SessionConfig
+    args = p.require(message, "args", list)
+    if not args or not all(isinstance(a, str) for a in args):
+        raise ValueError("exec: args must be a non-empty list of strings")
+    env = message.get("env")
+    if env is None:
+        env = ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"]
+    if not isinstance(env, list) or not all(isinstance(e, str) for e in env):
+        raise ValueError("exec: env must be a list of NAME=VALUE strings")
+    sid = message.get("id") or secrets.token_hex(16)
+    if not isinstance(sid, str):
+        raise ValueError("exec: id must be a string")
+    tty = bool(message.get("tty"))
+    return SessionConfig(
+        common=Common(id=sid, name=str(message.get("name") or sid)),
+        cmd=Cmd(path=args[0], args=args, env=env, dir=str(message.get("dir") or "")),
+        tty=tty, attach=True, open_stdin=message.get("stdin", True) is not False,
+        user=str(message.get("user") or ""), group=str(message.get("group") or ""))
+
+
+# -- channels ---------------------------------------------------------------------------------
+class AttachChannel:
+    """A client on a session: output listener, stdin source."""
+
+    def __init__(self, connection: Connection, channel: int, session):
+        self.connection = connection
+        self.channel = channel
+        self.session = session
+        self.stdin = True
+        self.attached = False
+
+    def start(self, *, stdin: bool, replay: bool, extra: dict | None = None) -> None:
+        connection, channel, session = self.connection, self.channel, self.session
+        self.stdin = stdin
+        connection.send({"t": p.OK, "ch": channel, "tty": bool(session.config.tty),
+                         "running": bool(session.running), **(extra or {})})
+        if replay:
+            for stream, data in session.output.replay():
+                if not self._forward(stream, data):
+                    return
+        if session.output.closed and not session.running and session.pid is not None \
+                and not getattr(session, "blocked", False):
+            self.on_close()   # it has already ended: replay was all there is
+            return
+        session.output.subscribe(self)
+        self.attached = True
+
+    def _forward(self, stream: str, data: bytes) -> bool:
+        for frame in p.encode_data(self.channel, data, stream):
+            if not self.connection.send_bytes(frame):
+                return False
+        return True
+
+    # listener interface (OutputFanout)
+    def on_output(self, stream: str, data: bytes) -> None:
+        self._forward(stream, data)
+
+    def on_close(self) -> None:
+        self.attached = False
+        session = self.session
+        if self.connection.channels.get(self.channel) is not self:
+            return
+        self.connection.send({"t": p.EXIT, "ch": self.channel,
+                              "status": session.config.exit_status,
+                              "code": session.exit_code(),
+                              "signal": getattr(session, "exit_signal", 0)})
+        self.connection.finish(self.channel)
+
+    # from the client
+    def on_data(self, data: bytes) -> None:
+        if self.stdin:
+            self.session.write_stdin(data)
+
+    def on_eof(self) -> None:
+        pass   # the client has no more input; the process's stdin stays open (detach rule)
+
+    def on_detach(self) -> None:
+        if self.attached:
+            self.session.output.unsubscribe(self)
+            self.attached = False
+
+
+def resolve_in_root(root: str, path: str, follow_last: bool = True) -> str:
+    """`path` inside the container root, following symlinks as if chrooted there."""
+    root = os.path.abspath(root)
+    parts = [c for c in path.split("/") if c not in ("", ".")]
+    resolved: list[str] = []
+    hops = 0
+    while parts:
+        part = parts.pop(0)
+        if part == "..":
+            if resolved:
+                resolved.pop()
+            continue
+        candidate = os.path.join(root, *resolved, part)
+        if (parts or follow_last) and os.path.islink(candidate):
+            hops += 1
+            if hops > 40:
+                raise OSError(40, "too many levels of symbolic links", path)
+            target = os.readlink(candidate)
+            if target.startswith("/"):
+                resolved = []
+            parts = [c for c in target.split("/") if c not in ("", ".")] + parts
+            continue
+        resolved.append(part)
+    return os.path.join(root, *resolved)
+
+
+class CopyToChannel:
+    """Data in, a file (written to a temporary name, renamed at the end) or a tar stream
+    extracted under a directory."""
+
+    def __init__(self, connection: Connection, channel: int, root: str, path: str, *,
+                 mode, as_tar: bool):
+        self.connection = connection
+        self.channel = channel
+        self.as_tar = as_tar
+        self.digest = hashlib.sha256()
+        self.size = 0
+        self.target = resolve_in_root(root, path, follow_last=not as_tar)
+        if as_tar:
+            if not os.path.isdir(self.target):
+                raise NotADirectoryError(20, "not a directory", path)
+            self.file = tempfile.SpooledTemporaryFile(TAR_SPOOL)
+        else:
+            if os.path.isdir(self.target):
+                raise IsADirectoryError(21, "is a directory (copy a tar stream into it)", path)
+            directory = os.path.dirname(self.target)
+            fd, self.temp = tempfile.mkstemp(prefix=".tether-copy-", dir=directory)
+            self.file = os.fdopen(fd, "wb")
+            self.mode = mode if isinstance(mode, int) and not isinstance(mode, bool) else 0o644
+        connection.send({"t": p.OK, "ch": channel})
+
+    def on_data(self, data: bytes) -> None:
+        if self.file is None:
+            return
+        try:
+            self.file.write(data)
+        except OSError as err:
+            self._fail(f"writing {self.target}: {err.strerror}")
+            return
+        self.digest.update(data)
+        self.size += len(data)
+
+    def on_eof(self) -> None:
+        if self.file is None:
+            return
+        try:
+            if self.as_tar:
+                self.file.seek(0)
+                with tarfile.open(fileobj=self.file, mode="r|*") as archive:
+                    archive.extractall(self.target, filter="data")
+                self.file.close()
+            else:
+                self.file.flush()
+                os.fchmod(self.file.fileno(), self.mode & 0o7777)
+                self.file.close()
+                os.rename(self.temp, self.target)
+        except (OSError, tarfile.TarError) as err:
+            self._fail(f"copy to {self.target}: {_describe(err) if isinstance(err, OSError) else err}")
+            return
+        self.file = None
+        self.connection._ok(self.channel, size=self.size, sha256=self.digest.hexdigest())
+        self.connection.finish(self.channel)
+
+    def _fail(self, reason: str) -> None:
+        self._discard()
+        self.connection.send({"t": p.ERROR, "ch": self.channel, "msg": reason})
+        self.connection.channels.pop(self.channel, None)
+
+    def _discard(self) -> None:
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+            if not self.as_tar:
+                try:
+                    os.unlink(self.temp)
+                except FileNotFoundError:
+                    pass
+
+    def on_detach(self) -> None:
+        self._discard()
+
+
+class CopyFromChannel:
+    """A file, or a directory as a tar stream, out to the client as the client keeps up."""
+
+    def __init__(self, connection: Connection, channel: int, root: str, path: str, *, as_tar):
+        self.connection = connection
+        self.channel = channel
+        target = resolve_in_root(root, path)
+        info = os.stat(target)
+        as_tar = stat.S_ISDIR(info.st_mode) if as_tar is None else bool(as_tar)
+        if as_tar:
+            self.file = tempfile.SpooledTemporaryFile(TAR_SPOOL)
+            with tarfile.open(fileobj=self.file, mode="w") as archive:
+                archive.add(target, arcname=os.path.basename(target.rstrip("/")) or ".")
+            size = self.file.tell()
+            self.file.seek(0)
+        else:
+            if not stat.S_ISREG(info.st_mode):
+                raise ValueError(f"{path} is not a regular file or directory")
+            self.file = open(target, "rb")
+            size = info.st_size
+        connection._ok(channel, kind="tar" if as_tar else "file", size=size,
+                       mode=stat.S_IMODE(info.st_mode))
+        connection.loop.call_soon(self.pump)
+
+    def pump(self) -> None:
+        connection = self.connection
+        while self.file is not None and connection.backlog < COPY_LOW_WATER:
+            if connection.channels.get(self.channel) is not self:
+                return self.on_detach()
+            chunk = self.file.read(p.DATA_CHUNK)
+            if not chunk:
+                self.on_detach()
+                connection.send({"t": p.EOF, "ch": self.channel})
+                connection.finish(self.channel)
+                return
+            if not connection.send_bytes(p.encode({"t": p.DATA, "ch": self.channel,
+                                                   "s": "stdout", "d": chunk})):
+                return
+
+    def on_data(self, data: bytes) -> None:
+        pass
+
+    def on_eof(self) -> None:
+        pass
+
+    def on_detach(self) -> None:
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+
+
+# -- stats -----------------------------------------------------------------------------------
+def collect_stats(sessions: dict) -> dict:
+    import psutil   # only when someone asks
+    memory = psutil.virtual_memory()
+    result = {"time": time.time(), "cpus": psutil.cpu_count(),
+              "load": list(os.getloadavg()),
+              "memory": {"total": memory.total, "available": memory.available},
+              "sessions": {}}
+    for sid, session in sessions.items():
+        entry = {"pid": session.pid, "running": bool(session.running), "cpu_seconds": 0.0,
+                 "rss": 0, "pids": 0}
+        if session.running and session.pid:
+            try:
+                top = psutil.Process(session.pid)
+                procs = [top] + top.children(recursive=True)
+            except psutil.Error:
+                procs = []
+            for proc in procs:
+                try:
+                    with proc.oneshot():
+                        cpu = proc.cpu_times()
+                        entry["cpu_seconds"] += cpu.user + cpu.system
+                        entry["rss"] += proc.memory_info().rss
+                        entry["pids"] += 1
+                except psutil.Error:
+                    continue
+        result["sessions"][sid] = entry
+    return result

@@ -1,0 +1,254 @@
+"""Byte streams the attach protocol runs over: thin, no protocol logic.
+
+Endpoints are strings. Server side (what the agent listens on):
+  unix:PATH     a unix stream socket (the sandbox's --attach-socket)
+  vsock:PORT    AF_VSOCK, any CID (2377 in a VM)
+  tcp:HOST:PORT a TCP listener (tests, or a guest network)
+  port:NAME     a virtio-serial port found by name under /sys/class/virtio-ports
+  serial:DEV    a serial tty (raw mode, 115200 baud)
+Client side: unix:PATH, vsock:CID:PORT, tcp:HOST:PORT (e.g. a QEMU chardev socket),
+serial:DEVICE.
+
+A server transport is either a listener (`accept()` gives a `Conn` per client) or a line
+(`open_line()`: one `Conn` that lives for ever, a host comes and goes on it).
+"""
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import termios
+from pathlib import Path
+
+VIRTIO_PORTS = Path("/sys/class/virtio-ports")
+VSOCK_PORT = 2377
+
+
+class EndpointError(ValueError):
+    """An endpoint string is malformed or names something that is not there."""
+
+
+class Conn:
+    """A non-blocking byte stream: a socket, or a tty/virtio port (`persistent`)."""
+
+    def __init__(self, fd: int, name: str, *, sock: socket.socket | None = None,
+                 persistent: bool = False):
+        self.fd = fd
+        self.name = name
+        self.sock = sock
+        self.persistent = persistent
+        self.closed = False
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def read(self, size: int) -> bytes | None:
+        """Bytes; b"" at end of stream; None when nothing is there yet."""
+        try:
+            if self.sock is not None:
+                return self.sock.recv(size)
+            return os.read(self.fd, size)
+        except (BlockingIOError, InterruptedError):
+            return None
+        except OSError as err:
+            if err.errno in (errno.EIO, errno.ECONNRESET, errno.EPIPE, errno.ENOTCONN):
+                return b""   # the other end went away (a tty's EIO: hung up)
+            raise
+
+    def write(self, data) -> int:
+        """Bytes written (0 if it would block); raises BrokenPipeError etc. when gone."""
+        try:
+            if self.sock is not None:
+                return self.sock.send(data, socket.MSG_NOSIGNAL)
+            return os.write(self.fd, data)
+        except (BlockingIOError, InterruptedError):
+            return 0
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if self.sock is not None:
+            self.sock.close()
+        else:
+            os.close(self.fd)
+
+
+# -- endpoint parsing ---------------------------------------------------------------------
+def _split_host_port(rest: str, what: str) -> tuple[str, int]:
+    if rest.startswith("["):
+        host, _, port = rest[1:].partition("]:")
+    else:
+        host, _, port = rest.rpartition(":")
+    if not host or not port.isdigit():
+        raise EndpointError(f"{what}: expected HOST:PORT, got {rest!r}")
+    return host, int(port)
+
+
+def parse_endpoint(endpoint: str) -> tuple[str, tuple]:
+    kind, sep, rest = endpoint.partition(":")
+    if not sep or not rest:
+        raise EndpointError(f"endpoint {endpoint!r}: expected KIND:ADDRESS "
+                            "(unix:PATH, vsock:[CID:]PORT, tcp:HOST:PORT, serial:DEV, port:NAME)")
+    if kind in ("unix", "serial", "port"):
+        return kind, (rest,)
+    if kind == "tcp":
+        return kind, _split_host_port(rest, endpoint)
+    if kind == "vsock":
+        parts = rest.split(":")
+        if not all(p.isdigit() for p in parts) or len(parts) > 2:
+            raise EndpointError(f"endpoint {endpoint!r}: expected vsock:CID:PORT or vsock:PORT")
+        return kind, tuple(int(p) for p in parts)
+    raise EndpointError(f"endpoint {endpoint!r}: unknown kind {kind!r}")
+
+
+# -- ttys ------------------------------------------------------------------------------------
+def set_raw(fd: int, baud: int | None = termios.B115200) -> None:
+    """Raw 8-bit mode, no echo, no line discipline, reads return what is there."""
+    attrs = termios.tcgetattr(fd)
+    iflag, oflag, cflag, lflag, ispeed, ospeed, cc = attrs
+    iflag &= ~(termios.IGNBRK | termios.BRKINT | termios.PARMRK | termios.ISTRIP
+               | termios.INLCR | termios.IGNCR | termios.ICRNL | termios.IXON | termios.IXOFF)
+    oflag &= ~termios.OPOST
+    lflag &= ~(termios.ECHO | termios.ECHONL | termios.ICANON | termios.ISIG | termios.IEXTEN)
+    cflag &= ~(termios.CSIZE | termios.PARENB | termios.CRTSCTS)
+    cflag |= termios.CS8 | termios.CREAD | termios.CLOCAL
+    cc[termios.VMIN] = 1
+    cc[termios.VTIME] = 0
+    if baud is not None:
+        ispeed = ospeed = baud
+    termios.tcsetattr(fd, termios.TCSANOW, [iflag, oflag, cflag, lflag, ispeed, ospeed, cc])
+
+
+def find_virtio_port(name: str, sysfs: Path = VIRTIO_PORTS) -> str:
+    """The /dev node of the virtio-serial port called `name`."""
+    try:
+        entries = sorted(sysfs.iterdir())
+    except FileNotFoundError:
+        raise EndpointError(f"virtio-serial port {name!r}: {sysfs} does not exist "
+                            "(no virtio-serial device in this machine)") from None
+    for entry in entries:
+        try:
+            if (entry / "name").read_text().strip() == name:
+                return f"/dev/{entry.name}"
+        except OSError:
+            continue
+    raise EndpointError(f"virtio-serial port {name!r} not found under {sysfs}")
+
+
+def open_line(kind: str, address: str) -> Conn:
+    """A serial tty or virtio port, opened non-blocking, as a persistent Conn."""
+    path = find_virtio_port(address) if kind == "port" else address
+    fd = os.open(path, os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        if os.isatty(fd):
+            set_raw(fd)
+    except BaseException:
+        os.close(fd)
+        raise
+    return Conn(fd, f"{kind}:{address}", persistent=True)
+
+
+# -- server side -----------------------------------------------------------------------------
+class Listener:
+    """A listening socket; `accept()` gives a non-blocking Conn or None."""
+
+    def __init__(self, sock: socket.socket, name: str, unlink: str | None = None):
+        self.sock = sock
+        self.name = name
+        self._unlink = unlink
+        sock.setblocking(False)
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def accept(self) -> Conn | None:
+        try:
+            sock, _ = self.sock.accept()
+        except (BlockingIOError, InterruptedError):
+            return None
+        sock.setblocking(False)
+        return Conn(sock.fileno(), f"{self.name} client", sock=sock)
+
+    def close(self) -> None:
+        self.sock.close()
+        if self._unlink:
+            try:
+                os.unlink(self._unlink)
+            except FileNotFoundError:
+                pass
+
+
+def listen(endpoint: str) -> Listener | Conn:
+    """Open a server endpoint: a Listener for sockets, a persistent Conn for lines."""
+    kind, addr = parse_endpoint(endpoint)
+    if kind in ("serial", "port"):
+        return open_line(kind, addr[0])
+    if kind == "unix":
+        path = addr[0]
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            sock.bind(path)
+            os.chmod(path, 0o600)
+            sock.listen(16)
+        except BaseException:
+            sock.close()
+            raise
+        return Listener(sock, endpoint, unlink=path)
+    if kind == "vsock":
+        port = addr[-1]
+        sock = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            sock.bind((socket.VMADDR_CID_ANY, port))
+            sock.listen(16)
+        except BaseException:
+            sock.close()
+            raise
+        return Listener(sock, endpoint)
+    host, port = addr
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET,
+                         socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(16)
+    except BaseException:
+        sock.close()
+        raise
+    return Listener(sock, endpoint)
+
+
+# -- client side -----------------------------------------------------------------------------
+def connect(endpoint: str, timeout: float = 10.0) -> Conn:
+    """Connect to an agent; the Conn comes back non-blocking."""
+    kind, addr = parse_endpoint(endpoint)
+    if kind == "serial":
+        return open_line("serial", addr[0])
+    if kind == "port":
+        return open_line("port", addr[0])
+    if kind == "unix":
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        target = addr[0]
+    elif kind == "vsock":
+        if len(addr) != 2:
+            raise EndpointError(f"endpoint {endpoint!r}: a client needs vsock:CID:PORT")
+        sock = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        target = addr
+    else:
+        host, port = addr
+        sock = socket.create_connection((host, port), timeout=timeout)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setblocking(False)
+        return Conn(sock.fileno(), endpoint, sock=sock)
+    sock.settimeout(timeout)
+    try:
+        sock.connect(target)
+    except BaseException:
+        sock.close()
+        raise
+    sock.setblocking(False)
+    return Conn(sock.fileno(), endpoint, sock=sock)
