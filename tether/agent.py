@@ -23,7 +23,7 @@ import time
 log = logging.getLogger("tether.agent")
 
 FAILPOINTS_ENV = "TETHER_FAILPOINTS"
-STEPS = ("system", "config", "hostname", "rootfs", "networks", "volumes", "attach",
+STEPS = ("signals", "system", "config", "hostname", "rootfs", "networks", "volumes", "attach",
          "sessions", "reload", "shutdown")
 DEFAULT_STOP_GRACE = 10.0
 CONTAINERFS_LABEL = "containerfs"
@@ -113,6 +113,10 @@ class Agent:
 
     # -- the lifecycle -----------------------------------------------------------------
     def run(self) -> int:
+        if not self.guarded("signals", self.install_handlers):
+            log.error("cannot reap children or take signals: stopping")
+            self.guarded("shutdown", self.shutdown)
+            return 1
         self.guarded("system", self.setup_system)
         if not self.guarded("config", self.load_config):
             log.error("no usable configuration: nothing to run; stopping")
@@ -124,19 +128,23 @@ class Agent:
         self.guarded("volumes", self.mount_volumes)
         self.guarded("attach", self.start_attach)
         self.publish_all()
-        self.guarded("sessions", self.launch_sessions)
+        if not self.guarded("sessions", self.launch_sessions):
+            self.request_stop("the sessions could not be launched")
         self.serve()
         self.guarded("shutdown", self.shutdown)
         return self.exit_code()
 
-    def setup_system(self) -> None:
-        from tether import system
+    def install_handlers(self) -> None:
+        """The reaper and our signals: SIGTERM/SIGINT/SIGPWR stop, SIGHUP reloads."""
         self.reaper.start()
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGPWR):
             self.loop.add_signal_handler(
                 signum, lambda s=signum: self.request_stop(f"signal {signal.Signals(s).name}"))
         self.loop.add_signal_handler(signal.SIGHUP, self.reload)
-        if os.getpid() == 1:
+
+    def setup_system(self) -> None:
+        from tether import system
+        if os.getpid() == 1 and not self.options.sandbox:   # the sandbox brings its own
             mounted = system.mount_missing()
             if mounted:
                 log.info("mounted %s", ", ".join(mounted))

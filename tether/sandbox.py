@@ -21,7 +21,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="tether sandbox",
         description="Run the agent as PID 1 of new namespaces, configured from JSON.")
-    parser.add_argument("config", help="the ExecutorConfig in JSON form")
+    parser.add_argument("config", help="the ExecutorConfig in JSON form (or VMX lines, "
+                        "in a file named *.vmx)")
     parser.add_argument("--rootfs", help="container root directory (sessions chroot there)")
     parser.add_argument("--out", help="write the final guestinfo map here (default: stdout)")
     parser.add_argument("--attach-socket", help="serve attach on this unix socket")
@@ -32,7 +33,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def load_seed(path: str) -> dict[str, str]:
-    """Every key of the JSON config, as the host would have written them."""
+    """Every key of the config, as the host would have written them. A `.vmx` file
+    (e.g. from `tether config encode`) is taken as the keys themselves."""
+    if path.endswith(".vmx"):
+        from extraconfig.transport import parse_vmx
+        with open(path, encoding="utf-8", errors="surrogateescape") as f:
+            return parse_vmx(f.read())
     from extraconfig.codec import encode
     from tether.jsonform import load_config
     return encode(load_config(path))
