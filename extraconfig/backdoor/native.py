@@ -1,0 +1,132 @@
+"""The CPU's own ports, and deciding whether touching them is safe.
+
+An `inl` on port 0x5658 without I/O permission raises #GP (SIGSEGV kills the process);
+with permission on a machine without the backdoor it returns garbage. So the order is:
+the C extension must be importable; CPUID must report a hypervisor (bare metal never
+has the backdoor); the hypervisor must be one that can implement it (VMware, or QEMU/KVM
+with `vmport=on`); this thread must be granted the ports (ioperm/iopl); only then is
+GETVERSION sent, and the backdoor counts as present only if it answers with the magic in
+ebx (we put its complement there).
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+from .message import BackdoorError
+from .protocol import CMD_GETVERSION, MAGIC, MASK32, PORT, Regs
+
+try:
+    from . import _portio
+except ImportError as err:   # not built (no compiler, not x86-64): other transports remain
+    _portio = None
+    _IMPORT_ERROR = str(err)
+else:
+    _IMPORT_ERROR = "" if _portio.SUPPORTED else "built for a platform without x86 port I/O"
+    if not _portio.SUPPORTED:
+        _portio = None
+
+# Hypervisors whose backdoor we may probe: VMware's own, and QEMU (KVM or TCG), whose
+# vmport device answers GETVERSION. Others (Hyper-V, Xen, ...) are left alone.
+PROBED_VENDORS = {"VMwareVMware": "VMware", "KVMKVMKVM": "KVM", "TCGTCGTCGTCG": "QEMU TCG"}
+
+
+@dataclass
+class Probe:
+    present: bool          # GETVERSION answered with the magic
+    reason: str            # for the log: why (not) present
+    vendor: str = ""       # CPUID hypervisor vendor, "" when none
+    version: int = 0
+
+
+class NativePorts:
+    """`Ports` on the CPU, through the `_portio` extension. Grants access per thread."""
+
+    def __init__(self):
+        if _portio is None:
+            raise OSError(f"the port I/O extension is not available ({_IMPORT_ERROR})")
+
+    @staticmethod
+    def grant() -> None:
+        """Ask the kernel for the backdoor ports for this thread; raises OSError."""
+        _portio.grant(PORT, 2)
+
+    def _granted(self) -> None:
+        try:
+            self.grant()
+        except OSError as err:
+            raise BackdoorError(f"no I/O port access for the backdoor in this thread: {err}")
+
+    def backdoor(self, regs: Regs) -> Regs:
+        self._granted()
+        return Regs(*_portio.backdoor(tuple(regs)))
+
+    def hb_out(self, regs: Regs, data: bytes) -> Regs:
+        self._granted()
+        return Regs(*_portio.hb_out(tuple(regs), data))
+
+    def hb_in(self, regs: Regs, size: int) -> tuple[Regs, bytes]:
+        self._granted()
+        out, data = _portio.hb_in(tuple(regs), size)
+        return Regs(*out), data
+
+
+def extension_available() -> tuple[bool, str]:
+    return _portio is not None, _IMPORT_ERROR
+
+
+def hypervisor_vendor() -> str | None:
+    """CPUID's hypervisor vendor string; None on bare metal (hypervisor bit clear)."""
+    if _portio is not None:
+        if not (_portio.cpuid(1)[2] >> 31) & 1:
+            return None
+        _, b, c, d = _portio.cpuid(0x40000000)
+        return struct.pack("<III", b, c, d).rstrip(b"\0").decode("ascii", "replace")
+    return _vendor_from_proc()
+
+
+def _vendor_from_proc() -> str | None:
+    # Without the extension: the kernel's view. Enough to choose vmware-rpctool.
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        return None
+    if " hypervisor" not in flags:
+        return None
+    try:
+        with open("/sys/class/dmi/id/sys_vendor") as f:
+            if "VMware" in f.read():
+                return "VMwareVMware"
+    except OSError:
+        pass
+    return ""
+
+
+def probe(ports=None) -> Probe:
+    """Detect the VMware backdoor without ever faulting. `ports` overrides the CPU's."""
+    if ports is not None:
+        return _getversion(ports, vendor="")
+    if _portio is None:
+        return Probe(False, f"the port I/O extension is not available ({_IMPORT_ERROR})")
+    vendor = hypervisor_vendor()
+    if vendor is None:
+        return Probe(False, "CPUID reports no hypervisor (bare metal has no VMware backdoor)")
+    if vendor not in PROBED_VENDORS:
+        return Probe(False, f"hypervisor {vendor!r} is not one with a VMware backdoor", vendor)
+    try:
+        NativePorts.grant()
+    except OSError as err:
+        return Probe(False, f"no I/O port access for the backdoor ({err.strerror or err}); "
+                            "needs root and a kernel with CONFIG_X86_IOPL_IOPERM", vendor)
+    return _getversion(NativePorts(), vendor)
+
+
+def _getversion(ports, vendor: str) -> Probe:
+    out = ports.backdoor(Regs(eax=MAGIC, ebx=~MAGIC & MASK32, ecx=CMD_GETVERSION, edx=PORT))
+    if out.ebx == MAGIC and out.eax != MASK32:
+        return Probe(True, f"GETVERSION answered (version {out.eax})", vendor, out.eax)
+    where = f"hypervisor {PROBED_VENDORS.get(vendor, vendor)}" if vendor else "the port layer"
+    return Probe(False, f"{where} did not answer GETVERSION with the VMware magic "
+                        f"(ebx={out.ebx:#x})", vendor)

@@ -1,0 +1,21 @@
+"""Only for the optional C extension; everything else is in pyproject.toml.
+
+`extraconfig.backdoor._portio` does the VMware backdoor's port I/O. It is optional: where
+it cannot be built (no compiler, no Python headers, not x86-64 Linux) the install still
+succeeds and the agent uses another guestinfo transport.
+"""
+
+import platform
+import sys
+
+from setuptools import Extension, setup
+
+ext_modules = []
+if sys.platform.startswith("linux") and platform.machine() in ("x86_64", "AMD64"):
+    ext_modules.append(Extension(
+        "extraconfig.backdoor._portio",
+        sources=["extraconfig/backdoor/_portio.c"],
+        optional=True,
+    ))
+
+setup(ext_modules=ext_modules)
