@@ -1,0 +1,323 @@
+"""`tether attach`, `exec`, `ps`, `kill` and `cp`: the attach client on the command line.
+
+ENDPOINT is unix:PATH, vsock:CID:PORT, serial:DEVICE or tcp:HOST:PORT. The HMAC key is
+read from --key-file, else $TETHER_KEY_FILE, else the bytes of $TETHER_KEY, else empty.
+In `cp`, the agent side is written ENDPOINT::PATH (two colons), e.g.
+`tether cp unix:/run/a.sock::/etc/hosts ./hosts`. See docs/attach-protocol.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import select
+import signal
+import sys
+import tarfile
+import tempfile
+
+DETACH_KEYS = b"\x10\x11"   # ctrl-p ctrl-q, as docker attach
+
+
+def _parser(prog: str, description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=f"tether {prog}", description=description)
+    parser.add_argument("--key-file", help="file holding the executor Key (raw bytes); "
+                        "default $TETHER_KEY_FILE, else $TETHER_KEY, else empty")
+    parser.add_argument("--timeout", type=float, default=30.0,
+                        help="seconds to wait for the agent (default 30)")
+    return parser
+
+
+def _connect(endpoint: str, args):
+    from tether.attach.client import Client, read_key
+    return Client.connect(endpoint, read_key(args.key_file), timeout=args.timeout)
+
+
+def _fail(prog: str, err: BaseException) -> int:
+    print(f"tether {prog}: {err}", file=sys.stderr)
+    return 1
+
+
+def _guard(prog: str, body) -> int:
+    from tether.attach.client import ClientError
+    from tether.attach.transports import EndpointError
+    try:
+        return body()
+    except (ClientError, EndpointError, OSError, TimeoutError) as err:
+        return _fail(prog, err)
+
+
+# -- the interactive loop --------------------------------------------------------------------
+class DetachScanner:
+    """Finds the detach sequence in typed input; holds back a partial match."""
+
+    def __init__(self, keys: bytes = DETACH_KEYS):
+        self.keys = keys
+        self.held = b""
+
+    def feed(self, data: bytes) -> tuple[bytes, bool]:
+        """(bytes to send, detach?)"""
+        data = self.held + data
+        self.held = b""
+        found = data.find(self.keys)
+        if found >= 0:
+            return data[:found], True
+        for n in range(len(self.keys) - 1, 0, -1):
+            if data.endswith(self.keys[:n]):
+                self.held = data[-n:]
+                return data[:-n], False
+        return data, False
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        try:
+            n = os.write(fd, view)
+        except BlockingIOError:
+            select.select([], [fd], [])
+            continue
+        view = view[n:]
+
+
+def _terminal_size(fd: int) -> tuple[int, int] | None:
+    try:
+        size = os.get_terminal_size(fd)
+    except OSError:
+        return None
+    return size.lines, size.columns
+
+
+def interact(client, stream, *, stdin_fd: int | None = 0, stdout_fd: int = 1,
+             stderr_fd: int = 2, detach_keys: bytes | None = DETACH_KEYS) -> int:
+    """Pump stdin to the session and its output to us until it exits or we detach.
+    Returns the session's exit code (0 after a detach)."""
+    import termios
+    import tty
+    raw_saved = None
+    tty_in = stdin_fd is not None and os.isatty(stdin_fd)
+    wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    old_winch = None
+    if stream.tty and tty_in:
+        raw_saved = termios.tcgetattr(stdin_fd)
+        tty.setraw(stdin_fd, termios.TCSANOW)
+        old_winch = signal.signal(signal.SIGWINCH, lambda *_: os.write(wake_w, b"w"))
+        size = _terminal_size(stdin_fd)
+        if size:
+            stream.resize(*size)
+    scanner = DetachScanner(detach_keys) if detach_keys and tty_in else None
+    try:
+        while True:
+            for kind, value in stream.pending():
+                if kind == "stdout":
+                    _write_all(stdout_fd, value)
+                elif kind == "stderr":
+                    _write_all(stderr_fd, value)
+                elif kind == "exit":
+                    return int(value or 0)
+            if stream.closed:
+                print("tether: the agent ended the attach", file=sys.stderr)
+                return 1
+            watch = [client.fileno(), wake_r] + ([stdin_fd] if stdin_fd is not None else [])
+            try:
+                ready, _, _ = select.select(watch, [], [])
+            except InterruptedError:
+                continue
+            if wake_r in ready:
+                os.read(wake_r, 64)
+                size = _terminal_size(stdin_fd)
+                if size:
+                    stream.resize(*size)
+            if stdin_fd is not None and stdin_fd in ready:
+                data = os.read(stdin_fd, 64 << 10)
+                if not data:
+                    stdin_fd = None
+                    stream.close_stdin()
+                    continue
+                if scanner is not None:
+                    data, detach = scanner.feed(data)
+                    if data:
+                        stream.write(data)
+                    if detach:
+                        stream.detach()
+                        if raw_saved is not None:
+                            termios.tcsetattr(0 if stdin_fd is None else stdin_fd,
+                                              termios.TCSADRAIN, raw_saved)
+                            raw_saved = None
+                        print("\r\nread escape sequence", file=sys.stderr)
+                        return 0
+                else:
+                    stream.write(data)
+            if client.fileno() in ready:
+                client.pump(0)
+    finally:
+        if raw_saved is not None:
+            termios.tcsetattr(stdin_fd if stdin_fd is not None else 0, termios.TCSADRAIN,
+                              raw_saved)
+        if old_winch is not None:
+            signal.signal(signal.SIGWINCH, old_winch)
+        os.close(wake_r)
+        os.close(wake_w)
+
+
+# -- commands ---------------------------------------------------------------------------------
+def attach_main(argv: list[str]) -> int:
+    parser = _parser("attach", "Attach to a session's input and output, like docker attach. "
+                     "Detach with ctrl-p ctrl-q; the exit code is the session's.")
+    parser.add_argument("endpoint")
+    parser.add_argument("session")
+    parser.add_argument("--no-stdin", action="store_true", help="do not send our input")
+    parser.add_argument("--replay", action="store_true",
+                        help="first print the session's last 64 KiB of output")
+    args = parser.parse_args(argv)
+
+    def body() -> int:
+        with _connect(args.endpoint, args) as client:
+            stream = client.attach(args.session, replay=args.replay,
+                                   stdin=not args.no_stdin)
+            return interact(client, stream, stdin_fd=None if args.no_stdin else 0)
+    return _guard("attach", body)
+
+
+def exec_main(argv: list[str]) -> int:
+    parser = _parser("exec", "Start a process in a running agent and attach to it.")
+    parser.add_argument("endpoint")
+    parser.add_argument("-t", "--tty", action="store_true", help="give it a pty")
+    parser.add_argument("-d", "--detach", action="store_true",
+                        help="print its session ID and return")
+    parser.add_argument("-e", "--env", action="append", default=None, metavar="NAME=VALUE")
+    parser.add_argument("-w", "--workdir", default="")
+    parser.add_argument("-u", "--user", default="")
+    parser.add_argument("--id", help="session ID (default: random)")
+    parser.add_argument("command", nargs=argparse.REMAINDER)
+    args = parser.parse_args(argv)
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not command:
+        parser.error("no command given (tether exec ENDPOINT [-t] -- CMD...)")
+    env = None
+    if args.env is not None:
+        env = ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"] + args.env
+
+    def body() -> int:
+        with _connect(args.endpoint, args) as client:
+            result = client.exec(command, tty=args.tty, env=env, dir=args.workdir,
+                                 user=args.user, id=args.id, attach=not args.detach)
+            if args.detach:
+                print(result["id"])
+                return 0
+            return interact(client, result, stdin_fd=0)
+    return _guard("exec", body)
+
+
+def ps_main(argv: list[str]) -> int:
+    parser = _parser("ps", "List the agent's sessions.")
+    parser.add_argument("endpoint")
+    parser.add_argument("--json", action="store_true", help="print JSON")
+    args = parser.parse_args(argv)
+
+    def body() -> int:
+        with _connect(args.endpoint, args) as client:
+            sessions = client.list()
+        if args.json:
+            print(json.dumps(sessions, indent=2))
+            return 0
+        print(f"{'SESSION':<24} {'PID':>7} {'STATE':<10} {'STATUS':>6} STARTED")
+        for s in sessions:
+            state = "running" if s.get("running") else (
+                "blocked" if s.get("blocked") else "exited" if s.get("stoptime") else "created")
+            print(f"{str(s.get('id'))[:24]:<24} {str(s.get('pid') or '-'):>7} {state:<10} "
+                  f"{s.get('status'):>6} {s.get('started')}")
+        return 0
+    return _guard("ps", body)
+
+
+def kill_main(argv: list[str]) -> int:
+    parser = _parser("kill", "Send a signal (name or number, default TERM) to a session's "
+                     "process group.")
+    parser.add_argument("endpoint")
+    parser.add_argument("session")
+    parser.add_argument("signal", nargs="?", default="TERM")
+    args = parser.parse_args(argv)
+    spec = int(args.signal) if args.signal.isdigit() else args.signal
+
+    def body() -> int:
+        with _connect(args.endpoint, args) as client:
+            client.signal(args.session, spec)
+        return 0
+    return _guard("kill", body)
+
+
+def split_remote(spec: str) -> tuple[str, str] | None:
+    """'ENDPOINT::PATH' -> (ENDPOINT, PATH); None for a local path."""
+    endpoint, sep, path = spec.partition("::")
+    if not sep or not endpoint or ":" not in endpoint:
+        return None
+    return endpoint, path or "/"
+
+
+def cp_main(argv: list[str]) -> int:
+    parser = _parser("cp", "Copy a file or directory into or out of the container root. "
+                     "The agent side is ENDPOINT::PATH; the other is a local path, or - "
+                     "for a tar stream on stdin/stdout.")
+    parser.add_argument("src")
+    parser.add_argument("dst")
+    args = parser.parse_args(argv)
+    src_remote, dst_remote = split_remote(args.src), split_remote(args.dst)
+    if bool(src_remote) == bool(dst_remote):
+        parser.error("exactly one of SRC and DST must be ENDPOINT::PATH")
+
+    def body() -> int:
+        if dst_remote:
+            return _copy_in(args, args.src, *dst_remote)
+        return _copy_out(args, *src_remote, args.dst)
+    return _guard("cp", body)
+
+
+def _copy_in(args, local: str, endpoint: str, path: str) -> int:
+    from tether.attach.client import ClientError
+    with _connect(endpoint, args) as client:
+        if local == "-":
+            client.copy_to(path, sys.stdin.buffer, tar=True)
+            return 0
+        if os.path.isdir(local):
+            with tempfile.TemporaryFile() as spool:
+                with tarfile.open(fileobj=spool, mode="w") as archive:
+                    archive.add(local, arcname=os.path.basename(os.path.abspath(local)))
+                spool.seek(0)
+                client.copy_to(path, spool, tar=True)
+            return 0
+        mode = os.stat(local).st_mode & 0o7777
+        with open(local, "rb") as source:
+            try:
+                client.copy_to(path, source, mode=mode)
+            except ClientError as err:
+                if "is a directory" not in str(err):
+                    raise
+                source.seek(0)
+                client.copy_to(path.rstrip("/") + "/" + os.path.basename(local), source,
+                               mode=mode)
+    return 0
+
+
+def _copy_out(args, endpoint: str, path: str, local: str) -> int:
+    with _connect(endpoint, args) as client:
+        if local == "-":
+            client.copy_from(path, sys.stdout.buffer, tar=True)
+            sys.stdout.flush()
+            return 0
+        with tempfile.TemporaryFile() as spool:
+            info = client.copy_from(path, spool)
+            spool.seek(0)
+            if info["kind"] == "tar":
+                os.makedirs(local, exist_ok=True)
+                with tarfile.open(fileobj=spool, mode="r") as archive:
+                    archive.extractall(local, filter="data")
+                return 0
+            target = local
+            if os.path.isdir(target):
+                target = os.path.join(target, os.path.basename(path.rstrip("/")))
+            with open(target, "wb") as out:
+                while chunk := spool.read(1 << 20):
+                    out.write(chunk)
+            os.chmod(target, info.get("mode") or 0o644)
+    return 0
