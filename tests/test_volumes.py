@@ -1,0 +1,322 @@
+"""Volumes: option building, superblock probing on real images, and real mounts of labelled
+ext4 loop devices, tmpfs and bind mounts inside a private mount namespace."""
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from tether.volumes import (MS_NOATIME, MS_NOEXEC, MS_RDONLY, VolumeError, find_device_by_label,
+                            nfs_device, nfs_options, parse_mode, probe)
+
+REPO = Path(__file__).resolve().parents[1]
+
+REFERENCE_NFS_MODE = ("rw,noatime,vers=3,rsize=131072,wsize=131072,hard,proto=tcp,timeo=600,"
+                      "sec=sys,mountvers=3,mountproto=tcp,local_lock=none,addr=nfs.example")
+
+
+def test_parse_mode():
+    assert parse_mode("") == (0, [])
+    assert parse_mode("ro,noexec,size=64m") == (MS_RDONLY | MS_NOEXEC, ["size=64m"])
+    assert parse_mode("ro,rw") == (0, [])          # the last word wins, as mount(8) does
+
+
+def test_nfs_options_rewrite_addr_and_keep_the_rest():
+    flags, data = nfs_options(REFERENCE_NFS_MODE, "192.0.2.7")
+    assert flags == MS_NOATIME
+    assert data == ("vers=3,rsize=131072,wsize=131072,hard,proto=tcp,timeo=600,sec=sys,"
+                    "mountvers=3,mountproto=tcp,local_lock=none,addr=192.0.2.7")
+    assert nfs_options("ro", "2001:db8::1") == (MS_RDONLY, "addr=2001:db8::1")
+
+
+def test_nfs_device_has_one_slash():
+    assert nfs_device("server", "/export/vol1") == "server:/export/vol1"
+    assert nfs_device("server", "export") == "server:/export"
+
+
+def _mkfs_ext4(path: Path, label: str, size_mb: int = 8) -> None:
+    with open(path, "wb") as f:
+        f.truncate(size_mb << 20)
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-L", label, str(path)], check=True,
+                   capture_output=True, timeout=60)
+
+
+@pytest.mark.skipif(not shutil.which("mkfs.ext4"), reason="mkfs.ext4 (e2fsprogs) missing")
+def test_probe_reads_ext_labels_from_real_images(tmp_path):
+    _mkfs_ext4(tmp_path / "a.img", "vol-a")
+    assert probe(str(tmp_path / "a.img")) == ("ext4", "vol-a")
+    subprocess.run(["mkfs.ext2", "-q", "-F", "-L", "old", str(tmp_path / "a.img")], check=True,
+                   capture_output=True, timeout=60)
+    assert probe(str(tmp_path / "a.img")) == ("ext2", "old")
+    (tmp_path / "zero.img").write_bytes(bytes(64 * 1024))
+    assert probe(str(tmp_path / "zero.img")) is None
+
+
+@pytest.mark.skipif(not shutil.which("xorriso"), reason="xorriso missing")
+def test_probe_reads_iso9660_volume_id(tmp_path):
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "f").write_text("x")
+    subprocess.run(["xorriso", "-as", "mkisofs", "-quiet", "-V", "CIDATA", "-o",
+                    str(tmp_path / "c.iso"), str(tmp_path / "src")], check=True,
+                   capture_output=True, timeout=60)
+    assert probe(str(tmp_path / "c.iso")) == ("iso9660", "CIDATA")
+
+
+def test_find_device_by_label_times_out_clearly():
+    label = "nope-" + secrets.token_hex(4)
+    started = time.monotonic()
+    with pytest.raises(VolumeError) as err:
+        find_device_by_label(label, 0.5)
+    assert time.monotonic() - started >= 0.5
+    assert str(err.value) == (
+        f"no disk labelled {label!r} appeared within 0.5s "
+        "(looked in /dev/disk/by-label and the superblocks of /sys/class/block)")
+
+
+# -- real mounts -------------------------------------------------------------------------------
+CHILD = textwrap.dedent("""
+    import json, os, sys
+    from extraconfig.types import URL
+    from tether.config import MountSpec
+    from tether.volumes import mount_volumes, VolumeError
+    spec = json.load(open(sys.argv[1]))
+    mounts = {name: MountSpec(source=URL(scheme=m["scheme"], host=m.get("host", ""),
+                                         path=m.get("path", "")),
+                              path=m["dest"], mode=m.get("mode", ""))
+              for name, m in spec["mounts"].items()}
+    result = {}
+    try:
+        mount_volumes(mounts, spec["root"], label_timeout=spec.get("timeout", 10),
+                      staging_dir=spec["staging"])
+    except VolumeError as exc:
+        result["error"] = str(exc)
+    table = [line.split() for line in open("/proc/self/mountinfo")]
+    result["mounts"] = [(f[4], f[5], f[f.index("-") + 1], f[f.index("-") + 2],
+                         f[f.index("-") + 3])
+                        for f in table if f[4].startswith(spec["root"])]
+    probes = {}
+    for rel in spec.get("write", []):
+        path = os.path.join(spec["root"], rel)
+        try:
+            with open(path, "w") as f:
+                f.write("data")
+            probes[rel] = "ok"
+        except OSError as exc:
+            probes[rel] = exc.strerror
+    result["write"] = probes
+    result["listing"] = {rel: sorted(os.listdir(os.path.join(spec["root"], rel)))
+                         for rel in spec.get("list", [])}
+    result["stat"] = {rel: [st.st_uid, st.st_gid, oct(st.st_mode & 0o7777)]
+                      for rel in spec.get("stat", [])
+                      for st in [os.stat(os.path.join(spec["root"], rel))]}
+    result["read"] = {rel: open(os.path.join(spec["root"], rel)).read()
+                      for rel in spec.get("read", [])}
+    print(json.dumps(result))
+""")
+
+
+def run_in_mount_ns(tmp_path: Path, spec: dict) -> dict:
+    spec_path = tmp_path / f"spec-{secrets.token_hex(3)}.json"
+    spec_path.write_text(json.dumps(spec))
+    out = subprocess.run(["unshare", "--mount", "--propagation", "private", sys.executable,
+                          "-c", CHILD, str(spec_path)], cwd=str(REPO), capture_output=True,
+                         text=True, timeout=180)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
+@pytest.fixture
+def loopdisks(tmp_path):
+    """make(label, populate=None) -> label; a loop device with a labelled ext4 on it."""
+    if os.geteuid() != 0 or not shutil.which("unshare") or not shutil.which("losetup"):
+        pytest.skip("needs root, unshare(1) and losetup(8)")
+    if not os.path.exists("/dev/loop-control"):
+        pytest.skip("the kernel offers no loop devices (/dev/loop-control missing)")
+    attached = []
+
+    def make(populate_data_dir=False):
+        label = "tv" + secrets.token_hex(5)
+        image = tmp_path / f"{label}.img"
+        _mkfs_ext4(image, label)
+        if populate_data_dir:
+            # the port layer's layout: data under /.vic.vol.data, lost+found beside it
+            subprocess.run(["debugfs", "-w", "-R", "mkdir .vic.vol.data", str(image)],
+                           check=True, capture_output=True, timeout=60)
+        dev = subprocess.run(["losetup", "--find", "--show", str(image)], check=True,
+                             capture_output=True, text=True, timeout=60).stdout.strip()
+        attached.append(dev)
+        return label
+    try:
+        yield make
+    finally:
+        for dev in attached:
+            subprocess.run(["losetup", "-d", dev], capture_output=True, timeout=60)
+
+
+@pytest.mark.root
+def test_label_volumes_nested_ro_and_lost_found_hidden(tmp_path, loopdisks):
+    parent, child, readonly = loopdisks(), loopdisks(populate_data_dir=True), loopdisks()
+    root = tmp_path / "root"
+    (root / "data").mkdir(parents=True)
+    os.chown(root / "data", 1234, 2345)
+    os.chmod(root / "data", 0o750)
+    result = run_in_mount_ns(tmp_path, {
+        "root": str(root), "staging": str(tmp_path / "staging"),
+        # the nested one first in the map: it must still be mounted after its parent
+        "mounts": {
+            "inner": {"scheme": "label", "path": child, "dest": "/data/inner"},
+            "outer": {"scheme": "label", "path": parent, "dest": "/data"},
+            "ro": {"scheme": "label", "path": readonly, "dest": "/readonly", "mode": "ro"},
+        },
+        "write": ["data/inner/file", "data/file", "readonly/file"],
+        "list": ["data/inner"], "stat": ["data", "readonly"],
+    })
+    assert "error" not in result, result
+    targets = [m[0] for m in result["mounts"]]
+    assert targets == [str(root / "data"), str(root / "data" / "inner"), str(root / "readonly")]
+    assert all(m[2] == "ext4" for m in result["mounts"])
+    ro_options = next(m[1] for m in result["mounts"] if m[0] == str(root / "readonly"))
+    assert ro_options.split(",")[0] == "ro"
+    assert result["write"] == {"data/inner/file": "ok", "data/file": "ok",
+                               "readonly/file": "Read-only file system"}
+    # .vic.vol.data bound in: lost+found is not visible
+    assert result["listing"]["data/inner"] == ["file"]
+    # the mount point that existed keeps its owner and mode; a new one is 0755
+    assert result["stat"]["data"] == [1234, 2345, "0o750"]
+    assert result["stat"]["readonly"][2] == "0o755"
+
+
+@pytest.mark.root
+def test_missing_label_times_out_with_a_clear_error(tmp_path, loopdisks):
+    label = "tvmissing" + secrets.token_hex(3)
+    result = run_in_mount_ns(tmp_path, {
+        "root": str(tmp_path / "root"), "staging": str(tmp_path / "staging"), "timeout": 1,
+        "mounts": {"v": {"scheme": "label", "path": label, "dest": "/v"}}})
+    assert result["error"] == (f"no disk labelled {label!r} appeared within 1s "
+                               "(looked in /dev/disk/by-label and the superblocks of "
+                               "/sys/class/block)")
+    assert result["mounts"] == []
+
+
+@pytest.mark.root
+def test_label_mount_waits_for_a_disk_that_appears_later(tmp_path, loopdisks):
+    label = "tvlate" + secrets.token_hex(4)
+    image = tmp_path / "late.img"
+    _mkfs_ext4(image, label)
+    spec = {"root": str(tmp_path / "root"), "staging": str(tmp_path / "staging"),
+            "timeout": 60, "mounts": {"v": {"scheme": "label", "path": label, "dest": "/v"}}}
+    spec_path = tmp_path / "late.json"
+    spec_path.write_text(json.dumps(spec))
+    proc = subprocess.Popen(["unshare", "--mount", "--propagation", "private", sys.executable,
+                             "-c", CHILD, str(spec_path)], cwd=str(REPO),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    dev = None
+    try:
+        time.sleep(1.5)
+        assert proc.poll() is None      # still waiting, not failed
+        dev = subprocess.run(["losetup", "--find", "--show", str(image)], check=True,
+                             capture_output=True, text=True).stdout.strip()
+        out, err = proc.communicate(timeout=120)
+        result = json.loads(out)
+        assert "error" not in result, (result, err)
+        assert [m[0] for m in result["mounts"]] == [str(tmp_path / "root" / "v")]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+        if dev:
+            subprocess.run(["losetup", "-d", dev], capture_output=True)
+
+
+@pytest.mark.root
+def test_tmpfs_and_bind(tmp_path):
+    if os.geteuid() != 0 or not shutil.which("unshare"):
+        pytest.skip("needs root and unshare(1)")
+    source = tmp_path / "bootstrap-share"
+    source.mkdir()
+    (source / "hello").write_text("from the bootstrap root")
+    root = tmp_path / "root"
+    result = run_in_mount_ns(tmp_path, {
+        "root": str(root), "staging": str(tmp_path / "staging"),
+        "mounts": {
+            "scratch": {"scheme": "tmpfs", "dest": "/scratch", "mode": "size=4m,mode=1777"},
+            "share": {"scheme": "bind", "path": str(source), "dest": "/share", "mode": "ro"},
+            "share-rw": {"scheme": "bind", "path": str(source), "dest": "/share-rw"},
+        },
+        "write": ["scratch/f", "share/f", "share-rw/f"],
+        "read": ["share/hello"], "stat": ["scratch"],
+    })
+    assert "error" not in result, result
+    by_target = {m[0]: m for m in result["mounts"]}
+    assert by_target[str(root / "scratch")][2] == "tmpfs"
+    assert by_target[str(root / "share")][1].split(",")[0] == "ro"
+    assert result["write"] == {"scratch/f": "ok", "share/f": "Read-only file system",
+                               "share-rw/f": "ok"}
+    assert result["read"]["share/hello"] == "from the bootstrap root"
+    assert result["stat"]["scratch"][2] == "0o1777"
+    # size from mode, as the kernel reports it in the superblock options
+    assert "size=4096k" in by_target[str(root / "scratch")][4].split(",")
+
+
+@pytest.mark.root
+def test_failures_name_the_device_and_the_error(tmp_path):
+    if os.geteuid() != 0 or not shutil.which("unshare"):
+        pytest.skip("needs root and unshare(1)")
+    result = run_in_mount_ns(tmp_path, {
+        "root": str(tmp_path / "root"), "staging": str(tmp_path / "staging"),
+        "mounts": {"gone": {"scheme": "bind", "path": "/nonexistent/share", "dest": "/x"}}})
+    assert result["error"] == "volume gone: bind source /nonexistent/share does not exist"
+    result = run_in_mount_ns(tmp_path, {
+        "root": str(tmp_path / "root"), "staging": str(tmp_path / "staging"),
+        "mounts": {"t": {"scheme": "tmpfs", "dest": "/t", "mode": "size=bogus"}}})
+    assert result["error"] == f"volume t: cannot mount tmpfs on {tmp_path}/root/t: Invalid argument"
+    result = run_in_mount_ns(tmp_path, {
+        "root": str(tmp_path / "root"), "staging": str(tmp_path / "staging"),
+        "mounts": {"w": {"scheme": "weird", "dest": "/w"}}})
+    assert result["error"] == "unsupported volume mount type for w: weird"
+
+
+def _kernel_has_nfs() -> str | None:
+    try:
+        text = open("/proc/filesystems").read()
+    except OSError:
+        return "cannot read /proc/filesystems"
+    names = {line.split()[-1] for line in text.splitlines() if line.strip()}
+    if "nfsd" not in names:
+        return "the kernel offers no NFS server: nfsd is not in /proc/filesystems"
+    if "nfs" not in names:
+        return "the kernel offers no NFS client: nfs is not in /proc/filesystems"
+    return None
+
+
+@pytest.mark.root
+def test_nfs_against_a_real_kernel_server(tmp_path):
+    reason = _kernel_has_nfs()
+    if reason:
+        pytest.skip(reason)
+    if os.geteuid() != 0 or not shutil.which("exportfs") or not shutil.which("rpc.nfsd"):
+        pytest.skip("needs root and nfs-kernel-server (exportfs, rpc.nfsd)")
+    export = tmp_path / "export"
+    export.mkdir()
+    (export / "hello").write_text("over nfs")
+    subprocess.run(["exportfs", "-o", "rw,no_root_squash,insecure,fsid=77",
+                    f"127.0.0.1:{export}"], check=True, timeout=60)
+    try:
+        subprocess.run(["rpc.nfsd", "8"], check=True, timeout=60)
+        result = run_in_mount_ns(tmp_path, {
+            "root": str(tmp_path / "root"), "staging": str(tmp_path / "staging"),
+            "mounts": {"n": {"scheme": "nfs", "host": "localhost", "path": str(export),
+                             "dest": "/n", "mode": "rw,vers=4.2,proto=tcp"}},
+            "read": ["n/hello"]})
+        assert "error" not in result, result
+        assert result["read"]["n/hello"] == "over nfs"
+    finally:
+        subprocess.run(["exportfs", "-u", f"127.0.0.1:{export}"], timeout=60)
