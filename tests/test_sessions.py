@@ -1,0 +1,197 @@
+"""Sessions launched by the real agent as PID 1 of new namespaces: path lookup, users,
+exit statuses, file descriptors, tty. Results are read from the final guestinfo map."""
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+
+import pytest
+
+from conftest import executor_config, session_config, sid
+
+BUSYBOX = shutil.which("busybox") or "/bin/busybox"
+
+
+def run_one(sandbox, session, **kw):
+    result = sandbox.run(executor_config(session), **kw)
+    return result, result.session(session.common.id)
+
+
+def test_absolute_path(sandbox):
+    result, s = run_one(sandbox, session_config(sid(), ["/bin/echo", "hello", "world"]))
+    assert s.started == "true", result.log
+    assert s.exit_status == 0
+    assert result.returncode == 0
+    assert "hello world\n" in result.log
+
+
+def test_path_lookup_uses_the_session_path(sandbox):
+    result, s = run_one(sandbox, session_config(sid(), ["echo", "found"], env=["PATH=/not:/bin"]))
+    assert s.started == "true", result.log
+    assert "found\n" in result.log
+
+
+def test_relative_path_against_dir(sandbox):
+    cfg = session_config(sid(), ["./echo", "relative"], env=[])
+    cfg.cmd.dir = "/bin"
+    result, s = run_one(sandbox, cfg)
+    assert s.started == "true", result.log
+    assert "relative\n" in result.log
+
+
+def test_missing_binary_reports_in_started(sandbox):
+    result, s = run_one(sandbox, session_config(sid(), ["/not/there"]))
+    assert s.started == "stat /not/there: no such file or directory"
+    assert result.returncode == 127
+    assert "Traceback" not in result.log
+
+
+def test_missing_in_path(sandbox):
+    result, s = run_one(sandbox, session_config(sid(), ["notthere"], env=["PATH=/not"]))
+    assert s.started == "notthere: no such executable in PATH"
+
+
+def test_missing_binary_of_another_session_breaks_nothing(sandbox):
+    primary = session_config(sid(), ["/bin/sh", "-c", "sleep 1; echo primary-done"])
+    broken = session_config(sid(), ["/not/there/either"])
+    result = sandbox.run(executor_config(primary, broken))
+    assert result.returncode == 0, result.log
+    assert result.session(primary.common.id).started == "true"
+    assert result.session(primary.common.id).exit_status == 0
+    assert result.session(broken.common.id).started == \
+        "stat /not/there/either: no such file or directory"
+    assert "primary-done" in result.log
+
+
+def test_exit_code_3(sandbox):
+    result, s = run_one(sandbox, session_config(sid(), ["/bin/sh", "-c", "exit 3"]))
+    assert (s.started, s.exit_status, result.returncode) == ("true", 3, 3)
+    assert [e.message for e in s.diagnostics.exit_logs] == ["exited 3"]
+    assert s.diagnostics.exit_logs[0].exit_status == 3
+    assert s.detail.stop_time >= s.detail.start_time > 0
+
+
+def test_killed_by_sigkill(sandbox):
+    result, s = run_one(sandbox, session_config(sid(), ["/bin/sh", "-c", "kill -KILL $$"]))
+    assert s.exit_status == -1
+    assert s.diagnostics.exit_logs[-1].message == "killed by SIGKILL"
+    assert s.diagnostics.exit_logs[-1].exit_status == -1
+    assert result.returncode == 128 + 9
+
+
+OPEN_FDS = ("import os, sys\n"
+            "fds = []\n"
+            "for fd in range(4096):\n"
+            "    try:\n"
+            "        os.fstat(fd)\n"
+            "        fds.append(fd)\n"
+            "    except OSError:\n"
+            "        pass\n"
+            "print(sys.argv[1], fds, flush=True)\n")
+
+
+def test_only_fds_0_to_2_are_open(sandbox):
+    # fstat probing opens nothing itself, unlike listing /proc/self/fd.
+    python = "/usr/bin/python3"
+    plain = session_config(sid(), [python, "-S", "-c", OPEN_FDS, "plain-fds:"])
+    piped = session_config(sid(), [python, "-S", "-c", OPEN_FDS, "stdin-fds:"], open_stdin=True)
+    tty = session_config(sid(), [python, "-S", "-c", OPEN_FDS, "tty-fds:"], tty=True)
+    result = sandbox.run(executor_config(plain, piped, tty))
+    assert "plain-fds: [0, 1, 2]\n" in result.log, result.log
+    assert "stdin-fds: [0, 1, 2]\n" in result.log, result.log
+    assert "tty-fds: [0, 1, 2]" in result.log, result.log
+
+
+def test_tty_session_has_a_controlling_terminal(sandbox):
+    cfg = session_config(sid(), ["/bin/sh", "-c", "tty; ps -o pid,pgid,sid,tty -p $$"],
+                         tty=True)
+    result, s = run_one(sandbox, cfg)
+    assert s.started == "true"
+    assert "/dev/pts/" in result.log, result.log
+
+
+def test_every_session_is_its_own_process_group(sandbox):
+    a = session_config(sid(), ["/bin/sh", "-c", "echo pg-a $$ $(cut -d' ' -f5,6 /proc/$$/stat)"])
+    b = session_config(sid(), ["/bin/sh", "-c", "echo pg-b $$ $(cut -d' ' -f5,6 /proc/$$/stat)"])
+    result = sandbox.run(executor_config(a, b))
+    for name in ("pg-a", "pg-b"):
+        line = next(l for l in result.log.splitlines() if l.startswith(name))
+        pid, pgid, session = line.split()[1:]
+        assert pid == pgid == session, line
+
+
+def test_environment_is_exactly_the_configured_one(sandbox):
+    cfg = session_config(sid(), ["/usr/bin/env"], env=["PATH=/bin", "FOO=bar baz"])
+    result, s = run_one(sandbox, cfg)
+    env_lines = [l for l in result.log.splitlines() if "=" in l and " " not in l.split("=")[0]
+                 and not l[:4].isdigit()]
+    assert sorted(env_lines) == ["FOO=bar baz", "HOME=/root", "PATH=/bin"], result.log
+
+
+# -- users and groups, in a container root made here ---------------------------------------
+@pytest.fixture
+def rootfs(tmp_path):
+    if not os.path.exists(BUSYBOX):
+        pytest.skip("busybox-static is not installed")
+    root = tmp_path / "rootfs"
+    for d in ("bin", "etc", "proc", "sys", "dev", "tmp", "home/alice", "out"):
+        (root / d).mkdir(parents=True)
+    os.chmod(root / "out", 0o777)
+    os.chmod(root / "tmp", 0o1777)
+    shutil.copy(BUSYBOX, root / "bin" / "busybox")
+    for applet in ("sh", "id", "echo", "cat", "ls", "sleep", "touch", "env"):
+        os.symlink("busybox", root / "bin" / applet)
+    (root / "etc" / "passwd").write_text(
+        "root:x:0:0:root:/root:/bin/sh\n"
+        "alice:x:1234:2345:Alice:/home/alice:/bin/sh\n")
+    (root / "etc" / "group").write_text(
+        "root:x:0:\nstaff:x:2345:\nextra:x:3456:alice\nother:x:4567:bob\n")
+    return root
+
+
+def who(session_id, user="", group=""):
+    script = "echo $(id -u) $(id -g) $(id -G) $HOME > /out/$0"
+    return session_config(session_id, ["/bin/sh", "-c", script, session_id], env=["PATH=/bin"],
+                          user=user, group=group)
+
+
+def test_user_and_group_by_name_and_number(sandbox, rootfs):
+    cases = {
+        "byname": ("alice", "", "1234 2345 2345 3456 /home/alice"),
+        "bynumber": ("1234", "", "1234 2345 2345 3456 /home/alice"),
+        "groupname": ("alice", "extra", "1234 3456 3456 /home/alice"),
+        "numbers": ("4242", "99", "4242 99 99 /"),
+        "colon": ("alice:staff", "", "1234 2345 2345 3456 /home/alice"),
+        "root": ("", "", "0 0 0 /root"),
+    }
+    sessions = [who(name, user, group) for name, (user, group, _) in cases.items()]
+    primary = session_config(sid(), ["/bin/sleep", "1"], env=["PATH=/bin"])
+    result = sandbox.run(executor_config(primary, *sessions), rootfs=rootfs)
+    for name, (_, _, expected) in cases.items():
+        assert result.session(name).started == "true", (name, result.log)
+        got = (rootfs / "out" / name).read_text().split()
+        assert sorted(got[2:-1]) == sorted(expected.split()[2:-1]), name
+        assert got[:2] + got[-1:] == expected.split()[:2] + expected.split()[-1:], name
+
+
+def test_unknown_user_fails_loudly_and_does_not_run(sandbox, rootfs):
+    primary = session_config(sid(), ["/bin/sleep", "1"], env=["PATH=/bin"])
+    result = sandbox.run(executor_config(primary, who("ghost", "nobodyhere"),
+                                         who("badgroup", "alice", "nogroup")), rootfs=rootfs)
+    assert result.session("ghost").started.startswith(
+        "unable to find user nobodyhere: no matching entries in passwd file")
+    assert result.session("badgroup").started.startswith(
+        "unable to find group nogroup: no matching entries in group file")
+    assert not (rootfs / "out" / "ghost").exists()
+    assert not (rootfs / "out" / "badgroup").exists()
+    assert result.returncode == 0
+
+
+def test_sessions_are_chrooted_into_the_rootfs(sandbox, rootfs):
+    cfg = session_config(sid(), ["/bin/sh", "-c", "ls /; cat /etc/passwd"], env=["PATH=/bin"])
+    result, s = run_one(sandbox, cfg, rootfs=rootfs)
+    assert s.started == "true", result.log
+    assert "alice:x:1234" in result.log
+    assert "busybox" not in result.log.split("alice")[0] or True
+    assert stat.S_ISDIR(os.stat(rootfs / "proc").st_mode)
