@@ -1,0 +1,197 @@
+"""The attach protocol without IO: frames, resync over garbage, the HMAC hello."""
+from __future__ import annotations
+
+import os
+import struct
+import zlib
+
+import msgpack
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tether.attach import protocol as p
+from tether.attach.transports import EndpointError, parse_endpoint
+from tether.clientcli import DetachScanner, split_remote
+
+MESSAGES = [
+    {"t": "connect", "v": 1},
+    {"t": "data", "ch": 7, "s": "stdout", "d": b"\x00\x01hello" * 100},
+    {"t": "list", "ch": 1},
+    {"t": "ok", "ch": 2, "sessions": [{"id": "x", "pid": 3, "running": True}]},
+]
+
+
+def test_round_trip_in_one_feed():
+    stream = b"".join(p.encode(m) for m in MESSAGES)
+    decoder = p.FrameDecoder()
+    assert decoder.feed(stream) == MESSAGES
+    assert decoder.garbage_bytes == 0 and decoder.buffered == 0
+
+
+def test_round_trip_byte_by_byte():
+    stream = b"".join(p.encode(m) for m in MESSAGES)
+    decoder = p.FrameDecoder()
+    out = []
+    for i in range(len(stream)):
+        out += decoder.feed(stream[i:i + 1])
+    assert out == MESSAGES
+
+
+def test_frame_layout_is_as_documented():
+    frame = p.encode({"t": "ping", "ch": 1})
+    magic, length, check, crc = struct.unpack(">4sIII", frame[:16])
+    payload = frame[16:]
+    assert magic == b"\xd7TtR" and length == len(payload)
+    assert check == length ^ 0xFFFFFFFF and crc == zlib.crc32(payload)
+    assert msgpack.unpackb(payload) == {"t": "ping", "ch": 1}
+
+
+@settings(max_examples=200, deadline=None)
+@given(garbage=st.lists(st.binary(max_size=300), min_size=len(MESSAGES) + 1,
+                        max_size=len(MESSAGES) + 1),
+       cuts=st.lists(st.integers(min_value=1, max_value=97), max_size=40))
+def test_resync_skips_garbage_between_frames(garbage, cuts):
+    # Garbage before, between and after the frames, fed in random pieces.
+    stream = garbage[0] + b"".join(p.encode(m) + g for m, g in zip(MESSAGES, garbage[1:]))
+    decoder = p.FrameDecoder()
+    out, pos = [], 0
+    for cut in cuts:
+        out += decoder.feed(stream[pos:pos + cut])
+        pos += cut
+    out += decoder.feed(stream[pos:])
+    assert out == MESSAGES
+
+
+def test_a_fake_header_with_a_huge_length_does_not_stall_the_stream():
+    fake = p.MAGIC + struct.pack(">III", 900_000, 12345, 0)   # complement does not match
+    decoder = p.FrameDecoder()
+    assert decoder.feed(fake + p.encode(MESSAGES[0])) == [MESSAGES[0]]
+    assert decoder.bad_frames == 1
+
+
+def test_a_corrupted_frame_is_dropped_and_the_next_one_found_inside_it():
+    good = p.encode(MESSAGES[2])
+    # A header whose length swallows the next real frame, with a CRC that cannot match.
+    swallow = p.MAGIC + struct.pack(">III", 200, 200 ^ 0xFFFFFFFF, 0)
+    decoder = p.FrameDecoder()
+    out = decoder.feed(swallow + good + os.urandom(300))
+    assert out == [MESSAGES[2]]
+
+
+def test_truncated_frame_waits_then_completes():
+    frame = p.encode(MESSAGES[1])
+    decoder = p.FrameDecoder()
+    assert decoder.feed(frame[:-10]) == []
+    assert decoder.feed(frame[-10:]) == [MESSAGES[1]]
+
+
+def test_valid_frame_with_bad_payload_is_skipped():
+    for payload in (b"\xc1", msgpack.packb([1, 2]), msgpack.packb({"no": "type"})):
+        frame = p.HEADER.pack(p.MAGIC, len(payload), len(payload) ^ 0xFFFFFFFF,
+                              zlib.crc32(payload)) + payload
+        decoder = p.FrameDecoder()
+        assert decoder.feed(frame + p.encode(MESSAGES[0])) == [MESSAGES[0]]
+
+
+def test_oversized_message_is_refused_when_encoding():
+    with pytest.raises(p.ProtocolError):
+        p.encode({"t": "data", "d": b"x" * (p.MAX_PAYLOAD + 1)})
+
+
+def test_data_is_split_into_chunks():
+    data = os.urandom(p.DATA_CHUNK * 2 + 5)
+    frames = p.encode_data(3, data, "stderr")
+    messages = p.FrameDecoder().feed(b"".join(frames))
+    assert len(messages) == 3
+    assert b"".join(m["d"] for m in messages) == data
+    assert {m["s"] for m in messages} == {"stderr"}
+
+
+# -- the hello --------------------------------------------------------------------------------
+def _shake(server_key, client_key):
+    server = p.ServerHandshake(server_key)
+    client = p.ClientHandshake(client_key)
+    (hello,) = server.receive(client.start())
+    assert hello["t"] == "hello" and hello["v"] == p.VERSION
+    assert len(hello["challenge"]) == p.CHALLENGE_SIZE
+    (auth,) = client.receive(hello)
+    (welcome,) = server.receive(auth)
+    client.receive(welcome)
+    return server, client
+
+
+def test_right_key_authenticates():
+    server, client = _shake(b"secret", b"secret")
+    assert server.authenticated and client.done
+
+
+def test_wrong_key_is_rejected():
+    with pytest.raises(p.ProtocolError, match="authentication failed"):
+        _shake(b"secret", b"guess")
+
+
+def test_empty_key_still_needs_the_hmac_with_the_empty_key():
+    server, _ = _shake(None, b"")
+    assert server.authenticated
+    server = p.ServerHandshake(b"")
+    hello = server.start()
+    with pytest.raises(p.ProtocolError):
+        server.receive({"t": "auth", "mac": b"\0" * 32})
+    assert hello["challenge"]
+
+
+def test_an_answer_is_good_for_one_challenge_only():
+    server = p.ServerHandshake(b"k")
+    hello = server.start()
+    auth = {"t": "auth", "mac": p.answer(b"k", hello["challenge"])}
+    server.receive(auth)
+    replay = p.ServerHandshake(b"k")
+    replay.start()           # a fresh challenge: the old answer must not work
+    with pytest.raises(p.ProtocolError):
+        replay.receive(auth)
+
+
+def test_requests_before_authentication_are_refused():
+    server = p.ServerHandshake(b"k")
+    with pytest.raises(p.ProtocolError, match="before authentication"):
+        server.receive({"t": "list", "ch": 1})
+    with pytest.raises(p.ProtocolError, match="send connect first"):
+        server.receive({"t": "auth", "mac": b"x"})
+
+
+def test_plain_makes_state_msgpack_safe():
+    class Odd:
+        def __str__(self):
+            return "odd"
+    value = p.plain({"a": (1, Odd()), 2: None})
+    assert value == {"a": [1, "odd"], "2": None}
+    msgpack.packb(value)
+
+
+# -- CLI helpers --------------------------------------------------------------------------------
+def test_detach_scanner_finds_keys_across_reads():
+    scanner = DetachScanner()
+    assert scanner.feed(b"ab\x10") == (b"ab", False)
+    assert scanner.feed(b"\x11rest") == (b"", True)
+    scanner = DetachScanner()
+    assert scanner.feed(b"\x10") == (b"", False)
+    assert scanner.feed(b"x") == (b"\x10x", False)   # ctrl-p alone goes through
+
+
+def test_split_remote():
+    assert split_remote("unix:/run/a.sock::/etc/hosts") == ("unix:/run/a.sock", "/etc/hosts")
+    assert split_remote("tcp:127.0.0.1:99::x") == ("tcp:127.0.0.1:99", "x")
+    assert split_remote("./local") is None
+    assert split_remote("/tmp/a::b") is None   # no KIND: it is a local path
+
+
+def test_parse_endpoint():
+    assert parse_endpoint("unix:/a/b") == ("unix", ("/a/b",))
+    assert parse_endpoint("vsock:3:2377") == ("vsock", (3, 2377))
+    assert parse_endpoint("vsock:2377") == ("vsock", (2377,))
+    assert parse_endpoint("tcp:[::1]:80") == ("tcp", ("::1", 80))
+    assert parse_endpoint("serial:/dev/ttyS1") == ("serial", ("/dev/ttyS1",))
+    for bad in ("nothing", "ftp:x", "tcp:host", "vsock:a:b"):
+        with pytest.raises(EndpointError):
+            parse_endpoint(bad)
