@@ -155,8 +155,12 @@ def parse_go(text: str) -> GoTime | None:
         if zone != "UTC":
             return None                   # Go: "extra text" after the zone
         return GoTime(wall, nanos, 0, "UTC")
-    if not _zone_ok(zone):
-        return None
     sign = -1 if m.group(8) == "-" else 1
     offset = sign * (int(m.group(9)) * 3600 + int(m.group(10)) * 60)
+    if zone == m.group(8) + m.group(9) + m.group(10):
+        # Deviation: Go's String() writes an unnamed zone as its offset, which Go's own
+        # parser rejects (reading back the zero time); we read it back as written.
+        return GoTime(wall - offset, nanos, offset, "")
+    if not _zone_ok(zone):
+        return None
     return GoTime(wall - offset, nanos, offset, zone)
