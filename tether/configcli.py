@@ -1,0 +1,66 @@
+"""`tether config`: JSON config <-> VMX guestinfo lines.
+
+    tether config encode FILE.json     print `key = "value"` lines (VMX escapes)
+    tether config decode FILE.vmx      print the JSON form ("-" reads stdin)
+"""
+from __future__ import annotations
+
+import json
+import sys
+
+USAGE = """usage: tether config encode FILE.json   print the guestinfo keys as VMX lines
+       tether config decode FILE.vmx    print the JSON form of VMX lines ('-': stdin)"""
+
+
+def _read(path: str) -> str:
+    if path == "-":
+        return sys.stdin.read()
+    with open(path, encoding="utf-8", errors="surrogateescape") as f:
+        return f.read()
+
+
+def encode_command(path: str) -> int:
+    from extraconfig import encode
+    from extraconfig.transport import format_vmx
+
+    from .jsonform import ConfigError, config_from_json
+
+    try:
+        cfg = config_from_json(json.loads(_read(path)))
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    sys.stdout.write(format_vmx(encode(cfg)))
+    return 0
+
+
+def decode_command(path: str) -> int:
+    from extraconfig import decode
+    from extraconfig.transport import parse_vmx
+
+    from .config import ExecutorConfig
+    from .jsonform import config_to_json
+
+    try:
+        entries = parse_vmx(_read(path))
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+    cfg = decode(entries, ExecutorConfig)
+    json.dump(config_to_json(cfg), sys.stdout, indent=2, ensure_ascii=False)
+    sys.stdout.write("\n")
+    return 0
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 2 or argv[0] not in ("encode", "decode"):
+        print(USAGE, file=sys.stderr)
+        return 0 if argv[:1] in (["-h"], ["--help"]) else 2
+    command, path = argv
+    try:
+        return encode_command(path) if command == "encode" else decode_command(path)
+    except OSError as e:
+        print(f"tether config: {e.filename or path}: {e.strerror}", file=sys.stderr)
+    except ValueError as e:          # ConfigError, DecodeError, malformed VMX
+        print(f"tether config {command}: {e}", file=sys.stderr)
+    return 1
