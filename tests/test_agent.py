@@ -1,0 +1,228 @@
+"""The agent's lifecycle as PID 1 of new namespaces: restart and backoff, SIGHUP reload,
+graceful SIGTERM, orphan reaping, the output log, injected setup failures, exit codes."""
+from __future__ import annotations
+
+import json
+import re
+import signal
+import subprocess
+import sys
+
+from conftest import REPO, executor_config, session_config, sid
+from tether import iolog
+
+SHELL_ENV = ["PATH=/usr/sbin:/usr/bin:/sbin:/bin"]
+
+
+def wait_for_file(path: str) -> list[str]:
+    """A shell line that blocks until `path` exists."""
+    return ["/bin/sh", "-c", f"while [ ! -e {path} ]; do sleep 0.05; done; echo released"]
+
+
+def test_three_sessions_one_restarting_with_backoff(sandbox, tmp_path):
+    runs, flag = tmp_path / "runs", tmp_path / "flag"
+    primary = session_config(sid(), wait_for_file(str(flag)))
+    flaky = session_config(sid(), ["/bin/sh", "-c",
+                                   f"echo run >> {runs}; [ $(wc -l < {runs}) -ge 4 ] && "
+                                   f"touch {flag}; exit 1"], restart=True)
+    third = session_config(sid(), ["/bin/sh", "-c", "echo third-ran"])
+    result = sandbox.run(executor_config(primary, flaky, third))
+    assert result.returncode == 0, result.log
+    s = result.session(flaky.common.id)
+    assert s.diagnostics.resurrection_count >= 3
+    assert len(runs.read_text().splitlines()) == s.diagnostics.resurrection_count + 1
+    assert [e.message for e in s.diagnostics.exit_logs][:3] == ["exited 1"] * 3
+    assert len(s.diagnostics.exit_logs) <= 5
+    delays = [float(d) for d in re.findall(
+        rf"session {flaky.common.id} restarts in ([0-9.]+)s", result.log)]
+    assert len(delays) >= 3
+    assert delays[:3] == sorted(delays[:3]) and delays[0] < delays[1] < delays[2]
+    assert result.session(third.common.id).exit_status == 0
+    assert "third-ran" in result.log
+
+
+def test_sighup_launches_a_new_session(sandbox, tmp_path):
+    flag = tmp_path / "flag"
+    primary = session_config(sid(), wait_for_file(str(flag)))
+    config = executor_config(primary)
+    box = sandbox.start(config)
+    box.wait_for_log(r"serving 1 session")
+    added = session_config("added", ["/bin/sh", "-c", f"touch {flag}; echo added-ran"])
+    config.sessions["added"] = added
+    from conftest import write_config
+    write_config(config, box.dir)
+    box.signal(signal.SIGHUP)
+    result = box.wait()
+    assert result.returncode == 0, result.log
+    assert "reload: new session added" in result.log
+    assert result.session("added").started == "true"
+    assert result.session("added").exit_status == 0
+    assert result.session(primary.common.id).exit_status == 0
+
+
+def test_sighup_relaunches_restart_sessions_and_survives_a_failing_reload(sandbox, tmp_path):
+    flag = tmp_path / "flag"
+    primary = session_config(sid(), wait_for_file(str(flag)))
+    box = sandbox.start(executor_config(primary), env={"TETHER_FAILPOINTS": "reload"})
+    box.wait_for_log(r"serving 1 session")
+    box.signal(signal.SIGHUP)
+    box.wait_for_log(r"injected failure in step 'reload'")
+    flag.touch()
+    result = box.wait()
+    assert result.returncode == 0, result.log
+    assert "Traceback" in result.log      # reported with its traceback, not fatal
+
+
+def test_sigterm_stops_everything_gracefully(sandbox):
+    primary = session_config(sid(), ["/bin/sleep", "1000"])
+    other = session_config(sid(), ["/bin/sleep", "1000"])
+    stubborn = session_config(sid(), ["/bin/sh", "-c", "trap '' TERM; sleep 1000"])
+    box = sandbox.start(executor_config(primary, other, stubborn), stop_grace=2)
+    box.wait_for_log(r"serving 3 session")
+    box.signal(signal.SIGTERM)
+    result = box.wait()
+    assert "stopping: signal SIGTERM" in result.log
+    assert result.returncode == 128 + signal.SIGTERM
+    for s in (primary, other):
+        got = result.session(s.common.id)
+        assert got.exit_status == -1
+        assert got.diagnostics.exit_logs[-1].message == "killed by SIGTERM"
+    got = result.session(stubborn.common.id)
+    assert got.diagnostics.exit_logs[-1].message == "killed by SIGKILL"
+    assert "still running after 2s: SIGKILL" in result.log
+
+
+def test_stop_signal_is_used(sandbox):
+    primary = session_config(sid(), ["/bin/sleep", "1000"], stop_signal="USR1")
+    box = sandbox.start(executor_config(primary))
+    box.wait_for_log(r"serving 1 session")
+    box.signal(signal.SIGINT)
+    result = box.wait()
+    assert "sending SIGUSR1" in result.log
+    assert result.session(primary.common.id).diagnostics.exit_logs[-1].message == \
+        "killed by SIGUSR1"
+    assert result.returncode == 128 + signal.SIGUSR1
+
+
+ORPHANS = """
+import os, sys, time
+for _ in range(10000):
+    if os.fork() == 0:          # the grandchild: orphaned as soon as its parent is gone
+        os._exit(0)
+"""
+
+COUNT_ZOMBIES = """
+import os, sys, time
+deadline = time.monotonic() + 300
+while True:
+    zombies = []
+    for pid in os.listdir('/proc'):
+        if pid.isdigit():
+            try:
+                with open(f'/proc/{pid}/stat') as f:
+                    state = f.read().rsplit(')', 1)[1].split()[0]
+            except OSError:
+                continue
+            if state == 'Z':
+                zombies.append(pid)
+    if not zombies or time.monotonic() > deadline:
+        print('zombies left:', len(zombies), flush=True)
+        sys.exit(1 if zombies else 0)
+    time.sleep(0.2)
+"""
+
+
+def test_ten_thousand_orphans_are_reaped(sandbox):
+    # The session's child forks 10,000 grandchildren and exits without waiting: every
+    # one is re-parented to the agent (PID 1), which must reap them all.
+    primary = session_config(sid(), [
+        "/bin/sh", "-c", "/usr/bin/python3 -S -c \"$0\" && exec /usr/bin/python3 -S -c \"$1\"",
+        ORPHANS, COUNT_ZOMBIES])
+    result = sandbox.run(executor_config(primary), timeout=900)
+    assert "zombies left: 0" in result.log, result.log[-3000:]
+    assert result.returncode == 0
+    reaped = int(re.search(r"orphans reaped: (\d+)", result.log).group(1))
+    assert reaped >= 10000
+
+
+def test_output_log_round_trips_through_tether_logs(sandbox):
+    long_line = "L" * 10000
+    primary = session_config(sid(), ["/bin/sh", "-c",
+                                     f"sleep 1; echo one; echo {long_line}; printf 'no newline'"])
+    other = session_config("other", ["/bin/sh", "-c", "echo err-line >&2"])
+    result = sandbox.run(executor_config(primary, other), output_log=True)
+    entries = list(iolog.parse(result.output_log))
+    primary_out = b"".join(e.data for e in entries if e.session is None and e.stream == 0)
+    assert primary_out == f"one\n{long_line}\nno newline".encode()
+    assert [(e.session, e.stream, e.data) for e in entries if e.session == "other"] == \
+        [("other", 1, b"err-line\n")]
+    assert all(len(e.data) <= 4095 for e in entries)
+    path = f"{sandbox.directory}/output.log"
+    with open(path, "wb") as f:
+        f.write(result.output_log)
+    raw = subprocess.run([sys.executable, "-m", "tether", "logs", path, "--raw",
+                          "--session", "primary"], capture_output=True, cwd=REPO, timeout=120)
+    assert raw.stdout == primary_out
+    shown = subprocess.run([sys.executable, "-m", "tether", "logs", path, "--session", "other"],
+                           capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{9}Z other stderr err-line\n",
+                        shown.stdout), shown.stdout
+
+
+def test_injected_setup_failures_are_reported_not_fatal(sandbox):
+    primary = session_config(sid(), ["/bin/echo", "still-ran"])
+    result = sandbox.run(executor_config(primary),
+                         env={"TETHER_FAILPOINTS": "system,hostname,rootfs,attach"})
+    assert result.returncode == 0, result.log
+    assert result.session(primary.common.id).started == "true"
+    assert "still-ran" in result.log
+    for step in ("system", "hostname", "rootfs", "attach"):
+        assert f"injected failure in step '{step}'" in result.log
+    assert result.log.count("Traceback") == 4
+    assert "finished with 4 error(s)" in result.log
+
+
+def test_failed_session_step_stops_cleanly(sandbox):
+    primary = session_config(sid(), ["/bin/echo", "never"])
+    result = sandbox.run(executor_config(primary), env={"TETHER_FAILPOINTS": "sessions"})
+    assert "stopping: the sessions could not be launched" in result.log
+    assert "never" not in result.log.replace("/bin/echo never", "")
+
+
+def test_debug_level_dumps_config_redacted(sandbox):
+    primary = session_config(sid(), ["/bin/echo", "secret-arg"], env=["SECRET=hunter2"])
+    result = sandbox.run(executor_config(primary, debug=1))
+    assert re.search(r"cmd\.args = <redacted>", result.log)
+    assert "hunter2" not in result.log
+    result = sandbox.run(executor_config(primary, debug=2))
+    assert "hunter2" in result.log
+
+
+def test_sandbox_json_config_exit_status(sandbox, tmp_path):
+    config = {"common": {"id": "seven"},
+              "sessions": {"seven": {"cmd": {"path": "/bin/sh",
+                                             "args": ["/bin/sh", "-c", "exit 7"],
+                                             "env": SHELL_ENV}}}}
+    result = sandbox.run(config)
+    assert result.returncode == 7, result.log
+    assert result.guestinfo["guestinfo.vice..sessions|seven.status"] == "7"
+    assert result.guestinfo["guestinfo.vice..sessions|seven.started"] == "true"
+
+
+def test_sandbox_hello_example(tmp_path):
+    from conftest import namespaces_unavailable
+    import pytest
+    reason = namespaces_unavailable()
+    if reason:
+        pytest.skip(reason)
+    out = tmp_path / "out.vmx"
+    run = subprocess.run([sys.executable, "-m", "tether", "sandbox", "examples/hello.json",
+                          "--out", str(out)], cwd=REPO, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert "\nhello\n" in run.stderr
+    assert 'guestinfo.vice..sessions|7Chello.started = "true"' in out.read_text()
+    # without --out, the map goes to stdout
+    run = subprocess.run([sys.executable, "-m", "tether", "sandbox", "examples/hello.json"],
+                         cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert 'guestinfo.vice..sessions|7Chello.status = "0"' in run.stdout
