@@ -294,6 +294,28 @@ def test_two_endpoints_on_one_nic_alias_and_mtu(netpair, child_factory):
 
 
 @pytest.mark.root
+@pytest.mark.parametrize("netpair", [{"peer_addrs": ("fd77::1/64",)}], indirect=True)
+def test_static_v6_default_route_and_a_changed_address_on_reload(netpair, child_factory):
+    child = child_factory(netpair, [
+        {"key": "v6", "id": "eth0", "name": "v6", "static": True, "ip": "fd77::2/64",
+         "gateway": "fd77::1/64", "default": True, "dns": ["fd77::53"]},
+        {"key": "same", "id": "eth0", "name": "v6", "static": True, "ip": "fd77::9/64"}],
+        change={"v6": "fd77::3/64"})
+    events = child.run_to_end()
+    assert events[-1]["event"] == "done", (events, child.stderr)
+    routes6 = netpair.agent_json("-6", "route", "show")
+    default = next(r for r in routes6 if r["dst"] == "default")
+    assert default["gateway"] == "fd77::1" and default["dev"] == "v6"
+    # the changed endpoint moved from ::2 to ::3; the unchanged one was left alone
+    assert addresses(netpair, "v6") == ["fd77::3/64", "fd77::9/64"]
+    pubs = [e for e in events if e["event"] == "publish"]
+    assert len(pubs) == 2     # the first apply and the reload; the idempotent apply is silent
+    assert pubs[-1]["endpoints"]["v6"]["assigned"] == "fd77::3/64"
+    assert pubs[-1]["files"]["resolv.conf"].splitlines()[0] == "nameserver fd77::53"
+    assert "fd77::3\tv6.localhost" in pubs[-1]["files"]["hosts"].splitlines()
+
+
+@pytest.mark.root
 def test_rename_by_mac_and_externally_managed(netpair, child_factory):
     mac = netpair.agent_json("link", "show", "eth0")[0]["address"]
     child = child_factory(netpair, [

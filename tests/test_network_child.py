@@ -74,6 +74,11 @@ def main():
         manager.apply()
         applied = time.monotonic() - t0
         manager.apply()            # idempotent: nothing more happens
+        if spec.get("change"):     # a reload that changes static addresses
+            from extraconfig.types import IPNet
+            for key, ip in spec["change"].items():
+                config.networks[key].ip = IPNet.parse(ip)
+            manager.apply()
         print(json.dumps({"event": "applied", "seconds": applied}), flush=True)
         deadline = time.monotonic() + spec.get("hold", 0)
         while time.monotonic() < deadline:

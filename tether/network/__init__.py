@@ -67,7 +67,7 @@ class NetworkManager:
         self.hostname = hostname
         self.mtus = dict(mtus or {})
         self.dhcp_timeout = dhcp_timeout
-        self._configured: set[str] = set()
+        self._configured: dict[str, str] = {}     # endpoint name -> config it was applied from
         self._nic_index: dict[str, int] = {}      # endpoint id -> link index (names change)
         self._dhcp = None                          # DhcpService, started on first need
         self._lock = threading.RLock()             # apply() vs renewal callbacks
@@ -77,18 +77,18 @@ class NetworkManager:
         """Configure every endpoint not configured yet; publish; raise NetworkError listing
         the endpoints that failed (the others are configured regardless)."""
         networks = {k: v for k, v in (self.config.networks or {}).items() if v is not None}
-        if not networks or set(networks) <= self._configured:
+        pending = {k: v for k, v in networks.items()
+                   if self._configured.get(k) != _applied_signature(v)}
+        if not pending:
             return
         from pyroute2 import IPRoute
         errors = []
         with self._lock:
             with IPRoute() as ipr:
-                for name, endpoint in networks.items():
-                    if name in self._configured:
-                        continue
+                for name, endpoint in pending.items():
                     try:
                         self._apply_endpoint(ipr, name, endpoint)
-                        self._configured.add(name)
+                        self._configured[name] = _applied_signature(endpoint)
                     except NetworkError as exc:
                         errors.append(str(exc))
                     except Exception as exc:   # netlink and OS errors: say which endpoint
@@ -126,7 +126,7 @@ class NetworkManager:
             return
         handle = self._dhcp_for(ipr, index, ifname, endpoint)
         try:
-            lease = handle.wait_first(self.dhcp_timeout)
+            lease = handle.lease or handle.wait_first(self.dhcp_timeout)
         except Exception:
             self._dhcp.stop_one(ifname)
             raise NetworkError(
@@ -293,6 +293,14 @@ class NetworkManager:
             self.publish()
         except Exception as exc:
             self.log.error("publishing network state: %s", exc)
+
+
+def _applied_signature(endpoint) -> str:
+    """The read-only fields an endpoint is applied from: a reload that changes them re-applies
+    the endpoint; one that does not is skipped (the reference re-ran everything)."""
+    n = endpoint.network
+    return repr((endpoint.common.id, endpoint.common.name, endpoint.static, endpoint.ip,
+                 n.common.name, n.gateway, n.default, n.destinations, n.nameservers))
 
 
 def _describe(exc: BaseException) -> str:
