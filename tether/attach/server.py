@@ -23,8 +23,10 @@ from tether.attach import transports
 log = logging.getLogger("tether.attach")
 
 READ_SIZE = 256 << 10
-OUTPUT_LIMIT = 8 << 20        # a client this far behind is dropped
-COPY_LOW_WATER = 1 << 20      # copy-from reads the next chunk below this backlog
+HOLD_AT = 4 << 20             # a client this far behind pauses the session's output...
+HOLD_SECONDS = 3.0            # ...for at most this long; not drained by then: dropped
+OUTPUT_LIMIT = 16 << 20       # a client this far behind is dropped at once
+LOW_WATER = 1 << 20           # drained below this: output resumes, copy-from reads on
 LINE_RETRY = 0.5              # seconds before re-polling a serial line that hung up
 TAR_SPOOL = 8 << 20
 
@@ -41,6 +43,7 @@ class AttachServer:
         self.listeners: list[transports.Listener] = []
         self.connections: set[Connection] = set()
         self.failed: dict[str, str] = {}
+        self._holds: dict = {}      # session -> connections holding its output
         for endpoint in endpoints:
             try:
                 opened = transports.listen(endpoint)
@@ -67,6 +70,34 @@ class AttachServer:
             if conn is None:
                 return
             self._add(conn)
+
+    # Pausing a session's output: the Session API has no pause, so take its output fds
+    # off the loop (and put them back) -- see docs/attach-protocol.md, flow control.
+    def pause(self, session, by: "Connection") -> None:
+        holders = self._holds.setdefault(session, set())
+        if not holders:
+            pause = getattr(session, "pause_output", None)
+            if pause is not None:
+                pause()
+            else:
+                for fd in list(getattr(session, "_readers", ())):
+                    self.loop.remove_reader(fd)
+        holders.add(by)
+
+    def resume(self, session, by: "Connection") -> None:
+        holders = self._holds.get(session)
+        if holders is None:
+            return
+        holders.discard(by)
+        if holders:
+            return
+        del self._holds[session]
+        resume = getattr(session, "resume_output", None)
+        if resume is not None:
+            resume()
+            return
+        for fd in list(getattr(session, "_readers", ())):
+            self.loop.add_reader(fd, lambda fd=fd, s=session: s._on_readable(fd))
 
     def _add(self, conn: transports.Conn) -> "Connection":
         connection = Connection(self, conn)
@@ -98,6 +129,8 @@ class Connection:
         self._out_size = 0
         self._writing = False
         self._retry = None
+        self._held: set = set()           # sessions whose output waits for us to drain
+        self._hold_timer = None
         self.closed = False
         self.loop.add_reader(self.fd, self._on_readable)
 
@@ -244,14 +277,41 @@ class Connection:
         if self._close_after_flush:
             self.close("authentication failed")
             return
+        if self._held and self._out_size < LOW_WATER:
+            self._release()
         for channel in list(self.channels.values()):
             pump = getattr(channel, "pump", None)
-            if pump is not None and self._out_size < COPY_LOW_WATER:
+            if pump is not None and self._out_size < LOW_WATER:
                 pump()
 
-    def _drop_slow(self) -> None:
-        reason = (f"dropped: {self._out_size} bytes of output queued, over the "
-                  f"{OUTPUT_LIMIT}-byte limit (the client stopped reading)")
+    # -- flow control: a client that keeps up may pause a session for a moment ---------
+    def hold(self, session) -> None:
+        """Our backlog is over HOLD_AT: pause `session`'s output until we drain below
+        LOW_WATER, but for at most HOLD_SECONDS, then drop this client instead."""
+        if session in self._held or self.closed:
+            return
+        self._held.add(session)
+        self.server.pause(session, self)
+        if self._hold_timer is None:
+            self._hold_timer = self.loop.call_later(HOLD_SECONDS, self._hold_expired)
+
+    def _release(self) -> None:
+        held, self._held = self._held, set()
+        if self._hold_timer is not None:
+            self._hold_timer.cancel()
+            self._hold_timer = None
+        for session in held:
+            self.server.resume(session, self)
+
+    def _hold_expired(self) -> None:
+        self._hold_timer = None
+        if self._held and self._out_size >= LOW_WATER:
+            self._drop_slow(f"did not drain its backlog within {HOLD_SECONDS:g}s")
+
+    def _drop_slow(self, why: str = "") -> None:
+        reason = (f"dropped: {self._out_size} bytes of output queued "
+                  f"({why or f'over the {OUTPUT_LIMIT}-byte limit'}; the client is too "
+                  "slow or stopped reading)")
         self._out.clear()
         self._out_size = 0
         if self.conn.persistent:
@@ -268,6 +328,7 @@ class Connection:
         channels, self.channels = self.channels, {}
         for channel in channels.values():
             channel.on_detach()
+        self._release()
         self.handshake = p.ServerHandshake(self.agent.key)
         self._out.clear()
         self._out_size = 0
@@ -446,9 +507,12 @@ class AttachChannel:
         self.attached = True
 
     def _forward(self, stream: str, data: bytes) -> bool:
+        connection = self.connection
         for frame in p.encode_data(self.channel, data, stream):
-            if not self.connection.send_bytes(frame):
+            if not connection.send_bytes(frame):
                 return False
+        if connection.backlog > HOLD_AT and self.attached:
+            connection.hold(self.session)
         return True
 
     # listener interface (OutputFanout)
@@ -608,7 +672,7 @@ class CopyFromChannel:
 
     def pump(self) -> None:
         connection = self.connection
-        while self.file is not None and connection.backlog < COPY_LOW_WATER:
+        while self.file is not None and connection.backlog < LOW_WATER:
             if connection.channels.get(self.channel) is not self:
                 return self.on_detach()
             chunk = self.file.read(p.DATA_CHUNK)
