@@ -1,0 +1,195 @@
+"""The toolbox's TCLO duties, driven by the simulated hypervisor.
+
+The agent here is a small stand-in with the real event loop (running in a thread) and a
+real primary process; `test_toolbox_sandbox.py` drives the real agent in `tether sandbox`.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import threading
+
+import pytest
+
+from extraconfig.backdoor.rpci import RpciTransport
+from extraconfig.backdoor.simulator import SimulatedHypervisor
+from tether.config import Common, ExecutorConfig, SessionConfig
+from tether.loop import Loop
+from tether.toolbox import first_ipv4, start_toolbox, start_toolbox_for
+
+TIMEOUT = 60.0
+
+
+class ProcessSession:
+    """A primary session: a real process in its own group, signalled as a group."""
+
+    def __init__(self, script: str, stop_signal: str = ""):
+        self.id = "primary"
+        self.config = SessionConfig(common=Common(id=self.id), stop_signal=stop_signal)
+        self.proc = subprocess.Popen(["/bin/sh", "-c", script], start_new_session=True)
+        self.signals: list[int] = []
+
+    @property
+    def running(self) -> bool:
+        return self.proc.poll() is None
+
+    def signal(self, signum: int) -> None:
+        self.signals.append(signum)
+        if self.running:
+            os.killpg(self.proc.pid, signum)
+
+    def kill(self) -> None:
+        if self.running:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(TIMEOUT)
+
+
+class LoopAgent:
+    """What the toolbox uses of the agent: loop, config, sessions, request_stop."""
+
+    def __init__(self):
+        self.loop = Loop()
+        self.config = ExecutorConfig(common=Common(id="primary"))
+        self.sessions: dict = {}
+        self.stop_reasons: list[str] = []
+        self._done = False
+        self._thread = threading.Thread(
+            target=lambda: self.loop.run_until(lambda: self._done), daemon=True)
+        self._thread.start()
+
+    def request_stop(self, reason: str) -> None:
+        self.stop_reasons.append(reason)
+
+    def close(self) -> None:
+        self._done = True
+        self.loop.call_soon_threadsafe(lambda: None)
+        self._thread.join(TIMEOUT)
+        self.loop.close()
+
+
+@pytest.fixture
+def rig():
+    sim = SimulatedHypervisor()
+    agent = LoopAgent()
+    transport = RpciTransport(sim)
+    toolbox = start_toolbox_for(agent, transport, halt_grace=2.0, kill_wait=TIMEOUT)
+    sessions = []
+    try:
+        yield sim, agent, toolbox, sessions
+    finally:
+        toolbox.stop(timeout=TIMEOUT)
+        for session in sessions:
+            session.kill()
+        agent.close()
+
+
+def ask(sim, command: str) -> str:
+    sim.post_tclo(command)
+    reply = sim.wait_tclo_reply(command, TIMEOUT)
+    assert reply is not None, f"no reply to {command!r}"
+    return reply
+
+
+def test_reset_ping_and_unknown_commands(rig):
+    sim, *_ = rig
+    assert ask(sim, "reset") == "OK ATR toolbox"
+    assert ask(sim, "ping") == "OK "
+    assert ask(sim, "Vix_1_Relayed_Command x") == "ERROR Unknown Command"
+    assert ask(sim, "ping") == "OK "
+
+
+def test_capabilities_register(rig):
+    sim, *_ = rig
+    assert ask(sim, "Capabilities_Register") == "OK "
+    assert "tools.capability.statechange" in sim.capabilities
+    assert sim.tools_version == str(0x7FFFFFFF)
+
+
+def test_broadcast_ip_publishes_guestinfo_ip(rig):
+    sim, *_ = rig
+    address = first_ipv4()
+    if address is None:
+        pytest.skip("no interface here has a non-loopback IPv4 address")
+    ip_out = subprocess.run(["ip", "-4", "-o", "addr", "show"], capture_output=True,
+                            text=True, check=True).stdout
+    assert f" {address}/" in ip_out and not address.startswith("127.")
+    assert ask(sim, "Set_Option broadcastIP 1") == "OK "
+    assert sim.guestinfo["guestinfo.ip"] == address
+    assert ask(sim, "Set_Option synctime 0") == "OK "   # other options: acknowledged
+
+
+def test_reboot_is_refused_honestly(rig):
+    sim, agent, _, sessions = rig
+    primary = ProcessSession("sleep 600")
+    sessions.append(primary)
+    agent.sessions[primary.id] = primary
+    assert ask(sim, "OS_Reboot") == "OK "
+    assert sim.wait_for(lambda s: s.statechanges, TIMEOUT)
+    assert sim.statechanges == ["0 2"]
+    assert primary.running and primary.signals == [] and agent.stop_reasons == []
+
+
+@pytest.mark.parametrize("op,state", [("OS_PowerOn", 3), ("OS_Resume", 4), ("OS_Suspend", 5)])
+def test_power_ops_with_nothing_to_do_succeed(rig, op, state):
+    sim, agent, *_ = rig
+    assert ask(sim, op) == "OK "
+    assert sim.wait_for(lambda s: s.statechanges, TIMEOUT)
+    assert sim.statechanges == [f"1 {state}"]
+    assert agent.stop_reasons == []
+
+
+def test_halt_stops_primary_with_its_stop_signal(rig):
+    sim, agent, _, sessions = rig
+    primary = ProcessSession("trap 'exit 7' INT; while :; do sleep 0.1; done",
+                             stop_signal="SIGINT")
+    sessions.append(primary)
+    agent.sessions[primary.id] = primary
+    assert ask(sim, "OS_Halt") == "OK "
+    assert sim.wait_for(lambda s: s.statechanges, TIMEOUT)
+    assert sim.statechanges == ["1 1"]
+    assert primary.proc.wait(TIMEOUT) == 7
+    assert primary.signals == [signal.SIGINT]
+    assert sim.wait_for(lambda s: agent.stop_reasons, TIMEOUT)
+    assert "OS_Halt" in agent.stop_reasons[0]
+
+
+def test_halt_kills_a_primary_that_ignores_the_stop_signal(rig):
+    sim, agent, _, sessions = rig
+    primary = ProcessSession("trap '' TERM; while :; do sleep 0.1; done")
+    sessions.append(primary)
+    agent.sessions[primary.id] = primary
+    assert ask(sim, "OS_Halt") == "OK "
+    assert sim.wait_for(lambda s: s.statechanges, TIMEOUT)
+    assert primary.signals == [signal.SIGTERM, signal.SIGKILL]
+    assert primary.proc.wait(TIMEOUT) == -signal.SIGKILL
+    assert sim.statechanges == ["1 1"]
+    assert agent.stop_reasons
+
+
+def test_tclo_channel_failure_is_survived(rig):
+    sim, *_ = rig
+    assert ask(sim, "ping") == "OK "
+    opens = sim.counts["open"]
+    sim.inject("recvsize", 0)
+    assert ask(sim, "ping") == "OK "
+    assert sim.counts["open"] > opens
+
+
+def test_toolbox_is_only_for_backdoor_transports():
+    from extraconfig.transport import MapTransport
+    assert start_toolbox_for(object(), MapTransport({})) is None
+
+
+def test_stop_ends_the_poll_thread():
+    sim = SimulatedHypervisor()
+    agent = LoopAgent()
+    try:
+        toolbox = start_toolbox(agent, RpciTransport(sim).channel_factory)
+        assert sim.wait_for(lambda s: s.counts["recvsize"] >= 2, TIMEOUT)
+        toolbox.stop(timeout=TIMEOUT)
+        assert not toolbox._thread.is_alive()
+        assert sim.channels == {}   # the TCLO channel was closed
+    finally:
+        agent.close()
