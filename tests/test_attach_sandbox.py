@@ -247,12 +247,12 @@ def test_exec_a_second_process_with_a_tty(agent):
         assert stream.exit["code"] == 5
         states = {s["id"]: s for s in client.list()}
         assert states[stream.session]["status"] == 5 and states[cat.id]["running"]
-    result = None
     box.signal(15)
     result = box.wait()
     # Written back like a session: the exec's status is in the guestinfo.
-    assert any(k.endswith("/status") and v == "5" for k, v in result.guestinfo.items()
-               if stream.session in k), result.guestinfo
+    status_keys = {k: v for k, v in result.guestinfo.items()
+                   if stream.session in k and k.endswith(".status")}
+    assert list(status_keys.values()) == ["5"], status_keys
 
 
 def test_copy_to_and_from_a_10_mb_file(agent, tmp_path):
