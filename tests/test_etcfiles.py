@@ -10,7 +10,7 @@ import textwrap
 
 import pytest
 
-from tether.etcfiles import EtcFiles, _resolve_in_root
+from tether.etcfiles import EtcFiles, resolve_in_root
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -72,14 +72,14 @@ def test_resolv_stale_dhcp_servers_removed_on_renewal():
     assert etc.render_resolv().splitlines()[0] == "nameserver 10.1.0.99"
 
 
-def test_resolve_in_root_keeps_absolute_links_inside(tmp_path):
+def testresolve_in_root_keeps_absolute_links_inside(tmp_path):
     (tmp_path / "etc").mkdir()
     (tmp_path / "run" / "resolve").mkdir(parents=True)
     os.symlink("/run/resolve/stub.conf", tmp_path / "etc" / "resolv.conf")
     os.symlink("../../..", tmp_path / "run" / "resolve" / "up")
-    assert _resolve_in_root(str(tmp_path), "/etc/resolv.conf") == str(
+    assert resolve_in_root(str(tmp_path), "/etc/resolv.conf") == str(
         tmp_path / "run" / "resolve" / "stub.conf")
-    assert _resolve_in_root(str(tmp_path), "/run/resolve/up/etc") == str(tmp_path / "etc")
+    assert resolve_in_root(str(tmp_path), "/run/resolve/up/etc") == str(tmp_path / "etc")
 
 
 SCRIPT = textwrap.dedent("""

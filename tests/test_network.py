@@ -66,6 +66,25 @@ def test_find_interface_by_slot_in_a_fake_sysfs_tree(tmp_path):
         find_interface_name("eth9", links)
 
 
+def test_client_id_pieces():
+    from tether.network.clientid import client_id, siphash24, vmware_serial_to_uuid
+    # SipHash-2-4 vectors from the paper's reference implementation
+    key = bytes(range(16))
+    assert siphash24(key, b"") == 0x726FDB47DD0E0E31
+    assert siphash24(key, bytes(range(15))) == 0xA129CA6149BE45E5
+    assert siphash24(key, bytes(range(8))) == 0x93F5F5799A932462
+    assert vmware_serial_to_uuid(
+        "VMware-56 4d 7c 3a 9b 10 4e 2f-8a 11 22 33 44 55 66 77") == \
+        "564d7c3a-9b10-4e2f-8a11-223344556677"
+    assert vmware_serial_to_uuid("QEMU") is None
+    cid = client_id(bytes.fromhex("005056aabbcc"), "564d7c3a-9b10-4e2f-8a11-223344556677")
+    assert len(cid) == 4 + 2 + 4 + 8
+    assert cid[4:10] == b"\x00\x02\x00\x00\x1a\xdc"     # DUID-EN, PEN 6876
+    # stable per MAC and machine, different across MACs
+    assert cid == client_id(bytes.fromhex("005056aabbcc"), "564d7c3a-9b10-4e2f-8a11-223344556677")
+    assert cid[:4] != client_id(bytes.fromhex("005056aabbcd"), "x")[:4]
+
+
 # -- namespaces --------------------------------------------------------------------------------
 def _need_root_netns():
     if os.geteuid() != 0:
@@ -343,7 +362,6 @@ def test_missing_nic_gives_a_clear_error(netpair, child_factory):
 
 @pytest.mark.root
 def test_gratuitous_arp_sent_on_apply(netpair, child_factory):
-    import socket
     # listen for ARP on the peer side, inside its namespace, with a raw socket in a thread
     code = ("import socket,sys;s=socket.socket(socket.AF_PACKET,socket.SOCK_RAW,"
             "socket.htons(0x0806));s.bind(('peer0',0));s.settimeout(60);print('ready',flush=True)\n"

@@ -284,6 +284,25 @@ def test_failures_name_the_device_and_the_error(tmp_path):
     assert result["error"] == "unsupported volume mount type for w: weird"
 
 
+@pytest.mark.root
+def test_nfs_errors_name_the_host_and_device(tmp_path):
+    if os.geteuid() != 0 or not shutil.which("unshare"):
+        pytest.skip("needs root and unshare(1)")
+    result = run_in_mount_ns(tmp_path, {
+        "root": str(tmp_path / "root"), "staging": str(tmp_path / "staging"),
+        "mounts": {"n": {"scheme": "nfs", "host": "no-such-host.invalid", "path": "/exp",
+                         "dest": "/n", "mode": REFERENCE_NFS_MODE}}})
+    assert result["error"].startswith("volume n: cannot resolve NFS host no-such-host.invalid: ")
+    # a resolvable host: the mount itself is tried with addr= the resolved address, and
+    # whatever the kernel answers (no nfs here, or no server) is named with the device
+    result = run_in_mount_ns(tmp_path, {
+        "root": str(tmp_path / "root"), "staging": str(tmp_path / "staging"),
+        "mounts": {"n": {"scheme": "nfs", "host": "127.0.0.1", "path": "/exp",
+                         "dest": "/n", "mode": "ro,vers=3,proto=tcp,nolock,soft,timeo=10,retrans=1"}}})
+    assert result["error"].startswith(
+        f"volume n: cannot mount 127.0.0.1:/exp on {tmp_path}/root/n: 127.0.0.1: "), result
+
+
 def _kernel_has_nfs() -> str | None:
     try:
         text = open("/proc/filesystems").read()

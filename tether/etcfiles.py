@@ -141,7 +141,7 @@ class EtcFiles:
 
     def _read_seed_hosts(self) -> list[str]:
         try:
-            path = _resolve_in_root(self.root, "/etc/hosts")
+            path = resolve_in_root(self.root, "/etc/hosts")
             with open(path, encoding="utf-8", errors="replace") as f:
                 return f.read().splitlines()
         except (OSError, EtcFilesError):
@@ -167,7 +167,7 @@ class EtcFiles:
 
     def _mount_target(self, name: str) -> str:
         """`<root>/etc/<name>`, symlinks resolved inside the root, created empty if missing."""
-        target = _resolve_in_root(self.root, f"/etc/{name}")
+        target = resolve_in_root(self.root, f"/etc/{name}")
         if not os.path.exists(target):
             os.makedirs(os.path.dirname(target), mode=0o755, exist_ok=True)
             fd = os.open(target, os.O_WRONLY | os.O_CREAT, 0o644)
@@ -175,7 +175,7 @@ class EtcFiles:
         return target
 
 
-def _resolve_in_root(root: str, path: str, max_links: int = 40) -> str:
+def resolve_in_root(root: str, path: str, max_links: int = 40) -> str:
     """Follow symlinks as a chrooted process would, so `/etc/resolv.conf -> /run/...` in the
     image never resolves into the bootstrap root."""
     root = os.path.abspath(root)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import errno
 import os
 import socket
 import stat
@@ -217,8 +216,8 @@ class _Prepared:
 
 
 def _resolve_target(root: str, path: str) -> str:
-    from tether.etcfiles import _resolve_in_root
-    return _resolve_in_root(root, path)
+    from tether.etcfiles import resolve_in_root
+    return resolve_in_root(root, path)
 
 
 def _prepare_target(target: str) -> _Prepared:
