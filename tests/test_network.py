@@ -455,6 +455,9 @@ def test_dhcp_lease_writeback_renewal_and_server_restart(netpair, dnsmasq, child
     assert netpair.agent_json("link", "show", "public")[0]["mtu"] == 1420   # option 26
 
     # the reference's client id (type 255, IAID + DUID-EN with VMware's PEN) and hostname
+    deadline = time.monotonic() + 20      # dnsmasq writes its lease file around the ACK
+    while not dnsmasq.leases.read_text().strip() and time.monotonic() < deadline:
+        time.sleep(0.1)
     lease_line = dnsmasq.leases.read_text().split()
     assert lease_line[2] == ip and lease_line[3] == "c0ffee123456"
     client_id = bytes.fromhex(lease_line[4].replace(":", ""))
