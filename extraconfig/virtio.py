@@ -145,6 +145,27 @@ def find_port(name: str = PORT_NAME, sys_root: str = "/sys", dev_root: str = "/d
     return None
 
 
+VIRTIO_ID_CONSOLE = 0x0003
+
+
+def has_console_device(sys_root: str = "/sys") -> bool:
+    """Whether a virtio console (virtio-serial) device is on the bus. Its ports are
+    announced by the host after the device probes, so they may still be on their way."""
+    base = os.path.join(sys_root, "bus", "virtio", "devices")
+    try:
+        devices = os.listdir(base)
+    except OSError:
+        return False
+    for device in devices:
+        try:
+            with open(os.path.join(base, device, "device")) as f:
+                if int(f.read().strip(), 16) == VIRTIO_ID_CONSOLE:
+                    return True
+        except (OSError, ValueError):
+            continue
+    return False
+
+
 class VirtioSerialTransport:
     """info_get/info_set over a connected byte stream (the port's fd, or a socket in tests).
 
@@ -250,8 +271,8 @@ def open_transport(log: Callable[[str], None] | object = None, name: str = PORT_
     deadline = time.monotonic() + wait
     path = find_port(name, sys_root, dev_root)
     while path is None and time.monotonic() < deadline:
-        if not os.path.isdir(os.path.join(sys_root, "class", "virtio-ports")):
-            break   # no virtio-serial device at all: nothing will appear
+        if not has_console_device(sys_root):
+            break   # no virtio-serial device at all: no port will appear
         time.sleep(0.05)
         path = find_port(name, sys_root, dev_root)
     if path is None:

@@ -1,0 +1,732 @@
+"""`tether vm`: boot an ExecutorConfig in a QEMU VM, playing the VIC port layer's part.
+
+    tether vm CONFIG.json [--image build/] [--rootfs-disk IMG] [--attach] [--out FILE]
+              [--timeout S] [--net NAME=BACKEND] [--disk IMG] [--netns NS] ...
+
+The config is encoded to guestinfo keys (vmomi rules: `""` stored as `<nil>`), QEMU
+(TCG) boots the bootstrap ISO with the containerfs disk, one virtio-net NIC per network
+endpoint at a fixed PCI address, and virtio-serial ports backed by unix sockets this
+process listens on before QEMU starts (a guest write on an unconnected port blocks):
+
+    org.tether.guestinfo   info-get / info-set, answered here like the VMX would
+    org.tether.output      session output (iolog framing), the primary's echoed to stdout
+    org.tether.attach      the attach protocol, for --attach
+
+It waits for the primary's `started`, optionally attaches to the primary, waits for the
+guest to power off, prints the final guestinfo map (VMX lines, `<nil>` read back as
+empty) and exits with the primary's status. A VM still running at --timeout is killed
+and the end of its serial console is shown. Every run has its own temporary directory,
+so several VMs can run at once.
+
+PCI layout (root bus): 03 virtio-rng, 04 virtio-serial, 05-0f NICs (endpoints in name
+order unless their ID names a slot), 10 the containerfs disk, 11-1f further disks.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import re
+import selectors
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+GUESTINFO_PORT = "org.tether.guestinfo"
+OUTPUT_PORT = "org.tether.output"
+ATTACH_PORT = "org.tether.attach"
+RNG_SLOT = 0x03
+SERIAL_SLOT = 0x04
+FIRST_NIC_SLOT, LAST_NIC_SLOT = 0x05, 0x0F
+CONTAINERFS_SLOT = 0x10
+FIRST_DISK_SLOT, LAST_DISK_SLOT = 0x11, 0x1F
+NIL = "<nil>"
+DEFAULT_TIMEOUT = 120.0
+EXIT_TIMEOUT = 124
+EXIT_NOT_STARTED = 127
+
+_PCI_ADDRESS = re.compile(r"^(?:0000:)?00:([0-9a-fA-F]{2})\.0$")
+_MAC = re.compile(r"^[0-9a-fA-F]{2}(?::[0-9a-fA-F]{2}){5}$")
+
+
+class VmError(RuntimeError):
+    """Something the user can fix: a missing image, a bad option, a NIC that does not fit."""
+
+
+# --------------------------------------------------------------------------- plain data
+
+@dataclasses.dataclass
+class Nic:
+    network: str        # the endpoint's name in the config
+    slot: int           # PCI device number on the root bus
+    mac: str
+    backend: str        # QEMU -netdev options without the id
+
+    @property
+    def pci_address(self) -> str:
+        return f"0000:00:{self.slot:02x}.0"
+
+
+@dataclasses.dataclass
+class Disk:
+    path: str
+    slot: int
+    snapshot: bool = False      # writes go to a throw-away overlay; the image stays as it is
+    readonly: bool = False
+
+
+@dataclasses.dataclass
+class MachineSpec:
+    iso: str
+    disks: list[Disk]
+    nics: list[Nic]
+    memory_mb: int = 512
+    kernel: str | None = None       # direct kernel boot (to pass kernel arguments); the ISO
+    initrd: str | None = None       # still carries the root image
+    kernel_args: str = ""
+    netns: str | None = None
+    qemu: str = "qemu-system-x86_64"
+
+
+def backend_options(backend: str) -> str:
+    """`user` (isolated slirp), `tap:IFNAME`, or raw QEMU -netdev options."""
+    if backend in ("", "user"):
+        return "user,restrict=on"
+    if backend.startswith("tap:"):
+        return f"tap,ifname={backend[4:]},script=no,downscript=no"
+    return backend
+
+
+def _slot_of(endpoint_id: str) -> int | None:
+    match = _PCI_ADDRESS.match(endpoint_id)
+    if match:
+        return int(match.group(1), 16)
+    if endpoint_id.isdigit():       # a VMware PCI slot number: only root-bus slots map here
+        number = int(endpoint_id)
+        if number >> 5 == 0:
+            return number
+        raise VmError(f"endpoint ID {endpoint_id} is a VMware slot behind a PCI bridge; "
+                      "under QEMU use a root-bus slot or a PCI address like 0000:00:05.0")
+    return None
+
+
+def assign_nics(config, backends: dict[str, str] | None = None,
+                mac_prefix: str | None = None) -> list[Nic]:
+    """One NIC per network endpoint, as the port layer would add them. An endpoint whose
+    ID names a PCI slot (address or VMware slot number) gets that slot, one whose ID is a
+    MAC gets that MAC; the others get the next free slot, and their ID is set to the PCI
+    address so the agent finds the NIC by it. Mutates `config.networks` accordingly."""
+    backends = dict(backends or {})
+    endpoints = {name: ep for name, ep in sorted((config.networks or {}).items()) if ep is not None}
+    unknown = set(backends) - set(endpoints)
+    if unknown:
+        raise VmError(f"--net names no network endpoint of the config: {', '.join(sorted(unknown))}")
+    prefix = mac_prefix or "52:54:00:%02x:%02x" % tuple(os.urandom(2))
+    taken: dict[int, str] = {}
+    wanted: dict[str, int | None] = {}
+    for name, endpoint in endpoints.items():
+        slot = _slot_of(endpoint.common.id or "")
+        if slot is not None:
+            if not FIRST_NIC_SLOT <= slot <= LAST_NIC_SLOT:
+                raise VmError(f"network {name}: PCI slot {slot:#04x} is outside the NIC range "
+                              f"{FIRST_NIC_SLOT:#04x}-{LAST_NIC_SLOT:#04x}")
+            if slot in taken:
+                raise VmError(f"networks {taken[slot]} and {name} both ask for PCI slot {slot:#04x}")
+            taken[slot] = name
+        wanted[name] = slot
+    free = (s for s in range(FIRST_NIC_SLOT, LAST_NIC_SLOT + 1) if s not in taken)
+    nics = []
+    for name, endpoint in endpoints.items():
+        endpoint_id = endpoint.common.id or ""
+        slot = wanted[name]
+        if slot is None:
+            slot = next(free, None)
+            if slot is None:
+                raise VmError(f"too many networks: at most {LAST_NIC_SLOT - FIRST_NIC_SLOT + 1}")
+        mac = endpoint_id.lower() if _MAC.match(endpoint_id) else f"{prefix}:{slot:02x}"
+        nic = Nic(name, slot, mac, backend_options(backends.get(name, "user")))
+        if not endpoint_id:
+            endpoint.common.id = nic.pci_address
+        nics.append(nic)
+    return nics
+
+
+def qemu_argv(spec: MachineSpec, sockets: dict[str, str]) -> list[str]:
+    """The QEMU command line. `sockets`: console and each port name -> unix socket path."""
+    argv = [spec.qemu, "-nodefaults", "-no-user-config", "-machine", "pc", "-accel", "tcg",
+            "-m", str(spec.memory_mb), "-smp", "1", "-display", "none", "-no-reboot",
+            "-chardev", f"socket,id=console,path={sockets['console']}",
+            "-serial", "chardev:console",
+            "-drive", f"file={spec.iso},media=cdrom,readonly=on,if=ide,index=2",
+            "-device", f"virtio-rng-pci,addr={RNG_SLOT:#x}",
+            "-device", f"virtio-serial-pci,id=vser0,addr={SERIAL_SLOT:#x}"]
+    if spec.kernel:
+        argv += ["-kernel", spec.kernel, "-initrd", spec.initrd or "",
+                 "-append", f"console=ttyS0 panic=-1 quiet {spec.kernel_args}".strip()]
+    else:
+        argv += ["-boot", "d"]
+    for index, port in enumerate((GUESTINFO_PORT, OUTPUT_PORT, ATTACH_PORT)):
+        argv += ["-chardev", f"socket,id=port{index},path={sockets[port]}",
+                 "-device", f"virtserialport,bus=vser0.0,chardev=port{index},name={port}"]
+    for index, disk in enumerate(spec.disks):
+        options = f"file={disk.path},if=none,id=disk{index},format=raw"
+        if disk.snapshot:
+            options += ",snapshot=on"
+        if disk.readonly:
+            options += ",readonly=on"
+        argv += ["-drive", options,
+                 "-device", f"virtio-blk-pci,drive=disk{index},addr={disk.slot:#x}"]
+    for index, nic in enumerate(spec.nics):
+        argv += ["-netdev", f"{nic.backend},id=net{index}",
+                 "-device", f"virtio-net-pci,netdev=net{index},addr={nic.slot:#x},mac={nic.mac},romfile="]
+    if spec.netns:
+        argv = ["ip", "netns", "exec", spec.netns] + argv
+    return argv
+
+
+# --------------------------------------------------------------------------- the VMX's part
+
+class VmxGuestinfo:
+    """The VM's extraConfig as vSphere keeps it: values `""` are stored as `<nil>` (an empty
+    OptionValue would delete the key), and read back through vmomi as `""`."""
+
+    def __init__(self, keys: dict[str, str], on_set=None):
+        self._lock = threading.Lock()
+        self.data = {key: (NIL if value == "" else value) for key, value in keys.items()}
+        self.on_set = on_set
+        self.requests = 0
+
+    def info_get(self, key: str) -> str | None:
+        with self._lock:
+            self.requests += 1
+            return self.data.get(key)
+
+    def info_set(self, key: str, value: str) -> None:
+        with self._lock:
+            self.requests += 1
+            self.data[key] = value
+        if self.on_set is not None:
+            self.on_set(key, value)
+
+    def final_map(self) -> dict[str, str]:
+        with self._lock:
+            return {key: ("" if value == NIL else value) for key, value in sorted(self.data.items())}
+
+
+def primary_started_key(config) -> str:
+    from extraconfig import calculate_key
+    return calculate_key(config, f"Sessions.{config.id}.Started")
+
+
+# --------------------------------------------------------------------------- the machine
+
+class _OutputReader:
+    """Splits the iolog stream into entries as bytes arrive (entries can be cut anywhere)."""
+
+    def __init__(self, on_entry):
+        self._buffer = bytearray()
+        self.on_entry = on_entry
+
+    def feed(self, data: bytes) -> None:
+        import base64
+        import struct
+        from tether import iolog
+        self._buffer += data
+        while len(self._buffer) >= iolog.ENCODED_HEADER_LEN:
+            try:
+                header = base64.b64decode(bytes(self._buffer[:iolog.ENCODED_HEADER_LEN]))
+                _, word = struct.unpack("<qH", header[:iolog.HEADER_LEN])
+            except (ValueError, struct.error):
+                self._buffer.clear()     # not iolog framing: drop, keep running
+                return
+            end = iolog.ENCODED_HEADER_LEN + (word >> 4)
+            if len(self._buffer) < end:
+                return
+            blob = bytes(self._buffer[:end])
+            del self._buffer[:end]
+            try:
+                for entry in iolog.parse(blob):
+                    self.on_entry(entry)
+            except iolog.FramingError:
+                pass
+
+
+class Machine:
+    """One QEMU process and the host ends of its serial ports, served on a thread."""
+
+    def __init__(self, spec: MachineSpec, guestinfo: VmxGuestinfo, workdir: str,
+                 echo_console=None, on_output=None):
+        self.spec = spec
+        self.guestinfo = guestinfo
+        self.workdir = workdir
+        self.echo_console = echo_console    # callable(bytes) or None
+        self.on_output = on_output          # callable(entry) or None
+        self.sockets = {name: os.path.join(workdir, f"{name}.sock")
+                        for name in ("console", GUESTINFO_PORT, OUTPUT_PORT, ATTACH_PORT)}
+        self.console_log = os.path.join(workdir, "console.log")
+        self.output_log = os.path.join(workdir, "output.log")
+        self.process: subprocess.Popen | None = None
+        self.marks: dict[str, float] = {}
+        self.attach_connected = threading.Event()
+        self.attach_sock: socket.socket | None = None
+        self._listeners: dict[str, socket.socket] = {}
+        self._selector = selectors.DefaultSelector()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._files = {}
+
+    # -- lifecycle
+    def start(self) -> None:
+        from extraconfig.virtio import Deframer
+        self._deframer = Deframer()
+        self._files["console"] = open(self.console_log, "wb")
+        self._files["output"] = open(self.output_log, "wb")
+        self._output_reader = _OutputReader(self._entry)
+        for name, path in self.sockets.items():
+            listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            listener.bind(path)
+            listener.listen(1)
+            listener.setblocking(False)
+            self._listeners[name] = listener
+            self._selector.register(listener, selectors.EVENT_READ, ("accept", name))
+        argv = qemu_argv(self.spec, self.sockets)
+        with open(os.path.join(self.workdir, "qemu.argv"), "w") as f:
+            f.write(" ".join(argv) + "\n")
+        self.marks["qemu_start"] = time.monotonic()
+        self._qemu_stderr = open(os.path.join(self.workdir, "qemu.stderr"), "wb")
+        self.process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=self._qemu_stderr,
+                                        stderr=subprocess.STDOUT, start_new_session=True)
+        self._thread = threading.Thread(target=self._serve, name="tether-vm-ports", daemon=True)
+        self._thread.start()
+
+    def wait(self, timeout: float) -> int | None:
+        """QEMU's exit status, or None when it still runs after `timeout` seconds."""
+        try:
+            code = self.process.wait(timeout=max(0.0, timeout))
+        except subprocess.TimeoutExpired:
+            return None
+        self.marks.setdefault("qemu_exit", time.monotonic())
+        # QEMU is gone: let the port thread read what the sockets still hold.
+        deadline = time.monotonic() + 2.0
+        while self._thread.is_alive() and self._open_connections() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return code
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            try:
+                os.killpg(self.process.pid, signal.SIGKILL)     # QEMU leads its own group
+            except ProcessLookupError:
+                pass
+            self.process.wait()
+
+    def close(self) -> None:
+        self.kill()
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        for key in list(self._selector.get_map().values()):
+            key.fileobj.close()
+        self._selector.close()
+        if self.attach_sock is not None:
+            self.attach_sock.close()
+        for f in self._files.values():
+            f.close()
+        if getattr(self, "_qemu_stderr", None):
+            self._qemu_stderr.close()
+
+    def console_text(self) -> str:
+        self._files["console"].flush()
+        with open(self.console_log, "rb") as f:
+            return f.read().decode("utf-8", "replace").replace("\r\n", "\n")
+
+    def qemu_errors(self) -> str:
+        self._qemu_stderr.flush()
+        with open(os.path.join(self.workdir, "qemu.stderr"), "rb") as f:
+            return f.read().decode("utf-8", "replace")
+
+    # -- the port thread
+    def _open_connections(self) -> bool:
+        return any(data[0] == "read" for data in
+                   (key.data for key in self._selector.get_map().values()))
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            for key, _ in self._selector.select(timeout=0.2):
+                kind, name = key.data
+                try:
+                    if kind == "accept":
+                        self._accept(key.fileobj, name)
+                    else:
+                        self._read(key.fileobj, name)
+                except Exception as err:   # noqa: BLE001 - keep serving the other ports
+                    print(f"tether vm: port {name}: {err}", file=sys.stderr)
+                    self._drop(key.fileobj)
+            if self.process is not None and self.process.poll() is not None \
+                    and not self._open_connections():
+                return
+
+    def _accept(self, listener: socket.socket, name: str) -> None:
+        try:
+            conn, _ = listener.accept()
+        except BlockingIOError:
+            return
+        self._selector.unregister(listener)
+        listener.close()
+        if name == ATTACH_PORT:        # the attach client (main thread) owns this one
+            conn.setblocking(True)
+            self.attach_sock = conn
+            self.attach_connected.set()
+            return
+        conn.setblocking(False)
+        self._selector.register(conn, selectors.EVENT_READ, ("read", name))
+
+    def _drop(self, conn) -> None:
+        try:
+            self._selector.unregister(conn)
+        except (KeyError, ValueError):
+            pass
+        conn.close()
+
+    def _read(self, conn: socket.socket, name: str) -> None:
+        try:
+            data = conn.recv(65536)
+        except BlockingIOError:
+            return
+        if not data:
+            self._drop(conn)
+            return
+        now = time.monotonic()
+        if name == "console":
+            self.marks.setdefault("console_first", now)
+            self._files["console"].write(data)
+            self._files["console"].flush()
+            if self.echo_console is not None:
+                self.echo_console(data)
+        elif name == OUTPUT_PORT:
+            self._files["output"].write(data)
+            self._files["output"].flush()
+            self._output_reader.feed(data)
+        elif name == GUESTINFO_PORT:
+            self.marks.setdefault("agent_start", now)
+            from extraconfig.virtio import answer, frame
+            replies = [frame(answer(request, self.guestinfo.info_get, self.guestinfo.info_set))
+                       for request in self._deframer.feed(data)]
+            if replies:
+                conn.setblocking(True)
+                try:
+                    conn.sendall(b"".join(replies))
+                finally:
+                    conn.setblocking(False)
+
+    def _entry(self, entry) -> None:
+        self.marks.setdefault("output_first", time.monotonic())
+        if self.on_output is not None:
+            self.on_output(entry)
+
+
+# --------------------------------------------------------------------------- a whole run
+
+@dataclasses.dataclass
+class VmResult:
+    exit_code: int
+    qemu_status: int | None         # None: killed at the timeout
+    guestinfo: dict[str, str]       # the final map, as the port layer reads it back
+    config: object | None           # the final map decoded (None if it does not decode)
+    console: str
+    marks: dict[str, float]
+    workdir: str
+    message: str = ""
+
+
+class VmRun:
+    """Boots one config and collects the result: the library form of `tether vm`."""
+
+    def __init__(self, config, image_dir: str, *, rootfs_disk: str | None = None,
+                 disks: list[str] | None = None, nets: dict[str, str] | None = None,
+                 netns: str | None = None, debug_image: bool = False,
+                 kernel_args: str = "", extra_guestinfo: dict[str, str] | None = None,
+                 memory_mb: int = 512, echo_console=None, on_output=None,
+                 workdir: str | None = None):
+        from extraconfig import encode
+        image_dir = os.path.abspath(image_dir)
+        iso = os.path.join(image_dir, "bootstrap-debug.iso" if debug_image else "bootstrap.iso")
+        if not os.path.isfile(iso):
+            raise VmError(f"no {iso}: build the image first (init/build, or make image)")
+        self.config = config
+        self.nics = assign_nics(config, nets)
+        self.workdir = workdir or tempfile.mkdtemp(prefix="tether-vm-")
+        os.makedirs(self.workdir, exist_ok=True)
+        disk_list = []
+        if rootfs_disk is None:
+            default = os.path.join(image_dir, "containerfs.img")
+            if os.path.isfile(default):
+                disk_list.append(Disk(default, CONTAINERFS_SLOT, snapshot=True))
+        else:
+            if not os.path.isfile(rootfs_disk):
+                raise VmError(f"--rootfs-disk {rootfs_disk}: no such file")
+            disk_list.append(Disk(os.path.abspath(rootfs_disk), CONTAINERFS_SLOT))
+        for index, path in enumerate(disks or []):
+            if FIRST_DISK_SLOT + index > LAST_DISK_SLOT:
+                raise VmError("too many disks")
+            if not os.path.isfile(path):
+                raise VmError(f"--disk {path}: no such file")
+            disk_list.append(Disk(os.path.abspath(path), FIRST_DISK_SLOT + index))
+        kernel = initrd = None
+        if kernel_args:
+            kernel, initrd = os.path.join(image_dir, "vmlinuz"), os.path.join(image_dir, "stage0.cpio.gz")
+            if debug_image:
+                kernel_args = f"tether.image=debug {kernel_args}"
+        self.spec = MachineSpec(iso=iso, disks=disk_list, nics=self.nics, memory_mb=memory_mb,
+                                kernel=kernel, initrd=initrd, kernel_args=kernel_args, netns=netns)
+        keys = encode(config)
+        keys.update(extra_guestinfo or {})
+        self.started_key = primary_started_key(config) if config.id in (config.sessions or {}) else None
+        self.started = threading.Event()
+        self.guestinfo = VmxGuestinfo(keys, on_set=self._on_set)
+        self.machine = Machine(self.spec, self.guestinfo, self.workdir,
+                               echo_console=echo_console, on_output=on_output)
+
+    def _on_set(self, key: str, value: str) -> None:
+        if key == self.started_key and value not in ("", NIL):
+            self.machine.marks.setdefault("started", time.monotonic())
+            self.started.set()
+
+    def start(self) -> None:
+        self.machine.start()
+
+    def wait_started(self, timeout: float) -> str | None:
+        """The primary's `started` value once written (`true` or the error), else None."""
+        if self.started.wait(timeout):
+            return self.guestinfo.final_map().get(self.started_key)
+        return None
+
+    def finish(self, timeout: float) -> VmResult:
+        """Wait for the guest to power off (kill it at the timeout) and collect."""
+        qemu_status = self.machine.wait(timeout)
+        message = ""
+        if qemu_status is None:
+            self.machine.kill()
+            message = f"the VM did not power off within the timeout; killed"
+        elif qemu_status != 0:
+            message = f"QEMU exited with status {qemu_status}: {self.machine.qemu_errors().strip()}"
+        final = self.guestinfo.final_map()
+        decoded, code, reason = self._exit_code(final)
+        if qemu_status is None:
+            code = EXIT_TIMEOUT
+        if reason and not message:
+            message = reason
+        return VmResult(code, qemu_status, final, decoded, self.machine.console_text(),
+                        dict(self.machine.marks), self.workdir, message)
+
+    def _exit_code(self, final: dict[str, str]):
+        from extraconfig import decode
+        from tether.config import ExecutorConfig
+        try:
+            decoded = decode(final, ExecutorConfig)
+        except Exception as err:   # noqa: BLE001 - report, don't crash the launcher
+            return None, 1, f"the final guestinfo does not decode: {err}"
+        primary = (decoded.sessions or {}).get(decoded.id)
+        if primary is None:
+            return decoded, 1, f"the config has no primary session (one with the ID {decoded.id!r})"
+        if primary.started != "true":
+            return decoded, EXIT_NOT_STARTED, (f"the primary did not start: {primary.started}"
+                                               if primary.started else "the primary never started")
+        if primary.exit_status == -1:
+            return decoded, 128 + _signal_of(primary), ""
+        return decoded, primary.exit_status & 0xFF, ""
+
+    def close(self, keep: bool = False) -> None:
+        self.machine.close()
+        if not keep:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def _signal_of(session) -> int:
+    for log in reversed(session.exit_logs or []):
+        match = re.search(r"signal (\d+)|SIG([A-Z]+)", getattr(log, "message", "") or "")
+        if match and match.group(1):
+            return int(match.group(1))
+        if match:
+            try:
+                return int(signal.Signals["SIG" + match.group(2)])
+            except KeyError:
+                pass
+    return signal.SIGKILL
+
+
+# --------------------------------------------------------------------------- attach
+
+def attach_primary(run: VmRun, deadline: float, stdin=None, stdout=None) -> int | None:
+    """Attach to the primary over org.tether.attach: stdin in, output out, until it exits.
+    Returns the exit code the attach stream reported, if any."""
+    from tether.attach import transports
+    from tether.attach.client import Client, ClientError
+    stdin = sys.stdin.buffer if stdin is None else stdin
+    stdout = sys.stdout.buffer if stdout is None else stdout
+    if not run.machine.attach_connected.wait(max(0.0, deadline - time.monotonic())):
+        raise VmError("QEMU never connected the attach port")
+    sock = run.machine.attach_sock
+    conn = transports.Conn(sock.fileno(), "virtio-serial org.tether.attach", sock=sock)
+    client = Client(conn, run.config.key or b"", timeout=max(1.0, deadline - time.monotonic()))
+    run.machine.attach_sock = None      # the client owns (and closes) it now
+    client.handshake()
+    primary = run.config.id
+    while True:
+        try:
+            stream = client.attach(primary, replay=True)
+            break
+        except ClientError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+    session = run.config.sessions[primary]
+    if session.run_block:
+        client.unblock(primary)
+    import select
+    stdin_fd = stdin.fileno() if stdin is not False else None
+    exit_code = None
+    while not stream.closed and time.monotonic() < deadline:
+        readable = [client.fileno()] + ([stdin_fd] if stdin_fd is not None else [])
+        ready, _, _ = select.select(readable, [], [], 0.5)
+        if stdin_fd in ready:
+            data = os.read(stdin_fd, 65536)
+            if data:
+                stream.write(data)
+            else:
+                stream.close_stdin()
+                stdin_fd = None
+        client.pump(0)
+        for kind, value in stream.pending():
+            if kind == "exit":
+                exit_code = value
+                stream.closed = True
+                break
+            stdout.write(value)
+            stdout.flush()
+    client.close()
+    return exit_code
+
+
+# --------------------------------------------------------------------------- the command
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="tether vm", description="Boot a config in a QEMU VM, playing the port layer.")
+    parser.add_argument("config", help="the ExecutorConfig in JSON form")
+    parser.add_argument("--image", default="build", help="directory of init/build's outputs (build/)")
+    parser.add_argument("--rootfs-disk", help="container image disk (ext4 labelled containerfs); "
+                        "default: the image's containerfs.img, with writes discarded")
+    parser.add_argument("--disk", action="append", default=[], help="another disk (e.g. for a "
+                        "label:// volume), PCI slot 0x11 onwards; repeatable")
+    parser.add_argument("--net", action="append", default=[], metavar="NAME=BACKEND",
+                        help="network endpoint backend: user (isolated slirp, default), "
+                        "tap:IFNAME, or raw -netdev options")
+    parser.add_argument("--netns", help="run QEMU in this network namespace (for tap backends)")
+    parser.add_argument("--attach", action="store_true", help="attach stdin/stdout to the primary")
+    parser.add_argument("--out", help="write the final guestinfo map here as JSON (default: "
+                        "VMX lines on stdout)")
+    parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT,
+                        help=f"kill the VM after this many seconds (default {DEFAULT_TIMEOUT:g})")
+    parser.add_argument("--guestinfo", action="append", default=[], metavar="KEY=VALUE",
+                        help="an extra guestinfo key, e.g. guestinfo.bootstrap-shell=true")
+    parser.add_argument("--debug-image", action="store_true",
+                        help="boot bootstrap-debug.iso (a shell when guestinfo bootstrap-shell=true)")
+    parser.add_argument("--kernel-args", default="", help="extra kernel arguments, e.g. "
+                        "tether.debug=2 (boots the image's kernel directly; root still on the ISO)")
+    parser.add_argument("--memory", type=int, default=512, help="guest memory in MiB")
+    parser.add_argument("--console", action="store_true", help="show the serial console on stderr")
+    parser.add_argument("--keep", action="store_true", help="keep the run directory (logs, sockets)")
+    return parser.parse_args(argv)
+
+
+def _pairs(items: list[str], what: str) -> dict[str, str]:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise VmError(f"{what} {item!r}: expected NAME=VALUE")
+        out[key] = value
+    return out
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    from tether.jsonform import ConfigError, load_config
+    try:
+        config = load_config(args.config)
+        nets = _pairs(args.net, "--net")
+        extra = _pairs(args.guestinfo, "--guestinfo")
+    except (ConfigError, VmError, OSError) as err:
+        print(f"tether vm: {err}", file=sys.stderr)
+        return 2
+    if shutil.which("qemu-system-x86_64") is None:
+        print("tether vm: qemu-system-x86_64 not found (apt-get install qemu-system-x86)",
+              file=sys.stderr)
+        return 2
+
+    def echo_console(data: bytes) -> None:
+        sys.stderr.buffer.write(data.replace(b"\r\n", b"\n"))
+        sys.stderr.buffer.flush()
+
+    def echo_output(entry) -> None:
+        if entry.session is None:      # the primary's output, as docker run shows it
+            stream = sys.stdout.buffer if entry.stream == 0 else sys.stderr.buffer
+            stream.write(entry.data)
+            stream.flush()
+
+    try:
+        run = VmRun(config, args.image, rootfs_disk=args.rootfs_disk, disks=args.disk,
+                    nets=nets, netns=args.netns, debug_image=args.debug_image,
+                    kernel_args=args.kernel_args, extra_guestinfo=extra, memory_mb=args.memory,
+                    echo_console=echo_console if args.console else None,
+                    on_output=None if args.attach else echo_output)
+    except VmError as err:
+        print(f"tether vm: {err}", file=sys.stderr)
+        return 2
+    deadline = time.monotonic() + args.timeout
+    try:
+        run.start()
+        if args.attach:
+            try:
+                attach_primary(run, deadline)
+            except Exception as err:   # noqa: BLE001 - the VM result still counts
+                print(f"tether vm: attach failed: {err}", file=sys.stderr)
+        result = run.finish(deadline - time.monotonic())
+    except KeyboardInterrupt:
+        run.close(keep=args.keep)
+        return 130
+    try:
+        report(result, args.out, show_console=not args.console)
+    finally:
+        run.close(keep=args.keep)
+        if args.keep:
+            print(f"tether vm: run directory kept: {run.workdir}", file=sys.stderr)
+    return result.exit_code
+
+
+def report(result: VmResult, out: str | None, show_console: bool = True) -> None:
+    if out:
+        import json
+        with open(out, "w") as f:
+            json.dump(result.guestinfo, f, indent=1, sort_keys=True)
+            f.write("\n")
+    else:
+        from extraconfig.transport import format_vmx
+        sys.stdout.write(format_vmx(result.guestinfo))
+    sys.stdout.flush()
+    if result.message:
+        print(f"tether vm: {result.message}", file=sys.stderr)
+    failed = result.qemu_status != 0 or result.exit_code in (EXIT_TIMEOUT, EXIT_NOT_STARTED)
+    if failed and show_console:
+        tail = "\n".join(result.console.splitlines()[-60:])
+        print(f"tether vm: serial console (last lines):\n{tail}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
