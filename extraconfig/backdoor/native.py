@@ -3,8 +3,9 @@
 An `inl` on port 0x5658 without I/O permission raises #GP (SIGSEGV kills the process);
 with permission on a machine without the backdoor it returns garbage. So the order is:
 the C extension must be importable; CPUID must report a hypervisor (bare metal never
-has the backdoor); the hypervisor must be one that can implement it (VMware, or QEMU/KVM
-with `vmport=on`); this thread must be granted the ports (ioperm/iopl); only then is
+has the backdoor); the hypervisor must not be one known to lack it (Hyper-V, Xen, ...:
+VMware has it, and so has QEMU with `vmport=on`, whatever vendor string QEMU shows);
+this thread must be granted the ports (ioperm/iopl); only then is
 GETVERSION sent, and the backdoor counts as present only if it answers with the magic in
 ebx (we put its complement there).
 """
@@ -27,9 +28,14 @@ else:
     if not _portio.SUPPORTED:
         _portio = None
 
-# Hypervisors whose backdoor we may probe: VMware's own, and QEMU (KVM or TCG), whose
-# vmport device answers GETVERSION. Others (Hyper-V, Xen, ...) are left alone.
-PROBED_VENDORS = {"VMwareVMware": "VMware", "KVMKVMKVM": "KVM", "TCGTCGTCGTCG": "QEMU TCG"}
+# CPUID hypervisor vendors, by name for the log. QEMU's vmport device answers GETVERSION
+# under KVM and TCG (TCG may show no vendor leaf at all), so any hypervisor is probed
+# except those known to have no VMware backdoor, whose ports are left alone.
+VENDOR_NAMES = {"VMwareVMware": "VMware", "KVMKVMKVM": "KVM", "TCGTCGTCGTCG": "QEMU TCG",
+                "Microsoft Hv": "Hyper-V", "XenVMMXenVMM": "Xen", "VBoxVBoxVBox": "VirtualBox",
+                "ACRNACRNACRN": "ACRN", "bhyve bhyve": "bhyve", "QNXQVMBSQG": "QNX"}
+NO_BACKDOOR = {"Microsoft Hv", "XenVMMXenVMM", "VBoxVBoxVBox", "ACRNACRNACRN",
+               "bhyve bhyve", "QNXQVMBSQG"}
 
 
 @dataclass
@@ -82,7 +88,7 @@ def hypervisor_vendor() -> str | None:
         if not (_portio.cpuid(1)[2] >> 31) & 1:
             return None
         _, b, c, d = _portio.cpuid(0x40000000)
-        return struct.pack("<III", b, c, d).rstrip(b"\0").decode("ascii", "replace")
+        return struct.pack("<III", b, c, d).rstrip(b"\0 ").decode("ascii", "replace")
     return _vendor_from_proc()
 
 
@@ -113,8 +119,8 @@ def probe(ports=None) -> Probe:
     vendor = hypervisor_vendor()
     if vendor is None:
         return Probe(False, "CPUID reports no hypervisor (bare metal has no VMware backdoor)")
-    if vendor not in PROBED_VENDORS:
-        return Probe(False, f"hypervisor {vendor!r} is not one with a VMware backdoor", vendor)
+    if vendor in NO_BACKDOOR:
+        return Probe(False, f"hypervisor {VENDOR_NAMES[vendor]} has no VMware backdoor", vendor)
     try:
         NativePorts.grant()
     except OSError as err:
@@ -127,6 +133,6 @@ def _getversion(ports, vendor: str) -> Probe:
     out = ports.backdoor(Regs(eax=MAGIC, ebx=~MAGIC & MASK32, ecx=CMD_GETVERSION, edx=PORT))
     if out.ebx == MAGIC and out.eax != MASK32:
         return Probe(True, f"GETVERSION answered (version {out.eax})", vendor, out.eax)
-    where = f"hypervisor {PROBED_VENDORS.get(vendor, vendor)}" if vendor else "the port layer"
+    where = f"hypervisor {VENDOR_NAMES.get(vendor, repr(vendor))}" if vendor else "the port layer"
     return Probe(False, f"{where} did not answer GETVERSION with the VMware magic "
                         f"(ebx={out.ebx:#x})", vendor)
