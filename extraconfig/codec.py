@@ -332,7 +332,7 @@ class StructNode(Node):
         return self.cls()
 
     def enc(self, sink, value, key, depth, follow):
-        if depth == 0:
+        if depth == 0 or value is None:
             return
         depth -= 1
         for fp in self.fields:

@@ -79,7 +79,8 @@ def format_vmx(entries: Mapping[str, str]) -> str:
 def parse_vmx(text: str) -> dict[str, str]:
     """The entries of VMX text; blank lines and `#` comments are skipped."""
     out: dict[str, str] = {}
-    for number, line in enumerate(text.splitlines(), 1):
+    for number, line in enumerate(text.split("\n"), 1):
+        line = line[:-1] if line.endswith("\r") else line
         if not line.strip() or line.lstrip().startswith("#"):
             continue
         m = _LINE.match(line)
