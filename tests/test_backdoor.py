@@ -44,7 +44,7 @@ def transport_for(sim: SimulatedHypervisor) -> RpciTransport:
     log = ListLog()
     transport = open_transport(log, ports=sim)
     assert transport is not None, log.lines
-    assert "using RPCI over the VMware backdoor" in log.lines[-1]
+    assert "using RPCI over the VMware backdoor" in log.lines[-1], log.lines
     return transport
 
 
@@ -209,7 +209,8 @@ def test_vmport_without_rpci_falls_back_with_a_clear_log_line():
     log = ListLog()
     assert open_transport(log, ports=sim) is None
     assert sim.counts["getversion"] == 1
-    assert "answers GETVERSION but its RPC channel is unusable" in log.lines[-1]
+    assert "GETVERSION answered with the VMware magic" in log.lines[-1]
+    assert "RPC channel is unusable" in log.lines[-1]
     assert "falling back" in log.lines[-1]
 
 

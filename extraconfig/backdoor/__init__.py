@@ -47,7 +47,7 @@ def open_transport(log, *, sim_socket: str | None = None, ports=None):
             log.info("guestinfo: using RPCI over the VMware backdoor (%s)", found.reason)
             return transport
         transport.close()
-        why = f"the VMware backdoor answers GETVERSION but its RPC channel is unusable ({reason})"
+        why = (f"{found.reason}, but the backdoor's RPC channel is unusable ({reason})")
     else:
         why = f"no VMware backdoor: {found.reason}"
     if ports is None:

@@ -132,7 +132,8 @@ def probe(ports=None) -> Probe:
 def _getversion(ports, vendor: str) -> Probe:
     out = ports.backdoor(Regs(eax=MAGIC, ebx=~MAGIC & MASK32, ecx=CMD_GETVERSION, edx=PORT))
     if out.ebx == MAGIC and out.eax != MASK32:
-        return Probe(True, f"GETVERSION answered (version {out.eax})", vendor, out.eax)
+        return Probe(True, f"GETVERSION answered with the VMware magic (version {out.eax})",
+                     vendor, out.eax)
     where = f"hypervisor {VENDOR_NAMES.get(vendor, repr(vendor))}" if vendor else "the port layer"
     return Probe(False, f"{where} did not answer GETVERSION with the VMware magic "
                         f"(ebx={out.ebx:#x})", vendor)
