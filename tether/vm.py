@@ -119,8 +119,8 @@ def assign_nics(config, backends: dict[str, str] | None = None,
                 mac_prefix: str | None = None) -> list[Nic]:
     """One NIC per network endpoint, as the port layer would add them. An endpoint whose
     ID names a PCI slot (address or VMware slot number) gets that slot, one whose ID is a
-    MAC gets that MAC; the others get the next free slot, and their ID is set to the PCI
-    address so the agent finds the NIC by it. Mutates `config.networks` accordingly."""
+    MAC gets that MAC; the others get the next free slot, and their ID (empty, or a name)
+    is set to the PCI address so the agent finds the NIC by it. Mutates `config.networks` accordingly."""
     backends = dict(backends or {})
     endpoints = {name: ep for name, ep in sorted((config.networks or {}).items()) if ep is not None}
     unknown = set(backends) - set(endpoints)
@@ -150,7 +150,9 @@ def assign_nics(config, backends: dict[str, str] | None = None,
                 raise VmError(f"too many networks: at most {LAST_NIC_SLOT - FIRST_NIC_SLOT + 1}")
         mac = endpoint_id.lower() if _MAC.match(endpoint_id) else f"{prefix}:{slot:02x}"
         nic = Nic(name, slot, mac, backend_options(backends.get(name, "user")))
-        if not endpoint_id:
+        if wanted[name] is None and not _MAC.match(endpoint_id):
+            # A name (the JSON form defaults the ID to the network's name) is no stable
+            # handle under QEMU: the port layer hands the agent the slot it picked.
             endpoint.common.id = nic.pci_address
         nics.append(nic)
     return nics
