@@ -315,10 +315,53 @@ class FieldPlan:
     skip_decode: bool
     node: Node = dataclasses.field(default_factory=Node)
 
+    def __post_init__(self) -> None:
+        self.name_ro = self.name.replace(".", "/")
+        self.name_rw = self.name.replace("/", ".")
+
 
 def _field_key(prefix: str, fp: FieldPlan) -> str | None:
     flags = K.flags_from_key(prefix) if fp.untagged else fp.flags
     return K.join_key(prefix, flags, fp.name)
+
+
+_PLAIN = K.HIDDEN | K.READ_ONLY | K.READ_WRITE | K.VOLATILE
+_ROOT_LEN = len(K.ROOT)
+
+
+def _struct_keys(prefix: str, fields: list[FieldPlan]) -> list[str | None]:
+    """join_key for every field of one struct, sharing the work on the common prefix.
+
+    Equal to `[_field_key(prefix, fp) for fp in fields]`; the slow general path is kept
+    for prefixes or scopes carrying `@` suffixes."""
+    if "@" in prefix:
+        return [_field_key(prefix, fp) for fp in fields]
+    inherited = K.flags_from_key(prefix)
+    visible = prefix.startswith(K.VISIBLE)
+    bases: dict[str, str] = {}
+    out: list[str | None] = []
+    for fp in fields:
+        flags = inherited if fp.untagged else fp.flags
+        if flags & ~_PLAIN:
+            out.append(K.join_key(prefix, flags, fp.name))
+            continue
+        if flags & K.HIDDEN:
+            path = fp.name if prefix == "" else prefix + "/" + fp.name
+            out.append(path[_ROOT_LEN + 1:] if visible else path)
+            continue
+        sep = "." if flags & K.READ_WRITE else "/"
+        base = bases.get(sep)
+        if base is None:
+            other = "/" if sep == "." else "."
+            if prefix == "":
+                base = K.ROOT + sep
+            elif visible:
+                base = K.ROOT + prefix[_ROOT_LEN:].replace(other, sep) + sep
+            else:
+                base = K.ROOT + sep + prefix.replace(other, sep) + sep
+            bases[sep] = base
+        out.append(base + (fp.name_rw if sep == "." else fp.name_ro))
+    return out
 
 
 class StructNode(Node):
@@ -335,11 +378,8 @@ class StructNode(Node):
         if depth == 0 or value is None:
             return
         depth -= 1
-        for fp in self.fields:
-            if fp.skip_encode:
-                continue
-            fkey = _field_key(key, fp)
-            if fkey is None:
+        for fp, fkey in zip(self.fields, _struct_keys(key, self.fields)):
+            if fkey is None or fp.skip_encode:
                 continue
             fp.node.enc(sink, getattr(value, fp.attr), fkey,
                         depth if fp.depth is None else fp.depth,
@@ -351,8 +391,7 @@ class StructNode(Node):
         depth -= 1
         obj = cur if cur is not None else self.cls()
         found = False
-        for fp in self.fields:
-            fkey = _field_key(key, fp)
+        for fp, fkey in zip(self.fields, _struct_keys(key, self.fields)):
             if fkey is None:
                 continue
             if fp.skip_decode:
