@@ -83,6 +83,14 @@ def test_client_id_pieces():
     # stable per MAC and machine, different across MACs
     assert cid == client_id(bytes.fromhex("005056aabbcc"), "564d7c3a-9b10-4e2f-8a11-223344556677")
     assert cid[:4] != client_id(bytes.fromhex("005056aabbcd"), "x")[:4]
+    # The reference's derivation: SipHash of the MAC and of the UUID's raw bytes with
+    # VIC's key; the IAID folds the 64-bit hash, the DUID carries it big-endian.
+    from tether.network.clientid import HASH_KEY
+    import struct, uuid
+    mac_hash = siphash24(HASH_KEY, bytes.fromhex("005056aabbcc"))
+    assert cid[:4] == struct.pack(">I", (mac_hash & 0xFFFFFFFF) ^ (mac_hash >> 32))
+    raw = uuid.UUID("564d7c3a-9b10-4e2f-8a11-223344556677").bytes
+    assert cid[10:] == struct.pack(">Q", siphash24(HASH_KEY, raw))
 
 
 # -- namespaces --------------------------------------------------------------------------------

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import re
 import struct
+import uuid
 
-# The fixed key systemd-networkd uses for the same derivation, which VIC's client mirrors.
-HASH_KEY = bytes.fromhex("80118cc2fe4a03ee3ed60c6f36391409")
+# The fixed SipHash key of VIC's DHCP client (lib/dhcp/client/id.go), so a server sees
+# the same client identifier from us as from the reference for the same VM and NIC.
+HASH_KEY = bytes.fromhex("c4eb389e4ed9481293a6b70b9b07cc2b")
 VMWARE_PEN = 6876
 DUID_TYPE_EN = 2
 CLIENT_ID_TYPE = 255    # RFC 4361: IAID + DUID follow
@@ -56,8 +58,13 @@ def iaid(mac: bytes) -> bytes:
 
 
 def duid_en(machine_id: str) -> bytes:
-    h = siphash24(HASH_KEY, machine_id.encode())
-    return struct.pack(">HI", DUID_TYPE_EN, VMWARE_PEN) + struct.pack("<Q", h)
+    """DUID-EN, all big-endian: type, PEN, then the hash of the machine UUID's 16 raw bytes
+    (text that is not a UUID, such as an empty id, is hashed as its UTF-8 bytes)."""
+    try:
+        raw = uuid.UUID(machine_id).bytes
+    except ValueError:
+        raw = machine_id.encode()
+    return struct.pack(">HIQ", DUID_TYPE_EN, VMWARE_PEN, siphash24(HASH_KEY, raw))
 
 
 def client_id(mac: bytes, machine_id: str) -> bytes:
