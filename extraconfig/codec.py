@@ -334,7 +334,7 @@ def _struct_keys(prefix: str, fields: list[FieldPlan]) -> list[str | None]:
 
     Equal to `[_field_key(prefix, fp) for fp in fields]`; the slow general path is kept
     for prefixes or scopes carrying `@` suffixes."""
-    if "@" in prefix:
+    if "@" in prefix or (prefix.startswith(K.VISIBLE) and not prefix.startswith(K.ROOT)):
         return [_field_key(prefix, fp) for fp in fields]
     inherited = K.flags_from_key(prefix)
     visible = prefix.startswith(K.VISIBLE)
