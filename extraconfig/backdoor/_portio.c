@@ -3,6 +3,7 @@
  *
  * cpuid(leaf)              -> (eax, ebx, ecx, edx)
  * grant(port, count)       ioperm() for [port, port+count), else iopl(3); per thread
+ *                          (a 4-byte `inl` needs all four of its ports granted)
  * backdoor(regs)           "inl %dx, %eax" with all of eax..ebp loaded and returned
  * hb_out(regs, data)       "rep outsb" with rsi -> data, rcx = len(data)
  * hb_in(regs, size)        "rep insb"  with rdi -> buffer of size, returns (regs, bytes)

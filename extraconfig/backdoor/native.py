@@ -12,6 +12,8 @@ ebx (we put its complement there).
 
 from __future__ import annotations
 
+import os
+import signal
 import struct
 from dataclasses import dataclass
 
@@ -27,6 +29,10 @@ else:
     _IMPORT_ERROR = "" if _portio.SUPPORTED else "built for a platform without x86 port I/O"
     if not _portio.SUPPORTED:
         _portio = None
+
+# `inl` on 0x5658 touches ports 0x5658-0x565b (the CPU checks all four), and `rep insb`/
+# `rep outsb` use 0x5659.
+PORT_SPAN = 4
 
 # CPUID hypervisor vendors, by name for the log. QEMU's vmport device answers GETVERSION
 # under KVM and TCG (TCG may show no vendor leaf at all), so any hypervisor is probed
@@ -56,7 +62,7 @@ class NativePorts:
     @staticmethod
     def grant() -> None:
         """Ask the kernel for the backdoor ports for this thread; raises OSError."""
-        _portio.grant(PORT, 2)
+        _portio.grant(PORT, PORT_SPAN)
 
     def _granted(self) -> None:
         try:
@@ -126,7 +132,35 @@ def probe(ports=None) -> Probe:
     except OSError as err:
         return Probe(False, f"no I/O port access for the backdoor ({err.strerror or err}); "
                             "needs root and a kernel with CONFIG_X86_IOPL_IOPERM", vendor)
+    faulted = _getversion_in_child()
+    if faulted is not None:
+        return Probe(False, faulted, vendor)
     return _getversion(NativePorts(), vendor)
+
+
+def _getversion_in_child() -> str | None:
+    """Send GETVERSION from a child process first: if the CPU faults there, the child
+    dies and we (maybe PID 1, where a fault would panic the kernel) live on."""
+    try:
+        pid = os.fork()
+    except OSError as err:
+        return f"cannot fork to probe the backdoor safely ({err})"
+    if pid == 0:
+        try:
+            _portio.backdoor((MAGIC, ~MAGIC & MASK32, CMD_GETVERSION, PORT, 0, 0, 0))
+            os._exit(0)
+        except BaseException:   # noqa: BLE001 - a child must never return into the caller
+            os._exit(1)
+    try:
+        _, status = os.waitpid(pid, 0)
+    except ChildProcessError:
+        return "the backdoor probe's child process was reaped by someone else"
+    if os.WIFSIGNALED(status):
+        name = signal.Signals(os.WTERMSIG(status)).name
+        return f"GETVERSION faulted ({name}) in a child process: no usable backdoor port"
+    if os.waitstatus_to_exitcode(status) != 0:
+        return "GETVERSION failed in a child process"
+    return None
 
 
 def _getversion(ports, vendor: str) -> Probe:

@@ -1,0 +1,52 @@
+"""Under QEMU with the VMware backdoor port (`-machine vmport=on`) the agent's probe gets
+the VMware magic from GETVERSION, finds the RPC channel unusable (QEMU has no RPCI), and
+falls back to virtio-serial, saying so on the console. With `vmport=off` the probe finds
+no backdoor. Boots the real bootstrap image (init/build) under QEMU TCG."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+
+from conftest import REPO, executor_config, session_config, sid
+
+pytestmark = pytest.mark.vm
+IMAGE = os.environ.get("TETHER_IMAGE", str(REPO / "build"))
+TIMEOUT = 600.0
+
+
+def boot(qemu_args):
+    if shutil.which("qemu-system-x86_64") is None:
+        pytest.skip("qemu-system-x86_64 is not installed")
+    if not os.path.isfile(os.path.join(IMAGE, "bootstrap.iso")):
+        pytest.skip(f"no bootstrap image in {IMAGE}: run init/build first")
+    from tether.vm import VmRun
+    config = executor_config(session_config(sid(), ["/bin/sh", "-c", "exit 3"]))
+    run = VmRun(config, IMAGE, qemu_args=qemu_args)
+    try:
+        run.start()
+        result = run.finish(TIMEOUT)
+    finally:
+        run.close()
+    return result
+
+
+def test_vmport_on_getversion_magic_then_fallback_to_virtio():
+    result = boot(["-machine", "vmport=on"])
+    console = result.console
+    assert "GETVERSION answered with the VMware magic" in console, console[-4000:]
+    assert "RPC channel is unusable" in console, console[-4000:]
+    assert "falling back to the next transport" in console
+    assert "port I/O extension is not available" not in console
+    assert "guestinfo: using extraconfig.virtio" in console, console[-4000:]
+    assert result.exit_code == 3, (result.message, console[-4000:])
+
+
+def test_vmport_off_no_backdoor_then_virtio():
+    result = boot(["-machine", "vmport=off"])
+    console = result.console
+    assert "did not answer GETVERSION with the VMware magic" in console, console[-4000:]
+    assert "guestinfo: using extraconfig.virtio" in console, console[-4000:]
+    assert result.exit_code == 3, (result.message, console[-4000:])
