@@ -88,12 +88,12 @@ class Client:
         if self._closed_error:
             raise ClientError(self._closed_error)
         while True:
-            left = None if deadline is None else deadline - time.monotonic()
-            if left is not None and left <= 0:
-                raise TimeoutError(f"no answer from the agent for {waiting_for} "
-                                   f"in {self.timeout:.0f}s")
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
             ready, _, _ = select.select([self.conn.fd], [], [], left)
             if not ready:
+                if left is not None and time.monotonic() >= deadline:
+                    raise TimeoutError(f"no answer from the agent for {waiting_for} "
+                                       f"in {self.timeout:.0f}s")
                 continue
             data = self.conn.read(256 << 10)
             if data is None:

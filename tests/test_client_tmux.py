@@ -1,0 +1,134 @@
+"""`tether attach` in a real terminal: tmux drives the CLI against a tty `sh` session."""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import REPO, executor_config, session_config, sid, unique
+from tether.attach.client import Client
+
+KEY = b"tmux-test-key"
+
+pytestmark = pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed")
+
+
+class Tmux:
+    """A private tmux server (its own -L socket) with one window."""
+
+    def __init__(self, command: str, env: dict, cols: int = 100, rows: int = 30):
+        self.name = unique("tether-tmux-")
+        self.env = env
+        self.run("-f", "/dev/null", "new-session", "-d", "-s", "main", "-x", str(cols),
+                 "-y", str(rows), command)
+        self.run("set-option", "-g", "status", "off")
+
+    def run(self, *args: str) -> str:
+        return subprocess.run(["tmux", "-L", self.name, *args], env=self.env, check=True,
+                              capture_output=True, text=True, timeout=60).stdout
+
+    def keys(self, text: str) -> None:
+        self.run("send-keys", "-t", "main", "-l", text)
+
+    def key(self, *names: str) -> None:
+        self.run("send-keys", "-t", "main", *names)
+
+    def screen(self) -> str:
+        return self.run("capture-pane", "-p", "-t", "main")
+
+    def wait_for(self, pattern: str, timeout: float = 60.0, count: int = 1) -> str:
+        deadline = time.monotonic() + timeout
+        regex = re.compile(pattern, re.M)
+        while True:
+            text = self.screen()
+            if len(regex.findall(text)) >= count:
+                return text
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{pattern!r} not on the screen after {timeout}s:\n{text}")
+            time.sleep(0.1)
+
+    def kill(self) -> None:
+        subprocess.run(["tmux", "-L", self.name, "kill-server"], env=self.env,
+                       capture_output=True, timeout=60)
+
+
+@pytest.fixture
+def tmux_attach(sandbox, tmp_path):
+    made = []
+
+    def start():
+        shell = session_config(sid(), ["sh"], open_stdin=True, tty=True,
+                               env=["PATH=/usr/sbin:/usr/bin:/sbin:/bin", "TERM=xterm",
+                                    "PS1=$ ", "HOME=/root"])
+        cfg = executor_config(shell)
+        cfg.key = KEY
+        sock = f"/tmp/tether-tmux-{unique()}.sock"
+        box = sandbox.start(cfg, attach_socket=sock)
+        box.wait_for_log(r"serving \d+ session")
+        key_file = tmp_path / "key"
+        key_file.write_bytes(KEY)
+        env = dict(os.environ, PYTHONPATH=str(REPO), TERM="xterm")
+        env.pop("TMUX", None)
+        cli = (f"cd {REPO} && {sys.executable} -m tether attach unix:{sock} {shell.id} "
+               f"--key-file {key_file}; echo cli-exited-$?; sleep 600")
+        tmux = Tmux(f"sh -c '{cli}'", env)
+        made.append((tmux, sock))
+        return tmux, "unix:" + sock, shell.id
+
+    yield start
+    for tmux, sock in made:
+        tmux.kill()
+        try:
+            os.unlink(sock)
+        except FileNotFoundError:
+            pass
+
+
+def test_attach_cli_in_tmux(tmux_attach, tmp_path):
+    tmux, endpoint, session = tmux_attach()
+    # Typed input echoes (the session's tty echoes it), and the command runs.
+    tmux.key("Enter")
+    tmux.wait_for(r"^\$")
+    tmux.keys("echo typed-$((6*7))")
+    tmux.key("Enter")
+    tmux.wait_for(r"^typed-42$")
+    tmux.wait_for(r"echo typed-\$\(\(6\*7\)\)")
+
+    # The window size follows tmux: at attach, and after a resize (SIGWINCH -> resize).
+    tmux.keys("stty size")
+    tmux.key("Enter")
+    tmux.wait_for(r"^30 100$")
+    tmux.run("resize-window", "-t", "main", "-x", "120", "-y", "40")
+    tmux.keys("stty size")
+    tmux.key("Enter")
+    tmux.wait_for(r"^30 100$[\s\S]*^40 120$")
+
+    # A full-screen program opens and quits.
+    if shutil.which("vi") is None:
+        pytest.skip("no vi on this machine")
+    name = unique("vi-file-")
+    tmux.keys(f"vi /tmp/{name}")
+    tmux.key("Enter")
+    tmux.wait_for(r"^~", count=5)
+    tmux.keys(":q!")
+    tmux.key("Enter")
+    tmux.wait_for(rf"vi /tmp/{name}\s*\n\$\s*$")   # back at the prompt
+    tmux.keys("echo after-vi")
+    tmux.key("Enter")
+    tmux.wait_for(r"^after-vi$")
+
+    # ctrl-p ctrl-q detaches; the shell keeps running.
+    tmux.key("C-p", "C-q")
+    tmux.wait_for(r"read escape sequence")
+    tmux.wait_for(r"cli-exited-0")
+    with Client.connect(endpoint, KEY) as client:
+        (state,) = client.list()
+        assert state["id"] == session and state["running"]
+        stream = client.attach(session)
+        stream.write(b"echo still-$((40+2))\r")
+        stream.read_until(b"still-42")
