@@ -127,7 +127,8 @@ class Agent:
         self.guarded("networks", self.apply_networks)
         self.guarded("volumes", self.mount_volumes)
         self.guarded("attach", self.start_attach)
-        self.publish_all()
+        if self.config.networks:
+            self.publish_all()   # assigned addresses; sessions publish their own on launch
         if not self.guarded("sessions", self.launch_sessions):
             self.request_stop("the sessions could not be launched")
         self.serve()
@@ -557,6 +558,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--attach", action="append", dest="attach_endpoints",
                         help="attach endpoint (unix:PATH, vsock:PORT, port:NAME, serial:DEV); "
                         "repeatable")
+    parser.add_argument("--no-attach", action="store_true",
+                        help="serve no attach endpoint at all")
     parser.add_argument("--no-power-off", action="store_true",
                         help="exit with the primary's status instead of powering off")
     parser.add_argument("--stop-grace", type=float, default=DEFAULT_STOP_GRACE,
@@ -576,7 +579,8 @@ def main(argv: list[str]) -> int:
         from tether.guestinfo import open_transport
         transport = open_transport(args.guestinfo_file)
         options = Options(rootfs=args.rootfs, output_log=args.output_log,
-                          attach_endpoints=args.attach_endpoints, power_off=power_off,
+                          attach_endpoints=[] if args.no_attach else args.attach_endpoints,
+                          power_off=power_off,
                           stop_grace=args.stop_grace)
         code = Agent(transport, options).run()
     except SystemExit as exc:   # argparse: usage errors
