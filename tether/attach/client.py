@@ -72,15 +72,16 @@ class Client:
         deadline = time.monotonic() + self.timeout
         while not shake.done:
             messages = self._read(deadline, "the hello")
-            for message in messages:
+            for i, message in enumerate(messages):
+                if shake.done:   # what follows the welcome belongs to channels
+                    self._dispatch(messages[i:])
+                    break
                 try:
                     replies = shake.receive(message)
                 except p.ProtocolError as err:
                     raise ClientError(str(err)) from None
                 for reply in replies:
                     self._send(p.encode(reply))
-                if shake.done:
-                    break
         self.server_version = shake.server_version
 
     # -- wire ------------------------------------------------------------------------------

@@ -1,0 +1,119 @@
+"""The attach protocol over a pty pair standing in for a serial line.
+
+The server side is the real attach server on the real loop, reaper and Session (the
+agent's parts, minus its boot steps) in a child process, listening on `serial:/dev/pts/N`;
+the test is the host on the pty master, with garbage on the line before each hello and a
+host that goes away without a goodbye.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from conftest import REPO
+from tether.attach.client import Client, ClientError
+from tether.attach.transports import Conn, set_raw
+
+KEY = b"serial-key"
+
+SERVER = textwrap.dedent("""
+    import logging, signal, sys
+    from tether.loop import Loop
+    from tether.reaper import Reaper
+    from tether.sessions import Session
+    from tether.config import Cmd, Common, SessionConfig
+    from tether.attach.server import start_attach_server
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr)
+    device, key = sys.argv[1], sys.argv[2].encode()
+    loop = Loop()
+    reaper = Reaper(loop)
+    reaper.start()
+
+    class Host:   # what the attach server needs of the agent
+        def __init__(self):
+            self.loop, self.root, self.key, self.sessions = loop, "/", key, {}
+        def exec_session(self, cfg):
+            session = Session(cfg, loop=loop, reaper=reaper, root="/")
+            self.sessions[session.id] = session
+            session.start()
+            return session
+        def request_stop(self, reason):
+            loop.stop()
+
+    host = Host()
+    host.exec_session(SessionConfig(common=Common(id="cat"), open_stdin=True,
+                                    cmd=Cmd(path="/bin/cat", args=["cat"], env=["PATH=/bin"])))
+    server = start_attach_server(host, ["serial:" + device])
+    loop.add_signal_handler(signal.SIGTERM, loop.stop)
+    print("ready", flush=True)
+    loop.run_forever()
+    server.close()
+""")
+
+
+@pytest.fixture
+def serial_line():
+    master, slave = os.openpty()
+    set_raw(master, baud=None)
+    device = os.ttyname(slave)
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.Popen([sys.executable, "-c", SERVER, device, KEY.decode()],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=REPO)
+    try:
+        assert proc.stdout.readline() == b"ready\n", proc.stderr.read().decode()
+        os.close(slave)
+        slave = -1
+        os.set_blocking(master, False)
+        yield master, proc
+    finally:
+        if slave >= 0:
+            os.close(slave)
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(30)
+        os.close(master)
+
+
+def host_client(master: int, key: bytes = KEY) -> Client:
+    conn = Conn(master, "pty master", persistent=True)
+    conn.close = lambda: None          # the line outlives each conversation
+    client = Client(conn, key, timeout=60)
+    client.handshake()
+    return client
+
+
+def test_protocol_over_a_pty_with_garbage_before_the_hello(serial_line):
+    master, proc = serial_line
+    os.write(master, os.urandom(4096) + b"\x16\x06 AT+GARBAGE\r\n" + b"\xd7TtR" + os.urandom(64))
+    client = host_client(master)
+    assert [s["id"] for s in client.list()] == ["cat"]
+    stream = client.attach("cat")
+    stream.write(b"over the serial line\n")
+    stream.read_until(b"over the serial line\n")
+
+    # The host goes away mid-conversation and a new one connects, garbage first.
+    os.write(master, os.urandom(1000))
+    again = host_client(master)
+    assert again.ping("back")["data"] == "back"
+    stream = again.attach("cat", replay=True)
+    assert b"over the serial line\n" in stream.read_until(b"over the serial line\n")
+    stream.write(b"second host\n")
+    stream.read_until(b"second host\n")
+
+    # Garbage between frames of an authenticated conversation is skipped too.
+    os.write(master, os.urandom(3000))
+    assert again.ping(7)["data"] == 7
+
+    # A wrong key is refused; the line is then ready for the next hello.
+    with pytest.raises(ClientError, match="authentication failed"):
+        host_client(master, b"wrong")
+    assert host_client(master).list()[0]["running"]
+    assert proc.poll() is None
