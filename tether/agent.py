@@ -547,6 +547,25 @@ def set_raw_serial(fd: int, speed: str = "B115200") -> None:
         log.warning("could not set the serial port raw at 115200: %s", err)
 
 
+def redirect_log(path: str) -> None:
+    """Point stdout and stderr (the agent log) at the log port, as the reference did
+    with ttyS1. A port that cannot be opened leaves the log where it was."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_NOCTTY | os.O_CLOEXEC | os.O_APPEND
+                     | (0 if path.startswith("/dev/") else os.O_CREAT), 0o644)
+    except OSError as err:
+        log.error("cannot open the log port %s: %s; logging to stderr", path, err.strerror)
+        return
+    if os.isatty(fd):
+        set_raw_serial(fd)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    log.info("agent log on %s", path)
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="tether agent",
                                      description="Run the agent (PID 1 of a container VM).")
@@ -558,6 +577,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--attach", action="append", dest="attach_endpoints",
                         help="attach endpoint (unix:PATH, vsock:PORT, port:NAME, serial:DEV); "
                         "repeatable")
+    parser.add_argument("--log-port", help="write the agent log to this device (opened raw at "
+                        "115200 when a tty; default: stderr as given, the console)")
     parser.add_argument("--no-attach", action="store_true",
                         help="serve no attach endpoint at all")
     parser.add_argument("--no-power-off", action="store_true",
@@ -574,6 +595,8 @@ def main(argv: list[str]) -> int:
     power_off = False
     try:
         args = parse_args(argv)
+        if args.log_port:
+            redirect_log(args.log_port)
         power_off = (os.getpid() == 1 and not args.no_power_off
                      and not os.path.basename(sys.argv[0]).endswith("-debug"))
         from tether.guestinfo import open_transport
