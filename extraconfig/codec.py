@@ -95,6 +95,8 @@ class Float32Node(ScalarNode):
         raise DecodeError(f"{key}: a float32 field cannot be decoded (the reference panics)")
 
     def parse(self, text, key):
+        if text == "":
+            return 0.0
         raise DecodeError(f"{key}: float32 elements cannot be decoded (the reference panics)")
 
 
@@ -217,39 +219,40 @@ class SliceNode(Node):
             raise DecodeError(f"{key}: a fixed-size array cannot be decoded (the reference panics)")
         depth -= 1
         n = self._length(get(key), key)
+        # Go reuses the existing slice when it is long enough, else starts from zeros
+        reuse = cur is not None and n <= len(cur)
         elem = self.elem
         if self.mode == "indexed":
-            old = cur or ()
             out = []
             for i in range(n):
-                prior = old[i] if i < len(old) else None
+                prior = cur[i] if reuse else None
                 found, item = elem.dec(get, prior, K.append(key, f"|{i}"), depth, follow)
-                if not found and prior is None:
-                    item = elem.zero()
+                if not found:
+                    item = prior if reuse else elem.zero()
                 out.append(item)
             return True, out
         joined = get(K.append(key, "~"))
         if joined is None:
-            return self._indexed_values(get, key, n)
+            base = list(cur[:n]) if reuse else [elem.zero() for _ in range(n)]
+            if self.mode == "unsupported":
+                return False, base
+            return self._indexed_values(get, key, base)
         pieces = joined.split("|", n) if n else []
         if len(pieces) < n:
             raise DecodeError(
                 f"{K.append(key, '~')}: {len(pieces)} values for the length {n} in {key}")
         return True, [elem.parse(p, key) for p in pieces[:n]]
 
-    def _indexed_values(self, get, key, n):
+    def _indexed_values(self, get, key, base):
         """The indexed form our encoder writes when an element contains '|'."""
-        out = []
         found = False
-        elem = self.elem
-        for i in range(n):
+        parse = self.elem.parse
+        for i in range(len(base)):
             text = get(K.append(key, f"|{i}"))
-            if text is None:
-                out.append(elem.zero())
-            else:
+            if text is not None:
                 found = True
-                out.append(elem.parse(text, key))
-        return found, out
+                base[i] = parse(text, key)
+        return found, base
 
 
 class MapNode(Node):

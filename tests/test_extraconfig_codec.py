@@ -300,3 +300,25 @@ def test_nacl_is_not_imported_without_secrets():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert out.stdout.strip() == "False", out.stderr
+
+
+def test_slice_merge_follows_go_reuse_rules():
+    from tether.config import Diagnostics, ExitLog
+    old = [ExitLog(message="a", exit_status=1), ExitLog(message="b", exit_status=2)]
+    cfg = ExecutorConfig(diagnostics=Diagnostics(exit_logs=list(old)))
+    first = cfg.diagnostics.exit_logs[0]
+    decode({"guestinfo.vice..diagnostics.exitlogs": "0",
+            "guestinfo.vice..diagnostics.exitlogs|0.Message": "new"}, cfg)
+    # shorter: the existing elements are merged in place
+    assert cfg.diagnostics.exit_logs == [ExitLog(message="new", exit_status=1)]
+    assert cfg.diagnostics.exit_logs[0] is first
+    decode({"guestinfo.vice..diagnostics.exitlogs": "2",
+            "guestinfo.vice..diagnostics.exitlogs|2.Message": "c"}, cfg)
+    # longer than before: a new slice from zero values
+    assert cfg.diagnostics.exit_logs == [ExitLog(), ExitLog(), ExitLog(message="c")]
+    # a primitive slice whose joined values are missing keeps what fits of the old one
+    s = SessionConfig(cmd=Cmd(args=["x", "y", "z"]))
+    decode({"guestinfo.vice./cmd/Args": "1"}, s)
+    assert s.cmd.args == ["x", "y"]
+    decode({}, s)
+    assert s.cmd.args == []
