@@ -61,7 +61,7 @@ class MessageChannel:
                 self.open = True
                 return
         raise BackdoorError(
-            f"the host refused to open a {_proto_name(self.proto)} channel "
+            f"the host refused to open the {_proto_name(self.proto)} channel "
             f"(status {high(out.ecx):#06x}): it does not implement backdoor messages")
 
     def close(self) -> None:
