@@ -1,0 +1,68 @@
+"""The agent with the attach server in the sandbox: RunBlock released by an attach,
+stdin reaching a session, exec of a new session."""
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from conftest import executor_config, session_config, sid
+
+
+def connect(endpoint: str, box, timeout: float = 120.0):
+    from tether.attach.client import Client
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return Client.connect(endpoint)
+        except OSError:
+            if time.monotonic() > deadline or box.proc.poll() is not None:
+                raise
+            time.sleep(0.1)
+
+
+def collect(stream, timeout: float = 60.0) -> tuple[bytes, object]:
+    out, code = b"", None
+    for kind, data in stream.events(timeout):
+        if kind == "exit":
+            code = data
+            break
+        out += data
+    return out, code
+
+
+def test_runblock_waits_for_attach_then_stdin_round_trips(sandbox, tmp_path):
+    pytest.importorskip("tether.attach.server")
+    socket_path = tmp_path / "attach.sock"
+    primary = session_config(sid(), ["/bin/sh", "-c", "echo hello; read line; echo got:$line"],
+                             run_block=True, open_stdin=True, attach=True)
+    box = sandbox.start(executor_config(primary), attach_socket=socket_path)
+    box.wait_for_log(r"waits for an attach to release RunBlock")
+    assert "started: pid" not in box.log_text()     # held until released
+    with connect(f"unix:{socket_path}", box) as client:
+        stream = client.attach(primary.common.id)
+        client.unblock(primary.common.id)
+        box.wait_for_log(r"started: pid")
+        stream.write(b"ping\n")
+        out, code = collect(stream)
+    result = box.wait()
+    assert out == b"hello\ngot:ping\n", result.log
+    assert result.returncode == 0
+    assert result.session(primary.common.id).started == "true"
+
+
+def test_exec_starts_a_new_session(sandbox, tmp_path):
+    pytest.importorskip("tether.attach.server")
+    socket_path = tmp_path / "attach.sock"
+    primary = session_config(sid(), ["/bin/sleep", "1000"])
+    box = sandbox.start(executor_config(primary), attach_socket=socket_path, stop_grace=2)
+    box.wait_for_log(r"serving 1 session")
+    with connect(f"unix:{socket_path}", box) as client:
+        stream = client.exec(["/bin/sh", "-c", "echo from-exec; exit 4"],
+                             env=["PATH=/bin:/usr/bin"])
+        out, code = collect(stream)
+    assert out == b"from-exec\n"
+    assert code == 4
+    box.signal(15)
+    result = box.wait()
+    assert result.returncode == 128 + 15
