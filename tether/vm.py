@@ -91,6 +91,7 @@ class MachineSpec:
     kernel_args: str = ""
     netns: str | None = None
     qemu: str = "qemu-system-x86_64"
+    extra_args: list[str] = dataclasses.field(default_factory=list)   # appended as given
 
 
 def backend_options(backend: str) -> str:
@@ -186,6 +187,7 @@ def qemu_argv(spec: MachineSpec, sockets: dict[str, str]) -> list[str]:
     for index, nic in enumerate(spec.nics):
         argv += ["-netdev", f"{nic.backend},id=net{index}",
                  "-device", f"virtio-net-pci,netdev=net{index},addr={nic.slot:#x},mac={nic.mac},romfile="]
+    argv += spec.extra_args
     if spec.netns:
         argv = ["ip", "netns", "exec", spec.netns] + argv
     return argv
@@ -454,7 +456,7 @@ class VmRun:
                  netns: str | None = None, debug_image: bool = False,
                  kernel_args: str = "", extra_guestinfo: dict[str, str] | None = None,
                  memory_mb: int = 512, echo_console=None, on_output=None,
-                 workdir: str | None = None):
+                 workdir: str | None = None, qemu_args: list[str] | None = None):
         from extraconfig import encode
         image_dir = os.path.abspath(image_dir)
         iso = os.path.join(image_dir, "bootstrap-debug.iso" if debug_image else "bootstrap.iso")
@@ -485,7 +487,8 @@ class VmRun:
             if debug_image:
                 kernel_args = f"tether.image=debug {kernel_args}"
         self.spec = MachineSpec(iso=iso, disks=disk_list, nics=self.nics, memory_mb=memory_mb,
-                                kernel=kernel, initrd=initrd, kernel_args=kernel_args, netns=netns)
+                                kernel=kernel, initrd=initrd, kernel_args=kernel_args, netns=netns,
+                                extra_args=list(qemu_args or []))
         keys = encode(config)
         keys.update(extra_guestinfo or {})
         self.started_key = primary_started_key(config) if config.id in (config.sessions or {}) else None
@@ -641,6 +644,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="boot bootstrap-debug.iso (a shell when guestinfo bootstrap-shell=true)")
     parser.add_argument("--kernel-args", default="", help="extra kernel arguments, e.g. "
                         "tether.debug=2 (boots the image's kernel directly; root still on the ISO)")
+    parser.add_argument("--qemu-arg", action="append", default=[], dest="qemu_args",
+                        help="an extra QEMU argument (repeat for each word), e.g. "
+                        "--qemu-arg=-machine --qemu-arg=vmport=on")
     parser.add_argument("--memory", type=int, default=512, help="guest memory in MiB")
     parser.add_argument("--console", action="store_true", help="show the serial console on stderr")
     parser.add_argument("--keep", action="store_true", help="keep the run directory (logs, sockets)")
@@ -686,6 +692,7 @@ def main(argv: list[str]) -> int:
         run = VmRun(config, args.image, rootfs_disk=args.rootfs_disk, disks=args.disk,
                     nets=nets, netns=args.netns, debug_image=args.debug_image,
                     kernel_args=args.kernel_args, extra_guestinfo=extra, memory_mb=args.memory,
+                    qemu_args=args.qemu_args,
                     echo_console=echo_console if args.console else None,
                     on_output=None if args.attach else echo_output)
     except VmError as err:

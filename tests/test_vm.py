@@ -1,0 +1,319 @@
+"""End to end: the real bootstrap ISO booted under QEMU (TCG), driven by `tether vm`'s code.
+
+The image is built once per session by `init/build` (cached under /var/cache/tether).
+Each test boots its own VM in its own temporary directory; network tests create their
+own namespace, bridge, tap and dnsmasq with unique names and tear them down always.
+Marker `vm`; needs root, QEMU and the image build tools (see .ci/run).
+"""
+from __future__ import annotations
+
+import io
+import ipaddress
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from tether.jsonform import config_from_json
+from tether.vm import EXIT_NOT_STARTED, EXIT_TIMEOUT, VmRun, attach_primary
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.vm
+BOOT_TIMEOUT = 240.0     # TCG on a busy 2-core machine: generous, never asserted on
+
+
+def _missing_facility() -> str | None:
+    if os.geteuid() != 0:
+        return "VM tests need root (debootstrap, tap devices, network namespaces)"
+    for tool in ("qemu-system-x86_64", "debootstrap", "mksquashfs", "xorriso", "mke2fs"):
+        if shutil.which(tool) is None:
+            return f"{tool} is not installed (see the package list in .ci/run)"
+    return None
+
+
+@pytest.fixture(scope="session")
+def image_dir() -> Path:
+    reason = _missing_facility()
+    if reason:
+        pytest.skip(reason)
+    out = REPO / "build"
+    proc = subprocess.run([str(REPO / "init" / "build"), "--out", str(out)],
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=3000)
+    assert proc.returncode == 0, "init/build failed:\n" + proc.stdout.decode(errors="replace")[-4000:]
+    assert (out / "bootstrap.iso").is_file()
+    return out
+
+
+class Booted:
+    """One VM run's result plus what its sessions wrote on the output port."""
+
+    def __init__(self, result, output):
+        self.result = result
+        self.output = output        # list of (session or None, stream, bytes)
+        self.map = result.guestinfo
+
+    def text(self, session: str | None = None) -> str:
+        return b"".join(d for s, _, d in self.output if s == session).decode(errors="replace")
+
+    def session_key(self, session: str, field: str) -> str:
+        return self.map.get(f"guestinfo.vice..sessions|{session}.{field}")
+
+    def explain(self) -> str:
+        return (f"exit {self.result.exit_code}, qemu {self.result.qemu_status}, "
+                f"{self.result.message}\n--- console ---\n{self.result.console[-6000:]}")
+
+
+def boot(image_dir: Path, config_json: dict, timeout: float = BOOT_TIMEOUT, attach=None,
+         **kwargs) -> Booted:
+    config = config_from_json(config_json)
+    output = []
+    lock = threading.Lock()
+
+    def on_output(entry):
+        with lock:
+            output.append((entry.session, entry.stream, entry.data))
+
+    run = VmRun(config, str(image_dir), on_output=on_output, **kwargs)
+    try:
+        deadline = time.monotonic() + timeout
+        run.start()
+        if attach is not None:
+            attach(run, deadline)
+        result = run.finish(deadline - time.monotonic())
+    finally:
+        run.close()
+    return Booted(result, output)
+
+
+def session(path, *args, **extra):
+    cmd = {"path": path, "args": [path, *args], "env": ["PATH=/usr/bin:/bin:/usr/sbin:/sbin"],
+           "dir": "/"}
+    return {"cmd": cmd, **extra}
+
+
+def single(sid: str, sess: dict, **more) -> dict:
+    return {"common": {"id": sid, "name": sid}, "sessions": {sid: sess}, **more}
+
+
+# ------------------------------------------------------------------------ the acceptance list
+
+def test_hello_world_in_the_busybox_container(image_dir):
+    vm = boot(image_dir, single("hello", session("/bin/echo", "hello", "world")))
+    assert vm.result.exit_code == 0, vm.explain()
+    assert vm.session_key("hello", "started") == "true"
+    assert vm.session_key("hello", "status") == "0"
+    assert vm.text() == "hello world\n"
+    # the container is busybox only: the agent's Python is not in there
+    assert vm.result.qemu_status == 0
+
+
+def test_container_has_no_python_and_runs_chrooted(image_dir):
+    vm = boot(image_dir, single("probe", session(
+        "/bin/sh", "-c", "ls /usr/bin/python3 2>&1; readlink /bin/ls; exit 3")))
+    assert vm.result.exit_code == 3, vm.explain()
+    assert "No such file" in vm.text() and "/bin/busybox" in vm.text()
+
+
+def test_missing_binary_reports_started_error_and_powers_off(image_dir):
+    vm = boot(image_dir, single("nobin", session("/bin/no-such-binary")))
+    started = vm.session_key("nobin", "started")
+    assert started and started != "true", vm.explain()
+    assert "no-such-binary" in started or "not found" in started.lower() or "no such" in started.lower()
+    assert vm.result.exit_code == EXIT_NOT_STARTED
+    assert vm.result.qemu_status == 0, vm.explain()   # powered off by itself, not killed
+
+
+def test_two_sessions_one_restarting(image_dir):
+    config = {
+        "common": {"id": "main", "name": "two"},
+        "sessions": {
+            "main": session("/bin/sh", "-c", "sleep 6; echo main done"),
+            "flaky": session("/bin/sh", "-c", "echo flaky run; exit 2", restart=True),
+        },
+    }
+    vm = boot(image_dir, config)
+    assert vm.result.exit_code == 0, vm.explain()
+    assert vm.session_key("main", "started") == "true"
+    assert vm.session_key("flaky", "started") == "true"
+    assert int(vm.session_key("flaky", "diagnostics.resurrections") or 0) >= 1, vm.explain()
+    assert "main done" in vm.text()
+    assert "flaky run" in vm.text("flaky")
+
+
+def test_static_network_on_a_fixed_pci_slot(image_dir):
+    config = single("net", session("/bin/sh", "-c",
+                                   "ip -o addr show; ip -o link show; ip route"),
+                    networks={"bridge": {
+                        "common": {"id": "0000:00:07.0"},
+                        "static": True, "ip": "172.31.7.2/24",
+                        "network": {"type": "bridge", "default": True,
+                                    "gateway": "172.31.7.1/24"}}})
+    vm = boot(image_dir, config)
+    assert vm.result.exit_code == 0, vm.explain()
+    text = vm.text()
+    assert "inet 172.31.7.2/24" in text, text + vm.explain()
+    assert "default via 172.31.7.1" in text, text
+    assigned = vm.map.get("guestinfo.vice..networks|bridge.assigned")
+    assert assigned, sorted(vm.map)
+    # the NIC QEMU put at 00:07.0 carries the launcher's MAC ending in the slot number
+    assert ":07 " in text or ":07\n" in text or "link/ether 52:54:00:" in text
+
+
+@pytest.fixture
+def dhcp_netns():
+    """A private namespace with a bridge, a tap for QEMU and dnsmasq serving DHCP on it."""
+    if shutil.which("dnsmasq") is None:
+        pytest.skip("dnsmasq is not installed (dnsmasq-base)")
+    suffix = uuid.uuid4().hex[:8]
+    ns, subnet = f"tvm{suffix}", 10 + int(suffix[:2], 16) % 200
+    net = f"10.{subnet}.{int(suffix[2:4], 16) % 250}"
+    workdir = Path(f"/tmp/tether-vm-dhcp-{suffix}")
+    workdir.mkdir()
+    dnsmasq = None
+
+    def ip(*args):
+        subprocess.run(["ip", *args], check=True, capture_output=True)
+
+    try:
+        ip("netns", "add", ns)
+        ip("-n", ns, "link", "set", "lo", "up")
+        ip("-n", ns, "link", "add", "br0", "type", "bridge")
+        ip("-n", ns, "addr", "add", f"{net}.1/24", "dev", "br0")
+        ip("-n", ns, "link", "set", "br0", "up")
+        ip("-n", ns, "tuntap", "add", "dev", "tap0", "mode", "tap")
+        ip("-n", ns, "link", "set", "tap0", "master", "br0")
+        ip("-n", ns, "link", "set", "tap0", "up")
+        dnsmasq = subprocess.Popen(
+            ["ip", "netns", "exec", ns, "dnsmasq", "--conf-file=/dev/null", "--keep-in-foreground",
+             "--port=0", "--interface=br0", "--bind-interfaces", "--except-interface=lo",
+             f"--dhcp-range={net}.100,{net}.150,255.255.255.0,1h",
+             f"--dhcp-option=option:router,{net}.1",
+             f"--dhcp-leasefile={workdir}/leases", f"--pid-file={workdir}/dnsmasq.pid",
+             "--log-dhcp", f"--log-facility={workdir}/dnsmasq.log"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        yield ns, net, workdir
+    finally:
+        if dnsmasq is not None:
+            dnsmasq.terminate()
+            try:
+                dnsmasq.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                dnsmasq.kill()
+                dnsmasq.wait()
+            # `ip netns exec` execs dnsmasq, so the PID is dnsmasq's own.
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def test_dhcp_from_dnsmasq_on_a_tap_in_a_test_namespace(image_dir, dhcp_netns):
+    ns, net, workdir = dhcp_netns
+    config = single("dhcp", session("/bin/sh", "-c", "ip -o addr show"),
+                    networks={"external": {"network": {"type": "external", "default": True}}})
+    vm = boot(image_dir, config, nets={"external": "tap:tap0"}, netns=ns)
+    assert vm.result.exit_code == 0, vm.explain()
+    assigned = vm.map.get("guestinfo.vice..networks|external.assigned")
+    assert assigned, vm.explain()
+    leases = (workdir / "leases").read_text() if (workdir / "leases").exists() else ""
+    assert f"{net}." in vm.text(), vm.text() + vm.explain()
+    assert f" {net}.1" in leases or f" {net}." in leases, leases
+
+
+def test_label_volume_on_a_second_disk(image_dir, tmp_path):
+    content = tmp_path / "content"
+    content.mkdir()
+    (content / "marker").write_text("volume ok\n")
+    disk = tmp_path / "data.img"
+    subprocess.run(["mke2fs", "-q", "-F", "-t", "ext4", "-L", "data", "-d", str(content),
+                    str(disk), "16M"], check=True, capture_output=True)
+    config = single("vol", session("/bin/sh", "-c", "cat /data/marker; echo written > /data/out"),
+                    mounts={"data": {"source": "label://data", "path": "/data", "mode": "rw"}})
+    vm = boot(image_dir, config, disks=[str(disk)])
+    assert vm.result.exit_code == 0, vm.explain()
+    assert "volume ok" in vm.text(), vm.text() + vm.explain()
+    # the write reached the disk image
+    dump = subprocess.run(["debugfs", "-R", "cat /out", str(disk)], capture_output=True, text=True)
+    assert dump.stdout.strip() == "written", dump.stderr
+
+
+def test_attach_over_virtio_serial_to_a_runblock_session(image_dir):
+    config = single("echoer", session("/bin/sh", "-c",
+                                      'read line; echo "got: $line"; read second; echo "and: $second"',
+                                      attach=True, open_stdin=True, run_block=True))
+    stdin_r, stdin_w = os.pipe()
+    out = io.BytesIO()
+    codes = []
+
+    def attach(run, deadline):
+        os.write(stdin_w, b"ping\npong\n")
+        os.close(stdin_w)
+        with open(stdin_r, "rb", buffering=0) as stdin:
+            codes.append(attach_primary(run, deadline, stdin=stdin, stdout=out))
+
+    vm = boot(image_dir, config, attach=attach)
+    assert vm.result.exit_code == 0, vm.explain()
+    text = out.getvalue().decode(errors="replace")
+    assert "got: ping" in text and "and: pong" in text, text + vm.explain()
+    assert vm.session_key("echoer", "started") == "true"
+
+
+def test_primary_exit_powers_off_with_its_status(image_dir):
+    config = {
+        "common": {"id": "main", "name": "off"},
+        "sessions": {
+            "main": session("/bin/sh", "-c", "sleep 2; exit 7"),
+            "daemon": session("/bin/sleep", "1000"),
+        },
+    }
+    vm = boot(image_dir, config)
+    assert vm.result.qemu_status == 0, vm.explain()     # QEMU ended because the guest powered off
+    assert vm.result.exit_code == 7, vm.explain()
+    assert vm.session_key("main", "status") == "7"
+    assert "power" in vm.result.console.lower()
+
+
+def test_several_vms_at_once(image_dir):
+    results = {}
+
+    def one(name):
+        results[name] = boot(image_dir, single(name, session("/bin/echo", name)))
+
+    threads = [threading.Thread(target=one, args=(f"vm{i}",)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for name, vm in results.items():
+        assert vm.result.exit_code == 0, vm.explain()
+        assert vm.text() == f"{name}\n"
+    assert len({vm.result.workdir for vm in results.values()}) == 2
+
+
+def test_hung_vm_is_killed_at_the_timeout_with_the_console(image_dir):
+    vm = boot(image_dir, single("hang", session("/bin/sleep", "100000")), timeout=45)
+    assert vm.result.qemu_status is None
+    assert vm.result.exit_code == EXIT_TIMEOUT
+    assert "timeout" in vm.result.message
+    assert vm.result.console    # the serial log is there to show
+
+
+def test_tether_vm_command_line(image_dir, tmp_path):
+    """The command as a person runs it: output on stdout, the map in --out, the status."""
+    import json
+    config = tmp_path / "c.json"
+    config.write_text(json.dumps(single("cli", session("/bin/sh", "-c", "echo from cli; exit 5"))))
+    out = tmp_path / "map.json"
+    proc = subprocess.run([sys.executable, "-m", "tether", "vm", str(config), "--image",
+                           str(image_dir), "--out", str(out), "--timeout", str(BOOT_TIMEOUT)],
+                          capture_output=True, text=True, timeout=BOOT_TIMEOUT + 60, cwd=REPO)
+    assert proc.returncode == 5, proc.stderr
+    assert "from cli" in proc.stdout
+    final = json.loads(out.read_text())
+    assert final["guestinfo.vice..sessions|cli.started"] == "true"
+    assert final["guestinfo.vice..sessions|cli.status"] == "5"
