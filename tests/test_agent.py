@@ -226,3 +226,25 @@ def test_sandbox_hello_example(tmp_path):
     run = subprocess.run([sys.executable, "-m", "tether", "sandbox", "examples/hello.json"],
                          cwd=REPO, capture_output=True, text=True, timeout=300)
     assert 'guestinfo.vice..sessions|7Chello.status = "0"' in run.stdout
+
+
+def test_pid1_of_a_vm_powers_off_through_reboot(tmp_path):
+    """`tether agent` as PID 1 (not the sandbox) ends in reboot(RB_POWER_OFF). In a PID
+    namespace the kernel turns that into SIGINT for the namespace's init."""
+    import shutil
+    import pytest
+    from conftest import namespaces_unavailable, write_config
+    reason = namespaces_unavailable() or (None if shutil.which("unshare") else "no unshare(1)")
+    if reason:
+        pytest.skip(reason)
+    primary = session_config(sid(), ["/bin/sh", "-c", "echo vm-session; exit 5"])
+    vmx = write_config(executor_config(primary), str(tmp_path))
+    run = subprocess.run(["unshare", "--pid", "--fork", "--mount", "--uts", "--ipc",
+                          "--mount-proc", sys.executable, "-m", "tether", "agent",
+                          "--guestinfo-file", vmx, "--no-attach"],
+                         cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert "powering off" in run.stderr, run.stderr
+    assert run.returncode == 128 + signal.SIGINT, run.stderr
+    text = open(vmx).read()
+    assert f'sessions|7C{primary.common.id}.status = "5"' in text
+    assert f'sessions|7C{primary.common.id}.started = "true"' in text
