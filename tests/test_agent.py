@@ -244,7 +244,7 @@ def test_pid1_of_a_vm_powers_off_through_reboot(tmp_path):
                           "--guestinfo-file", vmx, "--no-attach"],
                          cwd=REPO, capture_output=True, text=True, timeout=300)
     assert "powering off" in run.stderr, run.stderr
-    assert run.returncode == 128 + signal.SIGINT, run.stderr
+    assert run.returncode in (-signal.SIGINT, 128 + signal.SIGINT), run.stderr
     text = open(vmx).read()
     assert f'sessions|7C{primary.common.id}.status = "5"' in text
     assert f'sessions|7C{primary.common.id}.started = "true"' in text
