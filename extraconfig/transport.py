@@ -43,11 +43,15 @@ class MapTransport:
 
 # ---------------------------------------------------------------------- VMX files
 
-# VMX values are written between double quotes; '|' starts a two-hex-digit escape.
-_MUST_ESCAPE = re.compile(r'[|"#\\\x00-\x1f\x7f]')
-_KEY_ESCAPE = re.compile(r'[|"#\\=\s\x00-\x1f\x7f]')
+# VMX values are written between double quotes; '|' starts a two-hex-digit escape of
+# one UTF-8 byte. Values escape '|', '"' and control characters. Keys stay readable
+# (`sessions|web`): only what would break the line is escaped, plus a '|' that would
+# otherwise read as an escape; so only those escapes are undone when reading a key.
+_VALUE_ESCAPE = re.compile(r'[|"\x00-\x1f\x7f]')
+_KEY_ESCAPE = re.compile(r'[\x00-\x20"#=\x7f]|\|(?=[01][0-9A-Fa-f]|2[0-3]|3[dD]|7[cCfF])')
+_KEY_ESCAPED = frozenset(list(range(0x21)) + [0x22, 0x23, 0x3D, 0x7C, 0x7F])
 _UNESCAPE_BYTES = re.compile(rb"\|([0-9A-Fa-f]{2})")
-_LINE = re.compile(r'\s*(\S+)\s*=\s*"(.*)"\s*\Z')
+_LINE = re.compile(r'[ \t]*([^ \t="]+)[ \t]*=[ \t]*"(.*)"[ \t]*\Z', re.DOTALL)
 
 
 def _escape(text: str, pattern: re.Pattern[str]) -> str:
@@ -55,7 +59,7 @@ def _escape(text: str, pattern: re.Pattern[str]) -> str:
 
 
 def vmx_escape(value: str) -> str:
-    return _escape(value, _MUST_ESCAPE)
+    return _escape(value, _VALUE_ESCAPE)
 
 
 def vmx_escape_key(key: str) -> str:
@@ -69,6 +73,14 @@ def vmx_unescape(text: str) -> str:
     raw = text.encode("utf-8", errors="surrogateescape")
     raw = _UNESCAPE_BYTES.sub(lambda m: bytes([int(m.group(1), 16)]), raw)
     return raw.decode("utf-8", errors="surrogateescape")
+
+
+def vmx_unescape_key(text: str) -> str:
+    if "|" not in text:
+        return text
+    return _UNESCAPE_BYTES.sub(
+        lambda m: bytes([int(m.group(1), 16)]) if int(m.group(1), 16) in _KEY_ESCAPED else m.group(),
+        text.encode("utf-8", errors="surrogateescape")).decode("utf-8", errors="surrogateescape")
 
 
 def format_vmx(entries: Mapping[str, str]) -> str:
@@ -86,7 +98,7 @@ def parse_vmx(text: str) -> dict[str, str]:
         m = _LINE.match(line)
         if not m:
             raise ValueError(f"line {number}: expected key = \"value\", got {line[:80]!r}")
-        out[vmx_unescape(m.group(1))] = vmx_unescape(m.group(2))
+        out[vmx_unescape_key(m.group(1))] = vmx_unescape(m.group(2))
     return out
 
 

@@ -219,7 +219,11 @@ def test_scope_filter_sink():
 
 
 def test_vmx_escapes():
-    assert vmx_escape('a|b"c\n#') == "a|7Cb|22c|0A|23"
+    assert vmx_escape('a|b"c\n#') == "a|7Cb|22c|0A#"
+    assert format_vmx({"guestinfo.vice./sessions|c1/x y=|20": "v"}) == \
+        'guestinfo.vice./sessions|c1/x|20y|3D|7C20 = "v"\n'
+    assert parse_vmx('guestinfo.vice./sessions|c1/cmd/Path = "/bin/sh"') == \
+        {"guestinfo.vice./sessions|c1/cmd/Path": "/bin/sh"}
     assert vmx_unescape("|E2|98|83 x|7C") == "☃ x|"
     entries = {"guestinfo.vice./sessions|a b/cmd/Args~": 'sh|-c|echo "hi"\n', "k": ""}
     assert parse_vmx(format_vmx(entries)) == entries

@@ -238,3 +238,13 @@ def test_guest_sink_then_source(pairs):
         else:
             assert "" not in transport.data.values()
             assert source[key] == v
+
+
+@SETTINGS
+@given(st.dictionaries(st.one_of(st.text(min_size=1, max_size=15),
+                                 st.text(alphabet="|0123456789abcdefABCDEF =#\"", min_size=1)),
+                       st.one_of(st.text(max_size=20), tricky_text), max_size=8))
+def test_any_keys_and_values_round_trip_through_vmx_lines(entries):
+    text = format_vmx(entries)
+    assert text.count("\n") == len(entries)
+    assert parse_vmx(text) == entries
