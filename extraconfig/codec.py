@@ -20,7 +20,7 @@ from .gotime import GoTime, format_go, parse_go
 from .schema import tag_of
 from .types import ARRAY, FLOAT32, INTERFACE, IP, UINT, GoKind
 
-# A decoder never allocates more slice elements than this from one length key.
+# A decoder never makes more slice elements or map entries than this from one key.
 MAX_ELEMENTS = 1 << 16
 
 Sink = Callable[[str, str], Any]
@@ -289,7 +289,10 @@ class MapNode(Node):
         parse = self.keynode.parse
         vnode = self.value
         vkind = vnode.kind
-        for text in listed.split("|"):
+        names = listed.split("|")
+        if len(names) > MAX_ELEMENTS:
+            raise DecodeError(f"{key}: {len(names)} map entries exceed {MAX_ELEMENTS}")
+        for text in names:
             k = parse(text, key)
             ekey = K.append(key, "|" + text)
             if vkind == "struct":

@@ -37,6 +37,7 @@ def one_session(args):
     ({"guestinfo.vice./sessions": "a",
       "guestinfo.vice..sessions|a.diagnostics.exitlogs": "123456789"},
      "guestinfo.vice..sessions|a.diagnostics.exitlogs"),
+    ({"guestinfo.vice./sessions": "|".join(["a"] * 70000)}, "guestinfo.vice./sessions"),
 ])
 def test_malformed_lengths_raise_decode_error_naming_the_key(data, key):
     with pytest.raises(DecodeError) as e:
