@@ -88,19 +88,28 @@ OPEN_FDS = ("import os, sys\n"
             "        fds.append(fd)\n"
             "    except OSError:\n"
             "        pass\n"
-            "print(sys.argv[1], fds, flush=True)\n")
+            "with open(sys.argv[1] + '.tmp', 'w') as f:\n"
+            "    f.write(repr(fds))\n"
+            "os.rename(sys.argv[1] + '.tmp', sys.argv[1])\n")
 
 
-def test_only_fds_0_to_2_are_open(sandbox):
+def wait_for_files(*paths) -> list[str]:
+    test = " && ".join(f"[ -e {p} ]" for p in paths)
+    return ["/bin/sh", "-c", f"until {test}; do sleep 0.05; done"]
+
+
+def test_only_fds_0_to_2_are_open(sandbox, tmp_path):
     # fstat probing opens nothing itself, unlike listing /proc/self/fd.
     python = "/usr/bin/python3"
-    plain = session_config(sid(), [python, "-S", "-c", OPEN_FDS, "plain-fds:"])
-    piped = session_config(sid(), [python, "-S", "-c", OPEN_FDS, "stdin-fds:"], open_stdin=True)
-    tty = session_config(sid(), [python, "-S", "-c", OPEN_FDS, "tty-fds:"], tty=True)
-    result = sandbox.run(executor_config(plain, piped, tty))
-    assert "plain-fds: [0, 1, 2]\n" in result.log, result.log
-    assert "stdin-fds: [0, 1, 2]\n" in result.log, result.log
-    assert "tty-fds: [0, 1, 2]" in result.log, result.log
+    out = {name: tmp_path / name for name in ("plain", "stdin", "tty")}
+    plain = session_config(sid(), [python, "-S", "-c", OPEN_FDS, str(out["plain"])])
+    piped = session_config(sid(), [python, "-S", "-c", OPEN_FDS, str(out["stdin"])],
+                           open_stdin=True)
+    tty = session_config(sid(), [python, "-S", "-c", OPEN_FDS, str(out["tty"])], tty=True)
+    primary = session_config(sid(), wait_for_files(*out.values()))
+    result = sandbox.run(executor_config(primary, plain, piped, tty))
+    for name, path in out.items():
+        assert path.read_text() == "[0, 1, 2]", (name, result.log)
 
 
 def test_tty_session_has_a_controlling_terminal(sandbox):
@@ -111,14 +120,16 @@ def test_tty_session_has_a_controlling_terminal(sandbox):
     assert "/dev/pts/" in result.log, result.log
 
 
-def test_every_session_is_its_own_process_group(sandbox):
-    a = session_config(sid(), ["/bin/sh", "-c", "echo pg-a $$ $(cut -d' ' -f5,6 /proc/$$/stat)"])
-    b = session_config(sid(), ["/bin/sh", "-c", "echo pg-b $$ $(cut -d' ' -f5,6 /proc/$$/stat)"])
-    result = sandbox.run(executor_config(a, b))
-    for name in ("pg-a", "pg-b"):
-        line = next(l for l in result.log.splitlines() if l.startswith(name))
-        pid, pgid, session = line.split()[1:]
-        assert pid == pgid == session, line
+def test_every_session_is_its_own_process_group(sandbox, tmp_path):
+    outs = [tmp_path / "a", tmp_path / "b"]
+    probes = [session_config(sid(), ["/bin/sh", "-c",
+                                     "echo $$ $(cut -d' ' -f5,6 /proc/$$/stat) > $0.tmp && "
+                                     "mv $0.tmp $0", str(path)]) for path in outs]
+    primary = session_config(sid(), wait_for_files(*outs))
+    result = sandbox.run(executor_config(primary, *probes))
+    for path in outs:
+        pid, pgid, session = path.read_text().split()
+        assert pid == pgid == session, result.log
 
 
 def test_environment_is_exactly_the_configured_one(sandbox):
@@ -151,7 +162,7 @@ def rootfs(tmp_path):
 
 
 def who(session_id, user="", group=""):
-    script = "echo $(id -u) $(id -g) $(id -G) $HOME > /out/$0"
+    script = "echo $(id -u) $(id -g) $(id -G) $HOME > /tmp/$0 && mv /tmp/$0 /out/$0"
     return session_config(session_id, ["/bin/sh", "-c", script, session_id], env=["PATH=/bin"],
                           user=user, group=group)
 
@@ -166,7 +177,8 @@ def test_user_and_group_by_name_and_number(sandbox, rootfs):
         "root": ("", "", "0 0 0 /root"),
     }
     sessions = [who(name, user, group) for name, (user, group, _) in cases.items()]
-    primary = session_config(sid(), ["/bin/sleep", "1"], env=["PATH=/bin"])
+    primary = session_config(sid(), wait_for_files(*(f"/out/{name}" for name in cases)),
+                             env=["PATH=/bin"])
     result = sandbox.run(executor_config(primary, *sessions), rootfs=rootfs)
     for name, (_, _, expected) in cases.items():
         assert result.session(name).started == "true", (name, result.log)
