@@ -345,3 +345,21 @@ def test_extension_refuses_port_io_without_permission():
         env=dict(os.environ, PYTHONPATH=str(REPO)))
     assert run.returncode == 0, run.stderr
     assert run.stdout.startswith("refused: this thread has no I/O port access")
+
+
+def test_a_fault_in_the_probe_child_is_reported_not_fatal(monkeypatch):
+    """If GETVERSION faults (as a 4-byte inl without all its ports granted did, under
+    QEMU), only the forked child dies; the caller gets the reason. The CPU's #GP is
+    played by the child sending itself SIGSEGV, as the kernel would."""
+    import signal
+    import types
+
+    from extraconfig.backdoor import native
+
+    def faulting_backdoor(_regs):
+        signal.signal(signal.SIGSEGV, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGSEGV)
+
+    monkeypatch.setattr(native, "_portio", types.SimpleNamespace(backdoor=faulting_backdoor))
+    reason = native._getversion_in_child()
+    assert reason == "GETVERSION faulted (SIGSEGV) in a child process: no usable backdoor port"
