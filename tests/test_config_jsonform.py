@@ -48,6 +48,7 @@ def test_cli_encode_decode_round_trip(path):
     encoded = tether("config", "encode", str(path))
     assert encoded.returncode == 0, encoded.stderr
     assert 'guestinfo.vice./common/id = "' in encoded.stdout
+    assert 'common/notes = "<nil>"' in encoded.stdout          # vSphere's empty value
     decoded = tether("config", "decode", "-", stdin=encoded.stdout)
     assert decoded.returncode == 0, decoded.stderr
     assert json.loads(decoded.stdout) == json.loads(path.read_text())
@@ -67,6 +68,16 @@ def test_cli_decode_file_and_escapes(tmp_path):
     decoded = tether("config", "decode", str(vmx))
     assert decoded.returncode == 0, decoded.stderr
     assert json.loads(decoded.stdout) == cfg
+
+
+def test_cli_output_serves_as_a_guest_vmx_file(tmp_path):
+    from extraconfig.transport import GuestSource, VmxFileTransport
+    vmx = tmp_path / "guest.vmx"
+    r = tether("config", "encode", str(REPO / "examples" / "hello.json"))
+    vmx.write_text(r.stdout)
+    cfg = decode(GuestSource(VmxFileTransport(vmx)), ExecutorConfig)
+    assert cfg.sessions["hello"].cmd.args == ["/bin/echo", "hello"]
+    assert cfg.sessions["hello"].started == ""
 
 
 def test_cli_errors_are_actionable(tmp_path):

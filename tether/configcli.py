@@ -1,7 +1,10 @@
 """`tether config`: JSON config <-> VMX guestinfo lines.
 
-    tether config encode FILE.json     print `key = "value"` lines (VMX escapes)
+    tether config encode FILE.json     print `key = "value"` lines (VMX escapes, "" as <nil>)
     tether config decode FILE.vmx      print the JSON form ("-" reads stdin)
+
+The lines are what vSphere keeps in a VM's .vmx: empty values are stored as `<nil>`
+(an empty option value would delete the key), and read back as empty.
 """
 from __future__ import annotations
 
@@ -21,7 +24,7 @@ def _read(path: str) -> str:
 
 def encode_command(path: str) -> int:
     from extraconfig import encode
-    from extraconfig.transport import format_vmx
+    from extraconfig.transport import NIL, format_vmx
 
     from .jsonform import ConfigError, config_from_json
 
@@ -31,13 +34,15 @@ def encode_command(path: str) -> int:
         raise ConfigError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
-    sys.stdout.write(format_vmx(encode(cfg)))
+    # as vSphere stores them: an empty value would delete the key, so it is "<nil>"
+    entries = {k: (v if v != "" else NIL) for k, v in encode(cfg).items()}
+    sys.stdout.write(format_vmx(entries))
     return 0
 
 
 def decode_command(path: str) -> int:
     from extraconfig import decode
-    from extraconfig.transport import parse_vmx
+    from extraconfig.transport import NIL, parse_vmx
 
     from .config import ExecutorConfig
     from .jsonform import config_to_json
@@ -46,7 +51,8 @@ def decode_command(path: str) -> int:
         entries = parse_vmx(_read(path))
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from None
-    cfg = decode(entries, ExecutorConfig)
+    # the host's reading of a VMX (vmomi.OptionValueMap): "<nil>" is the empty string
+    cfg = decode({k: (v if v != NIL else "") for k, v in entries.items()}, ExecutorConfig)
     json.dump(config_to_json(cfg), sys.stdout, indent=2, ensure_ascii=False)
     sys.stdout.write("\n")
     return 0
