@@ -3,9 +3,7 @@ machine (not a VMware guest: it must never fault and must fall back)."""
 
 from __future__ import annotations
 
-import logging
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -17,7 +15,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from extraconfig.backdoor import BackdoorError, MessageChannel, open_transport
-from extraconfig.backdoor.bridge import SocketPorts
 from extraconfig.backdoor.protocol import (
     CMD_MESSAGE, MAGIC, MSG_RECVSIZE, PORT, PROTO_RPCI, PROTO_TCLO, STATUS_CPT, Regs, pack,
 )
