@@ -195,3 +195,21 @@ def test_parse_endpoint():
     for bad in ("nothing", "ftp:x", "tcp:host", "vsock:a:b"):
         with pytest.raises(EndpointError):
             parse_endpoint(bad)
+
+
+def test_data_frames_match_the_generic_encoder():
+    for size in (0, 1, 255, 256, 65535, 65536, 70000):
+        data = os.urandom(size)
+        expected = [p.encode({"t": "data", "ch": 300, "s": "stderr", "d": data[i:i + p.DATA_CHUNK]})
+                    for i in range(0, size, p.DATA_CHUNK)]
+        assert p.encode_data(300, data, "stderr") == expected
+
+
+def test_unchecked_frames_are_taken_only_where_allowed():
+    frames = b"".join(p.encode_data(1, b"socket data", checked=False)) + \
+        p.encode({"t": "ping", "ch": 2}, checked=False)
+    assert frames[:4] == p.MAGIC_UNCHECKED
+    on_socket = p.FrameDecoder(accept_unchecked=True).feed(frames)
+    assert [m["t"] for m in on_socket] == ["data", "ping"] and on_socket[0]["d"] == b"socket data"
+    on_line = p.FrameDecoder()
+    assert on_line.feed(frames) == [] and on_line.bad_frames == 2

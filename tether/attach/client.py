@@ -35,7 +35,9 @@ class Client:
         self.conn = conn
         self.key = key or b""
         self.timeout = timeout
-        self.decoder = p.FrameDecoder()
+        # Sockets are reliable: data frames skip the CRC there (lines keep it).
+        self.checked = conn.persistent
+        self.decoder = p.FrameDecoder(accept_unchecked=not conn.persistent)
         self._queues: dict[int, deque] = {}
         self._next_channel = 1
         self._closed_error: str | None = None
@@ -258,7 +260,7 @@ class Client:
             self.send({"t": p.COPY_TO, "ch": channel, "path": path, "mode": mode, "tar": tar})
             self._expect_ok(channel, "copy-to")
             if isinstance(source, (bytes, bytearray, memoryview)):
-                for frame in p.encode_data(channel, bytes(source), "stdin"):
+                for frame in p.encode_data(channel, bytes(source), "stdin", self.checked):
                     self._send(frame)
                     self._raise_if_refused(channel, "copy-to")
             else:
@@ -266,8 +268,7 @@ class Client:
                     chunk = source.read(p.DATA_CHUNK)
                     if not chunk:
                         break
-                    self._send(p.encode({"t": p.DATA, "ch": channel, "s": "stdin",
-                                         "d": chunk}))
+                    self._send(p.encode_data(channel, chunk, "stdin", self.checked)[0])
                     self._raise_if_refused(channel, "copy-to")
             self.send({"t": p.EOF, "ch": channel})
             return self._expect_ok(channel, "copy-to")
@@ -323,7 +324,7 @@ class Stream:
         self.closed = False
 
     def write(self, data: bytes) -> None:
-        for frame in p.encode_data(self.channel, data, "stdin"):
+        for frame in p.encode_data(self.channel, data, "stdin", self.client.checked):
             self.client._send(frame)
 
     def close_stdin(self) -> None:

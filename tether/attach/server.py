@@ -9,6 +9,7 @@ Requests map onto the Session API (docs/architecture.md); the wire format lives 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
 import os
 import stat
@@ -29,6 +30,7 @@ OUTPUT_LIMIT = 16 << 20       # a client this far behind is dropped at once
 LOW_WATER = 1 << 20           # drained below this: output resumes, copy-from reads on
 LINE_RETRY = 0.5              # seconds before re-polling a serial line that hung up
 TAR_SPOOL = 8 << 20
+WRITE_BATCH = 256             # pieces per gathering write (IOV_MAX is 1024)
 
 
 def start_attach_server(agent, endpoints: list[str]) -> "AttachServer":
@@ -122,7 +124,9 @@ class Connection:
         self.loop = server.loop
         self.conn = conn
         self.fd = conn.fileno()
-        self.decoder = p.FrameDecoder()
+        # Sockets are reliable: data frames skip the CRC there (lines keep it).
+        self.checked = conn.persistent
+        self.decoder = p.FrameDecoder(accept_unchecked=not conn.persistent)
         self.handshake = p.ServerHandshake(self.agent.key)
         self.channels: dict[int, object] = {}
         self._out: deque[bytes] = deque()
@@ -236,10 +240,14 @@ class Connection:
 
     def send_bytes(self, frame: bytes) -> bool:
         """Queue a frame; False when the client was dropped for falling behind."""
+        return self.send_parts((frame,), len(frame))
+
+    def send_parts(self, parts, size: int) -> bool:
+        """Queue frames given as pieces (written with one gathering write, uncopied)."""
         if self.closed:
             return False
-        self._out.append(frame)
-        self._out_size += len(frame)
+        self._out.extend(parts)
+        self._out_size += size
         if self._out_size > OUTPUT_LIMIT:
             self._drop_slow()
             return False
@@ -252,20 +260,27 @@ class Connection:
         return self._out_size
 
     def _flush(self) -> None:
-        while self._out:
-            head = self._out[0]
+        out = self._out
+        while out:
+            batch = list(itertools.islice(out, WRITE_BATCH))
             try:
-                n = self.conn.write(head)
+                n = self.conn.writev(batch)
             except OSError as err:
                 self._hung_up() if self.conn.persistent else self.close(f"write failed: {err}")
                 return
             if n == 0:
                 break
             self._out_size -= n
-            if n < len(head):
-                self._out[0] = head[n:]
-                break
-            self._out.popleft()
+            for piece in batch:
+                if n >= len(piece):
+                    n -= len(piece)
+                    out.popleft()
+                else:
+                    out[0] = memoryview(piece)[n:]
+                    n = -1
+                    break
+            if n < 0:
+                break   # a short write: the fd is full
         if self._out:
             if not self._writing:
                 self._writing = True
@@ -508,9 +523,9 @@ class AttachChannel:
 
     def _forward(self, stream: str, data: bytes) -> bool:
         connection = self.connection
-        for frame in p.encode_data(self.channel, data, stream):
-            if not connection.send_bytes(frame):
-                return False
+        if not connection.send_parts(*p.data_parts(self.channel, data, stream,
+                                                   connection.checked)):
+            return False
         if connection.backlog > HOLD_AT and self.attached:
             connection.hold(self.session)
         return True
@@ -681,8 +696,8 @@ class CopyFromChannel:
                 connection.send({"t": p.EOF, "ch": self.channel})
                 connection.finish(self.channel)
                 return
-            if not connection.send_bytes(p.encode({"t": p.DATA, "ch": self.channel,
-                                                   "s": "stdout", "d": chunk})):
+            frames = p.encode_data(self.channel, chunk, "stdout", connection.checked)
+            if not connection.send_bytes(frames[0]):
                 return
 
     def on_data(self, data: bytes) -> None:

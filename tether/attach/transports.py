@@ -64,6 +64,15 @@ class Conn:
         except (BlockingIOError, InterruptedError):
             return 0
 
+    def writev(self, buffers: list) -> int:
+        """A gathering write of several buffers; bytes written (0 if it would block)."""
+        try:
+            if self.sock is not None:
+                return self.sock.sendmsg(buffers, (), socket.MSG_NOSIGNAL)
+            return os.writev(self.fd, buffers)
+        except (BlockingIOError, InterruptedError):
+            return 0
+
     def close(self) -> None:
         if self.closed:
             return
