@@ -3,6 +3,9 @@
 Only read-write keys reach the transport (the GuestSink drops `/` keys). One session is
 written as its own subtree, under the key prefix `calculate_keys` gives for
 `Sessions.<id>` (the reference's EncodeWithPrefix); field order puts `started` last.
+`started` is what a host waits on, so it always goes out last: our config model keeps
+the executor's field order, where `diagnostics` (resurrections, exit logs) follows
+`started`, so the `started` keys are held back and written after everything else.
 A failed write is logged, never fatal: the process goes on and the next write retries.
 """
 from __future__ import annotations
@@ -10,6 +13,27 @@ from __future__ import annotations
 import logging
 
 log = logging.getLogger("tether.writeback")
+
+
+STARTED_SUFFIX = ".started"
+
+
+def started_last(sink):
+    """A sink that passes pairs on at once, except `started` keys, released by `flush()`."""
+    held: list[tuple[str, str]] = []
+
+    def write(key: str, value: str) -> None:
+        if key.endswith(STARTED_SUFFIX):
+            held.append((key, value))
+        else:
+            sink(key, value)
+
+    def flush() -> None:
+        for key, value in held:
+            sink(key, value)
+        held.clear()
+
+    return write, flush
 
 
 class WriteBack:
@@ -26,7 +50,9 @@ class WriteBack:
         sid = session_config.common.id
         try:
             prefix = calculate_keys(config, f"Sessions.{sid}")[0]
-            encode_into(self.sink, session_config, prefix=prefix)
+            write, flush = started_last(self.sink)
+            encode_into(write, session_config, prefix=prefix)
+            flush()
         except Exception as err:   # noqa: BLE001 - the agent must keep serving
             self.failures += 1
             log.error("could not publish session %s to guestinfo: %s", sid, err,
@@ -36,7 +62,9 @@ class WriteBack:
         """Every read-write key of the executor (network assignments, all sessions)."""
         from extraconfig.codec import encode_into
         try:
-            encode_into(self.sink, config)
+            write, flush = started_last(self.sink)
+            encode_into(write, config)
+            flush()
         except Exception as err:   # noqa: BLE001
             self.failures += 1
             log.error("could not publish the configuration to guestinfo: %s", err,
