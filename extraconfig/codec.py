@@ -513,16 +513,16 @@ def _compile(tp: Any, nilable: bool) -> Node:
 
 
 def _recurse(raw: str) -> tuple[bool, int | None, bool | None, bool, bool]:
-    """(valid, depth, follow, skip_encode, skip_decode) from a recurse tag."""
+    """(valid, depth, follow, skip_encode, skip_decode) from a recurse tag, read as Go does
+    (no trimming; a malformed depth skips the field; unknown properties are ignored)."""
     depth = follow = None
     skip_enc = skip_dec = False
     for prop in raw.split(",") if raw else ():
-        prop = prop.strip()
-        if prop.startswith("depth="):
-            try:
-                depth = int(prop[len("depth="):])
-            except ValueError:
+        if prop.startswith("depth"):
+            parts = prop.split("=")
+            if len(parts) != 2 or not S.is_int(parts[1]):
                 return False, None, None, False, False
+            depth = int(parts[1])
         elif prop == "nofollow":
             follow = False
         elif prop == "follow":
@@ -550,7 +550,7 @@ def struct_node(cls: type) -> StructNode:
             flags = K.scope_flags(tag.scope)
             if flags & K.INVALID:
                 continue
-            name = tag.key.strip() or tag.go_name
+            name = tag.key.strip() if tag.key else tag.go_name   # Go trims after choosing
         else:
             flags = 0
             name = tag.go_name
@@ -613,7 +613,10 @@ def decode(source: Any, cls_or_obj: Any, prefix: str = "") -> Any:
 
 
 def calculate_keys(obj: Any, fieldspec: str, prefix: str = "") -> list[str]:
-    """The keys the encoder uses for a dotted Go field path (`*` for every member)."""
+    """The keys the encoder uses for a dotted Go field path, as the reference's CalculateKeys:
+    Go field names for structs, keys for maps, indices for slices, `*` for every member.
+    Where the reference panics (unknown name, missing map key, index out of range, a nil
+    pointer on the way), DecodeError names the spec."""
     segs = fieldspec.split(".") if fieldspec else []
     return _calc(struct_node(type(obj)), obj, segs, prefix, fieldspec)
 
@@ -626,49 +629,59 @@ def calculate_key(obj: Any, fieldspec: str, prefix: str = "") -> str:
 
 
 def _calc(node: Node, value: Any, segs: list[str], key: str, spec: str) -> list[str]:
+    while isinstance(node, PointerNode):
+        if value is None and segs:
+            raise DecodeError(f"{spec!r}: nil pointer before {segs[0]!r}")
+        node = node.inner
     if not segs:
         return [key]
-    if isinstance(node, PointerNode):
-        return _calc(node.inner, value, segs, key, spec)
     seg, rest = segs[0], segs[1:]
     if isinstance(node, StructNode):
+        if value is None:
+            value = node.zero()
         plans = node.fields if seg == "*" else [f for f in node.fields if f.go_name == seg]
         if not plans:
             raise DecodeError(f"{spec!r}: {node.cls.__name__} has no field {seg!r}")
         out: list[str] = []
         for fp in plans:
-            fkey = _field_key(key, fp)
-            if fkey is not None:
-                sub = getattr(value, fp.attr) if value is not None else None
-                out += _calc(fp.node, sub, rest, fkey, spec)
+            fkey = _field_key(key, fp) or ""
+            out += _calc(fp.node, getattr(value, fp.attr), rest, fkey, spec)
         return out
     if isinstance(node, MapNode):
-        entries = value or {}
+        entries = {node.keynode.fmt(k): v for k, v in (value or {}).items()}
         if seg == "*":
-            items = sorted((node.keynode.fmt(k), v) for k, v in entries.items())
+            names = sorted(entries)
+        elif seg in entries:
+            names = [seg]
         else:
-            parsed = node.keynode.parse(seg, key)
-            items = [(seg, entries.get(parsed))]
+            raise DecodeError(f"{spec!r}: no map key {seg!r}")
         out = []
-        for text, sub in items:
-            out += _calc(node.value, sub, rest, K.append(key, "|" + text), spec)
-        return out
-    if isinstance(node, SliceNode):
-        if node.mode != "indexed":
-            return [K.append(key, "~")]
-        items = list(enumerate(value or [])) if seg == "*" else [(_index(seg, spec), None)]
-        out = []
-        for i, sub in items:
-            if sub is None and value and i < len(value):
-                sub = value[i]
-            out += _calc(node.elem, sub, rest, K.append(key, f"|{i}"), spec)
+        for name in names:
+            out += _calc(node.value, entries[name], rest, K.append(key, "|" + name), spec)
         return out
     if isinstance(node, BytesNode):
+        if seg != "*":
+            _index(seg, spec)
         return [key]
+    if isinstance(node, SliceNode):
+        items = value or []
+        struct_elems = node.elem.kind in ("struct", "time")
+        if seg == "*":
+            if not struct_elems:
+                return [K.append(key, "~")]
+            out = []
+            for i, item in enumerate(items):
+                out += _calc(node.elem, item, rest, K.append(key, f"|{i}"), spec)
+            return out
+        i = _index(seg, spec)
+        if not 0 <= i < len(items):
+            raise DecodeError(f"{spec!r}: index {i} out of range for {len(items)} elements")
+        sub = K.append(key, f"|{i}") if struct_elems else K.append(key, "~")
+        return _calc(node.elem, items[i], rest, sub, spec)
     raise DecodeError(f"{spec!r}: cannot go into {seg!r} of a {node.kind}")
 
 
 def _index(seg: str, spec: str) -> int:
-    if not seg.isdigit():
+    if not S.is_int(seg):
         raise DecodeError(f"{spec!r}: {seg!r} is not a slice index")
     return int(seg)

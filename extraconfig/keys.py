@@ -32,10 +32,11 @@ _WORDS = {
 
 def scope_flags(scope: str) -> int:
     """Flags for a raw scope tag; INVALID for an unknown word (the field is then skipped)."""
-    if scope == "":
+    words = scope.split(",")
+    if not any(words):                # no scope, or only empty words
         return HIDDEN | READ_ONLY
     flags = 0
-    for word in scope.split(","):
+    for word in words:
         bit = _WORDS.get(word)
         if bit is None:
             return INVALID

@@ -39,6 +39,11 @@ def parse_int(text: str) -> int:
     return value if _INT64_MIN <= value <= _INT64_MAX else 0
 
 
+def is_int(text: str) -> bool:
+    """Whether strconv.Atoi / ParseInt would accept the text (sign, ASCII digits)."""
+    return len(text) <= 24 and _INT.match(text) is not None
+
+
 def parse_uint(text: str) -> int:
     if len(text) > 24 or not _UINT.match(text):
         return 0

@@ -135,6 +135,20 @@ def test_calculate_keys():
     assert calculate_key(cfg, "Key") == "guestinfo.vice./key"
     with pytest.raises(DecodeError, match="NoSuchField"):
         calculate_keys(cfg, "Sessions.a.NoSuchField")
+    assert calculate_keys(cfg, "Sessions.a.Cmd.Args.0") == [ARGS + "~"]
+    assert calculate_keys(cfg, "Sessions.a.Cmd.*") == [
+        "guestinfo.vice./sessions|a/cmd/Path", ARGS + "~", "guestinfo.vice./sessions|a/cmd/Env",
+        "guestinfo.vice./sessions|a/cmd/Dir"]
+    for bad in ("Sessions.b.Started", "Sessions.a.Cmd.Args.1", "Sessions.a.Cmd.Args.x",
+                "Sessions.a.Cmd.Path.x", "Networks.n"):
+        with pytest.raises(DecodeError):
+            calculate_keys(cfg, bad)
+
+
+def test_tag_oddities_follow_go():
+    from extraconfig.keys import HIDDEN, INVALID, READ_ONLY, scope_flags
+    assert scope_flags("") == scope_flags(",") == HIDDEN | READ_ONLY
+    assert scope_flags("read-only,") == INVALID and scope_flags("read-only, hidden") == INVALID
 
 
 prefixes = st.one_of(st.just(""), st.text(alphabet="ab./|@~g", max_size=12),
