@@ -24,7 +24,7 @@ log = logging.getLogger("tether.agent")
 
 FAILPOINTS_ENV = "TETHER_FAILPOINTS"
 STEPS = ("signals", "system", "config", "hostname", "rootfs", "networks", "volumes", "attach",
-         "sessions", "reload", "shutdown")
+         "toolbox", "sessions", "reload", "shutdown")
 DEFAULT_STOP_GRACE = 10.0
 CONTAINERFS_LABEL = "containerfs"
 CONTAINERFS_MOUNT = "/mnt/containerfs"
@@ -88,6 +88,7 @@ class Agent:
         self._writeback = None
         self._log_port = None
         self._attach_server = None
+        self._toolbox = None
         self._network = None
         self._etc = None
         self._mounted_volumes: set[str] = set()
@@ -127,6 +128,7 @@ class Agent:
         self.guarded("networks", self.apply_networks)
         self.guarded("volumes", self.mount_volumes)
         self.guarded("attach", self.start_attach)
+        self.guarded("toolbox", self.start_toolbox)
         if self.config.networks:
             self.publish_all()   # assigned addresses; sessions publish their own on launch
         if not self.guarded("sessions", self.launch_sessions):
@@ -306,6 +308,11 @@ class Agent:
         self._attach_server = start_attach_server(self, endpoints)
         log.info("attach server on %s", ", ".join(endpoints))
 
+    def start_toolbox(self) -> None:
+        """The VMX's TCLO duties, when guestinfo comes over the VMware backdoor."""
+        from tether.toolbox import start_toolbox_for
+        self._toolbox = start_toolbox_for(self, self.transport)
+
     # -- sessions ------------------------------------------------------------------------
     def launch_sessions(self) -> None:
         for sid, cfg in sorted((self.config.sessions or {}).items()):
@@ -455,6 +462,8 @@ class Agent:
     def shutdown(self) -> None:
         if self._kill_timer is not None:
             self._kill_timer.cancel()
+        if self._toolbox is not None:
+            self.guarded("shutdown", self._toolbox.stop)
         if self._attach_server is not None:
             self.guarded("shutdown", self._attach_server.close)
         if self._network is not None:

@@ -27,6 +27,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--out", help="write the final guestinfo map here (default: stdout)")
     parser.add_argument("--attach-socket", help="serve attach on this unix socket")
     parser.add_argument("--output-log", help="write session output (iolog framing) here")
+    parser.add_argument("--backdoor-sim", metavar="SOCKET",
+                        help="take guestinfo (and TCLO) from a simulated VMware hypervisor "
+                        "serving the backdoor's port calls on this unix socket")
     parser.add_argument("--stop-grace", type=float, default=10.0,
                         help="seconds between the stop signal and SIGKILL (default 10)")
     return parser.parse_args(argv)
@@ -113,6 +116,13 @@ def run_inside(args: argparse.Namespace, seed: dict[str, str]) -> int:
     system.mount("proc", "/proc", "proc", system.MS_NOSUID | system.MS_NODEV | system.MS_NOEXEC)
     store = dict(seed)
     transport = MapTransport(store)
+    if args.backdoor_sim:
+        import logging
+        from extraconfig.backdoor import open_transport as open_backdoor
+        transport = open_backdoor(logging.getLogger("tether.guestinfo"),
+                                  sim_socket=args.backdoor_sim)
+        if transport is None:
+            return 1
 
     def refresh_from_json() -> None:
         for key, value in load_seed(args.config).items():
