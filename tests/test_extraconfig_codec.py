@@ -137,7 +137,7 @@ def test_calculate_keys():
         calculate_keys(cfg, "Sessions.a.NoSuchField")
     assert calculate_keys(cfg, "Sessions.a.Cmd.Args.0") == [ARGS + "~"]
     assert calculate_keys(cfg, "Sessions.a.Cmd.*") == [
-        "guestinfo.vice./sessions|a/cmd/Path", ARGS + "~", "guestinfo.vice./sessions|a/cmd/Env",
+        "guestinfo.vice./sessions|a/cmd/Path", ARGS, "guestinfo.vice./sessions|a/cmd/Env",
         "guestinfo.vice./sessions|a/cmd/Dir"]
     for bad in ("Sessions.b.Started", "Sessions.a.Cmd.Args.1", "Sessions.a.Cmd.Args.x",
                 "Sessions.a.Cmd.Path.x", "Networks.n"):
