@@ -13,6 +13,7 @@ import pytest
 
 from conftest import REPO, executor_config, session_config, sid
 from extraconfig.backdoor.simulator import SimulatedHypervisor
+from tether.toolbox import first_ipv4
 
 TIMEOUT = 120.0
 
@@ -64,6 +65,9 @@ def test_tclo_ping_reset_and_halt_stop_the_primary(sandbox, hypervisor):
     assert ask(sim, "ping") == "OK "
     assert ask(sim, "Capabilities_Register") == "OK "
     assert "tools.capability.statechange" in sim.capabilities
+    address = first_ipv4()   # the sandbox shares this machine's network namespace
+    assert ask(sim, "Set_Option broadcastIP 1") == "OK "
+    assert sim.guestinfo.get("guestinfo.ip") == address
 
     assert ask(sim, "OS_Halt") == "OK "
     result = box.wait(TIMEOUT)
