@@ -308,22 +308,26 @@ class MapNode(Node):
         return True, this
 
 
-@dataclasses.dataclass
 class FieldPlan:
-    attr: str
-    go_name: str
-    name: str          # the key segment
-    untagged: bool
-    flags: int
-    depth: int | None  # recurse depth=N override
-    follow: bool | None
-    skip_encode: bool
-    skip_decode: bool
-    node: Node = dataclasses.field(default_factory=Node)
+    """One field of a compiled struct: where its value lives and how its key is made."""
+    __slots__ = ("attr", "go_name", "name", "untagged", "flags", "depth", "follow",
+                 "skip_encode", "skip_decode", "node", "name_ro", "name_rw")
 
-    def __post_init__(self) -> None:
-        self.name_ro = self.name.replace(".", "/")
-        self.name_rw = self.name.replace("/", ".")
+    def __init__(self, attr: str, go_name: str, name: str, untagged: bool, flags: int,
+                 depth: int | None, follow: bool | None, skip_encode: bool, skip_decode: bool,
+                 node: Node) -> None:
+        self.attr = attr
+        self.go_name = go_name
+        self.name = name                  # the key segment
+        self.untagged = untagged
+        self.flags = flags
+        self.depth = depth                # recurse depth=N override
+        self.follow = follow
+        self.skip_encode = skip_encode
+        self.skip_decode = skip_decode
+        self.node = node
+        self.name_ro = name.replace(".", "/")
+        self.name_rw = name.replace("/", ".")
 
 
 def _field_key(prefix: str, fp: FieldPlan) -> str | None:

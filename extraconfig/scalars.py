@@ -6,7 +6,6 @@ import binascii
 import math
 import re
 import struct
-from decimal import Decimal
 
 _INT = re.compile(r"[+-]?[0-9]+\Z", re.ASCII)
 _UINT = re.compile(r"\+?[0-9]+\Z", re.ASCII)
@@ -61,6 +60,7 @@ def format_float(value: float) -> str:
     sign = "-" if math.copysign(1.0, value) < 0 else ""
     if value == 0:
         return sign + "0E+00"
+    from decimal import Decimal
     _, digits, exponent = Decimal(repr(abs(value))).as_tuple()
     text = "".join(map(str, digits)).rstrip("0") or "0"
     exp10 = exponent + len(digits) - 1
