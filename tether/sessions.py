@@ -374,6 +374,10 @@ class Session:
             cfg.started = _go_error("start", err)
             log.error("session %s did not start: %s", self.id, cfg.started)
             return
+        except Exception as err:   # noqa: BLE001 - one bad session must not stop the rest
+            cfg.started = f"internal error starting the session: {err}"
+            log.exception("session %s did not start", self.id)
+            return
         cfg.started = "true"
         self.launches += 1
         self._started_at = time.monotonic()
