@@ -170,7 +170,12 @@ class Agent:
             return
         from tether.iolog import LogPort
         flags = os.O_WRONLY | os.O_CLOEXEC | os.O_NOCTTY | os.O_APPEND
-        fd = os.open(path, flags | (os.O_CREAT if not path.startswith("/dev/") else 0), 0o644)
+        try:
+            fd = os.open(path, flags | (os.O_CREAT if not path.startswith("/dev/") else 0),
+                         0o644)
+        except OSError as err:
+            log.warning("no session output log: cannot open %s: %s", path, err.strerror)
+            return
         if os.isatty(fd):
             set_raw_serial(fd)
         self._log_port = LogPort(fd, self.loop)
