@@ -134,7 +134,8 @@ def test_a_stalled_client_is_dropped_and_does_not_hold_up_the_others(agent):
             t.join(300)
         for i, stream in enumerate(streams):
             out = results[i]
-            assert isinstance(out, dict), out
+            assert isinstance(out, dict), (out, [line for line in box.log_text().splitlines()
+                                                 if "tether.attach" in line])
             assert stream.exit["code"] == 0
             assert out["stdout"].count(b"z") == size
             assert out["stdout"].endswith(b"end-of-output\n")

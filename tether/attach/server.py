@@ -12,6 +12,7 @@ import hashlib
 import itertools
 import logging
 import os
+import select
 import stat
 import tarfile
 import tempfile
@@ -30,6 +31,7 @@ OUTPUT_LIMIT = 16 << 20       # a client this far behind is dropped at once
 LOW_WATER = 1 << 20           # drained below this: output resumes, copy-from reads on
 LINE_RETRY = 0.5              # seconds before re-polling a serial line that hung up
 TAR_SPOOL = 8 << 20
+CLOSE_GRACE = 2.0             # seconds for queued output to leave when the agent stops
 WRITE_BATCH = 256             # pieces per gathering write (IOV_MAX is 1024)
 
 
@@ -106,11 +108,28 @@ class AttachServer:
         self.connections.add(connection)
         return connection
 
-    def close(self) -> None:
+    def close(self, grace: float = CLOSE_GRACE) -> None:
+        """Stop listening; give queued output (a session's last words, its exit status)
+        up to `grace` seconds to reach the clients, then close them. The agent calls this
+        after its loop has stopped, so it waits with its own select."""
         for listener in self.listeners:
             self.loop.remove_reader(listener.fileno())
             listener.close()
         self.listeners.clear()
+        deadline = time.monotonic() + grace
+        pending = [c for c in self.connections if c.backlog and not c.closed]
+        while pending:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            try:
+                _, writable, _ = select.select([], [c.fd for c in pending], [], left)
+            except (OSError, ValueError):
+                break
+            for connection in pending:
+                if connection.fd in writable:
+                    connection._flush()
+            pending = [c for c in pending if c.backlog and not c.closed]
         for connection in list(self.connections):
             connection.close("the attach server is shutting down")
 
