@@ -77,12 +77,13 @@ def test_echo_through_cat_and_1000_attach_detach_cycles_do_not_leak(agent):
 
     for i in range(100):          # warm up: imports, allocator pools
         cycle(i)
+    time.sleep(0.5)               # let the agent see the last client's hang-up
     fds_before, rss_before = fd_count(pid), rss(pid)
     for i in range(100, 1100):
         cycle(i)
     time.sleep(0.5)
     fds_after, rss_after = fd_count(pid), rss(pid)
-    assert fds_after == fds_before, (fds_before, fds_after)
+    assert fds_after <= fds_before, (fds_before, fds_after)
     assert rss_after - rss_before < 4 << 20, (rss_before, rss_after)
     # Detach left the process running with stdin open.
     with Client.connect(endpoint, KEY) as client:
