@@ -244,15 +244,18 @@ class SliceNode(Node):
         return True, [elem.parse(p, key) for p in pieces[:n]]
 
     def _indexed_values(self, get, key, base):
-        """The indexed form our encoder writes when an element contains '|'."""
-        found = False
+        """The indexed form our encoder writes when an element contains '|'. It always
+        writes every element, so a missing `K|0` means the data is not in that form (one
+        extra probe beyond the reference's, and only when `K~` is missing)."""
         parse = self.elem.parse
         for i in range(len(base)):
             text = get(K.append(key, f"|{i}"))
-            if text is not None:
-                found = True
-                base[i] = parse(text, key)
-        return found, base
+            if text is None:
+                if i == 0:
+                    return False, base
+                raise DecodeError(f"{K.append(key, f'|{i}')}: missing element {i} of {len(base)}")
+            base[i] = parse(text, key)
+        return True, base
 
 
 class MapNode(Node):

@@ -338,6 +338,8 @@ def normalise(raw: Any) -> Any:
         return [normalise(v) for v in raw]
     if isinstance(raw, float) and raw.is_integer():
         return int(raw)
+    if raw == "":
+        return None        # Python keeps no difference between nil and empty []byte
     return raw
 
 
