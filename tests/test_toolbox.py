@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import threading
+import time
 
 import pytest
 
@@ -25,11 +26,13 @@ TIMEOUT = 60.0
 class ProcessSession:
     """A primary session: a real process in its own group, signalled as a group."""
 
-    def __init__(self, script: str, stop_signal: str = ""):
+    def __init__(self, script: str, stop_signal: str = "", ready_file: str | None = None):
         self.id = "primary"
         self.config = SessionConfig(common=Common(id=self.id), stop_signal=stop_signal)
         self.proc = subprocess.Popen(["/bin/sh", "-c", script], start_new_session=True)
         self.signals: list[int] = []
+        if ready_file is not None:   # the script's traps are set: signals can be sent
+            assert wait_until(lambda: os.path.exists(ready_file)), "primary never got ready"
 
     @property
     def running(self) -> bool:
@@ -83,6 +86,15 @@ def rig():
         for session in sessions:
             session.kill()
         agent.close()
+
+
+def wait_until(predicate, timeout: float = TIMEOUT) -> bool:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
 
 
 def ask(sim, command: str) -> str:
@@ -140,10 +152,11 @@ def test_power_ops_with_nothing_to_do_succeed(rig, op, state):
     assert agent.stop_reasons == []
 
 
-def test_halt_stops_primary_with_its_stop_signal(rig):
+def test_halt_stops_primary_with_its_stop_signal(rig, tmp_path):
     sim, agent, _, sessions = rig
-    primary = ProcessSession("trap 'exit 7' INT; while :; do sleep 0.1; done",
-                             stop_signal="SIGINT")
+    ready = tmp_path / "ready"
+    primary = ProcessSession(f"trap 'exit 7' INT; touch {ready}; while :; do sleep 0.1; done",
+                             stop_signal="SIGINT", ready_file=str(ready))
     sessions.append(primary)
     agent.sessions[primary.id] = primary
     assert ask(sim, "OS_Halt") == "OK "
@@ -151,13 +164,15 @@ def test_halt_stops_primary_with_its_stop_signal(rig):
     assert sim.statechanges == ["1 1"]
     assert primary.proc.wait(TIMEOUT) == 7
     assert primary.signals == [signal.SIGINT]
-    assert sim.wait_for(lambda s: agent.stop_reasons, TIMEOUT)
+    assert wait_until(lambda: agent.stop_reasons)
     assert "OS_Halt" in agent.stop_reasons[0]
 
 
-def test_halt_kills_a_primary_that_ignores_the_stop_signal(rig):
+def test_halt_kills_a_primary_that_ignores_the_stop_signal(rig, tmp_path):
     sim, agent, _, sessions = rig
-    primary = ProcessSession("trap '' TERM; while :; do sleep 0.1; done")
+    ready = tmp_path / "ready"
+    primary = ProcessSession(f"trap '' TERM; touch {ready}; while :; do sleep 0.1; done",
+                             ready_file=str(ready))
     sessions.append(primary)
     agent.sessions[primary.id] = primary
     assert ask(sim, "OS_Halt") == "OK "
@@ -165,7 +180,9 @@ def test_halt_kills_a_primary_that_ignores_the_stop_signal(rig):
     assert primary.signals == [signal.SIGTERM, signal.SIGKILL]
     assert primary.proc.wait(TIMEOUT) == -signal.SIGKILL
     assert sim.statechanges == ["1 1"]
-    assert agent.stop_reasons
+    # request_stop runs on the agent's loop, after the toolbox handed it over.
+    assert wait_until(lambda: agent.stop_reasons)
+    assert "OS_Halt" in agent.stop_reasons[0]
 
 
 def test_tclo_channel_failure_is_survived(rig):
