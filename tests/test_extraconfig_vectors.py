@@ -5,6 +5,7 @@ import base64
 
 import pytest
 
+from tether.config import ExecutorConfig
 from extraconfig import DecodeError, calculate_keys, decode, encode, encode_into
 from extraconfig.transport import GuestSink, GuestSource, MapTransport, ScopeFilterSink
 from test_extraconfig_shapes import (TYPES, from_raw, load_vectors, normalise, to_raw,
@@ -108,7 +109,12 @@ def test_encode_vector(vec):
     value = from_raw(cls, vec["value_raw"])
     if "roundtrip_panic" not in vec:
         again = encode(decode(vec["encoded"], cls))
-        if has_surplus_pieces(vec["encoded"]):
+        if cls is not ExecutorConfig:
+            # test shapes have fields the reference itself does not read back (skip-decode,
+            # depth, nofollow): compare with what its decode gave, encoded
+            expected = with_unnamed_zones(vec["roundtrip_raw"], vec["value_raw"])
+            assert again == encode(from_raw(cls, expected))
+        elif has_surplus_pieces(vec["encoded"]):
             # the reference's own data lost the tail of a '|'-split list: only the
             # decodable part can come back, and it must come back exactly
             assert again == encode(decode(again, cls))
