@@ -101,6 +101,11 @@ def test_cli_errors_are_actionable(tmp_path):
     ({"create_time": "now"}, "create_time"),
     ({"sessions": {"a": {"tty": 1}}}, "sessions.a.tty"),
     ({"key": "***"}, "key"),
+    ({"sessions": {"a|b": {}}}, "sessions.a|b"),
+    ({"sessions": {"a/b": {}}}, "sessions.a/b"),
+    ({"networks": {"n@secret": {}}}, "networks.n@secret"),
+    ({"mounts": {"my vol": {}}}, "mounts.my vol"),
+    ({"annotations": {"": "x"}}, "annotations"),
     ({"diagnostics": {"exit_logs": [{"time": "yesterday"}]}}, "diagnostics.exit_logs[0].time"),
 ])
 def test_json_errors_name_the_path(doc, where):

@@ -282,6 +282,11 @@ def config_from_json(obj: dict) -> ExecutorConfig:
     """An ExecutorConfig from its JSON form; ConfigError names the offending path."""
     if not isinstance(obj, dict):
         raise ConfigError(f"the config must be a JSON object, got {_type_name(obj)}")
+    for section in ("sessions", "networks", "mounts", "annotations"):
+        entries = obj.get(section)
+        if isinstance(entries, dict):
+            for name in entries:
+                _check_name(section, name)
     cfg = _struct_from(ExecutorConfig, obj, "")
     for sid, session in (cfg.sessions or {}).items():
         if session is not None and not session.common.id:
@@ -293,6 +298,26 @@ def config_from_json(obj: dict) -> ExecutorConfig:
             if not endpoint.network.common.name:
                 endpoint.network.common.name = name
     return cfg
+
+
+_BAD_IN_NAMES = {
+    "|": "'|' separates the names in the key list",
+    "/": "'/' in a read-write key stops the guest from writing it back",
+    "@": "'@' starts a key suffix (@secret, @non-persistent)",
+}
+
+
+def _check_name(section: str, name: str) -> None:
+    """IDs and names become parts of guestinfo keys; refuse those the format breaks on."""
+    if name == "":
+        raise ConfigError(f"{section}: an empty name cannot be stored (the key list drops it)")
+    bad = "|" if section == "annotations" else "|/@"
+    for ch in bad:
+        if ch in name:
+            raise ConfigError(f"{section}.{name}: invalid name: {_BAD_IN_NAMES[ch]}")
+    if section != "annotations" and any(c.isspace() for c in name):
+        raise ConfigError(f"{section}.{name}: invalid name: whitespace splits the guest's "
+                          "info-set request")
 
 
 def config_to_json(cfg: ExecutorConfig) -> dict:
