@@ -577,7 +577,10 @@ def attach_primary(run: VmRun, deadline: float, stdin=None, stdout=None) -> int 
     if not run.machine.attach_connected.wait(max(0.0, deadline - time.monotonic())):
         raise VmError("QEMU never connected the attach port")
     sock = run.machine.attach_sock
-    conn = transports.Conn(sock.fileno(), "virtio-serial org.tether.attach", sock=sock)
+    sock.setblocking(False)
+    # The host end of a virtio port is a line like the guest's: checked frames both ways.
+    conn = transports.Conn(sock.fileno(), "virtio-serial org.tether.attach", sock=sock,
+                           persistent=True)
     client = Client(conn, run.config.key or b"", timeout=max(1.0, deadline - time.monotonic()))
     run.machine.attach_sock = None      # the client owns (and closes) it now
     client.handshake()
@@ -594,8 +597,26 @@ def attach_primary(run: VmRun, deadline: float, stdin=None, stdout=None) -> int 
     if session.run_block:
         client.unblock(primary)
     import select
-    stdin_fd = stdin.fileno() if stdin is not False else None
     exit_code = None
+
+    def show(events) -> bool:
+        nonlocal exit_code
+        for kind, value in events:
+            if kind == "exit":
+                exit_code = value
+                stream.closed = True
+                return True
+            stdout.write(value)
+            stdout.flush()
+        return False
+
+    # Input is for the process: hold it until the agent reports the primary started (a
+    # RunBlock session starts only after the unblock), showing output meanwhile.
+    while not run.started.is_set() and not stream.closed and time.monotonic() < deadline:
+        client.pump(0.2)
+        if show(stream.pending()):
+            break
+    stdin_fd = stdin.fileno() if stdin is not False else None
     while not stream.closed and time.monotonic() < deadline:
         readable = [client.fileno()] + ([stdin_fd] if stdin_fd is not None else [])
         ready, _, _ = select.select(readable, [], [], 0.5)
@@ -607,13 +628,7 @@ def attach_primary(run: VmRun, deadline: float, stdin=None, stdout=None) -> int 
                 stream.close_stdin()
                 stdin_fd = None
         client.pump(0)
-        for kind, value in stream.pending():
-            if kind == "exit":
-                exit_code = value
-                stream.closed = True
-                break
-            stdout.write(value)
-            stdout.flush()
+        show(stream.pending())
     client.close()
     return exit_code
 
