@@ -189,9 +189,14 @@ def exec_main(argv: list[str]) -> int:
     parser.add_argument("-w", "--workdir", default="")
     parser.add_argument("-u", "--user", default="")
     parser.add_argument("--id", help="session ID (default: random)")
-    parser.add_argument("command", nargs=argparse.REMAINDER)
-    args = parser.parse_args(argv)
-    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if "--" in argv:   # options before --, the command (options and all) after it
+        cut = argv.index("--")
+        args = parser.parse_args(argv[:cut])
+        command = argv[cut + 1:]
+    else:
+        parser.add_argument("command", nargs=argparse.REMAINDER)
+        args = parser.parse_args(argv)
+        command = args.command
     if not command:
         parser.error("no command given (tether exec ENDPOINT [-t] -- CMD...)")
     env = None

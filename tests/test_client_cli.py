@@ -1,0 +1,140 @@
+"""The CLI (`tether exec`, `ps`, `kill`, `attach`, `cp`) as a user runs it, against the
+real agent in `tether sandbox`."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, executor_config, session_config, sid, unique
+
+KEY = b"cli-key"
+
+
+@pytest.fixture
+def cli(sandbox, tmp_path):
+    """start() -> (endpoint, primary session ID); run(*args) -> CompletedProcess."""
+    sockets = []
+    key_file = tmp_path / "key"
+    key_file.write_bytes(KEY)
+    env = dict(os.environ, PYTHONPATH=str(REPO), TETHER_KEY_FILE=str(key_file))
+
+    def start(*argv):
+        session = session_config(sid(), list(argv) or ["cat"], open_stdin=True)
+        cfg = executor_config(session)
+        cfg.key = KEY
+        sock = f"/tmp/tether-cli-{unique()}.sock"
+        sockets.append(sock)
+        box = sandbox.start(cfg, attach_socket=sock)
+        box.wait_for_log(r"serving \d+ session")
+        return "unix:" + sock, session.id
+
+    def run(*args, input=None, extra_env=None, timeout=120):
+        return subprocess.run([sys.executable, "-m", "tether", *args], input=input,
+                              capture_output=True, cwd=REPO, env={**env, **(extra_env or {})},
+                              timeout=timeout, stdin=None if input is not None
+                              else subprocess.DEVNULL)
+
+    def popen(*args):
+        return subprocess.Popen([sys.executable, "-m", "tether", *args], cwd=REPO, env=env,
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE)
+
+    run.start, run.popen = start, popen
+    yield run
+    for sock in sockets:
+        try:
+            os.unlink(sock)
+        except FileNotFoundError:
+            pass
+
+
+def test_exec_streams_and_exit_code(cli):
+    endpoint, _ = cli.start()
+    done = cli("exec", endpoint, "--", "sh", "-c", "echo out; echo err >&2; exit 7")
+    assert (done.returncode, done.stdout, done.stderr) == (7, b"out\n", b"err\n")
+    piped = cli("exec", endpoint, "--", "tr", "a-z", "A-Z", input=b"hello cli\n")
+    assert piped.returncode == 0 and piped.stdout == b"HELLO CLI\n"
+
+
+def test_ps_and_kill_and_attach_exit_code(cli):
+    endpoint, primary = cli.start("sh", "-c", "trap 'echo term-trapped; exit 3' TERM; "
+                                  "echo up; while :; do sleep 0.1; done")
+    listing = cli("ps", endpoint, "--json")
+    assert listing.returncode == 0, listing.stderr
+    (state,) = json.loads(listing.stdout)
+    assert state["id"] == primary and state["running"] and state["pid"]
+    table = cli("ps", endpoint)
+    assert primary[:24].encode() in table.stdout and b"running" in table.stdout
+
+    attached = cli.popen("attach", endpoint, primary, "--replay")
+    try:
+        assert attached.stdout.readline() == b"up\n"
+        killed = cli("kill", endpoint, primary)   # default TERM, trapped by the shell
+        assert killed.returncode == 0, killed.stderr
+        out, err = attached.communicate(timeout=120)
+    finally:
+        if attached.poll() is None:
+            attached.kill()
+            attached.wait()
+    assert out == b"term-trapped\n"
+    assert attached.returncode == 3, err
+
+
+def test_kill_by_number_gives_128_plus_n(cli):
+    endpoint, _ = cli.start()
+    ident = cli("exec", endpoint, "-d", "--", "sleep", "1000").stdout.decode().strip()
+    attached = cli.popen("attach", endpoint, ident)
+    try:
+        assert cli("kill", endpoint, ident, "9").returncode == 0
+        attached.communicate(timeout=120)
+    finally:
+        if attached.poll() is None:
+            attached.kill()
+            attached.wait()
+    assert attached.returncode == 137
+    bad = cli("kill", endpoint, ident, "NOPE")
+    assert bad.returncode == 1 and b"unknown signal" in bad.stderr
+
+
+def test_cp_file_and_directory_both_ways(cli, tmp_path):
+    endpoint, _ = cli.start()
+    local = tmp_path / "payload.bin"
+    data = os.urandom(3 << 20)
+    local.write_bytes(data)
+    inside = tmp_path / "inside"
+    inside.mkdir()
+    up = cli("cp", str(local), f"{endpoint}::{inside}")          # onto a directory
+    assert up.returncode == 0, up.stderr
+    assert (inside / "payload.bin").read_bytes() == data
+    back = tmp_path / "back.bin"
+    down = cli("cp", f"{endpoint}::{inside}/payload.bin", str(back))
+    assert down.returncode == 0, down.stderr
+    assert hashlib.sha256(back.read_bytes()).digest() == hashlib.sha256(data).digest()
+
+    tree = tmp_path / "tree"
+    (tree / "sub").mkdir(parents=True)
+    (tree / "sub" / "a.txt").write_text("alpha")
+    assert cli("cp", str(tree), f"{endpoint}::{inside}").returncode == 0
+    assert (inside / "tree" / "sub" / "a.txt").read_text() == "alpha"
+    out = tmp_path / "out"
+    assert cli("cp", f"{endpoint}::{inside}/tree", str(out)).returncode == 0
+    assert (out / "tree" / "sub" / "a.txt").read_text() == "alpha"
+    usage = cli("cp", str(local), str(back))
+    assert usage.returncode == 2 and b"ENDPOINT::PATH" in usage.stderr
+
+
+def test_key_sources_and_a_wrong_key(cli, tmp_path):
+    endpoint, _ = cli.start()
+    wrong = tmp_path / "wrong"
+    wrong.write_bytes(b"nope")
+    refused = cli("ps", endpoint, "--key-file", str(wrong))
+    assert refused.returncode == 1 and b"authentication failed" in refused.stderr
+    by_env = cli("ps", endpoint, extra_env={"TETHER_KEY_FILE": "", "TETHER_KEY": KEY.decode()})
+    assert by_env.returncode == 0, by_env.stderr
+    missing = cli("ps", "unix:/nonexistent/sock")
+    assert missing.returncode == 1 and b"tether ps:" in missing.stderr
