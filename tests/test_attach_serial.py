@@ -8,6 +8,7 @@ host that goes away without a goodbye.
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import textwrap
@@ -16,7 +17,7 @@ import pytest
 
 from conftest import REPO
 from tether.attach.client import Client, ClientError
-from tether.attach.transports import Conn, set_raw
+from tether.attach.transports import Conn, EndpointError, find_virtio_port, set_raw
 
 KEY = b"serial-key"
 
@@ -28,7 +29,7 @@ SERVER = textwrap.dedent("""
     from tether.config import Cmd, Common, SessionConfig
     from tether.attach.server import start_attach_server
     logging.basicConfig(level=logging.INFO, stream=sys.stderr)
-    device, key = sys.argv[1], sys.argv[2].encode()
+    endpoint, key = sys.argv[1], sys.argv[2].encode()
     loop = Loop()
     reaper = Reaper(loop)
     reaper.start()
@@ -47,7 +48,7 @@ SERVER = textwrap.dedent("""
     host = Host()
     host.exec_session(SessionConfig(common=Common(id="cat"), open_stdin=True,
                                     cmd=Cmd(path="/bin/cat", args=["cat"], env=["PATH=/bin"])))
-    server = start_attach_server(host, ["serial:" + device])
+    server = start_attach_server(host, [endpoint])
     loop.add_signal_handler(signal.SIGTERM, loop.stop)
     print("ready", flush=True)
     loop.run_forever()
@@ -61,7 +62,7 @@ def serial_line():
     set_raw(master, baud=None)
     device = os.ttyname(slave)
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    proc = subprocess.Popen([sys.executable, "-c", SERVER, device, KEY.decode()],
+    proc = subprocess.Popen([sys.executable, "-c", SERVER, "serial:" + device, KEY.decode()],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=REPO)
     try:
         assert proc.stdout.readline() == b"ready\n", proc.stderr.read().decode()
@@ -117,3 +118,38 @@ def test_protocol_over_a_pty_with_garbage_before_the_hello(serial_line):
         host_client(master, b"wrong")
     assert host_client(master).list()[0]["running"]
     assert proc.poll() is None
+
+
+def test_tcp_endpoint_serves_the_same_protocol():
+    with socket.socket() as probe:   # a free port on loopback
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.Popen([sys.executable, "-c", SERVER, f"tcp:127.0.0.1:{port}",
+                             KEY.decode()], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=env, cwd=REPO)
+    try:
+        assert proc.stdout.readline() == b"ready\n", proc.stderr.read().decode()
+        with Client.connect(f"tcp:127.0.0.1:{port}", KEY) as client:
+            stream = client.attach("cat")
+            stream.write(b"over tcp\n")
+            stream.read_until(b"over tcp\n")
+            assert not client.checked   # a socket: data frames skip the CRC
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(30)
+
+
+def test_virtio_port_is_found_by_name(tmp_path):
+    for node, name in (("vport0p1", "org.tether.guestinfo"), ("vport0p2", "org.tether.attach")):
+        (tmp_path / node).mkdir()
+        (tmp_path / node / "name").write_text(name + "\n")
+    assert find_virtio_port("org.tether.attach", tmp_path) == "/dev/vport0p2"
+    with pytest.raises(EndpointError, match="not found"):
+        find_virtio_port("org.other", tmp_path)
+    with pytest.raises(EndpointError, match="does not exist"):
+        find_virtio_port("org.tether.attach", tmp_path / "missing")
