@@ -163,7 +163,7 @@ class Agent:
 
     def _open_output_log(self) -> None:
         path = self.options.output_log
-        if path is None and not self.options.sandbox:
+        if path is None and not self.options.sandbox and self.owns_system:
             path = find_virtio_port("org.tether.output") or (
                 "/dev/ttyS2" if os.path.exists("/dev/ttyS2") else None)
         if path is None:
@@ -298,7 +298,7 @@ class Agent:
         endpoints = self.options.attach_endpoints
         if endpoints is None:
             endpoints = []
-            if not self.options.sandbox:
+            if not self.options.sandbox and self.owns_system:   # a VM's ports, not a host's
                 if find_virtio_port("org.tether.attach"):
                     endpoints.append("port:org.tether.attach")
                 if os.path.exists("/dev/vsock"):
