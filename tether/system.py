@@ -2,7 +2,6 @@
 rlimits, hostname, reboot. Each raises OSError with the path and the reason."""
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
 import resource
@@ -32,12 +31,14 @@ _libc = None
 def libc():
     global _libc
     if _libc is None:
+        import ctypes   # only when a platform call is made
         _libc = ctypes.CDLL(None, use_errno=True)
     return _libc
 
 
 def _check(result: int, what: str) -> None:
     if result != 0:
+        import ctypes
         err = ctypes.get_errno()
         raise OSError(err, f"{what}: {os.strerror(err).lower()}")
 
@@ -45,6 +46,7 @@ def _check(result: int, what: str) -> None:
 def mount(source: str | None, target: str, fstype: str | None = None, flags: int = 0,
           data: str | None = None) -> None:
     enc = (lambda s: None if s is None else s.encode())
+    import ctypes
     _check(libc().mount(enc(source), enc(target), enc(fstype), ctypes.c_ulong(flags),
                         enc(data)), f"mount {source or fstype} on {target}")
 
