@@ -23,6 +23,7 @@ from tether.attach import protocol as p
 from tether.attach import transports
 
 DEFAULT_TIMEOUT = 30.0
+READ_SIZE = 1 << 20
 
 
 class ClientError(Exception):
@@ -98,7 +99,7 @@ class Client:
                     raise TimeoutError(f"no answer from the agent for {waiting_for} "
                                        f"in {self.timeout:.0f}s")
                 continue
-            data = self.conn.read(256 << 10)
+            data = self.conn.read(READ_SIZE)
             if data is None:
                 continue
             if not data:
