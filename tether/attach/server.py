@@ -31,6 +31,7 @@ OUTPUT_LIMIT = 16 << 20       # a client this far behind is dropped at once
 LOW_WATER = 1 << 20           # drained below this: output resumes, copy-from reads on
 LINE_RETRY = 0.5              # seconds before re-polling a serial line that hung up
 TAR_SPOOL = 8 << 20
+AUTH_TIMEOUT = 30.0           # seconds a socket client has to answer the hello
 CLOSE_GRACE = 2.0             # seconds for queued output to leave when the agent stops
 WRITE_BATCH = 256             # pieces per gathering write (IOV_MAX is 1024)
 
@@ -156,6 +157,14 @@ class Connection:
         self._hold_timer = None
         self.closed = False
         self.loop.add_reader(self.fd, self._on_readable)
+        # A socket that does not authenticate in time is closed (lines wait for ever).
+        self._auth_timer = None if conn.persistent else self.loop.call_later(
+            AUTH_TIMEOUT, self._auth_expired)
+
+    def _auth_expired(self) -> None:
+        self._auth_timer = None
+        if not self.handshake.authenticated:
+            self.close(f"no authentication within {AUTH_TIMEOUT:g}s")
 
     # -- input --------------------------------------------------------------------------
     def _on_readable(self) -> None:
@@ -374,8 +383,9 @@ class Connection:
         log.info("attach: %s closed: %s", self.conn.name, reason)
         self._reset(reason)
         self.closed = True
-        if self._retry is not None:
-            self._retry.cancel()
+        for timer in (self._retry, self._auth_timer):
+            if timer is not None:
+                timer.cancel()
         self.loop.remove_reader(self.fd)
         if self._writing:
             self.loop.remove_writer(self.fd)
