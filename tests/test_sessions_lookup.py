@@ -90,3 +90,24 @@ def test_lookup_path_rules(tmp_path):
         lookup_path(str(tmp_path), [], "/")
     with pytest.raises(LaunchError, match="stat /not/there: no such file or directory"):
         lookup_path("/not/there", [], "/")
+
+
+def test_restart_backoff_doubles_caps_and_resets_after_a_stable_run():
+    import time
+    from tether import sessions
+    from tether.loop import Loop
+    from tether.reaper import Reaper
+    from tether.config import Cmd, Common, SessionConfig
+    loop = Loop()
+    try:
+        s = sessions.Session(SessionConfig(common=Common(id="r"), cmd=Cmd(path="/bin/true")),
+                             loop=loop, reaper=Reaper(loop))
+        s._started_at = time.monotonic()            # every run ends at once
+        delays = [s.restart_delay() for _ in range(10)]
+        assert delays[:4] == [0.25, 0.5, 1.0, 2.0]
+        assert delays == sorted(delays) and delays[-1] == sessions.RESTART_MAX
+        s._started_at = time.monotonic() - sessions.STABLE_RUN - 1   # a long, stable run
+        assert s.restart_delay() == sessions.RESTART_BASE
+        assert s.restart_delay() == 2 * sessions.RESTART_BASE
+    finally:
+        loop.close()
