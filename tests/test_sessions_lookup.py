@@ -108,6 +108,7 @@ def test_restart_backoff_doubles_caps_and_resets_after_a_stable_run():
         assert delays == sorted(delays) and delays[-1] == sessions.RESTART_MAX
         s._started_at = time.monotonic() - sessions.STABLE_RUN - 1   # a long, stable run
         assert s.restart_delay() == sessions.RESTART_BASE
+        s._started_at = time.monotonic()            # and the next run is quick again
         assert s.restart_delay() == 2 * sessions.RESTART_BASE
     finally:
         loop.close()
