@@ -26,6 +26,7 @@ FAILPOINTS_ENV = "TETHER_FAILPOINTS"
 STEPS = ("signals", "system", "config", "hostname", "rootfs", "networks", "volumes", "attach",
          "toolbox", "sessions", "reload", "shutdown")
 DEFAULT_STOP_GRACE = 10.0
+KILL_WAIT = 10.0           # after SIGKILL, how long a stuck process may hold the shutdown
 CONTAINERFS_LABEL = "containerfs"
 CONTAINERFS_MOUNT = "/mnt/containerfs"
 STATE_DIR = "/run/tether"
@@ -95,6 +96,7 @@ class Agent:
         self._networks_applied = None
         self._restart_timers: dict = {}
         self._kill_timer = None
+        self._abandoned = False
         # Hostname, /etc files, networks and volumes are the machine's: only PID 1 (of a
         # VM or of the sandbox's namespaces) touches them, never a host it merely runs on.
         self.owns_system = os.getpid() == 1
@@ -393,8 +395,8 @@ class Agent:
     # -- reload and stop ---------------------------------------------------------------------
     def reload(self) -> None:
         """SIGHUP: re-read the config; launch new sessions, relaunch `restart` ones."""
-        if self.stopping:
-            log.info("reload ignored: stopping")
+        if self.stopping or self.config is None:
+            log.info("reload ignored: %s", "stopping" if self.stopping else "no config yet")
             return
         log.info("reloading the configuration")
         self.guarded("reload", self._reload)
@@ -456,10 +458,20 @@ class Agent:
                 log.warning("session %s still running after %.0fs: SIGKILL", session.id,
                             self.options.stop_grace)
                 session.signal(signal.SIGKILL)
+        self._kill_timer = self.loop.call_later(KILL_WAIT, self._give_up)
+
+    def _give_up(self) -> None:
+        """A process that survives SIGKILL (stuck in the kernel) must not hold the
+        shutdown forever."""
+        stuck = [s.id for s in self.sessions.values() if s.running or s.finishing]
+        if stuck:
+            log.error("sessions %s did not exit %.0fs after SIGKILL; stopping without them",
+                      ", ".join(stuck), KILL_WAIT)
+            self._abandoned = True
 
     def _stopped(self) -> bool:
-        return self.stopping and not any(s.running or s.finishing
-                                         for s in self.sessions.values())
+        return self.stopping and (self._abandoned or not any(
+            s.running or s.finishing for s in self.sessions.values()))
 
     def serve(self) -> None:
         self.loop.run_until(self._stopped)
