@@ -191,6 +191,13 @@ class Connection:
                 self._handle(message)
             except p.ProtocolError as err:
                 self._refuse(str(err), message.get("ch"))
+            except Exception as err:   # a bug must cost one request, never the agent
+                log.exception("attach: %s: %r failed", self.conn.name, message.get("t"))
+                channel = message.get("ch")
+                if isinstance(channel, int) and self.handshake.authenticated:
+                    self.channels.pop(channel, None)
+                    self.send({"t": p.ERROR, "ch": channel,
+                               "msg": f"internal error: {type(err).__name__}: {err}"})
 
     def _hung_up(self) -> None:
         if not self.conn.persistent:
@@ -243,7 +250,7 @@ class Connection:
                 handler(channel, message)
             except p.ProtocolError:
                 raise
-            except (KeyError, ValueError, OSError, TypeError) as err:
+            except (KeyError, ValueError, OSError, TypeError, tarfile.TarError) as err:
                 self.channels.pop(channel, None)
                 self.send({"t": p.ERROR, "ch": channel, "msg": _describe(err)})
             return
