@@ -101,7 +101,12 @@ def interact(client, stream, *, stdin_fd: int | None = 0, stdout_fd: int = 1,
     if stream.tty and tty_in:
         raw_saved = termios.tcgetattr(stdin_fd)
         tty.setraw(stdin_fd, termios.TCSANOW)
-        old_winch = signal.signal(signal.SIGWINCH, lambda *_: os.write(wake_w, b"w"))
+        def on_winch(_signum, _frame) -> None:
+            try:
+                os.write(wake_w, b"w")
+            except BlockingIOError:
+                pass   # a wake-up is already pending
+        old_winch = signal.signal(signal.SIGWINCH, on_winch)
         size = _terminal_size(stdin_fd)
         if size:
             stream.resize(*size)
