@@ -196,7 +196,7 @@ class Agent:
                  len([s for s in (self.config.sessions or {}).values() if s is not None]))
 
     def set_log_level(self) -> None:
-        level = self.config.diagnostics.debug_level
+        level = max(self.config.diagnostics.debug_level, env_debug_level())
         logging.getLogger("tether").setLevel(logging.DEBUG if level >= 1 else logging.INFO)
         if level >= 1:
             for line in dump_config(self.config, redact=level < 2):
@@ -339,7 +339,8 @@ class Agent:
         cfg.detail.stop_time = 0
         echo = self.options.echo_output
         if echo is None:
-            echo = self.options.sandbox or self.config.diagnostics.debug_level >= 1
+            echo = self.options.sandbox or max(self.config.diagnostics.debug_level,
+                                               env_debug_level()) >= 1
         session = Session(cfg, loop=self.loop, reaper=self.reaper, root=self.root,
                           log_port=self._log_port, primary=cfg.common.id == self.config.id,
                           echo=write_console if echo else None,
@@ -505,6 +506,18 @@ class Agent:
 
 
 # -- small helpers --------------------------------------------------------------------------
+DEBUG_ENV = "TETHER_DEBUG"
+
+
+def env_debug_level() -> int:
+    """The kernel argument tether.debug=N, which stage 0 exports as TETHER_DEBUG: a floor
+    under diagnostics.debug, and the level before the config is read."""
+    try:
+        return int(os.environ.get(DEBUG_ENV, "0") or 0)
+    except ValueError:
+        return 0
+
+
 def hostname_for(executor_id: str) -> str:
     """The reference's rule: the first 12 characters of the ID."""
     return executor_id[:12]
@@ -616,7 +629,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str]) -> int:
     """`tether agent`: the PID 1 entry. Never ends with a traceback."""
-    configure_logging()
+    configure_logging(level=logging.DEBUG if env_debug_level() >= 1 else logging.INFO)
     code = 1
     power_off = False
     try:
