@@ -153,3 +153,43 @@ def test_virtio_port_is_found_by_name(tmp_path):
         find_virtio_port("org.other", tmp_path)
     with pytest.raises(EndpointError, match="does not exist"):
         find_virtio_port("org.tether.attach", tmp_path / "missing")
+
+
+def _vsock_loopback_problem() -> str | None:
+    """None if a vsock listener here can be reached through the local CID 1."""
+    if not hasattr(socket, "AF_VSOCK"):
+        return "no AF_VSOCK in this Python"
+    try:
+        with socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM) as server:
+            server.bind((socket.VMADDR_CID_ANY, socket.VMADDR_PORT_ANY))
+            server.listen(1)
+            port = server.getsockname()[1]
+            with socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM) as client:
+                client.settimeout(3)
+                client.connect((1, port))
+    except OSError as err:
+        return f"vsock loopback is not available here ({err}); it needs vsock_loopback"
+    return None
+
+
+def test_vsock_endpoint_serves_the_same_protocol():
+    problem = _vsock_loopback_problem()
+    if problem:
+        pytest.skip(problem)
+    port = 20000 + os.getpid() % 20000
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.Popen([sys.executable, "-c", SERVER, f"vsock:{port}", KEY.decode()],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=REPO)
+    try:
+        assert proc.stdout.readline() == b"ready\n", proc.stderr.read().decode()
+        with Client.connect(f"vsock:1:{port}", KEY) as client:
+            stream = client.attach("cat")
+            stream.write(b"over vsock\n")
+            stream.read_until(b"over vsock\n")
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(30)
