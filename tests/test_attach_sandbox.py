@@ -357,3 +357,11 @@ def test_stats_and_ps_per_session(agent):
         (state,) = client.list()
         assert state["started"] == "true" and state["pid"] and state["starttime"] > 0
         assert state["stoptime"] == 0
+        run = state["run_state"]
+        assert run["ProcessID"] == cat.id and run["Status"] == "running"
+        assert run["GuestPid"] == state["pid"] and run["FinishedAt"] == "0001-01-01T00:00:00Z"
+        ended = client.exec(["sh", "-c", "exit 6"])
+        ended.collect(timeout=60)
+        run = next(s["run_state"] for s in client.list() if s["id"] == ended.session)
+        assert run["Status"] == "exited" and run["ExitCode"] == 6
+        assert run["ExitMsg"] == "exited 6" and run["FinishedAt"] >= run["StartedAt"]

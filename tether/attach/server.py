@@ -418,7 +418,11 @@ class Connection:
         self._ok(channel, data=message.get("data"), time=time.time())
 
     def _req_list(self, channel: int, message: dict) -> None:
-        sessions = [p.plain(s.state()) for _, s in sorted(self.agent.sessions.items())]
+        sessions = []
+        for _, session in sorted(self.agent.sessions.items()):
+            state = p.plain(session.state())
+            state["run_state"] = process_run_state(session)
+            sessions.append(state)
         self._ok(channel, sessions=sessions)
 
     def _req_resize(self, channel: int, message: dict) -> None:
@@ -498,6 +502,38 @@ class Connection:
 
     def _req_stats(self, channel: int, message: dict) -> None:
         self._ok(channel, **collect_stats(self.agent.sessions))
+
+
+GO_ZERO_TIME = "0001-01-01T00:00:00Z"
+
+
+def _rfc3339(seconds: int) -> str:
+    if not seconds:
+        return GO_ZERO_TIME
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
+
+
+def process_run_state(session) -> dict:
+    """The port layer's ProcessRunState (seed 001) for a session, Go field names."""
+    cfg = session.config
+    if session.running:
+        status = "running"
+    elif getattr(session, "blocked", False):
+        status = "blocked"
+    elif cfg.started not in ("", "true"):
+        status = "failed"
+    elif cfg.detail.stop_time:
+        status = "exited"
+    else:
+        status = "created"
+    logs = cfg.diagnostics.exit_logs or []
+    message = logs[-1].message if logs and not session.running else ""
+    if status == "failed":
+        message = cfg.started
+    return {"ProcessID": session.id, "Status": status, "GuestPid": session.pid or 0,
+            "ExitCode": cfg.exit_status, "ExitMsg": message,
+            "StartedAt": _rfc3339(cfg.detail.start_time),
+            "FinishedAt": _rfc3339(cfg.detail.stop_time)}
 
 
 def _describe(err: Exception) -> str:
