@@ -12,6 +12,7 @@ On a reliable stream (a socket) a sender may use the UNCHECKED magic and skip th
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import os
@@ -78,14 +79,20 @@ def _bin_header(size: int) -> bytes:
     return b"\xc6" + size.to_bytes(4, "big")
 
 
+@functools.lru_cache(maxsize=256)
+def _data_fields(channel: int, stream: str) -> bytes:
+    """The msgpack of a data message up to the data's bin header."""
+    return (b"\x84" + _pack("t") + _pack(DATA) + _pack("ch") + _pack(channel)
+            + _pack("s") + _pack(stream) + _pack("d"))
+
+
 def data_parts(channel: int, data: bytes, stream: str = "stdout",
                checked: bool = True) -> tuple[list, int]:
     """Data frames for `data` (split into DATA_CHUNK pieces) as a flat list of byte
     pieces for a gathering write, and their total size. The bytes are exactly
     encode({"t": "data", "ch", "s", "d"}) per chunk; the data itself is not copied."""
     view = memoryview(data)
-    fields = b"\x84" + _pack("t") + _pack(DATA) + _pack("ch") + _pack(channel) + \
-        _pack("s") + _pack(stream) + _pack("d")
+    fields = _data_fields(channel, stream)
     parts: list = []
     total = 0
     for i in range(0, len(data), DATA_CHUNK):
