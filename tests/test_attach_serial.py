@@ -83,8 +83,8 @@ def serial_line():
         os.close(master)
 
 
-def host_client(master: int, key: bytes = KEY) -> Client:
-    conn = Conn(master, "pty master", persistent=True)
+def host_client(master: int, key: bytes = KEY, persistent: bool = True) -> Client:
+    conn = Conn(master, "pty master", persistent=persistent)
     conn.close = lambda: None          # the line outlives each conversation
     client = Client(conn, key, timeout=60)
     client.handshake()
@@ -118,6 +118,17 @@ def test_protocol_over_a_pty_with_garbage_before_the_hello(serial_line):
         host_client(master, b"wrong")
     assert host_client(master).list()[0]["running"]
     assert proc.poll() is None
+
+
+def test_a_socket_client_to_a_line_keeps_checked_frames(serial_line):
+    # As `tcp:` to a QEMU chardev that leads to the guest's virtio port: the client's
+    # end is a socket, the agent's a line. The hello tells the client to keep the CRC.
+    master, proc = serial_line
+    client = host_client(master, persistent=False)
+    assert client.checked
+    stream = client.attach("cat")
+    stream.write(b"x" * 200_000 + b"\n")
+    assert stream.read_until(b"\n", timeout=60).count(b"x") == 200_000
 
 
 def test_tcp_endpoint_serves_the_same_protocol():

@@ -36,8 +36,9 @@ class Client:
         self.conn = conn
         self.key = key or b""
         self.timeout = timeout
-        # Sockets are reliable: data frames skip the CRC there (lines keep it).
-        self.checked = conn.persistent
+        # Data frames skip the CRC only when both ends are sockets: the server says so in
+        # its hello (a tcp endpoint may be a QEMU chardev leading to a guest's line).
+        self.checked = True
         self.decoder = p.FrameDecoder(accept_unchecked=not conn.persistent)
         self._queues: dict[int, deque] = {}
         self._next_channel = 1
@@ -86,6 +87,7 @@ class Client:
                 for reply in replies:
                     self._send(p.encode(reply))
         self.server_version = shake.server_version
+        self.checked = self.conn.persistent or not shake.unchecked_ok
 
     # -- wire ------------------------------------------------------------------------------
     def _read(self, deadline: float | None, waiting_for: str) -> list[dict]:

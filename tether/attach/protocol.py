@@ -195,16 +195,18 @@ def answer(key: bytes, challenge: bytes) -> bytes:
 class ServerHandshake:
     """Server side of the hello. `receive(message)` -> (reply messages, authenticated)."""
 
-    def __init__(self, key: bytes | None, random=os.urandom):
+    def __init__(self, key: bytes | None, random=os.urandom, allow_unchecked: bool = False):
         self._key = key or b""
         self._random = random
+        self.allow_unchecked = allow_unchecked   # we are on a socket, not a line
         self.challenge: bytes | None = None
         self.authenticated = False
 
     def start(self) -> dict:
         self.challenge = self._random(CHALLENGE_SIZE)
         self.authenticated = False
-        return {"t": HELLO, "v": VERSION, "challenge": self.challenge, "server": "tether"}
+        return {"t": HELLO, "v": VERSION, "challenge": self.challenge, "server": "tether",
+                "unchecked": self.allow_unchecked}
 
     def receive(self, message: dict) -> list[dict]:
         """Handle a handshake message; raises ProtocolError on a wrong answer."""
@@ -231,6 +233,7 @@ class ClientHandshake:
         self._key = key or b""
         self.done = False
         self.server_version: int | None = None
+        self.unchecked_ok = False   # the server reads unchecked data frames
 
     @staticmethod
     def start() -> dict:
@@ -243,6 +246,7 @@ class ClientHandshake:
             if not isinstance(challenge, bytes):
                 raise ProtocolError("hello without a challenge")
             self.server_version = message.get("v")
+            self.unchecked_ok = message.get("unchecked") is True
             return [{"t": AUTH, "v": VERSION, "mac": answer(self._key, challenge)}]
         if kind == WELCOME:
             self.done = True

@@ -147,7 +147,7 @@ class Connection:
         # Sockets are reliable: data frames skip the CRC there (lines keep it).
         self.checked = conn.persistent
         self.decoder = p.FrameDecoder(accept_unchecked=not conn.persistent)
-        self.handshake = p.ServerHandshake(self.agent.key)
+        self.handshake = self._new_handshake()
         self.channels: dict[int, object] = {}
         self._out: deque[bytes] = deque()
         self._out_size = 0
@@ -160,6 +160,9 @@ class Connection:
         # A socket that does not authenticate in time is closed (lines wait for ever).
         self._auth_timer = None if conn.persistent else self.loop.call_later(
             AUTH_TIMEOUT, self._auth_expired)
+
+    def _new_handshake(self) -> p.ServerHandshake:
+        return p.ServerHandshake(self.agent.key, allow_unchecked=not self.conn.persistent)
 
     def _auth_expired(self) -> None:
         self._auth_timer = None
@@ -379,7 +382,7 @@ class Connection:
         for channel in channels.values():
             channel.on_detach()
         self._release()
-        self.handshake = p.ServerHandshake(self.agent.key)
+        self.handshake = self._new_handshake()
         self._out.clear()
         self._out_size = 0
         self._close_after_flush = False
