@@ -327,3 +327,26 @@ def test_tether_vm_command_line(image_dir, tmp_path):
     final = json.loads(out.read_text())
     assert final["guestinfo.vice..sessions|cli.started"] == "true"
     assert final["guestinfo.vice..sessions|cli.status"] == "5"
+
+
+def test_debug_image_gives_a_shell_when_guestinfo_asks(image_dir):
+    """bootstrap-debug.iso with guestinfo bootstrap-shell=true: a shell on the console
+    first; when it exits, the agent runs the config as usual."""
+    def type_into_shell(run, deadline):
+        while "shell on the console" not in run.machine.console_text():
+            assert time.monotonic() < deadline, run.machine.console_text()[-3000:]
+            time.sleep(0.3)
+        run.machine.send_console(b"echo shell-$((6*7)) > /dev/console; exit\n")
+
+    vm = boot(image_dir, single("dbg", session("/bin/echo", "agent ran")), attach=type_into_shell,
+              debug_image=True, extra_guestinfo={"guestinfo.bootstrap-shell": "true"})
+    assert "shell-42" in vm.result.console, vm.explain()
+    assert vm.result.exit_code == 0, vm.explain()
+    assert vm.text() == "agent ran\n"
+
+
+def test_debug_image_without_the_key_starts_the_agent(image_dir):
+    vm = boot(image_dir, single("dbg2", session("/bin/echo", "straight")), debug_image=True)
+    assert vm.result.exit_code == 0, vm.explain()
+    assert "shell on the console" not in vm.result.console
+    assert vm.text() == "straight\n"

@@ -278,6 +278,9 @@ class Machine:
         self.marks: dict[str, float] = {}
         self.attach_connected = threading.Event()
         self.attach_sock: socket.socket | None = None
+        self.console_connected = threading.Event()
+        self._console_conn: socket.socket | None = None
+        self._console_lock = threading.Lock()
         self._listeners: dict[str, socket.socket] = {}
         self._selector = selectors.DefaultSelector()
         self._stop = threading.Event()
@@ -354,6 +357,24 @@ class Machine:
         with open(os.path.join(self.workdir, "qemu.stderr"), "rb") as f:
             return f.read().decode("utf-8", "replace")
 
+    def send_console(self, data: bytes, timeout: float = 30.0) -> None:
+        """Type into the guest's serial console (ttyS0): the debug image's shell reads it."""
+        import select
+        if not self.console_connected.wait(timeout):
+            raise VmError("QEMU never connected the console")
+        view = memoryview(data)
+        deadline = time.monotonic() + timeout
+        with self._console_lock:
+            while view and time.monotonic() < deadline:
+                conn = self._console_conn
+                if conn is None or conn.fileno() < 0:
+                    raise VmError("the console is closed")
+                select.select([], [conn], [], 0.5)
+                try:
+                    view = view[conn.send(view):]
+                except BlockingIOError:
+                    continue
+
     # -- the port thread
     def _open_connections(self) -> bool:
         return any(data[0] == "read" for data in
@@ -389,6 +410,9 @@ class Machine:
             return
         conn.setblocking(False)
         self._selector.register(conn, selectors.EVENT_READ, ("read", name))
+        if name == "console":
+            self._console_conn = conn
+            self.console_connected.set()
 
     def _drop(self, conn) -> None:
         try:
@@ -663,7 +687,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="an extra QEMU argument (repeat for each word), e.g. "
                         "--qemu-arg=-machine --qemu-arg=vmport=on")
     parser.add_argument("--memory", type=int, default=512, help="guest memory in MiB")
-    parser.add_argument("--console", action="store_true", help="show the serial console on stderr")
+    parser.add_argument("--console", action="store_true", help="show the serial console on "
+                        "stderr and send stdin to it (without --attach)")
     parser.add_argument("--keep", action="store_true", help="keep the run directory (logs, sockets)")
     return parser.parse_args(argv)
 
@@ -716,6 +741,8 @@ def main(argv: list[str]) -> int:
     deadline = time.monotonic() + args.timeout
     try:
         run.start()
+        if args.console and not args.attach:
+            _forward_stdin_to_console(run.machine)
         if args.attach:
             try:
                 attach_primary(run, deadline)
@@ -732,6 +759,20 @@ def main(argv: list[str]) -> int:
         if args.keep:
             print(f"tether vm: run directory kept: {run.workdir}", file=sys.stderr)
     return result.exit_code
+
+
+def _forward_stdin_to_console(machine: Machine) -> None:
+    """--console: what is typed goes to the serial console (for the debug image's shell)."""
+    def pump():
+        try:
+            while True:
+                data = os.read(sys.stdin.fileno(), 4096)
+                if not data:
+                    return
+                machine.send_console(data)
+        except (OSError, VmError, ValueError):
+            return
+    threading.Thread(target=pump, name="tether-vm-console-in", daemon=True).start()
 
 
 def report(result: VmResult, out: str | None, show_console: bool = True) -> None:
