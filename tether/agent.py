@@ -13,12 +13,12 @@ of step names (see STEPS), makes those steps raise an injected error.
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import signal
 import sys
 import time
+from types import SimpleNamespace
 
 log = logging.getLogger("tether.agent")
 
@@ -317,6 +317,8 @@ class Agent:
 
     def start_toolbox(self) -> None:
         """The VMX's TCLO duties, when guestinfo comes over the VMware backdoor."""
+        if not type(self.transport).__module__.startswith("extraconfig.backdoor"):
+            return   # no VMX to answer: do not even import it
         from tether.toolbox import start_toolbox_for
         self._toolbox = start_toolbox_for(self, self.transport)
 
@@ -605,26 +607,67 @@ def redirect_log(path: str) -> None:
     log.info("agent log on %s", path)
 
 
-def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="tether agent",
-                                     description="Run the agent (PID 1 of a container VM).")
-    parser.add_argument("--guestinfo-file", help="VMX-style guestinfo file (when there is no "
-                        "backdoor or virtio-serial channel)")
-    parser.add_argument("--rootfs", help="container root (default: the containerfs disk, else /)")
-    parser.add_argument("--output-log", help="session output log path (default: virtio port "
-                        "org.tether.output, else /dev/ttyS2)")
-    parser.add_argument("--attach", action="append", dest="attach_endpoints",
-                        help="attach endpoint (unix:PATH, vsock:PORT, port:NAME, serial:DEV); "
-                        "repeatable")
-    parser.add_argument("--log-port", help="write the agent log to this device (opened raw at "
-                        "115200 when a tty; default: stderr as given, the console)")
-    parser.add_argument("--no-attach", action="store_true",
-                        help="serve no attach endpoint at all")
-    parser.add_argument("--no-power-off", action="store_true",
-                        help="exit with the primary's status instead of powering off")
-    parser.add_argument("--stop-grace", type=float, default=DEFAULT_STOP_GRACE,
-                        help="seconds between the stop signal and SIGKILL")
-    return parser.parse_args(argv)
+AGENT_USAGE = """usage: tether agent [options]
+
+Run the agent (PID 1 of a container VM).
+
+options:
+  --guestinfo-file FILE  VMX-style guestinfo file (when there is no backdoor or
+                         virtio-serial channel; also kernel argument tether.guestinfo=)
+  --rootfs DIR           container root (default: the containerfs disk, else /)
+  --output-log PATH      session output log (default: virtio port org.tether.output,
+                         else /dev/ttyS2; only as PID 1)
+  --attach ENDPOINT      attach endpoint: unix:PATH, vsock:PORT, port:NAME,
+                         serial:DEV; repeatable
+  --no-attach            serve no attach endpoint at all
+  --log-port DEVICE      write the agent log there (raw, 115200 when a tty)
+  --no-power-off         exit with the primary's status instead of powering off
+  --stop-grace SECONDS   between the stop signal and SIGKILL (default 10)
+"""
+
+_VALUED = {"--guestinfo-file": "guestinfo_file", "--rootfs": "rootfs",
+           "--output-log": "output_log", "--attach": "attach_endpoints",
+           "--log-port": "log_port", "--stop-grace": "stop_grace"}
+_FLAGS = {"--no-attach": "no_attach", "--no-power-off": "no_power_off"}
+
+
+class UsageError(Exception):
+    pass
+
+
+def parse_args(argv: list[str]) -> SimpleNamespace:
+    """The agent's options, parsed by hand: argparse costs PID 1 startup time."""
+    args = SimpleNamespace(guestinfo_file=None, rootfs=None, output_log=None,
+                           attach_endpoints=None, log_port=None, stop_grace=DEFAULT_STOP_GRACE,
+                           no_attach=False, no_power_off=False, help=False)
+    items = list(argv)
+    while items:
+        item = items.pop(0)
+        name, _, inline = item.partition("=")
+        if item in ("-h", "--help"):
+            args.help = True
+        elif name in _FLAGS and not inline:
+            setattr(args, _FLAGS[name], True)
+        elif name in _VALUED:
+            if inline or "=" in item:
+                value = inline
+            elif items:
+                value = items.pop(0)
+            else:
+                raise UsageError(f"{name} needs a value")
+            dest = _VALUED[name]
+            if dest == "attach_endpoints":
+                args.attach_endpoints = (args.attach_endpoints or []) + [value]
+            elif dest == "stop_grace":
+                try:
+                    args.stop_grace = float(value)
+                except ValueError:
+                    raise UsageError(f"--stop-grace: not a number: {value!r}") from None
+            else:
+                setattr(args, dest, value)
+        else:
+            raise UsageError(f"unknown argument {item!r}")
+    return args
 
 
 def main(argv: list[str]) -> int:
@@ -633,7 +676,14 @@ def main(argv: list[str]) -> int:
     code = 1
     power_off = False
     try:
-        args = parse_args(argv)
+        try:
+            args = parse_args(argv)
+        except UsageError as err:
+            print(f"tether agent: {err}\n\n{AGENT_USAGE}", file=sys.stderr)
+            return 2
+        if args.help:
+            print(AGENT_USAGE)
+            return 0
         if args.log_port:
             redirect_log(args.log_port)
         power_off = (os.getpid() == 1 and not args.no_power_off
@@ -645,8 +695,6 @@ def main(argv: list[str]) -> int:
                           power_off=power_off,
                           stop_grace=args.stop_grace)
         code = Agent(transport, options).run()
-    except SystemExit as exc:   # argparse: usage errors
-        code = exc.code if isinstance(exc.code, int) else 2
     except BaseException:   # noqa: BLE001 - the last guard of PID 1
         log.critical("the agent failed; stopping cleanly", exc_info=True)
     if power_off:
