@@ -151,7 +151,8 @@ def rootfs(tmp_path):
     os.chmod(root / "out", 0o777)
     os.chmod(root / "tmp", 0o1777)
     shutil.copy(BUSYBOX, root / "bin" / "busybox")
-    for applet in ("sh", "id", "echo", "cat", "ls", "sleep", "touch", "env"):
+    for applet in ("sh", "id", "echo", "cat", "ls", "sleep", "touch", "env", "hostname",
+                   "mv"):
         os.symlink("busybox", root / "bin" / applet)
     (root / "etc" / "passwd").write_text(
         "root:x:0:0:root:/root:/bin/sh\n"
@@ -207,3 +208,17 @@ def test_sessions_are_chrooted_into_the_rootfs(sandbox, rootfs):
     assert "alice:x:1234" in result.log
     assert "busybox" not in result.log.split("alice")[0] or True
     assert stat.S_ISDIR(os.stat(rootfs / "proc").st_mode)
+
+
+def test_hostname_and_etc_files_inside_the_rootfs(sandbox, rootfs):
+    (rootfs / "etc" / "hosts").write_text("10.9.8.7 image-entry\n")
+    (rootfs / "etc" / "hostname").write_text("image-name\n")
+    ident = sid()
+    cfg = session_config(ident, ["/bin/sh", "-c",
+                                 "echo name=$(hostname) file=$(cat /etc/hostname); cat /etc/hosts"],
+                         env=["PATH=/bin"])
+    result, s = run_one(sandbox, cfg, rootfs=rootfs)
+    assert s.started == "true", result.log
+    assert f"name={ident[:12]} file={ident[:12]}" in result.log, result.log
+    assert "image-entry" in result.log          # the image's hosts blended in
+    assert (rootfs / "etc" / "hostname").read_text() == "image-name\n"   # image untouched

@@ -1,6 +1,6 @@
 """The agent: PID 1 of a container VM (or of the sandbox's namespaces), top to bottom.
 
-    system setup -> decode config -> hostname -> container root -> networks -> volumes
+    system setup -> decode config -> container root -> hostname -> networks -> volumes
     -> attach server -> launch sessions -> serve until the primary exits
     -> stop the other sessions -> flush write-back -> sync -> power off (VM) or exit
 
@@ -23,7 +23,7 @@ from types import SimpleNamespace
 log = logging.getLogger("tether.agent")
 
 FAILPOINTS_ENV = "TETHER_FAILPOINTS"
-STEPS = ("signals", "system", "config", "hostname", "rootfs", "networks", "volumes", "attach",
+STEPS = ("signals", "system", "config", "rootfs", "hostname", "networks", "volumes", "attach",
          "toolbox", "sessions", "reload", "shutdown")
 DEFAULT_STOP_GRACE = 10.0
 KILL_WAIT = 10.0           # after SIGKILL, how long a stuck process may hold the shutdown
@@ -125,8 +125,8 @@ class Agent:
             log.error("no usable configuration: nothing to run; stopping")
             self.guarded("shutdown", self.shutdown)
             return 1
+        self.guarded("rootfs", self.prepare_container_root)   # before /etc files go into it
         self.guarded("hostname", self.set_hostname)
-        self.guarded("rootfs", self.prepare_container_root)
         self.guarded("networks", self.apply_networks)
         self.guarded("volumes", self.mount_volumes)
         self.guarded("attach", self.start_attach)
