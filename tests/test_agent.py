@@ -252,3 +252,13 @@ def test_pid1_of_a_vm_powers_off_through_reboot(tmp_path):
     final = parse_vmx(open(vmx).read())
     assert final[f"guestinfo.vice..sessions|{primary.common.id}.status"] == "5"
     assert final[f"guestinfo.vice..sessions|{primary.common.id}.started"] == "true"
+
+
+def test_sigpwr_is_a_graceful_stop(sandbox):
+    primary = session_config(sid(), ["/bin/sleep", "1000"])
+    box = sandbox.start(executor_config(primary))
+    box.wait_for_log(r"serving 1 session")
+    box.signal(signal.SIGPWR)
+    result = box.wait()
+    assert "stopping: signal SIGPWR" in result.log
+    assert result.returncode == 128 + signal.SIGTERM     # the primary's StopSignal
