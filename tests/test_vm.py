@@ -350,3 +350,29 @@ def test_debug_image_without_the_key_starts_the_agent(image_dir):
     assert vm.result.exit_code == 0, vm.explain()
     assert "shell on the console" not in vm.result.console
     assert vm.text() == "straight\n"
+
+
+def test_image_contents_and_size(image_dir):
+    """The ISO carries the kernel, stage0 and both layers, under the 60 MB budget; the
+    project layer holds the agent; the container image has busybox and no Python."""
+    iso = image_dir / "bootstrap.iso"
+    assert iso.stat().st_size < 60 * 1000 * 1000
+    listing = subprocess.run(["xorriso", "-indev", str(iso), "-find", "/", "-type", "f"],
+                             capture_output=True, text=True, check=True).stdout
+    for name in ("/boot/vmlinuz", "/boot/stage0", "/root.sqfs", "/tether.sqfs",
+                 "/isolinux/isolinux.bin", "/isolinux/isolinux.cfg"):
+        assert f"'{name}'" in listing, listing
+    layer = subprocess.run(["unsquashfs", "-l", str(image_dir / "tether.sqfs")],
+                           capture_output=True, text=True, check=True).stdout
+    assert "dist-packages/tether/agent.py" in layer
+    assert "dist-packages/extraconfig/virtio.py" in layer
+    root = subprocess.run(["unsquashfs", "-l", str(image_dir / "root.sqfs")],
+                          capture_output=True, text=True, check=True).stdout
+    assert "usr/bin/python3" in root and "dist-packages/pyroute2/" in root
+    assert "usr/share/doc/" not in root.replace("usr/share/doc\n", "")
+    files = subprocess.run(["debugfs", "-R", "ls -p /usr/bin", str(image_dir / "containerfs.img")],
+                           capture_output=True, text=True, check=True).stdout
+    assert "python" not in files
+    label = subprocess.run(["blkid", "-o", "value", "-s", "LABEL", str(image_dir / "containerfs.img")],
+                           capture_output=True, text=True).stdout.strip()
+    assert label == "containerfs"
