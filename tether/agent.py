@@ -252,8 +252,10 @@ class Agent:
         if not device:
             return None
         from tether import system
+        from tether.volumes import probe
+        found = probe(device)
         os.makedirs(CONTAINERFS_MOUNT, exist_ok=True)
-        system.mount(device, CONTAINERFS_MOUNT, "ext4")
+        system.mount(device, CONTAINERFS_MOUNT, found[0] if found else "ext4")
         return CONTAINERFS_MOUNT
 
     def apply_networks(self) -> None:
@@ -274,7 +276,8 @@ class Agent:
                                    f"available: {err}") from None
             self._network = NetworkManager(
                 self.config, etc=self._etc_files(),
-                publish=lambda: self.loop.call_soon_threadsafe(self.publish_all), log=log)
+                publish=lambda: self.loop.call_soon_threadsafe(self.publish_all), log=log,
+                hostname=hostname_for(self.config.common.id))
         self._network.apply()
         self._networks_applied = signature
 
