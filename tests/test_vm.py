@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import ipaddress
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -376,3 +377,43 @@ def test_image_contents_and_size(image_dir):
     label = subprocess.run(["blkid", "-o", "value", "-s", "LABEL", str(image_dir / "containerfs.img")],
                            capture_output=True, text=True).stdout.strip()
     assert label == "containerfs"
+
+
+def test_attach_a_terminal_to_a_tty_session(image_dir, tmp_path):
+    """`tether vm --attach` in a real terminal (tmux): a shell in the container, typed into."""
+    import json
+    if shutil.which("tmux") is None:
+        pytest.skip("tmux is not installed")
+    config = tmp_path / "term.json"
+    config.write_text(json.dumps(single("term", session("/bin/sh", tty=True, attach=True,
+                                                        open_stdin=True))))
+    rc_file, out = tmp_path / "rc", tmp_path / "map.json"
+    server = f"tvm{uuid.uuid4().hex[:8]}"
+    command = (f"cd {REPO} && {sys.executable} -m tether vm {config} --image {image_dir} "
+               f"--attach --out {out} --timeout {BOOT_TIMEOUT:g}; echo $? > {rc_file}")
+
+    def tmux(*args):
+        return subprocess.run(["tmux", "-L", server, *args], capture_output=True, text=True)
+
+    def screen():
+        return tmux("capture-pane", "-p", "-t", "vm").stdout
+
+    def wait_for(predicate, what):
+        deadline = time.monotonic() + BOOT_TIMEOUT
+        while not predicate():
+            assert time.monotonic() < deadline, f"no {what} on the screen:\n{screen()}"
+            time.sleep(0.5)
+
+    try:
+        assert tmux("new-session", "-d", "-s", "vm", "-x", "100", "-y", "30", command).returncode == 0
+        wait_for(lambda: "/ #" in screen(), "shell prompt")
+        tmux("send-keys", "-t", "vm", "echo $((6*7)); stty size", "Enter")
+        wait_for(lambda: "\n42" in screen(), "command output")
+        # the pane is 100 columns (its rows are 30 less tmux's status line)
+        wait_for(lambda: re.search(r"\n(29|30) 100\b", screen()), "terminal size")
+        tmux("send-keys", "-t", "vm", "exit", "Enter")
+        wait_for(rc_file.exists, "exit status")
+    finally:
+        tmux("kill-server")
+    assert rc_file.read_text().strip() == "0"
+    assert json.loads(out.read_text())["guestinfo.vice..sessions|term.started"] == "true"

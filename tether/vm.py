@@ -645,19 +645,33 @@ def attach_primary(run: VmRun, deadline: float, stdin=None, stdout=None) -> int 
         if show(stream.pending()):
             break
     stdin_fd = stdin.fileno() if stdin is not False else None
-    while not stream.closed and time.monotonic() < deadline:
-        readable = [client.fileno()] + ([stdin_fd] if stdin_fd is not None else [])
-        ready, _, _ = select.select(readable, [], [], 0.5)
-        if stdin_fd in ready:
-            data = os.read(stdin_fd, 65536)
-            if data:
-                stream.write(data)
-            else:
-                stream.close_stdin()
-                stdin_fd = None
-        client.pump(0)
-        show(stream.pending())
-    client.close()
+    saved_tty = None
+    if stdin_fd is not None and session.tty and os.isatty(stdin_fd):
+        # A terminal on a tty session: keys go through as typed, the size follows ours.
+        import termios
+        import tty
+        saved_tty = termios.tcgetattr(stdin_fd)
+        tty.setraw(stdin_fd)
+        size = os.get_terminal_size(stdin_fd)
+        stream.resize(size.lines, size.columns)
+    try:
+        while not stream.closed and time.monotonic() < deadline:
+            readable = [client.fileno()] + ([stdin_fd] if stdin_fd is not None else [])
+            ready, _, _ = select.select(readable, [], [], 0.5)
+            if stdin_fd in ready:
+                data = os.read(stdin_fd, 65536)
+                if data:
+                    stream.write(data)
+                else:
+                    stream.close_stdin()
+                    stdin_fd = None
+            client.pump(0)
+            show(stream.pending())
+    finally:
+        if saved_tty is not None:
+            import termios
+            termios.tcsetattr(stdin.fileno(), termios.TCSADRAIN, saved_tty)
+        client.close()
     return exit_code
 
 
