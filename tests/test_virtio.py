@@ -7,6 +7,7 @@ handler on a thread, so both ends of the wire format meet here; the VM tests
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import threading
 
@@ -276,3 +277,16 @@ def test_vmx_store_stores_empty_as_nil():
     assert store.data == {"guestinfo.a": "<nil>", "b": "x"}
     store.info_set("guestinfo.c", "<nil>")
     assert store.final_map() == {"b": "x", "guestinfo.a": "", "guestinfo.c": ""}
+
+
+def test_tether_vm_without_an_image_says_how_to_build_it(tmp_path, capsys):
+    import json
+    from tether import vm
+    config = tmp_path / "c.json"
+    config.write_text(json.dumps({"common": {"id": "a"}, "sessions": {"a": {"cmd": {"path": "/bin/true"}}}}))
+    with pytest.raises(VmError, match="init/build"):
+        vm.VmRun(config_from_json(json.loads(config.read_text())), str(tmp_path / "nothing"))
+    if shutil.which("qemu-system-x86_64"):
+        assert vm.main([str(config), "--image", str(tmp_path / "nothing")]) == 2
+        assert "init/build" in capsys.readouterr().err
+    assert vm.main([str(tmp_path / "missing.json")]) == 2
