@@ -481,6 +481,15 @@ class Session:
         return pid
 
     # -- output ---------------------------------------------------------------------------
+    def pause_output(self) -> None:
+        """Stop reading the process's output (flow control: a client is behind)."""
+        for fd in self._readers:
+            self.loop.remove_reader(fd)
+
+    def resume_output(self) -> None:
+        for fd in self._readers:
+            self.loop.add_reader(fd, lambda fd=fd: self._on_readable(fd))
+
     def _on_readable(self, fd: int, budget: int = READ_CHUNK) -> None:
         stream = self._readers.get(fd)
         if stream is None:

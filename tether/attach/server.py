@@ -81,12 +81,7 @@ class AttachServer:
     def pause(self, session, by: "Connection") -> None:
         holders = self._holds.setdefault(session, set())
         if not holders:
-            pause = getattr(session, "pause_output", None)
-            if pause is not None:
-                pause()
-            else:
-                for fd in list(getattr(session, "_readers", ())):
-                    self.loop.remove_reader(fd)
+            session.pause_output()
         holders.add(by)
 
     def resume(self, session, by: "Connection") -> None:
@@ -97,12 +92,7 @@ class AttachServer:
         if holders:
             return
         del self._holds[session]
-        resume = getattr(session, "resume_output", None)
-        if resume is not None:
-            resume()
-            return
-        for fd in list(getattr(session, "_readers", ())):
-            self.loop.add_reader(fd, lambda fd=fd, s=session: s._on_readable(fd))
+        session.resume_output()
 
     def _add(self, conn: transports.Conn) -> "Connection":
         connection = Connection(self, conn)
