@@ -213,19 +213,14 @@ class Agent:
             return
         system.set_hostname(name)
         etc = self._etc_files()
-        if etc is not None:
-            aliases = [self.config.common.name] if self.config.common.name else []
-            etc.set_hostname(name, aliases)
-            etc.flush()
+        aliases = [self.config.common.name] if self.config.common.name else []
+        etc.set_hostname(name, aliases)
+        etc.flush()
         log.info("hostname %s", name)
 
     def _etc_files(self):
         if self._etc is None:
-            try:
-                from tether.etcfiles import EtcFiles
-            except ImportError as err:
-                log.warning("cannot write /etc/hostname and /etc/hosts: %s", err)
-                return None
+            from tether.etcfiles import EtcFiles
             os.makedirs(self.options.state_dir, exist_ok=True)
             self._etc = EtcFiles(self.root, self.options.state_dir)
         return self._etc
@@ -239,11 +234,7 @@ class Agent:
             log.info("container root %s", self.root)
 
     def _mount_containerfs(self) -> str | None:
-        try:
-            from tether.volumes import find_device_by_label
-        except ImportError as err:
-            log.warning("cannot look for the %s disk: %s", CONTAINERFS_LABEL, err)
-            return None
+        from tether.volumes import find_device_by_label, probe
         try:
             device = find_device_by_label(CONTAINERFS_LABEL, 0.5)
         except Exception as err:   # noqa: BLE001
@@ -252,7 +243,6 @@ class Agent:
         if not device:
             return None
         from tether import system
-        from tether.volumes import probe
         found = probe(device)
         os.makedirs(CONTAINERFS_MOUNT, exist_ok=True)
         system.mount(device, CONTAINERFS_MOUNT, found[0] if found else "ext4")
@@ -269,11 +259,7 @@ class Agent:
         if signature == self._networks_applied:
             return   # idempotent: only a changed network config is applied again
         if self._network is None:
-            try:
-                from tether.network import NetworkManager
-            except ImportError as err:
-                raise RuntimeError(f"networks are configured but networking is not "
-                                   f"available: {err}") from None
+            from tether.network import NetworkManager
             self._network = NetworkManager(
                 self.config, etc=self._etc_files(),
                 publish=lambda: self.loop.call_soon_threadsafe(self.publish_all), log=log,
@@ -291,11 +277,7 @@ class Agent:
         new = {k: v for k, v in mounts.items() if k not in self._mounted_volumes}
         if not new:
             return
-        try:
-            from tether.volumes import mount_volumes
-        except ImportError as err:
-            raise RuntimeError(f"volumes are configured but volume support is not "
-                               f"available: {err}") from None
+        from tether.volumes import mount_volumes
         mount_volumes(new, self.root)
         self._mounted_volumes.update(new)
 
