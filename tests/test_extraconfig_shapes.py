@@ -211,8 +211,36 @@ class Kinds:
     skip_dec: str = vic("SkipDec", RO, "skipdec", recurse="skip-decode", default="")
 
 
+def _shape_without(cls: type, name: str, drop: tuple[str, ...] = (),
+                   retype: dict[str, tuple[Any, Any]] | None = None) -> type:
+    """A copy of dataclass `cls` without the fields in `drop`; `retype` maps a field to
+    (new type, new default factory)."""
+    hints = typing.get_type_hints(cls)
+    fields = []
+    for f in dataclasses.fields(cls):
+        if f.name in drop:
+            continue
+        tp, factory = (retype or {}).get(f.name, (hints[f.name], f.default_factory))
+        kw: dict[str, Any] = {"metadata": f.metadata}
+        if factory is not dataclasses.MISSING:
+            kw["default_factory"] = factory
+        else:
+            kw["default"] = f.default
+        fields.append((f.name, tp, dataclasses.field(**kw)))
+    return dataclasses.make_dataclass(name, fields)
+
+
+# The vectors use lib/config/executor as of d1ef848e0, before ContainerNetwork gained the
+# embedded TrustLevel; tether.config has it (its own vector: tests/data/extraconfig-trustlevel.jsonl).
+ContainerNetworkD1 = _shape_without(executor.ContainerNetwork, "ContainerNetwork",
+                                    drop=("trust_level",))
+NetworkEndpointD1 = _shape_without(executor.NetworkEndpoint, "NetworkEndpoint", retype={
+    "network": (ContainerNetworkD1, ContainerNetworkD1)})
+ExecutorConfigD1 = _shape_without(executor.ExecutorConfig, "ExecutorConfig", retype={
+    "networks": (Optional[dict[str, Optional[NetworkEndpointD1]]], dataclasses.MISSING)})
+
 TYPES: dict[str, type] = {
-    "ExecutorConfig": executor.ExecutorConfig, "SessionConfig": executor.SessionConfig,
+    "ExecutorConfig": ExecutorConfigD1, "SessionConfig": executor.SessionConfig,
     "Mini": Mini, "Inner": Inner, "KHiddenRoot": KHiddenRoot, "KMapDots": KMapDots,
     "KTimes": KTimes, "KFloats": KFloats, "KF32": KF32, "KArr": KArr, "KPtrSlice": KPtrSlice,
     "KStrOnly": KStrOnly, "KMount119": KMount119, "SecretOnly": SecretOnly, "Build": Build,

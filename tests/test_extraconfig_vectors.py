@@ -5,7 +5,7 @@ import base64
 
 import pytest
 
-from tether.config import ExecutorConfig
+from test_extraconfig_shapes import ExecutorConfigD1 as ExecutorConfig  # the vectors' shape
 from extraconfig import DecodeError, calculate_keys, decode, encode, encode_into
 from extraconfig.transport import GuestSink, GuestSource, MapTransport, ScopeFilterSink
 from test_extraconfig_shapes import (TYPES, from_raw, load_vectors, normalise, to_raw,

@@ -107,7 +107,16 @@ class ContainerNetwork:
     nameservers: Optional[list[IP]] = vic("Nameservers", RO, "dns", default=None)
     pools: Optional[list[Range]] = vic("Pools", RO, "pools", default=None)
     aliases: Optional[list[str]] = vic("Aliases", HIDDEN, "aliases", default=None)
+    # The reference's later revision embeds `TrustLevel` (an int, untagged): key
+    # .../network/TrustLevel, value 0..5. Read it through `trust`.
+    trust_level: int = untagged("TrustLevel", default=0)
     assigned: AssignedNetwork = vic("Assigned", RW, "assigned", default_factory=AssignedNetwork)
+
+    @property
+    def trust(self):
+        """The trust level as a TrustLevel (tether.network.ports)."""
+        from tether.network.ports import TrustLevel
+        return TrustLevel.of(self.trust_level)
 
 
 @dataclasses.dataclass
@@ -118,6 +127,11 @@ class NetworkEndpoint:
     assigned: IPNet = vic("Assigned", RW, "assigned", default_factory=IPNet)
     network: ContainerNetwork = vic("Network", RO, "network", default_factory=ContainerNetwork)
     ports: Optional[list[str]] = vic("Ports", RO, "ports", default=None)
+
+    def port_specs(self, where: str = ""):
+        """`ports` parsed into PortSpecs (tether.network.ports); PortSpecError if one is bad."""
+        from tether.network.ports import parse_ports
+        return parse_ports(self.ports, where)
 
 
 @dataclasses.dataclass

@@ -287,6 +287,7 @@ def config_from_json(obj: dict) -> ExecutorConfig:
         if isinstance(entries, dict):
             for name in entries:
                 _check_name(section, name)
+    obj = _trust_levels_from_text(obj)
     cfg = _struct_from(ExecutorConfig, obj, "")
     for sid, session in (cfg.sessions or {}).items():
         if session is not None and not session.common.id:
@@ -323,6 +324,7 @@ def _check_name(section: str, name: str) -> None:
 def config_to_json(cfg: ExecutorConfig) -> dict:
     """The minimal JSON form: zero values left out, IDs equal to their keys left out."""
     out = _struct_to(cfg)
+    _trust_levels_to_text(out)
     for sid, session in (out.get("sessions") or {}).items():
         _drop_default_id(session, sid)
     for name, endpoint in (out.get("networks") or {}).items():
@@ -336,6 +338,36 @@ def config_to_json(cfg: ExecutorConfig) -> dict:
                 if not net:
                     del endpoint["network"]
     return out
+
+
+def _trust_levels_from_text(obj: dict) -> dict:
+    """`network.trust_level` is written as its name ("published", "peers", ...); the wire
+    and the dataclass hold the reference's int. A copy is returned; the input is kept."""
+    networks = obj.get("networks")
+    if not isinstance(networks, dict):
+        return obj
+    from tether.network.ports import TrustLevel
+    fixed = {}
+    for name, endpoint in networks.items():
+        network = endpoint.get("network") if isinstance(endpoint, dict) else None
+        level = network.get("trust_level") if isinstance(network, dict) else None
+        if isinstance(level, str):
+            try:
+                level = int(TrustLevel.parse(level))
+            except ValueError as err:
+                raise ConfigError(f"networks.{name}.network.trust_level: {err}") from None
+            endpoint = {**endpoint, "network": {**network, "trust_level": level}}
+        fixed[name] = endpoint
+    return {**obj, "networks": fixed}
+
+
+def _trust_levels_to_text(out: dict) -> None:
+    from tether.network.ports import TrustLevel
+    for endpoint in (out.get("networks") or {}).values():
+        network = (endpoint or {}).get("network") or {}
+        level = network.get("trust_level")
+        if isinstance(level, int) and level in iter(TrustLevel):
+            network["trust_level"] = TrustLevel(level).text
 
 
 def _drop_default_id(entry: dict | None, key: str) -> None:
