@@ -91,6 +91,8 @@ class Agent:
         self._attach_server = None
         self._toolbox = None
         self._network = None
+        self._firewall = None
+        self.launch_error = ""   # set before launch: every session fails with this text
         self._etc = None
         self._mounted_volumes: set[str] = set()
         self._networks_applied = None
@@ -258,13 +260,20 @@ class Agent:
         signature = repr(networks)
         if signature == self._networks_applied:
             return   # idempotent: only a changed network config is applied again
+        from tether.network.firewall import Firewall, FirewallError, apply_networks
         if self._network is None:
             from tether.network import NetworkManager
             self._network = NetworkManager(
                 self.config, etc=self._etc_files(),
                 publish=lambda: self.loop.call_soon_threadsafe(self.publish_all), log=log,
                 hostname=hostname_for(self.config.common.id))
-        self._network.apply()
+            self._firewall = Firewall()
+        try:
+            apply_networks(self._firewall, self._network, networks)
+        except FirewallError as err:
+            if not self.sessions:   # at boot a ruleset that cannot be applied stops the launch
+                self.launch_error = f"firewall: {err}"
+            raise
         self._networks_applied = signature
 
     def mount_volumes(self) -> None:
@@ -309,6 +318,13 @@ class Agent:
 
     # -- sessions ------------------------------------------------------------------------
     def launch_sessions(self) -> None:
+        if self.launch_error:
+            for cfg in (self.config.sessions or {}).values():
+                if cfg is not None:
+                    cfg.started = self.launch_error
+            self.publish_all()
+            self.primary_failed_code = 125
+            raise RuntimeError(self.launch_error)
         for sid, cfg in sorted((self.config.sessions or {}).items()):
             if cfg is None or sid in self.sessions:
                 continue

@@ -69,6 +69,7 @@ class NetworkManager:
         self.dhcp_timeout = dhcp_timeout
         self._configured: dict[str, str] = {}     # endpoint name -> config it was applied from
         self._nic_index: dict[str, int] = {}      # endpoint id -> link index (names change)
+        self.interfaces: dict[str, str] = {}      # endpoint name -> its NIC's name (firewall)
         self._dhcp = None                          # DhcpService, started on first need
         self._lock = threading.RLock()             # apply() vs renewal callbacks
 
@@ -109,6 +110,7 @@ class NetworkManager:
         ifname, index = self._find_nic(ipr, name, endpoint)
         link.enable_link_notify(ifname)
         ifname = link.name_link(ipr, index, endpoint.common.name, self.log)
+        self.interfaces[name] = ifname
         if name in self.mtus:
             link.set_mtu(ipr, index, self.mtus[name])
         link.set_up(ipr, index)
