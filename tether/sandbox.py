@@ -1,5 +1,11 @@
-"""`tether sandbox CONFIG.json`: the agent as PID 1 of new PID, mount, UTS and IPC
+"""`tether sandbox CONFIG.json`: the agent as PID 1 of new PID, mount, UTS, IPC and network
 namespaces on this machine, with an in-memory guestinfo map seeded from the JSON config.
+
+The network namespace is new and private by default: loopback up, and a stand-in NIC (a
+dummy link) for each endpoint whose ID names an interface or a MAC, so static configs
+apply as they would in a VM; nothing reaches the host's network. `--netns NAME` joins the
+named namespace instead (`ip netns add NAME`, with the veth or bridge a test or a user set
+up): the agent configures the networks and the firewall there, and they stay after exit.
 
 The parent unshares, forks the agent (PID 1 inside), forwards SIGTERM/SIGINT/SIGHUP/
 SIGPWR to it and exits with its status. The agent writes the final guestinfo map (the
@@ -30,6 +36,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--backdoor-sim", metavar="SOCKET",
                         help="take guestinfo (and TCLO) from a simulated VMware hypervisor "
                         "serving the backdoor's port calls on this unix socket")
+    parser.add_argument("--netns", metavar="NAME",
+                        help="join the named network namespace (ip netns) instead of a "
+                        "new private one")
     parser.add_argument("--stop-grace", type=float, default=10.0,
                         help="seconds between the stop signal and SIGKILL (default 10)")
     return parser.parse_args(argv)
@@ -66,12 +75,19 @@ def main(argv: list[str]) -> int:
         print(f"tether sandbox: --rootfs {args.rootfs}: not a directory", file=sys.stderr)
         return 2
     from tether import system
+    flags = system.CLONE_NEWPID | system.CLONE_NEWNS | system.CLONE_NEWUTS | system.CLONE_NEWIPC
     try:
-        system.unshare(system.CLONE_NEWPID | system.CLONE_NEWNS | system.CLONE_NEWUTS
-                       | system.CLONE_NEWIPC)
+        if args.netns:
+            join_netns(args.netns)
+        else:
+            flags |= system.CLONE_NEWNET
+        system.unshare(flags)
     except OSError as err:
         print(f"tether sandbox: cannot create namespaces ({err}); it needs root "
               "(CAP_SYS_ADMIN)", file=sys.stderr)
+        return 2
+    except ValueError as err:
+        print(f"tether sandbox: {err}", file=sys.stderr)
         return 2
     sys.stdout.flush()
     sys.stderr.flush()
@@ -98,6 +114,78 @@ def main(argv: list[str]) -> int:
     return exit_code_of(status)
 
 
+def join_netns(name: str) -> None:
+    """Enter the network namespace `ip netns add NAME` made (/run/netns/NAME)."""
+    from tether import system
+    if not name or "/" in name or name in (".", ".."):
+        raise ValueError(f"--netns {name!r}: expected a name from `ip netns list`")
+    path = os.path.join("/run/netns", name)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise ValueError(f"--netns {name}: no such network namespace ({path}); "
+                         f"create it with `ip netns add {name}`") from None
+    try:
+        system.setns(fd, system.CLONE_NEWNET)
+    finally:
+        os.close(fd)
+
+
+def setup_netns(seed: dict[str, str], private: bool) -> None:
+    """Inside the sandbox: a /sys that shows this namespace's links; in a private
+    namespace also loopback up and the stand-in NICs."""
+    from tether import system
+    try:
+        system.umount("/sys", system.MNT_DETACH)
+    except OSError:
+        pass
+    system.mount("sysfs", "/sys", "sysfs", system.MS_NOSUID | system.MS_NODEV | system.MS_NOEXEC)
+    if not private:
+        return
+    from extraconfig.codec import decode
+    from tether.config import ExecutorConfig
+    from tether.network.nic import classify
+    networks = decode(dict(seed), ExecutorConfig).networks or {}
+    wanted = {ep.common.id for ep in networks.values()
+              if ep is not None and classify(ep.common.id) in ("name", "mac")}
+    loopback_up()
+    if not wanted:
+        return
+    from pyroute2 import IPRoute
+    with IPRoute() as ipr:
+        for n, ident in enumerate(sorted(wanted)):
+            mac = ident.lower() if classify(ident) == "mac" else None
+            name = f"nic{n}" if mac else ident
+            if not mac and ipr.link_lookup(ifname=name):
+                continue
+            add_stand_in_nic(ipr, name, mac, f"sbx{n}")
+
+
+def add_stand_in_nic(ipr, name: str, mac: str | None, peer: str) -> None:
+    """A dummy link; where the kernel has no dummy driver, a veth pair whose other end
+    (`peer`, up, no address) stays in the namespace."""
+    extra = {"address": mac} if mac else {}
+    try:
+        ipr.link("add", ifname=name, kind="dummy", **extra)
+        return
+    except Exception as err:   # noqa: BLE001 - EOPNOTSUPP: no dummy driver
+        if getattr(err, "code", None) != 95:
+            raise
+    ipr.link("add", ifname=name, kind="veth", peer=peer, **extra)
+    ipr.link("set", index=ipr.link_lookup(ifname=peer)[0], state="up")
+
+
+def loopback_up() -> None:
+    """`ip link set lo up`, without netlink libraries (SIOCGIFFLAGS/SIOCSIFFLAGS)."""
+    import fcntl
+    import socket
+    import struct
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        ifreq = fcntl.ioctl(sock, 0x8913, struct.pack("16sH22x", b"lo", 0))
+        flags = struct.unpack("16sH22x", ifreq)[1]
+        fcntl.ioctl(sock, 0x8914, struct.pack("16sH22x", b"lo", flags | 1))   # IFF_UP
+
+
 def _forward(pid: int, signum: int) -> None:
     try:
         os.kill(pid, signum)
@@ -114,6 +202,7 @@ def run_inside(args: argparse.Namespace, seed: dict[str, str]) -> int:
     system.set_parent_death_signal(signal.SIGKILL)
     system.make_mounts_private()
     system.mount("proc", "/proc", "proc", system.MS_NOSUID | system.MS_NODEV | system.MS_NOEXEC)
+    setup_netns(seed, private=not args.netns)
     store = dict(seed)
     transport = MapTransport(store)
     if args.backdoor_sim:
