@@ -108,3 +108,43 @@ def test_endpoint_port_specs_name_the_endpoint():
     with pytest.raises(PortSpecError, match=r"^network web: port spec '80/tcpx': unknown"):
         endpoint.port_specs("network web")
     assert NetworkEndpoint(ports=None).port_specs() == []
+
+
+# -- tether ports ------------------------------------------------------------------------------
+def test_tether_ports_lists_published_ports_from_json_and_guestinfo(tmp_path, capsys):
+    from extraconfig import encode
+    from extraconfig.transport import format_vmx
+    from extraconfig.types import IPNet
+    from tether.cli import main
+    config = {"networks": {
+        "public": {"ports": ["8080/tcp", "9000:80/tcp", "5000-5010/udp"]},
+        "back": {"network": {"trust_level": "closed"}, "ports": ["22/tcp"]},
+        "quiet": {}}}
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps(config))
+    assert main(["ports", str(path)]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        "back    -  closed     22/tcp",
+        "public  -  published  8080/tcp",
+        "public  -  published  9000/tcp -> 80/tcp",
+        "public  -  published  5000-5010/udp",
+    ]
+    # the guestinfo a run leaves (VMX lines) adds the assigned address
+    cfg = config_from_json(config)
+    cfg.networks["public"].assigned = IPNet.parse("10.78.0.2/24")
+    vmx = tmp_path / "out.vmx"
+    vmx.write_text(format_vmx(encode(cfg)))
+    assert main(["ports", str(vmx), "public"]) == 0
+    assert capsys.readouterr().out.splitlines()[1] == \
+        "public  10.78.0.2  published  9000/tcp -> 80/tcp"
+
+
+def test_tether_ports_reports_a_bad_spec_and_an_unknown_endpoint(tmp_path, capsys):
+    from tether.cli import main
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"networks": {"public": {"ports": ["9-3/udp"]}}}))
+    assert main(["ports", str(path)]) == 1
+    assert capsys.readouterr().err.strip() == \
+        "tether ports: network public: port spec '9-3/udp': the range 9-3 runs backwards"
+    assert main(["ports", str(path), "nope"]) == 1
+    assert "no network endpoint 'nope' (have: public)" in capsys.readouterr().err

@@ -15,6 +15,7 @@ COMMANDS = {
     "ps": ("tether.clientcli", "ps_main", "list sessions"),
     "kill": ("tether.clientcli", "kill_main", "signal a session"),
     "cp": ("tether.clientcli", "cp_main", "copy files into or out of the container"),
+    "ports": ("tether.portscli", "main", "list the ports a config or guestinfo publishes"),
     "vm": ("tether.vm", "main", "boot a config in a QEMU VM, playing the port layer"),
 }
 
