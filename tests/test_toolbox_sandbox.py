@@ -13,7 +13,6 @@ import pytest
 
 from conftest import REPO, executor_config, session_config, sid
 from extraconfig.backdoor.simulator import SimulatedHypervisor
-from tether.toolbox import first_ipv4
 
 TIMEOUT = 120.0
 
@@ -52,6 +51,11 @@ def test_tclo_ping_reset_and_halt_stop_the_primary(sandbox, hypervisor):
     sim, path = hypervisor
     primary = session_config(sid(), ["/bin/sleep", "600"])
     config = executor_config(primary)
+    # the sandbox has its own network namespace: a static address on a stand-in NIC
+    from extraconfig.types import IPNet
+    from tether.config import Common, NetworkEndpoint
+    config.networks = {"public": NetworkEndpoint(common=Common(id="eth0"), static=True,
+                                                 ip=IPNet.parse("10.79.0.2/24"))}
     sim.guestinfo.update(host_view(config))
     started = f"guestinfo.vice..sessions|{primary.common.id}.started"
     status = f"guestinfo.vice..sessions|{primary.common.id}.status"
@@ -65,7 +69,7 @@ def test_tclo_ping_reset_and_halt_stop_the_primary(sandbox, hypervisor):
     assert ask(sim, "ping") == "OK "
     assert ask(sim, "Capabilities_Register") == "OK "
     assert "tools.capability.statechange" in sim.capabilities
-    address = first_ipv4()   # the sandbox shares this machine's network namespace
+    address = "10.79.0.2"
     assert ask(sim, "Set_Option broadcastIP 1") == "OK "
     assert sim.guestinfo.get("guestinfo.ip") == address
 
@@ -82,6 +86,11 @@ def test_reboot_is_refused_and_the_primary_keeps_running(sandbox, hypervisor):
     sim, path = hypervisor
     primary = session_config(sid(), ["/bin/sleep", "600"])
     config = executor_config(primary)
+    # the sandbox has its own network namespace: a static address on a stand-in NIC
+    from extraconfig.types import IPNet
+    from tether.config import Common, NetworkEndpoint
+    config.networks = {"public": NetworkEndpoint(common=Common(id="eth0"), static=True,
+                                                 ip=IPNet.parse("10.79.0.2/24"))}
     sim.guestinfo.update(host_view(config))
     started = f"guestinfo.vice..sessions|{primary.common.id}.started"
     box = sandbox.start(config, extra_args=["--backdoor-sim", path])
