@@ -4,7 +4,7 @@ Built with Debian's Go in GOPATH mode against Debian's packaged govmomi sources
 (golang-go, golang-github-vmware-govmomi-dev), offline: GO111MODULE=off, GOPROXY=off,
 GOPATH = a temporary directory and /usr/share/gocode. The binary is cached under
 $TETHER_CACHE/vcsim/ (default /var/cache/tether) by a hash of main.go, the govmomi
-package's version and `go version`.
+package's version, `go version` and the build recipe; builds unused for a week are pruned.
 """
 from __future__ import annotations
 
@@ -65,10 +65,22 @@ def _cache_dir() -> Path:
         return Path(tempfile.mkdtemp(prefix="tether-vcsim-cache-"))
 
 
+KEEP_UNUSED = 7 * 24 * 3600     # a cached build nobody used for a week is removed
+
+
+def _prune(root: Path, current: Path) -> None:
+    now = time.time()
+    for entry in root.iterdir():
+        if entry != current and entry.is_dir() and now - entry.stat().st_mtime > KEEP_UNUSED:
+            shutil.rmtree(entry, ignore_errors=True)
+
+
 def build() -> Path:
     """The vcsim binary for the current inputs, built if the cache lacks it."""
-    target = _cache_dir() / cache_key() / "vcsim"
+    root = _cache_dir()
+    target = root / cache_key() / "vcsim"
     if target.is_file():
+        os.utime(target.parent)         # in use: kept by _prune
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="tether-vcsim-build-") as work:
@@ -82,6 +94,7 @@ def build() -> Path:
         partial = target.with_name(f".vcsim.{os.getpid()}")
         shutil.copy2(output, partial)
         os.replace(partial, target)         # atomic: another session may be building too
+    _prune(root, target.parent)
     return target
 
 
