@@ -3,7 +3,8 @@
 remove the ones `run` created.
 
 `run` checks everything it can before it creates anything (datacenter, datastore, pool,
-folder, every network, the ISO and the image disk), so a mistake leaves nothing behind.
+host, folder, every network, the ISO, the image disk, the VM name), so a mistake leaves
+nothing behind.
 The bootstrap ISO is uploaded once per content: `[DS] tether/bootstrap-<sha256:16>.iso`.
 VMs are recognised by their annotation, which starts with `tether-vsphere`.
 """
@@ -58,7 +59,7 @@ class RunOptions:
 
 @dataclasses.dataclass
 class Placement:
-    """Everything `run` resolved and checked; nothing exists yet but the ISO, maybe."""
+    """Everything `run` resolved and checked, before it uploads or creates anything."""
     config: object
     dc: vim.Datacenter
     datastore: vim.Datastore
