@@ -24,7 +24,7 @@ log = logging.getLogger("tether.agent")
 
 FAILPOINTS_ENV = "TETHER_FAILPOINTS"
 STEPS = ("signals", "system", "config", "rootfs", "hostname", "networks", "volumes", "attach",
-         "toolbox", "sessions", "reload", "shutdown")
+         "vic-attach", "toolbox", "sessions", "reload", "shutdown")
 DEFAULT_STOP_GRACE = 10.0
 KILL_WAIT = 10.0           # after SIGKILL, how long a stuck process may hold the shutdown
 CONTAINERFS_LABEL = "containerfs"
@@ -56,7 +56,8 @@ class Options:
                  attach_endpoints: list[str] | None = None, power_off: bool = False,
                  sandbox: bool = False, state_dir: str = STATE_DIR,
                  stop_grace: float = DEFAULT_STOP_GRACE, echo_output: bool | None = None,
-                 before_reload=None):
+                 before_reload=None, vic_attach: list[str] | None = None,
+                 vic_options: dict | None = None):
         self.rootfs = rootfs
         self.output_log = output_log
         self.attach_endpoints = attach_endpoints
@@ -66,6 +67,8 @@ class Options:
         self.stop_grace = stop_grace
         self.echo_output = echo_output     # None: always in the sandbox, else at debug >= 1
         self.before_reload = before_reload  # called on SIGHUP before the config is re-read
+        self.vic_attach = vic_attach        # VIC attach endpoints; None: VIC's serial layout
+        self.vic_options = vic_options      # {"handshake": ..., "auth": ...}
 
 
 class Agent:
@@ -89,6 +92,7 @@ class Agent:
         self._writeback = None
         self._log_port = None
         self._attach_server = None
+        self._vic_attach = None
         self._toolbox = None
         self._network = None
         self._firewall = None
@@ -132,6 +136,7 @@ class Agent:
         self.guarded("networks", self.apply_networks)
         self.guarded("volumes", self.mount_volumes)
         self.guarded("attach", self.start_attach)
+        self.guarded("vic-attach", self.start_vic_attach)
         self.guarded("toolbox", self.start_toolbox)
         if self.config.networks:
             self.publish_all()   # assigned addresses; sessions publish their own on launch
@@ -308,6 +313,16 @@ class Agent:
             raise RuntimeError(f"attach is not available: {err}") from None
         self._attach_server = start_attach_server(self, endpoints)
         log.info("attach server on %s", ", ".join(endpoints))
+
+    def start_vic_attach(self) -> None:
+        """VIC's handshake + SSH attach (tether/attach/vic/layout.py decides where)."""
+        from tether.attach.vic.layout import start_for_agent, write_runblock
+        sink = self._writeback.sink if self._writeback is not None else None
+        self._vic_attach = start_for_agent(
+            self, endpoints=self.options.vic_attach, options=self.options.vic_options,
+            in_vm=self.owns_system and not self.options.sandbox,
+            transport_module=type(self.transport).__module__,
+            runblock_sink=(lambda s: write_runblock(sink, self.config, s.id)) if sink else None)
 
     def start_toolbox(self) -> None:
         """The VMX's TCLO duties, when guestinfo comes over the VMware backdoor."""
@@ -487,6 +502,8 @@ class Agent:
             self.guarded("shutdown", self._toolbox.stop)
         if self._attach_server is not None:
             self.guarded("shutdown", self._attach_server.close)
+        if self._vic_attach is not None:
+            self.guarded("shutdown", self._vic_attach.close)
         if self._network is not None:
             self.guarded("shutdown", self._network.stop)
         self.publish_all()
@@ -621,6 +638,12 @@ options:
   --attach ENDPOINT      attach endpoint: unix:PATH, vsock:PORT, port:NAME,
                          serial:DEV; repeatable
   --no-attach            serve no attach endpoint at all
+  --vic-attach ENDPOINT  serve VIC's handshake + SSH attach on unix:PATH or a serial
+                         device; repeatable (default: /dev/ttyS0 in VIC's serial layout)
+  --vic-handshake V      head (default), v0.9 or auto; also kernel argument
+                         tether.vic_handshake=V
+  --vic-auth MODE        none (default, as the reference) or key: the client must sign
+                         with ExecutorConfig.Key; also kernel argument tether.vic_auth=
   --log-port DEVICE      write the agent log there (raw, 115200 when a tty)
   --no-power-off         exit with the primary's status instead of powering off
   --stop-grace SECONDS   between the stop signal and SIGKILL (default 10)
@@ -628,7 +651,9 @@ options:
 
 _VALUED = {"--guestinfo-file": "guestinfo_file", "--rootfs": "rootfs",
            "--output-log": "output_log", "--attach": "attach_endpoints",
-           "--log-port": "log_port", "--stop-grace": "stop_grace"}
+           "--log-port": "log_port", "--stop-grace": "stop_grace",
+           "--vic-attach": "vic_attach", "--vic-handshake": "vic_handshake",
+           "--vic-auth": "vic_auth"}
 _FLAGS = {"--no-attach": "no_attach", "--no-power-off": "no_power_off"}
 
 
@@ -640,7 +665,8 @@ def parse_args(argv: list[str]) -> SimpleNamespace:
     """The agent's options, parsed by hand: argparse costs PID 1 startup time."""
     args = SimpleNamespace(guestinfo_file=None, rootfs=None, output_log=None,
                            attach_endpoints=None, log_port=None, stop_grace=DEFAULT_STOP_GRACE,
-                           no_attach=False, no_power_off=False, help=False)
+                           no_attach=False, no_power_off=False, help=False, vic_attach=None,
+                           vic_handshake=None, vic_auth=None)
     items = list(argv)
     while items:
         item = items.pop(0)
@@ -657,8 +683,8 @@ def parse_args(argv: list[str]) -> SimpleNamespace:
             else:
                 raise UsageError(f"{name} needs a value")
             dest = _VALUED[name]
-            if dest == "attach_endpoints":
-                args.attach_endpoints = (args.attach_endpoints or []) + [value]
+            if dest in ("attach_endpoints", "vic_attach"):
+                setattr(args, dest, (getattr(args, dest) or []) + [value])
             elif dest == "stop_grace":
                 try:
                     args.stop_grace = float(value)
@@ -694,7 +720,9 @@ def main(argv: list[str]) -> int:
         options = Options(rootfs=args.rootfs, output_log=args.output_log,
                           attach_endpoints=[] if args.no_attach else args.attach_endpoints,
                           power_off=power_off,
-                          stop_grace=args.stop_grace)
+                          stop_grace=args.stop_grace,
+                          vic_attach=[] if args.no_attach else args.vic_attach,
+                          vic_options={"handshake": args.vic_handshake, "auth": args.vic_auth})
         code = Agent(transport, options).run()
     except BaseException:   # noqa: BLE001 - the last guard of PID 1
         log.critical("the agent failed; stopping cleanly", exc_info=True)

@@ -32,6 +32,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--rootfs", help="container root directory (sessions chroot there)")
     parser.add_argument("--out", help="write the final guestinfo map here (default: stdout)")
     parser.add_argument("--attach-socket", help="serve attach on this unix socket")
+    parser.add_argument("--vic-attach", metavar="PATH",
+                        help="serve VIC's attach (sync handshake, then SSH) on this unix "
+                        "socket; each client connection stands in for COM1")
+    parser.add_argument("--vic-handshake", choices=("head", "v0.9", "auto"), default="head",
+                        help="the handshake version for --vic-attach (default head)")
+    parser.add_argument("--vic-auth", choices=("none", "key"), default="none",
+                        help="none (as the reference) or key: a client must sign with "
+                        "ExecutorConfig.Key")
     parser.add_argument("--output-log", help="write session output (iolog framing) here")
     parser.add_argument("--backdoor-sim", metavar="SOCKET",
                         help="take guestinfo (and TCLO) from a simulated VMware hypervisor "
@@ -228,7 +236,9 @@ def run_inside(args: argparse.Namespace, seed: dict[str, str]) -> int:
                       attach_endpoints=[f"unix:{args.attach_socket}"] if args.attach_socket
                       else [],
                       sandbox=True, state_dir=state_dir, stop_grace=args.stop_grace,
-                      before_reload=refresh_from_json)
+                      before_reload=refresh_from_json,
+                      vic_attach=[f"unix:{args.vic_attach}"] if args.vic_attach else [],
+                      vic_options={"handshake": args.vic_handshake, "auth": args.vic_auth})
     try:
         code = Agent(transport, options).run()
     finally:
