@@ -170,11 +170,21 @@ def attach_main(argv: list[str]) -> int:
     parser = _parser("attach", "Attach to a session's input and output, like docker attach. "
                      "Detach with ctrl-p ctrl-q; the exit code is the session's.")
     parser.add_argument("endpoint")
-    parser.add_argument("session")
+    parser.add_argument("session", nargs="?" if "--vic" in argv else None)
     parser.add_argument("--no-stdin", action="store_true", help="do not send our input")
     parser.add_argument("--replay", action="store_true",
                         help="first print the session's last 64 KiB of output")
+    parser.add_argument("--vic", action="store_true",
+                        help="speak VIC's attach (sync handshake, then SSH as the port layer "
+                        "does) to unix:PATH or tcp:HOST:PORT; without a session: list the IDs")
+    parser.add_argument("--vic-handshake", default="head", choices=("head", "v0.9"),
+                        help="with --vic: the handshake version (default head)")
+    parser.add_argument("--vic-key-file", help="with --vic: sign in with this PEM key (the "
+                        "executor's Key), for an agent serving with --vic-auth key")
     args = parser.parse_args(argv)
+    if args.vic:
+        from tether.attach.vic.client import attach_main as vic_attach_main
+        return vic_attach_main(args)
 
     def body() -> int:
         with _connect(args.endpoint, args) as client:
