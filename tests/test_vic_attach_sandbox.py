@@ -65,6 +65,7 @@ def test_handshake_with_leading_garbage_version_and_ids(vic):
     box, path = vic(primary, other)
     client = vc.connect(path, garbage=b"\x00\x15 stale port-layer bytes \x16\x16\x06\xff")
     try:
+        assert client.attempts == 1      # the garbage before the SYN cost nothing
         assert client.version() == 10
         assert client.container_ids() == sorted([primary.id, other.id])
         ok, text = client.global_request("no-such-request")
@@ -280,3 +281,21 @@ def test_client_key_auth_when_asked(vic, key, tmp_path):
         assert client.container_ids() == [primary.id]
     finally:
         client.close()
+
+
+def test_tether_attach_vic_command(vic):
+    import sys
+    from conftest import REPO
+    primary, other = cat_session(), cat_session()
+    box, path = vic(primary, other)
+    command = [sys.executable, "-m", "tether", "attach", "--vic", f"unix:{path}"]
+    listing = subprocess.run(command, capture_output=True, timeout=60, cwd=REPO)
+    assert listing.stdout.decode().split() == sorted([primary.id, other.id]), listing
+    # stdin to the session; at its end close-stdin, so cat ends and the attach with it
+    run = subprocess.run(command + [other.id], input=b"via the command \x1b[7mrev\x1b[0m\n",
+                         capture_output=True, timeout=60, cwd=REPO)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout == b"via the command \x1b[7mrev\x1b[0m\n"
+    refused = subprocess.run(command + ["nope"], capture_output=True, timeout=60, cwd=REPO)
+    assert refused.returncode == 1
+    assert b"session nope is invalid" in refused.stderr

@@ -34,14 +34,15 @@ class Refused(Exception):
         self.code, self.text = code, text
 
 
-def handshake_head(sock: socket.socket, garbage: bytes = b"", timeout: float = 20.0) -> None:
-    """The port layer's HandshakeClient at HEAD, retried every second as it does."""
+def handshake_head(sock: socket.socket, garbage: bytes = b"", timeout: float = 20.0) -> int:
+    """The port layer's HandshakeClient at HEAD, retried every second as it does.
+    `garbage` goes out in the same write as the first SYN. Returns the attempts made."""
     deadline = time.monotonic() + timeout
-    if garbage:
-        sock.sendall(garbage)
+    attempts = 0
     while time.monotonic() < deadline:
         pos = os.urandom(1)[0] % 255
-        sock.sendall(bytes((SYN, pos)))
+        attempts += 1
+        sock.sendall((garbage if attempts == 1 else b"") + bytes((SYN, pos)))
         sock.settimeout(1.0)
         try:
             got = b""
@@ -57,7 +58,7 @@ def handshake_head(sock: socket.socket, garbage: bytes = b"", timeout: float = 2
             last = sock.recv(1)          # exactly one: SSH follows
             if last == bytes((ACK,)):
                 sock.settimeout(None)
-                return
+                return attempts
         except socket.timeout:
             continue
     raise TimeoutError("no handshake")
@@ -82,7 +83,7 @@ def handshake_v09(sock: socket.socket, timeout: float = 20.0) -> None:
                 continue
             sock.sendall(bytes((ACK, inc(got[2]))))
             sock.settimeout(None)
-            return
+            return 1
         except socket.timeout:
             continue
     raise TimeoutError("no handshake")
@@ -90,6 +91,8 @@ def handshake_v09(sock: socket.socket, timeout: float = 20.0) -> None:
 
 class VicClient:
     """One SSH connection over an already synchronised stream."""
+
+    attempts = 0     # handshake attempts it took (set by connect)
 
     def __init__(self, sock: socket.socket, user: str = "daemon", pkey=None):
         # a 512-bit RSA key (the port layer's) cannot make rsa-sha2-512 signatures
@@ -234,8 +237,7 @@ def read_all(chan: Channel, timeout: float = 20.0) -> bytes:
 def connect(path: str, garbage: bytes = b"", variant: str = "head", **kw) -> VicClient:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.connect(path)
-    if variant == "head":
-        handshake_head(sock, garbage)
-    else:
-        handshake_v09(sock)
-    return VicClient(sock, **kw)
+    attempts = handshake_head(sock, garbage) if variant == "head" else handshake_v09(sock)
+    client = VicClient(sock, **kw)
+    client.attempts = attempts
+    return client

@@ -17,6 +17,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import select
 import socket
 import stat
 import time
@@ -30,6 +31,7 @@ READ_SIZE = 64 << 10
 RELAY_LIMIT = 1 << 20       # bytes queued one way before the relay stops reading that side
 LINE_RETRY = 0.5            # seconds before polling a line that hung up again
 SOCKET_HANDSHAKE_TIMEOUT = 30.0
+CLOSE_GRACE = 2.0           # seconds for last output to leave when the agent stops
 
 
 class ChannelRefused(Exception):
@@ -431,6 +433,31 @@ class Link:
                 return
             self._write_line(data)
 
+    def pump_out(self) -> int:
+        """Move what asyncssh wrote to the line now (used at shutdown); bytes moved."""
+        if self.closed:
+            return 0
+        moved = 0
+        pair = self._pair
+        while pair is not None:
+            try:
+                data = pair.recv(READ_SIZE)
+            except (BlockingIOError, OSError):
+                break
+            if not data:
+                break
+            moved += len(data)
+            self._out += data
+        if self._out:
+            before = len(self._out)
+            try:
+                select.select([], [self.fd], [], 0.05)
+            except (OSError, ValueError):
+                return moved
+            self._flush_line()
+            moved += before - len(self._out)
+        return moved
+
     def _set_pair_reading(self, on: bool) -> None:
         pair = self._pair
         if pair is None:
@@ -543,11 +570,25 @@ class VicAttachServer:
             self.links.add(Link(self, sock.fileno(), "VIC attach client", persistent=False,
                                 sock=sock))
 
-    def close(self) -> None:
+    def close(self, grace: float = CLOSE_GRACE) -> None:
+        """Stop serving. The agent calls this after its loop has stopped: the last output
+        of a session (and the channel's EOF and close) is still on its way through
+        asyncssh and the relay, so pump both here until they go quiet, at most `grace`."""
         for listener in self.listeners:
             self.loop.remove_reader(listener.fileno())
             listener.close()
         self.listeners.clear()
+        bridge = self.service.bridge
+        if bridge is not None and self.links:
+            deadline = time.monotonic() + grace
+            quiet_since = time.monotonic()
+            while time.monotonic() < deadline:
+                bridge.step()
+                if sum(link.pump_out() for link in list(self.links)):
+                    quiet_since = time.monotonic()
+                elif time.monotonic() - quiet_since > 0.2:
+                    break
+                time.sleep(0.01)
         for link in list(self.links):
             link.close("the agent is stopping")
         self.service.close()
