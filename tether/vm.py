@@ -96,6 +96,7 @@ class MachineSpec:
     netns: str | None = None
     qemu: str = "qemu-system-x86_64"
     extra_args: list[str] = dataclasses.field(default_factory=list)   # appended as given
+    vic_serial: bool = False        # VIC's serial layout: COM1 attach, COM2 console, COM3 log
 
 
 def backend_options(backend: str) -> str:
@@ -164,20 +165,35 @@ def assign_nics(config, backends: dict[str, str] | None = None,
 
 
 def qemu_argv(spec: MachineSpec, sockets: dict[str, str]) -> list[str]:
-    """The QEMU command line. `sockets`: console and each port name -> unix socket path."""
+    """The QEMU command line. `sockets`: console and each port name -> unix socket path
+    (and, in VIC's layout, `com1`: the socket QEMU listens on for the host's attach)."""
     argv = [spec.qemu, "-nodefaults", "-no-user-config", "-machine", "pc", "-accel", "tcg",
-            "-m", str(spec.memory_mb), "-smp", "1", "-display", "none", "-no-reboot",
-            "-chardev", f"socket,id=console,path={sockets['console']}",
-            "-serial", "chardev:console",
-            "-drive", f"file={spec.iso},media=cdrom,readonly=on,if=ide,index=2",
+            "-m", str(spec.memory_mb), "-smp", "1", "-display", "none", "-no-reboot"]
+    if spec.vic_serial:
+        # As VIC wires a container VM: COM1 to the port layer (here a socket the host
+        # connects to), COM2 the console, COM3 the session output log.
+        argv += ["-chardev", f"socket,id=com1,path={sockets['com1']},server=on,wait=off",
+                 "-serial", "chardev:com1",
+                 "-chardev", f"socket,id=console,path={sockets['console']}",
+                 "-serial", "chardev:console",
+                 "-chardev", f"socket,id=com3,path={sockets[OUTPUT_PORT]}",
+                 "-serial", "chardev:com3"]
+        ports = (GUESTINFO_PORT,)       # QEMU has no RPCI: guestinfo stays on virtio
+        console = "ttyS1"
+    else:
+        argv += ["-chardev", f"socket,id=console,path={sockets['console']}",
+                 "-serial", "chardev:console"]
+        ports = (GUESTINFO_PORT, OUTPUT_PORT, ATTACH_PORT)
+        console = "ttyS0"
+    argv += ["-drive", f"file={spec.iso},media=cdrom,readonly=on,if=ide,index=2",
             "-device", f"virtio-rng-pci,addr={RNG_SLOT:#x}",
             "-device", f"virtio-serial-pci,id=vser0,addr={SERIAL_SLOT:#x}"]
     if spec.kernel:
         argv += ["-kernel", spec.kernel, "-initrd", spec.initrd or "",
-                 "-append", f"console=ttyS0 panic=-1 quiet {FAST_BOOT_ARGS} {spec.kernel_args}".strip()]
+                 "-append", kernel_command_line(console, spec.kernel_args)]
     else:
-        argv += ["-boot", "d"]
-    for index, port in enumerate((GUESTINFO_PORT, OUTPUT_PORT, ATTACH_PORT)):
+        argv += ["-boot", "d"]          # the ISO's own command line (console=ttyS1)
+    for index, port in enumerate(ports):
         argv += ["-chardev", f"socket,id=port{index},path={sockets[port]}",
                  "-device", f"virtserialport,bus=vser0.0,chardev=port{index},name={port}"]
     for index, disk in enumerate(spec.disks):
@@ -195,6 +211,11 @@ def qemu_argv(spec: MachineSpec, sockets: dict[str, str]) -> list[str]:
     if spec.netns:
         argv = ["ip", "netns", "exec", spec.netns] + argv
     return argv
+
+
+def kernel_command_line(console: str, extra: str = "") -> str:
+    """A direct kernel boot's arguments: the ISO's (init/build) with our console."""
+    return f"console={console} panic=-1 quiet {FAST_BOOT_ARGS} {extra}".strip()
 
 
 # --------------------------------------------------------------------------- the VMX's part
@@ -274,8 +295,11 @@ class Machine:
         self.workdir = workdir
         self.echo_console = echo_console    # callable(bytes) or None
         self.on_output = on_output          # callable(entry) or None
-        self.sockets = {name: os.path.join(workdir, f"{name}.sock")
-                        for name in ("console", GUESTINFO_PORT, OUTPUT_PORT, ATTACH_PORT)}
+        names = ("console", GUESTINFO_PORT, OUTPUT_PORT) + (
+            () if spec.vic_serial else (ATTACH_PORT,))
+        self.sockets = {name: os.path.join(workdir, f"{name}.sock") for name in names}
+        # VIC's layout: QEMU listens here for the host's side of COM1 (handshake + SSH)
+        self.com1_socket = os.path.join(workdir, "com1.sock") if spec.vic_serial else None
         self.console_log = os.path.join(workdir, "console.log")
         self.output_log = os.path.join(workdir, "output.log")
         self.process: subprocess.Popen | None = None
@@ -305,7 +329,7 @@ class Machine:
             listener.setblocking(False)
             self._listeners[name] = listener
             self._selector.register(listener, selectors.EVENT_READ, ("accept", name))
-        argv = qemu_argv(self.spec, self.sockets)
+        argv = qemu_argv(self.spec, dict(self.sockets, com1=self.com1_socket or ""))
         with open(os.path.join(self.workdir, "qemu.argv"), "w") as f:
             f.write(" ".join(argv) + "\n")
         self.marks["qemu_start"] = time.monotonic()
@@ -484,7 +508,8 @@ class VmRun:
                  netns: str | None = None, debug_image: bool = False,
                  kernel_args: str = "", extra_guestinfo: dict[str, str] | None = None,
                  memory_mb: int = 512, echo_console=None, on_output=None,
-                 workdir: str | None = None, qemu_args: list[str] | None = None):
+                 workdir: str | None = None, qemu_args: list[str] | None = None,
+                 vic_serial: bool = False):
         from extraconfig import encode
         image_dir = os.path.abspath(image_dir)
         iso = os.path.join(image_dir, "bootstrap-debug.iso" if debug_image else "bootstrap.iso")
@@ -509,14 +534,21 @@ class VmRun:
             if not os.path.isfile(path):
                 raise VmError(f"--disk {path}: no such file")
             disk_list.append(Disk(os.path.abspath(path), FIRST_DISK_SLOT + index))
+        # The ISO's command line puts the console on ttyS1 (VIC's layout). Our own layout
+        # keeps it on ttyS0, so it boots the image's kernel directly with our arguments
+        # (the root still comes from the ISO); --vic-serial boots the ISO as ESX would.
         kernel = initrd = None
-        if kernel_args:
+        if kernel_args or not vic_serial:
             kernel, initrd = os.path.join(image_dir, "vmlinuz"), os.path.join(image_dir, "stage0.cpio.gz")
+            for part in (kernel, initrd):
+                if not os.path.isfile(part):
+                    raise VmError(f"no {part}: build the image first (init/build, or make image)")
             if debug_image:
-                kernel_args = f"tether.image=debug {kernel_args}"
+                # what bootstrap-debug.iso's own command line adds
+                kernel_args = f"loglevel=7 tether.image=debug tether.debug=1 {kernel_args}"
         self.spec = MachineSpec(iso=iso, disks=disk_list, nics=self.nics, memory_mb=memory_mb,
                                 kernel=kernel, initrd=initrd, kernel_args=kernel_args, netns=netns,
-                                extra_args=list(qemu_args or []))
+                                extra_args=list(qemu_args or []), vic_serial=vic_serial)
         keys = encode(config)
         keys.update(extra_guestinfo or {})
         self.started_key = primary_started_key(config) if config.id in (config.sessions or {}) else None
@@ -675,6 +707,18 @@ def attach_primary(run: VmRun, deadline: float, stdin=None, stdout=None) -> int 
     return exit_code
 
 
+def attach_primary_vic(run: VmRun, deadline: float) -> None:
+    """--vic-serial --attach: the port layer's way in, over COM1 (handshake, SSH, unblock)."""
+    import asyncio
+    from tether.attach.vic.client import attach
+    while not os.path.exists(run.machine.com1_socket):
+        if time.monotonic() > deadline:
+            raise VmError("QEMU never made the COM1 socket")
+        time.sleep(0.1)
+    asyncio.run(attach("unix:" + run.machine.com1_socket, run.config.id,
+                       timeout=max(1.0, deadline - time.monotonic())))
+
+
 # --------------------------------------------------------------------------- the command
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -708,6 +752,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--console", action="store_true", help="show the serial console on "
                         "stderr and send stdin to it (without --attach)")
     parser.add_argument("--keep", action="store_true", help="keep the run directory (logs, sockets)")
+    parser.add_argument("--vic-serial", action="store_true",
+                        help="VIC's serial layout: boot the ISO as is (console on ttyS1), COM1 "
+                        "a unix socket for VIC's attach (tether attach --vic unix:PATH ID), "
+                        "COM3 the output log; with --attach, attach over COM1")
     return parser.parse_args(argv)
 
 
@@ -750,7 +798,7 @@ def main(argv: list[str]) -> int:
         run = VmRun(config, args.image, rootfs_disk=args.rootfs_disk, disks=args.disk,
                     nets=nets, netns=args.netns, debug_image=args.debug_image,
                     kernel_args=args.kernel_args, extra_guestinfo=extra, memory_mb=args.memory,
-                    qemu_args=args.qemu_args,
+                    qemu_args=args.qemu_args, vic_serial=args.vic_serial,
                     echo_console=echo_console if args.console else None,
                     on_output=None if args.attach else echo_output)
     except VmError as err:
@@ -761,9 +809,15 @@ def main(argv: list[str]) -> int:
         run.start()
         if args.console and not args.attach:
             _forward_stdin_to_console(run.machine)
+        if args.vic_serial:
+            print(f"tether vm: COM1 (VIC attach): unix:{run.machine.com1_socket}",
+                  file=sys.stderr)
         if args.attach:
             try:
-                attach_primary(run, deadline)
+                if args.vic_serial:
+                    attach_primary_vic(run, deadline)
+                else:
+                    attach_primary(run, deadline)
             except Exception as err:   # noqa: BLE001 - the VM result still counts
                 print(f"tether vm: attach failed: {err}", file=sys.stderr)
         result = run.finish(deadline - time.monotonic())

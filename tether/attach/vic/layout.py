@@ -70,6 +70,8 @@ def start_for_agent(host, *, endpoints: list[str] | None, options: dict | None,
         endpoints = []
         if in_vm and vic_layout(transport_module, args) and os.path.exists(LINE):
             endpoints = [LINE]
+            log.info("VIC's serial layout (guestinfo over %s, kernel console %s): attach "
+                     "on ttyS0", transport_module, kernel_console(args) or "none")
             if kernel_console(args) != "ttyS1" and os.path.exists(LOG_LINE):
                 from tether.agent import redirect_log
                 redirect_log(LOG_LINE)
