@@ -10,8 +10,6 @@ from __future__ import annotations
 import logging
 import os
 
-from tether.attach.vic import handshake as hs
-
 log = logging.getLogger("tether.attach.vic")
 
 LINE = "/dev/ttyS0"            # COM1: VIC wires it to the port layer
@@ -53,6 +51,7 @@ def settings(options: dict | None, args: list[str]) -> tuple[str, bool]:
             variant = arg[len(CMDLINE_HANDSHAKE):]
         if auth is None and arg.startswith(CMDLINE_AUTH):
             auth = arg[len(CMDLINE_AUTH):]
+    from tether.attach.vic import handshake as hs
     auth = (auth or "none").strip().lower()
     if auth not in ("none", "key"):
         raise ValueError(f"unknown VIC attach auth {auth!r}: use none or key")
