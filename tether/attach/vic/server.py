@@ -105,8 +105,11 @@ class VicService:
         if entry is not None:
             entry["readers"].discard(attachment)
         self.release(attachment)
-        if not attachment.session.running and not attachment.session.finishing:
-            self._inputs.pop(attachment.session.id, None)
+
+    def session_ended(self, session) -> None:
+        """The process ended: a relaunch starts with a fresh stdin (the reference makes a
+        new multi-reader per launch), so close-stdin's flag goes too."""
+        self._inputs.pop(session.id, None)
 
     def propagate_eof(self, session) -> None:
         entry = self._inputs.setdefault(session.id, {"propagate": False, "readers": set()})
@@ -202,6 +205,7 @@ class Link:
         self._pair: socket.socket | None = None
         self._ssh_end: socket.socket | None = None
         self._conn = None
+        self._handed = False
         self._reading_line = False
         self._reading_pair = False
         self.loop.add_reader(fd, self._on_line_readable)
@@ -322,6 +326,7 @@ class Link:
         ours.setblocking(False)
         theirs.setblocking(False)
         self._pair, self._ssh_end = ours, theirs
+        self._handed = False
         self.loop.add_reader(ours.fileno(), self._on_pair_readable)
         self._reading_pair = True
         if leftover:
@@ -345,6 +350,7 @@ class Link:
             await bridge.aloop.create_connection(factory, sock=theirs)
 
         bridge.aloop.create_task(connect())
+        self._handed = True         # asyncio owns `theirs` from here, and closes it
         bridge.kick()
 
     def ssh_connected(self, conn) -> None:
@@ -477,11 +483,8 @@ class Link:
             self._reading_pair = False
             pair.close()
         end, self._ssh_end = self._ssh_end, None
-        if end is not None and self._conn is None:
-            try:
-                end.close()     # asyncssh's transport closes its own; this is for early ends
-            except OSError:
-                pass
+        if end is not None and not self._handed:
+            end.close()     # asyncio's transport closes the ones it was given
         self._to_ssh.clear()
 
     def _end_ssh(self, reason: str) -> None:

@@ -231,6 +231,7 @@ class Attachment:
         self.vic.bridge.call(self._finish)
 
     def _finish(self) -> None:
+        self.vic.session_ended(self.session)
         if self.chan._send_state == "open":
             self.chan.write_eof()
         self.chan.close()
