@@ -14,6 +14,7 @@ from conftest import executor_config, session_config, sid, unique
 import vicssh_client as vc
 
 SH = ["/bin/sh", "-c"]
+box_keys: dict = {}      # sandbox -> the Key its config carries
 
 
 def port_layer_key() -> bytes:
@@ -40,6 +41,7 @@ def vic(sandbox, key):
         path = f"/tmp/tether-vic-{unique()}.sock"
         paths.append(path)
         box = sandbox.start(cfg, extra_args=["--vic-attach", path, *extra])
+        box_keys[box] = cfg.key or b""
         box.wait_for_log(r"serving \d+ session")
         return box, path
 
@@ -246,6 +248,50 @@ def test_101_attach_detach_cycles_and_two_channels(vic):
             vc.read_until(chan, lambda d: d == b"again\n")
         finally:
             client.close()
+
+
+def test_vic_and_msgpack_clients_share_the_session(vic):
+    """The same Session and output fan-out: input from either protocol reaches the
+    process, its output reaches both."""
+    from tether.attach.client import Client
+    primary = cat_session()
+    msgpack_path = f"/tmp/tether-attach-{unique()}.sock"
+    box, path = vic(primary, extra=["--attach-socket", msgpack_path])
+    try:
+        client = vc.connect(path)
+        with Client.connect("unix:" + msgpack_path, primary_key(box)) as other:
+            stream = other.attach(primary.id)
+            chan = client.attach(primary.id)
+            chan.sendall(b"from ssh\n")
+            stream.read_until(b"from ssh\n", timeout=20)
+            vc.read_until(chan, lambda d: d == b"from ssh\n")
+            stream.write(b"from msgpack\n")
+            vc.read_until(chan, lambda d: d == b"from msgpack\n")
+            stream.read_until(b"from msgpack\n", timeout=20)
+        client.close()
+    finally:
+        try:
+            os.unlink(msgpack_path)
+        except FileNotFoundError:
+            pass
+
+
+def primary_key(box) -> bytes:
+    """The Key the sandbox's config carries (the msgpack protocol's HMAC key)."""
+    return box_keys[box]
+
+
+def test_auto_handshake_answers_both_versions(vic):
+    primary = cat_session()
+    box, path = vic(primary, extra=["--vic-handshake", "auto"])
+    for variant in ("head", "v0.9", "head"):
+        client = vc.connect(path, variant=variant)
+        try:
+            assert client.container_ids() == [primary.id]
+        finally:
+            client.close()
+    assert "in sync (v0.9 handshake)" in box.log_text()
+    assert "in sync (head handshake)" in box.log_text()
 
 
 def test_v09_handshake_when_asked(vic):
