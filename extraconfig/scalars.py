@@ -1,7 +1,6 @@
 """Leaf value texts as Go's strconv writes and reads them (reference §4, §6.2)."""
 from __future__ import annotations
 
-import base64
 import binascii
 import math
 import re
@@ -87,15 +86,18 @@ def parse_float(text: str) -> float:
 
 
 def format_bytes(value: bytes) -> str:
-    return base64.b64encode(value).decode("ascii")
+    return binascii.b2a_base64(value, newline=False).decode("ascii")     # base64.b64encode
 
 
 def parse_bytes(text: str) -> bytes | None:
     """Standard base64 with padding (Go also skips CR and LF); None when invalid."""
+    if "\r" in text or "\n" in text:
+        text = text.replace("\r", "").replace("\n", "")
+    if len(text) % 4:
+        return None
     try:
-        raw = text.replace("\r", "").replace("\n", "").encode("ascii")
-        if len(raw) % 4:
-            return None
-        return base64.b64decode(raw, validate=True)
-    except (UnicodeEncodeError, binascii.Error, ValueError):
+        # what base64.b64decode(validate=True) does, without its wrapping; a str that is
+        # not ASCII raises ValueError
+        return binascii.a2b_base64(text, strict_mode=True)
+    except (binascii.Error, ValueError):
         return None
