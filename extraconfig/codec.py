@@ -1,17 +1,19 @@
-"""Compiled per-class plans: dataclasses with vic tags <-> flat guestinfo maps.
+"""Per-class plans: dataclasses with vic tags <-> flat guestinfo maps.
 
-Each Python type is compiled once into a node with `enc(sink, value, key, depth, follow)`
-and `dec(get, current, key, depth, follow) -> (found, value)`. `depth` is the
-reference's recursion budget (-1: unbounded; 0: skip), `follow` whether pointers are
-followed. `found` is the reference's "this reported a value" (§6.3), which decides
-whether optional structures materialise.
+Each Python type is compiled once into a plan node with `enc(sink, value, key, depth,
+follow)` and `dec(get, current, key, depth, follow, spend) -> (found, value)`, the
+interpreter of vmware/vic pkg/vsphere/extraconfig/encode.go and decode.go. `depth` is
+the reference's recursion budget (-1: unbounded; 0: skip), `follow` whether pointers
+are followed. `found` is the reference's "this reported a value" (decodeStruct's
+`found` in decode.go), which decides whether optional structures materialise.
 """
 from __future__ import annotations
 
 import dataclasses
+import os
 import types
 import typing
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Union
 
 from . import keys as K
@@ -28,7 +30,112 @@ Getter = Callable[[str], "str | None"]
 
 
 class DecodeError(ValueError):
-    """Malformed guestinfo data; the message names the key."""
+    """Malformed guestinfo data; the message names the key.
+
+    `key` is the guestinfo key at fault when known. A budget error (DecodeBudgetError)
+    also says which limit was exceeded."""
+
+    def __init__(self, message: str, key: str | None = None) -> None:
+        super().__init__(message)
+        self.key = key
+
+
+class DecodeBudgetError(DecodeError):
+    """One decode would read more keys or make more entries than its DecodeBudget allows."""
+
+    def __init__(self, message: str, key: str | None, limit: str, allowed: int) -> None:
+        super().__init__(message, key)
+        self.limit = limit            # "lookups" or "entries"
+        self.allowed = allowed
+
+
+# ---------------------------------------------------------------------------- budget
+
+BUDGET_ENV = "EXTRACONFIG_DECODE_BUDGET"
+
+
+class DecodeBudget:
+    """What one decode may cost: `lookups` keys read, `entries` map entries and slice
+    elements made. A map or slice charges for all its elements before making any, so a
+    hostile map fails before it allocates much. The defaults hold about 11,000 sessions
+    of 10 arguments and 10 environment entries each (26 lookups and 21 entries a
+    session), far beyond what a VM's guestinfo holds in practice."""
+
+    __slots__ = ("lookups", "entries")
+    DEFAULT_LOOKUPS = 300_000
+    DEFAULT_ENTRIES = 300_000
+
+    def __init__(self, lookups: int = DEFAULT_LOOKUPS, entries: int = DEFAULT_ENTRIES) -> None:
+        self.lookups = lookups
+        self.entries = entries
+
+    @classmethod
+    def from_text(cls, text: str) -> "DecodeBudget":
+        """`lookups=N,entries=M` (either may be left out: its default stays)."""
+        values: dict[str, int] = {}
+        for item in text.replace(" ", "").split(","):
+            if not item:
+                continue
+            name, _, number = item.partition("=")
+            if name not in ("lookups", "entries") or not number.isdigit():
+                raise ValueError(f"{BUDGET_ENV}: {item!r} is not lookups=N or entries=N")
+            values[name] = int(number)
+        return cls(**values)
+
+    def __repr__(self) -> str:
+        return f"DecodeBudget(lookups={self.lookups}, entries={self.entries})"
+
+
+def _default_budget() -> DecodeBudget:
+    text = os.environ.get(BUDGET_ENV)
+    if not text:
+        return DecodeBudget()
+    try:
+        return DecodeBudget.from_text(text)
+    except ValueError:
+        return DecodeBudget()         # a bad setting must not stop the agent: the defaults
+
+
+DEFAULT_BUDGET = _default_budget()
+
+
+class Spend:
+    """What is left of one decode's budget. Containers charge their elements up front:
+    `entries` for each map entry or slice element, `lookups` for the keys each will read
+    outside nested containers (those charge for themselves)."""
+
+    __slots__ = ("lookups", "entries", "budget")
+
+    def __init__(self, budget: DecodeBudget) -> None:
+        self.budget = budget
+        self.lookups = budget.lookups
+        self.entries = budget.entries
+
+    def charge(self, key: str, entries: int, lookups: int) -> None:
+        self.entries -= entries
+        self.lookups -= lookups
+        if self.entries < 0 or self.lookups < 0:
+            self.exceeded(key, entries, lookups)
+
+    def exceeded(self, key: str, entries: int, lookups: int) -> None:
+        b = self.budget
+        if self.entries < 0:
+            limit, allowed, what = "entries", b.entries, f"{entries:,} more map entries or " \
+                "slice elements"
+        else:
+            limit, allowed, what = "lookups", b.lookups, f"{lookups:,} more key lookups"
+        raise DecodeBudgetError(
+            f"{key or 'the root'}: decoding would need {what}, over the decode budget of "
+            f"{allowed:,} {limit} (raise it with decode(..., budget=DecodeBudget({limit}=N)) "
+            f"or {BUDGET_ENV}={limit}=N in the environment)", key, limit, allowed)
+
+
+def _duplicate(names: list[str], key: str) -> None:
+    seen: set[str] = set()
+    for name in names:
+        if name in seen:
+            raise DecodeError(f"{key}: the key list names {name!r} more than once", key)
+        seen.add(name)
 
 
 # ---------------------------------------------------------------------------- nodes
@@ -39,7 +146,8 @@ class Node:
     def enc(self, sink: Sink, value: Any, key: str, depth: int, follow: bool) -> None:
         return None
 
-    def dec(self, get: Getter, cur: Any, key: str, depth: int, follow: bool) -> tuple[bool, Any]:
+    def dec(self, get: Getter, cur: Any, key: str, depth: int, follow: bool,
+            spend: Spend) -> tuple[bool, Any]:
         return True, cur
 
     def zero(self) -> Any:
@@ -50,6 +158,10 @@ class Node:
 
     def parse(self, text: str, key: str) -> Any:
         return self.zero()
+
+    def static(self, depth: int, follow: bool) -> int:
+        """Keys `dec` reads outside the elements of maps and slices (see static_lookups)."""
+        return 0
 
 
 class ScalarNode(Node):
@@ -64,7 +176,7 @@ class ScalarNode(Node):
         if depth != 0:
             sink(key, self._fmt(value))
 
-    def dec(self, get, cur, key, depth, follow):
+    def dec(self, get, cur, key, depth, follow, spend):
         if depth == 0:
             return True, cur
         text = get(key)
@@ -74,6 +186,9 @@ class ScalarNode(Node):
 
     def zero(self):
         return self._zero
+
+    def static(self, depth, follow):
+        return 1
 
     def fmt(self, value):
         return self._fmt(value)
@@ -87,17 +202,17 @@ class Float32Node(ScalarNode):
         super().__init__("float32", lambda v: S.format_float(S.widen_float32(v)),
                          S.parse_float, 0.0)
 
-    def dec(self, get, cur, key, depth, follow):
+    def dec(self, get, cur, key, depth, follow, spend):
         if depth == 0:
             return True, cur
         if get(key) is None:
             return False, cur
-        raise DecodeError(f"{key}: a float32 field cannot be decoded (the reference panics)")
+        raise DecodeError(f"{key}: a float32 field cannot be decoded (the reference panics)", key)
 
     def parse(self, text, key):
         if text == "":
             return 0.0
-        raise DecodeError(f"{key}: float32 elements cannot be decoded (the reference panics)")
+        raise DecodeError(f"{key}: float32 elements cannot be decoded (the reference panics)", key)
 
 
 class UintElementNode(ScalarNode):
@@ -114,7 +229,7 @@ class TimeNode(Node):
         if depth != 0:
             sink(key, format_go(value))
 
-    def dec(self, get, cur, key, depth, follow):
+    def dec(self, get, cur, key, depth, follow, spend):
         if depth == 0:
             return True, cur
         text = get(key)
@@ -124,6 +239,9 @@ class TimeNode(Node):
 
     def zero(self):
         return GoTime()
+
+    def static(self, depth, follow):
+        return 1
 
 
 class BytesNode(Node):
@@ -137,7 +255,7 @@ class BytesNode(Node):
         if depth != 0 and value:
             sink(key, S.format_bytes(value))
 
-    def dec(self, get, cur, key, depth, follow):
+    def dec(self, get, cur, key, depth, follow, spend):
         if depth == 0:
             return True, cur
         text = get(key)
@@ -151,6 +269,9 @@ class BytesNode(Node):
     def zero(self):
         return None if self.nilable else self.cls(b"")
 
+    def static(self, depth, follow):
+        return 1
+
 
 class PointerNode(Node):
     kind = "pointer"
@@ -158,15 +279,18 @@ class PointerNode(Node):
     def __init__(self, inner: Node) -> None:
         self.inner = inner
 
+    def static(self, depth, follow):
+        return static_lookups(self.inner, depth - 1, follow) if follow else 0
+
     def enc(self, sink, value, key, depth, follow):
         if depth == 0 or value is None or not follow:
             return
         self.inner.enc(sink, value, key, depth - 1, follow)
 
-    def dec(self, get, cur, key, depth, follow):
+    def dec(self, get, cur, key, depth, follow, spend):
         if depth == 0 or not follow:
             return True, cur
-        found, value = self.inner.dec(get, cur, key, depth - 1, follow)
+        found, value = self.inner.dec(get, cur, key, depth - 1, follow, spend)
         if cur is not None:
             return True, value
         return True, value if found else None
@@ -183,6 +307,9 @@ class SliceNode(Node):
     def zero(self):
         return [] if self.array else None
 
+    def static(self, depth, follow):
+        return 1 if self.array or self.mode == "indexed" else 2     # K; K and K~
+
     def enc(self, sink, value, key, depth, follow):
         if depth == 0 or not value or self.mode == "unsupported":
             return
@@ -194,7 +321,7 @@ class SliceNode(Node):
         else:
             texts = [elem.fmt(item) for item in value]
             if any("|" in t for t in texts):
-                # Deviation (DESIGN.md): the joined form cannot carry '|'; index it.
+                # Deviation from encode.go's encodeSlice: the joined form cannot carry '|'; index it.
                 for i, text in enumerate(texts):
                     sink(K.append(key, f"|{i}"), text)
             else:
@@ -206,27 +333,32 @@ class SliceNode(Node):
             return 0
         n = S.parse_int(text) + 1
         if n < 0:
-            raise DecodeError(f"{key}: negative slice length {text!r}")
+            raise DecodeError(f"{key}: negative slice length {text!r}", key)
         if n > MAX_ELEMENTS:
-            raise DecodeError(f"{key}: slice length {text!r} exceeds {MAX_ELEMENTS}")
+            raise DecodeError(f"{key}: slice length {text!r} exceeds {MAX_ELEMENTS}", key)
         return n
 
-    def dec(self, get, cur, key, depth, follow):
+    def dec(self, get, cur, key, depth, follow, spend):
         if depth == 0:
             return True, cur
         if self.array:
             get(key)
-            raise DecodeError(f"{key}: a fixed-size array cannot be decoded (the reference panics)")
+            raise DecodeError(
+                f"{key}: a fixed-size array cannot be decoded (the reference panics)", key)
         depth -= 1
         n = self._length(get(key), key)
+        elem = self.elem
+        if self.mode == "indexed":
+            spend.charge(key, n, n * static_lookups(elem, depth, follow))
+        else:
+            spend.charge(key, n, 0)
         # Go reuses the existing slice when it is long enough, else starts from zeros
         reuse = cur is not None and n <= len(cur)
-        elem = self.elem
         if self.mode == "indexed":
             out = []
             for i in range(n):
                 prior = cur[i] if reuse else None
-                found, item = elem.dec(get, prior, K.append(key, f"|{i}"), depth, follow)
+                found, item = elem.dec(get, prior, K.append(key, f"|{i}"), depth, follow, spend)
                 if not found:
                     item = prior if reuse else elem.zero()
                 out.append(item)
@@ -236,24 +368,26 @@ class SliceNode(Node):
             base = list(cur[:n]) if reuse else [elem.zero() for _ in range(n)]
             if self.mode == "unsupported":
                 return False, base
-            return self._indexed_values(get, key, base)
+            return self.indexed_values(get, key, base, spend)
         pieces = joined.split("|", n) if n else []
         if len(pieces) < n:
-            raise DecodeError(
-                f"{K.append(key, '~')}: {len(pieces)} values for the length {n} in {key}")
+            bad = K.append(key, "~")
+            raise DecodeError(f"{bad}: {len(pieces)} values for the length {n} in {key}", bad)
         return True, [elem.parse(p, key) for p in pieces[:n]]
 
-    def _indexed_values(self, get, key, base):
+    def indexed_values(self, get, key, base, spend):
         """The indexed form our encoder writes when an element contains '|'. It always
         writes every element, so a missing `K|0` means the data is not in that form (one
         extra probe beyond the reference's, and only when `K~` is missing)."""
+        spend.charge(key, 0, len(base))
         parse = self.elem.parse
         for i in range(len(base)):
             text = get(K.append(key, f"|{i}"))
             if text is None:
                 if i == 0:
                     return False, base
-                raise DecodeError(f"{K.append(key, f'|{i}')}: missing element {i} of {len(base)}")
+                bad = K.append(key, f"|{i}")
+                raise DecodeError(f"{bad}: missing element {i} of {len(base)}", bad)
             base[i] = parse(text, key)
         return True, base
 
@@ -264,6 +398,9 @@ class MapNode(Node):
     def __init__(self, keynode: Node, value: Node) -> None:
         self.keynode = keynode
         self.value = value
+
+    def static(self, depth, follow):
+        return 1
 
     def enc(self, sink, value, key, depth, follow):
         if depth == 0 or not value:
@@ -279,7 +416,7 @@ class MapNode(Node):
         texts.sort()
         sink(key, "|".join(texts))
 
-    def dec(self, get, cur, key, depth, follow):
+    def dec(self, get, cur, key, depth, follow, spend):
         if depth == 0:
             return True, cur
         depth -= 1
@@ -294,18 +431,21 @@ class MapNode(Node):
         vkind = vnode.kind
         names = listed.split("|")
         if len(names) > MAX_ELEMENTS:
-            raise DecodeError(f"{key}: {len(names)} map entries exceed {MAX_ELEMENTS}")
+            raise DecodeError(f"{key}: {len(names)} map entries exceed {MAX_ELEMENTS}", key)
+        if len(set(names)) != len(names):
+            _duplicate(names, key)
+        spend.charge(key, len(names), len(names) * static_lookups(vnode, depth, follow))
         for text in names:
             k = parse(text, key)
             ekey = K.append(key, "|" + text)
             if vkind == "struct":
-                found, v = vnode.dec(get, None, ekey, depth, follow)
+                found, v = vnode.dec(get, None, ekey, depth, follow, spend)
                 if found:
                     this[k] = v
             elif vkind in ("pointer", "slice", "map"):
-                _, this[k] = vnode.dec(get, this.get(k), ekey, depth, follow)
+                _, this[k] = vnode.dec(get, this.get(k), ekey, depth, follow, spend)
             else:
-                found, v = vnode.dec(get, this.get(k), ekey, depth, follow)
+                found, v = vnode.dec(get, this.get(k), ekey, depth, follow, spend)
                 if found:
                     this[k] = v
         return True, this
@@ -387,6 +527,12 @@ class StructNode(Node):
     def zero(self):
         return self.cls()
 
+    def static(self, depth, follow):
+        depth -= 1
+        return sum(static_lookups(fp.node, depth if fp.depth is None else fp.depth,
+                                  follow if fp.follow is None else fp.follow)
+                   for fp in self.fields if not fp.skip_decode)
+
     def enc(self, sink, value, key, depth, follow):
         if depth == 0 or value is None:
             return
@@ -398,7 +544,7 @@ class StructNode(Node):
                         depth if fp.depth is None else fp.depth,
                         follow if fp.follow is None else fp.follow)
 
-    def dec(self, get, cur, key, depth, follow):
+    def dec(self, get, cur, key, depth, follow, spend):
         if depth == 0:
             return True, cur
         depth -= 1
@@ -412,10 +558,27 @@ class StructNode(Node):
                 continue
             ok, value = fp.node.dec(get, getattr(obj, fp.attr), fkey,
                                     depth if fp.depth is None else fp.depth,
-                                    follow if fp.follow is None else fp.follow)
+                                    follow if fp.follow is None else fp.follow, spend)
             setattr(obj, fp.attr, value)
             found = found or ok
         return found, obj
+
+
+_STATIC: dict[tuple[Node, int, bool], int] = {}
+
+
+def static_lookups(node: Node, depth: int, follow: bool) -> int:
+    """How many keys `node.dec(..., depth, follow)` reads outside the elements of the maps
+    and slices within it (those charge for their own elements): what a container charges
+    the budget per element, before decoding any."""
+    if depth == 0:
+        return 0
+    memo = (node, depth if depth > 0 else -1, follow)
+    n = _STATIC.get(memo)
+    if n is None:
+        _STATIC[memo] = 0             # a type that contains itself is counted once
+        n = _STATIC[memo] = node.static(depth, follow)
+    return n
 
 
 # -------------------------------------------------------------------------- compile
@@ -583,33 +746,51 @@ def encode(obj: Any, prefix: str = "") -> dict[str, str]:
     return out
 
 
+def _checked(get: Getter) -> Getter:
+    def checked(key: str) -> str | None:
+        value = get(key)
+        if value is not None and not isinstance(value, str):
+            raise DecodeError(f"{key}: value is {type(value).__name__}, not a string", key)
+        return value
+    return checked
+
+
 def _getter(source: Any) -> Getter:
-    if isinstance(source, (dict, Mapping)) or hasattr(source, "get"):
-        get = source.get
-    elif callable(source):
+    if type(source) is dict:
+        # Check the values once here rather than on every get: str.join refuses anything
+        # but strings, in C. A map with another value somewhere is checked per get, so
+        # only the keys decode reads are held to it.
+        try:
+            "".join(source.values())
+        except TypeError:
+            return _checked(source.get)
+        return source.get
+    if isinstance(source, Mapping) or hasattr(source, "get"):
+        return _checked(source.get)
+    if callable(source):
         def get(key: str, _f=source) -> str | None:
             try:
                 return _f(key)
             except LookupError:
                 return None
-    else:
-        raise TypeError(f"source must be a mapping or a callable, not {type(source).__name__}")
-
-    def checked(key: str) -> str | None:
-        value = get(key)
-        if value is not None and not isinstance(value, str):
-            raise DecodeError(f"{key}: value is {type(value).__name__}, not a string")
-        return value
-    return checked
+        return _checked(get)
+    raise TypeError(f"source must be a mapping or a callable, not {type(source).__name__}")
 
 
-def decode(source: Any, cls_or_obj: Any, prefix: str = "") -> Any:
-    """Decode into a new object (class given) or merge into an existing one in place."""
+def decode(source: Any, cls_or_obj: Any, prefix: str = "", *,
+           budget: DecodeBudget | None = None) -> Any:
+    """Decode into a new object (class given) or merge into an existing one in place.
+
+    `budget` bounds the work (DecodeBudget; default DEFAULT_BUDGET, which the
+    EXTRACONFIG_DECODE_BUDGET environment variable sets). Anything malformed, and a
+    budget exceeded, raise DecodeError; read_map_names can still name the sessions."""
     get = _getter(source)
     is_class = isinstance(cls_or_obj, type)
     node = struct_node(cls_or_obj if is_class else type(cls_or_obj))
+    spend = Spend(DEFAULT_BUDGET if budget is None else budget)
     try:
-        found, value = node.dec(get, None if is_class else cls_or_obj, prefix, -1, True)
+        spend.charge(prefix, 0, static_lookups(node, -1, True))
+        found, value = node.dec(get, None if is_class else cls_or_obj, prefix, -1, True, spend)
     except DecodeError:
         raise
     except (ValueError, TypeError, IndexError, KeyError, OverflowError, RecursionError) as e:
@@ -619,25 +800,78 @@ def decode(source: Any, cls_or_obj: Any, prefix: str = "") -> Any:
     return value
 
 
-def calculate_keys(obj: Any, fieldspec: str, prefix: str = "") -> list[str]:
+def read_map_names(source: Any, cls: type, fieldspec: str | Sequence[str],
+                   prefix: str = "") -> list[Any]:
+    """The names a map field lists, read with one lookup and without decoding anything
+    else: for naming what a config holds when decoding it failed, e.g.
+    `read_map_names(GuestSource(t), ExecutorConfig, "Sessions")`. In list order, each once;
+    [] when the key is missing. DecodeError when the value is not a string or lists more
+    than MAX_ELEMENTS names."""
+    keys = calculate_keys(cls, fieldspec, prefix)
+    node = _resolve(struct_node(cls), fieldspec)
+    if len(keys) != 1 or not isinstance(node, MapNode):
+        raise DecodeError(f"{fieldspec!r} does not name one map field of {cls.__name__}")
+    key = keys[0]
+    listed = _getter(source)(key)
+    if not listed:
+        return []
+    names = listed.split("|")
+    if len(names) > MAX_ELEMENTS:
+        raise DecodeError(f"{key}: {len(names)} map entries exceed {MAX_ELEMENTS}", key)
+    out = []
+    for text in dict.fromkeys(names):
+        out.append(node.keynode.parse(text, key))
+    return out
+
+
+def _resolve(node: Node, fieldspec: str | Sequence[str]) -> Node:
+    """The plan node a field path ends at, through struct fields, map values and slice
+    elements."""
+    segs = fieldspec.split(".") if isinstance(fieldspec, str) else list(fieldspec)
+    for seg in segs:
+        while isinstance(node, PointerNode):
+            node = node.inner
+        if isinstance(node, StructNode):
+            node = next(fp.node for fp in node.fields if fp.go_name == seg)
+        elif isinstance(node, MapNode):
+            node = node.value
+        elif isinstance(node, SliceNode):
+            node = node.elem
+    while isinstance(node, PointerNode):
+        node = node.inner
+    return node
+
+
+def calculate_keys(obj: Any, fieldspec: str | Sequence[str], prefix: str = "") -> list[str]:
     """The keys the encoder uses for a dotted Go field path, as the reference's CalculateKeys:
     Go field names for structs, keys for maps, indices for slices, `*` for every member.
     Where the reference panics (unknown name, missing map key, index out of range, a nil
-    pointer on the way), DecodeError names the spec."""
-    segs = fieldspec.split(".") if fieldspec else []
-    return _calc(struct_node(type(obj)), obj, segs, prefix, fieldspec)
+    pointer on the way), DecodeError names the spec.
+
+    `fieldspec` may also be a list of segments (for map keys containing '.'), and `obj` a
+    class: map keys and slice indices are then taken as given, without a value to check
+    them against (`calculate_keys(ExecutorConfig, ["Sessions", sid, "Started"])`)."""
+    if isinstance(fieldspec, str):
+        segs, spec = (fieldspec.split(".") if fieldspec else []), fieldspec
+    else:
+        segs = list(fieldspec)
+        spec = ".".join(segs)
+    if isinstance(obj, type):
+        return _calc(struct_node(obj), None, segs, prefix, spec, True)
+    return _calc(struct_node(type(obj)), obj, segs, prefix, spec, False)
 
 
-def calculate_key(obj: Any, fieldspec: str, prefix: str = "") -> str:
+def calculate_key(obj: Any, fieldspec: str | Sequence[str], prefix: str = "") -> str:
     found = calculate_keys(obj, fieldspec, prefix)
     if len(found) != 1:
         raise DecodeError(f"{fieldspec!r} names {len(found)} keys, not one")
     return found[0]
 
 
-def _calc(node: Node, value: Any, segs: list[str], key: str, spec: str) -> list[str]:
+def _calc(node: Node, value: Any, segs: list[str], key: str, spec: str,
+          any_member: bool) -> list[str]:
     while isinstance(node, PointerNode):
-        if value is None and segs:
+        if value is None and segs and not any_member:
             raise DecodeError(f"{spec!r}: nil pointer before {segs[0]!r}")
         node = node.inner
     if not segs:
@@ -652,9 +886,13 @@ def _calc(node: Node, value: Any, segs: list[str], key: str, spec: str) -> list[
         out: list[str] = []
         for fp in plans:
             fkey = _field_key(key, fp) or ""
-            out += _calc(fp.node, getattr(value, fp.attr), rest, fkey, spec)
+            out += _calc(fp.node, getattr(value, fp.attr), rest, fkey, spec, any_member)
         return out
     if isinstance(node, MapNode):
+        if any_member:
+            if seg == "*":
+                raise DecodeError(f"{spec!r}: '*' needs a value to list the map's keys")
+            return _calc(node.value, None, rest, K.append(key, "|" + seg), spec, any_member)
         entries = {node.keynode.fmt(k): v for k, v in (value or {}).items()}
         if seg == "*":
             names = sorted(entries)
@@ -664,7 +902,8 @@ def _calc(node: Node, value: Any, segs: list[str], key: str, spec: str) -> list[
             raise DecodeError(f"{spec!r}: no map key {seg!r}")
         out = []
         for name in names:
-            out += _calc(node.value, entries[name], rest, K.append(key, "|" + name), spec)
+            out += _calc(node.value, entries[name], rest, K.append(key, "|" + name), spec,
+                         any_member)
         return out
     if isinstance(node, BytesNode):
         if seg != "*":
@@ -676,15 +915,23 @@ def _calc(node: Node, value: Any, segs: list[str], key: str, spec: str) -> list[
         if seg == "*":
             if not struct_elems:
                 return [K.append(key, "~")]
+            if any_member:
+                raise DecodeError(f"{spec!r}: '*' needs a value to list the slice's elements")
             out = []
             for i, item in enumerate(items):
-                out += _calc(node.elem, item, rest, K.append(key, f"|{i}"), spec)
+                out += _calc(node.elem, item, rest, K.append(key, f"|{i}"), spec, any_member)
             return out
         i = _index(seg, spec)
-        if not 0 <= i < len(items):
+        if any_member:
+            if i < 0:
+                raise DecodeError(f"{spec!r}: negative index {i}")
+            item = None
+        elif not 0 <= i < len(items):
             raise DecodeError(f"{spec!r}: index {i} out of range for {len(items)} elements")
+        else:
+            item = items[i]
         sub = K.append(key, f"|{i}") if struct_elems else K.append(key, "~")
-        return _calc(node.elem, items[i], rest, sub, spec)
+        return _calc(node.elem, item, rest, sub, spec, any_member)
     raise DecodeError(f"{spec!r}: cannot go into {seg!r} of a {node.kind}")
 
 
