@@ -6,10 +6,15 @@ interpreter of vmware/vic pkg/vsphere/extraconfig/encode.go and decode.go. `dept
 the reference's recursion budget (-1: unbounded; 0: skip), `follow` whether pointers
 are followed. `found` is the reference's "this reported a value" (decodeStruct's
 `found` in decode.go), which decides whether optional structures materialise.
+
+`encode`/`decode` run code generated from these plans (extraconfig/codegen.py); the
+interpreter here is the reference it is tested against, and the path for what the
+generated code hands back (prefixes carrying `@` suffixes, unusual node kinds).
 """
 from __future__ import annotations
 
 import dataclasses
+import gc
 import os
 import types
 import typing
@@ -734,15 +739,84 @@ def struct_node(cls: type) -> StructNode:
 
 # ------------------------------------------------------------------------------ API
 
+# Generated functions per class (extraconfig/codegen.py). Generating and compiling them
+# costs about what the interpreter spends on a few thousand keys (~10 ms for
+# ExecutorConfig), too much for the agent's one small decode at boot: a class gets them
+# once GENERATE_AFTER keys have gone through the interpreter, or at once for a dict
+# source that large. EXTRACONFIG_CODEGEN: "auto" (that), "1" (always), "0" (never).
+CODEGEN = os.environ.get("EXTRACONFIG_CODEGEN", "auto")
+GENERATE_AFTER = 3000
+_ENCODERS: dict[type, Callable[..., None]] = {}
+_SINK_ENCODERS: dict[type, Callable[..., None]] = {}
+_DECODERS: dict[type, Callable[..., tuple[bool, Any]]] = {}
+_INTERPRETED: dict[tuple[type, str], int] = {}      # keys read or written so far
+_TABLES = {"decode": _DECODERS, "encode": _ENCODERS, "encode_sink": _SINK_ENCODERS}
+
+
+def _generated(table: dict, cls: type, kind: str) -> Callable:
+    fn = table.get(cls)
+    if fn is None:
+        from . import codegen
+        fn = table[cls] = codegen.function(struct_node(cls), kind)
+    return fn
+
+
+def _choose(cls: type, kind: str, coming: int) -> Callable | None:
+    """The generated function when it is time to use one, else None (interpret).
+    `coming`: the keys this call will move, when known."""
+    if CODEGEN == "0":
+        return None
+    table = _TABLES[kind]
+    fn = table.get(cls)
+    if fn is None and (CODEGEN == "1" or
+                       _INTERPRETED.get((cls, kind), 0) + coming >= GENERATE_AFTER):
+        fn = _generated(table, cls, kind)
+    return fn
+
+
+def _interpreted(cls: type, kind: str, keys: int) -> None:
+    _INTERPRETED[(cls, kind)] = _INTERPRETED.get((cls, kind), 0) + keys
+
+
+def prepare(*classes: type) -> None:
+    """Generate the encode and decode functions of `classes` now (for a long-running
+    process about to move many keys, and benchmarks)."""
+    for cls in classes:
+        for kind, table in _TABLES.items():
+            _generated(table, cls, kind)
+
+
 def encode_into(sink: Sink, obj: Any, prefix: str = "") -> None:
     """Write `obj`'s keys into `sink(key, value)` in the reference's call order."""
-    struct_node(type(obj)).enc(sink, obj, prefix, -1, True)
+    cls = type(obj)
+    fn = _choose(cls, "encode_sink", 0)
+    if fn is not None:
+        fn(sink, obj, prefix)
+        return
+    count = 0
+
+    def counting(key: str, value: str) -> None:
+        nonlocal count
+        count += 1
+        sink(key, value)
+    try:
+        struct_node(cls).enc(counting, obj, prefix, -1, True)
+    finally:
+        _interpreted(cls, "encode_sink", count)
 
 
 def encode(obj: Any, prefix: str = "") -> dict[str, str]:
     """Exactly the map Go's Encode writes into a MapSink."""
     out: dict[str, str] = {}
-    struct_node(type(obj)).enc(out.__setitem__, obj, prefix, -1, True)
+    cls = type(obj)
+    fn = _choose(cls, "encode", 0)
+    if fn is not None:
+        fn(out, obj, prefix)
+        return out
+    try:
+        struct_node(cls).enc(out.__setitem__, obj, prefix, -1, True)
+    finally:
+        _interpreted(cls, "encode", len(out))
     return out
 
 
@@ -786,6 +860,44 @@ def decode(source: Any, cls_or_obj: Any, prefix: str = "", *,
     budget exceeded, raise DecodeError; read_map_names can still name the sessions."""
     get = _getter(source)
     is_class = isinstance(cls_or_obj, type)
+    cls = cls_or_obj if is_class else type(cls_or_obj)
+    node = struct_node(cls)
+    spend = Spend(DEFAULT_BUDGET if budget is None else budget)
+    fn = _choose(cls, "decode", len(source) if type(source) is dict else 0)
+    # A decode builds a tree of many small containers and no reference cycles: the cyclic
+    # collector, run as they pile up, would only walk the whole heap again and again
+    # (most of the decode time at 10,000 sessions). It is paused for one decode, whose
+    # length the budget bounds, and left as it was found.
+    paused = gc.isenabled()
+    if paused:
+        gc.disable()
+    try:
+        spend.charge(prefix, 0, static_lookups(node, -1, True))
+        if fn is not None:
+            found, value = fn(get, None if is_class else cls_or_obj, prefix, spend)
+        else:
+            found, value = node.dec(get, None if is_class else cls_or_obj, prefix, -1, True,
+                                    spend)
+    except DecodeError:
+        raise
+    except (ValueError, TypeError, IndexError, KeyError, OverflowError, RecursionError) as e:
+        raise DecodeError(f"malformed data under {prefix or 'the root'!r}: {e}") from e
+    finally:
+        if paused:
+            gc.enable()
+        if fn is None:
+            _interpreted(cls, "decode", spend.budget.lookups - spend.lookups)
+    if is_class and not found:
+        raise DecodeError(f"no keys found for {node.cls.__name__} under {prefix or 'the root'!r}")
+    return value
+
+
+def decode_generic(source: Any, cls_or_obj: Any, prefix: str = "", *,
+                   budget: DecodeBudget | None = None) -> Any:
+    """`decode` through the plan interpreter only (the reference the generated code is
+    tested against)."""
+    get = _getter(source)
+    is_class = isinstance(cls_or_obj, type)
     node = struct_node(cls_or_obj if is_class else type(cls_or_obj))
     spend = Spend(DEFAULT_BUDGET if budget is None else budget)
     try:
@@ -798,6 +910,13 @@ def decode(source: Any, cls_or_obj: Any, prefix: str = "", *,
     if is_class and not found:
         raise DecodeError(f"no keys found for {node.cls.__name__} under {prefix or 'the root'!r}")
     return value
+
+
+def encode_generic(obj: Any, prefix: str = "", sink: Sink | None = None) -> dict[str, str]:
+    """`encode` (or `encode_into` when `sink` is given) through the plan interpreter."""
+    out: dict[str, str] = {}
+    struct_node(type(obj)).enc(out.__setitem__ if sink is None else sink, obj, prefix, -1, True)
+    return out
 
 
 def read_map_names(source: Any, cls: type, fieldspec: str | Sequence[str],

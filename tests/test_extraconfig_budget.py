@@ -16,6 +16,7 @@ from extraconfig import (DecodeBudget, DecodeBudgetError, DecodeError, calculate
                          encode, read_map_names)
 from extraconfig.codec import DEFAULT_BUDGET
 from extraconfig.transport import GuestSource, MapTransport
+from test_extraconfig_shapes import codec_path  # noqa: F401 - autouse: both paths
 from tether.config import Cmd, ExecutorConfig, SessionConfig
 
 SESSIONS = "guestinfo.vice./sessions"
@@ -90,6 +91,8 @@ sys.path.insert(0, "tests")
 import extraconfig.codec as C
 from test_extraconfig_budget import hostile_exit_logs
 from tether.config import ExecutorConfig
+C.CODEGEN = sys.argv[1]
+C.decode({"guestinfo.vice./common/id": "x"}, ExecutorConfig)
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 try:
     C.decode(hostile_exit_logs(), ExecutorConfig)
@@ -99,11 +102,11 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)
 """
 
 
-def test_amplifying_lengths_fail_with_little_memory():
+def test_amplifying_lengths_fail_with_little_memory(codec_path):
     # 1.47 GiB before the budget; one session's 65,535 exit logs (about 14 MiB) now
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    out = subprocess.run([sys.executable, "-c", MEMORY], capture_output=True, text=True,
-                         timeout=300, cwd=root)
+    out = subprocess.run([sys.executable, "-c", MEMORY, "0" if codec_path == "interpreted" else "1"],
+                         capture_output=True, text=True, timeout=300, cwd=root)
     assert out.returncode == 0, out.stderr
     grown_kib = int(out.stdout)
     assert grown_kib < 48 << 10, f"the failed decode took {grown_kib >> 10} MiB"

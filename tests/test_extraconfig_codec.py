@@ -18,6 +18,7 @@ from extraconfig.transport import (GuestSink, GuestSource, MapTransport, ScopeFi
                                    VmxFileTransport, format_vmx, parse_vmx, vmx_escape,
                                    vmx_unescape)
 from extraconfig.types import IPNet
+from test_extraconfig_shapes import codec_path  # noqa: F401 - autouse: both paths
 from test_extraconfig_shapes import Inner, KArr, KF32, Kinds, KStrOnly, KVersion, Build
 from tether.config import Cmd, ExecutorConfig, MountSpec, SessionConfig
 

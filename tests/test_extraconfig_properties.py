@@ -11,6 +11,7 @@ from extraconfig.gotime import GoTime, format_go, parse_go
 from extraconfig.scalars import format_float, parse_float
 from extraconfig.transport import (GuestSink, GuestSource, MapTransport, format_vmx, parse_vmx)
 from extraconfig.types import IP, IPNet
+from test_extraconfig_shapes import codec_path  # noqa: F401 - autouse: both paths
 from test_extraconfig_shapes import Inner, Kinds, KMapDots, KTimes, Mini
 from tether.config import (Cmd, ContainerNetwork, Diagnostics, ExecutorConfig, ExitLog,
                            MountSpec, NetworkEndpoint, Range, SessionConfig)

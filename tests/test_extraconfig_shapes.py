@@ -13,11 +13,22 @@ import typing
 from pathlib import Path
 from typing import Any, Optional, Union
 
+import pytest
+
 from extraconfig.gotime import GoTime
 from extraconfig.schema import tag_of, untagged, vic
 from extraconfig.types import (ARRAY, FLOAT32, INTERFACE, IP, UINT, URL, Array, Duration, Float32,
                                Interface, IPMask, IPNet, Uint, Userinfo)
 from tether import config as executor
+
+@pytest.fixture(autouse=True, params=["interpreted", "generated"])
+def codec_path(request, monkeypatch):
+    """Tests importing this fixture run twice: through the plan interpreter only, and
+    through generated code from the first call (extraconfig/codegen.py)."""
+    from extraconfig import codec
+    monkeypatch.setattr(codec, "CODEGEN", "0" if request.param == "interpreted" else "1")
+    return request.param
+
 
 VECTORS = Path(__file__).resolve().parents[1].parent / "shared" / "vectors"
 RO, RW, HID = "read-only", "read-write", "hidden"

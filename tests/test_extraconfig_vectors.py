@@ -8,6 +8,7 @@ import pytest
 from test_extraconfig_shapes import ExecutorConfigD1 as ExecutorConfig  # the vectors' shape
 from extraconfig import DecodeError, calculate_keys, decode, encode, encode_into
 from extraconfig.transport import GuestSink, GuestSource, MapTransport, ScopeFilterSink
+from test_extraconfig_shapes import codec_path  # noqa: F401 - autouse: both paths
 from test_extraconfig_shapes import (TYPES, from_raw, load_vectors, normalise, to_raw,
                                      with_unnamed_zones)
 
