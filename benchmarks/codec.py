@@ -3,11 +3,13 @@
 For an ExecutorConfig with 1, 100, 1,000 and 10,000 sessions (10 arguments and 10
 environment entries each, 4 networks), times `extraconfig.encode(cfg)` against
 `json.dumps(encoded)` and `extraconfig.decode(encoded, ExecutorConfig)` against
-`json.loads(json.dumps(encoded))`, in interleaved rounds. Times are medians over the
-rounds; a ratio is the median of the per-round ratios. The last lines give how the
-per-session time grows from 1,000 to 10,000 sessions.
+`json.loads(json.dumps(encoded))`. Each round times every size and operation in turn;
+times are medians over the rounds, a ratio is the median of the per-round ratios. The
+last lines give how the per-session time grows from 1,000 to 10,000 sessions (median of
+the per-round growths).
 
 Run: .venv/bin/python benchmarks/codec.py [--rounds N] [--sizes 1,100,1000,10000]
+(EXTRACONFIG_CODEGEN=0 in the environment measures the plan interpreter instead.)
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import extraconfig  # noqa: E402
 from extraconfig import decode, encode  # noqa: E402
 from extraconfig.types import IP, IPNet  # noqa: E402
 from tether.config import (Cmd, ContainerNetwork, ExecutorConfig, NetworkEndpoint,  # noqa: E402
@@ -51,38 +54,47 @@ def build(sessions: int) -> ExecutorConfig:
 
 
 def timed(fn, number: int) -> float:
-    """Seconds per call, over `number` back-to-back calls."""
+    """CPU seconds (user + system) per call, over `number` back-to-back calls: on a shared
+    machine the wall clock also counts the time spent waiting for a CPU."""
     gc.collect()
-    start = time.perf_counter()
+    start = time.process_time()
     for _ in range(number):
         fn()
-    return (time.perf_counter() - start) / number
+    return (time.process_time() - start) / number
 
 
-def measure(sessions: int, rounds: int) -> dict:
-    cfg = build(sessions)
-    encoded = encode(cfg)
-    text = json.dumps(encoded)
-    back = decode(encoded, ExecutorConfig)
-    assert back.sessions.keys() == cfg.sessions.keys() and encode(back) == encoded
-    # enough calls per timing that one timing takes a few milliseconds
-    number = max(1, int(0.005 / max(timed(lambda: decode(encoded, ExecutorConfig), 1), 1e-6)))
-    ops = {
-        "encode": lambda: encode(cfg),
-        "dumps": lambda: json.dumps(encoded),
-        "decode": lambda: decode(encoded, ExecutorConfig),
-        "loads": lambda: json.loads(text),
-    }
-    times: dict[str, list[float]] = {name: [] for name in ops}
-    for _ in range(rounds):
-        for name, fn in ops.items():
-            times[name].append(timed(fn, number))
-    med = {name: statistics.median(ts) for name, ts in times.items()}
-    return {
-        "sessions": sessions, "keys": len(encoded), **med,
-        "encode_ratio": statistics.median(e / j for e, j in zip(times["encode"], times["dumps"])),
-        "decode_ratio": statistics.median(d / j for d, j in zip(times["decode"], times["loads"])),
-    }
+class Case:
+    """One size: the config, its map, the map's JSON text, and the timings so far."""
+
+    def __init__(self, sessions: int) -> None:
+        self.sessions = sessions
+        self.cfg = build(sessions)
+        self.encoded = encode(self.cfg)
+        self.text = json.dumps(self.encoded)
+        back = decode(self.encoded, ExecutorConfig)
+        assert back.sessions.keys() == self.cfg.sessions.keys() and encode(back) == self.encoded
+        # enough calls per timing that one timing takes a few milliseconds
+        self.number = max(1, int(0.005 / max(timed(self.ops()["decode"], 1), 1e-6)))
+        self.times: dict[str, list[float]] = {name: [] for name in self.ops()}
+
+    def ops(self) -> dict:
+        cfg, encoded, text = self.cfg, self.encoded, self.text
+        return {
+            "encode": lambda: encode(cfg),
+            "dumps": lambda: json.dumps(encoded),
+            "decode": lambda: decode(encoded, ExecutorConfig),
+            "loads": lambda: json.loads(text),
+        }
+
+    def round(self) -> None:
+        for name, fn in self.ops().items():
+            self.times[name].append(timed(fn, self.number))
+
+    def median(self, name: str) -> float:
+        return statistics.median(self.times[name])
+
+    def ratio(self, ours: str, theirs: str) -> float:
+        return statistics.median(a / b for a, b in zip(self.times[ours], self.times[theirs]))
 
 
 def main() -> None:
@@ -90,18 +102,29 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--sizes", default="1,100,1000,10000")
     args = parser.parse_args()
-    sizes = [int(s) for s in args.sizes.split(",")]
+    # steady state: the generated code from the first call (a process moving this many
+    # keys switches to it after a few thousand anyway)
+    if hasattr(extraconfig, "prepare"):
+        extraconfig.prepare(ExecutorConfig)
+    cases = [Case(int(s)) for s in args.sizes.split(",")]
+    # every round times every size and operation, so that load on the machine falls on
+    # all of them alike
+    for _ in range(args.rounds):
+        for case in cases:
+            case.round()
     print(f"{'sessions':>8} {'keys':>7} | {'encode ms':>9} {'dumps ms':>9} {'ratio':>6} | "
           f"{'decode ms':>9} {'loads ms':>9} {'ratio':>6}")
-    rows = {}
-    for n in sizes:
-        r = rows[n] = measure(n, args.rounds if n < 10000 else max(3, args.rounds // 2))
-        print(f"{n:>8} {r['keys']:>7} | {r['encode'] * 1e3:>9.3f} {r['dumps'] * 1e3:>9.3f} "
-              f"{r['encode_ratio']:>5.2f}x | {r['decode'] * 1e3:>9.3f} {r['loads'] * 1e3:>9.3f} "
-              f"{r['decode_ratio']:>5.2f}x", flush=True)
-    if 1000 in rows and 10000 in rows:
+    for c in cases:
+        print(f"{c.sessions:>8} {len(c.encoded):>7} | {c.median('encode') * 1e3:>9.3f} "
+              f"{c.median('dumps') * 1e3:>9.3f} {c.ratio('encode', 'dumps'):>5.2f}x | "
+              f"{c.median('decode') * 1e3:>9.3f} {c.median('loads') * 1e3:>9.3f} "
+              f"{c.ratio('decode', 'loads'):>5.2f}x")
+    by_size = {c.sessions: c for c in cases}
+    if 1000 in by_size and 10000 in by_size:
+        small, big = by_size[1000], by_size[10000]
         for op in ("encode", "decode", "dumps", "loads"):
-            growth = (rows[10000][op] / 10000) / (rows[1000][op] / 1000)
+            growth = statistics.median((b / 10000) / (a / 1000)
+                                       for a, b in zip(small.times[op], big.times[op]))
             print(f"per-session {op} time, 10,000 vs 1,000 sessions: {growth:.2f}x")
 
 
