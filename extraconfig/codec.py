@@ -326,7 +326,8 @@ class SliceNode(Node):
         else:
             texts = [elem.fmt(item) for item in value]
             if any("|" in t for t in texts):
-                # Deviation from encode.go's encodeSlice: the joined form cannot carry '|'; index it.
+                # Deviation from encode.go's encodeSlice: the joined form cannot carry
+                # '|'; index it.
                 for i, text in enumerate(texts):
                     sink(K.append(key, f"|{i}"), text)
             else:

@@ -334,7 +334,8 @@ class _Decoder(_Unit):
         self.inlining.discard(plan)
         body.append("    return fd, o")
         fallback = f"return {self.const(plan, 'PLAN')}.dec(get, cur, P, {depth}, {follow}, sp)"
-        return [f"def {name}(get, cur, P, sp):"] + self.prologue(ctx, fallback) + [ctx.header] + body
+        return ([f"def {name}(get, cur, P, sp):"] + self.prologue(ctx, fallback) + [ctx.header]
+                + body)
 
     # -- structs
 

@@ -1,4 +1,5 @@
-"""Key construction: scopes, separators and suffixes (reference §3).
+"""Key construction: scopes, separators and suffixes
+(vmware/vic pkg/vsphere/extraconfig/keys.go).
 
 Scope flags use the bit values of the reference's HEAD constants, so filters written
 as numbers there mean the same here.
@@ -56,14 +57,14 @@ def _suffix_words(key: str) -> int:
 
 
 def flags_from_key(key: str) -> int:
-    """The scope an untagged field inherits from its parent key (reference §3.3)."""
+    """The scope an untagged field inherits from its parent key (keys.go calculateScopeFromKey)."""
     flags = 0 if key.startswith(VISIBLE) else HIDDEN
     flags |= READ_ONLY if "/" in key else READ_WRITE
     return flags | _suffix_words(key)
 
 
 def filter_flags(key: str) -> int:
-    """The class ScopeFilterSink derives from a key string (reference §5.3)."""
+    """The class ScopeFilterSink derives from a key string (encode.go ScopeFilterSink)."""
     flags = 0 if key.startswith(VISIBLE) else HIDDEN
     flags |= READ_ONLY if "/" in key else READ_WRITE
     return flags | _suffix_words(key)
@@ -107,7 +108,8 @@ def append(prefix: str, part: str) -> str:
 
 
 def insert_prefix(key: str, prefix: str) -> str:
-    """The `WithPrefix` transports' splice (reference §8.4), bug for hidden keys included."""
+    """The `WithPrefix` transports' splice (keys.go addPrefixToKey), bug for hidden keys
+    included."""
     if not prefix:
         return key
     rest = key[len(ROOT):] if key.startswith(ROOT) else key

@@ -1,4 +1,5 @@
-"""Leaf value texts as Go's strconv writes and reads them (reference §4, §6.2)."""
+"""Leaf value texts as Go's strconv writes and reads them
+(vmware/vic pkg/vsphere/extraconfig/encode.go toString, decode.go fromString)."""
 from __future__ import annotations
 
 import binascii

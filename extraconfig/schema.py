@@ -16,7 +16,7 @@ META = "extraconfig"
 @dataclasses.dataclass(frozen=True)
 class Tag:
     go_name: str           # the Go field name: the key segment when no key tag is given
-    tagged: bool           # False: inherits scope from the parent key (reference §3.3)
+    tagged: bool           # False: inherits scope from the parent key (keys.go)
     scope: str = ""        # the raw scope tag, e.g. "read-only" or "read-write,non-persistent"
     key: str = ""          # the raw key tag ("" means: use go_name)
     recurse: str = ""      # the raw recurse tag, e.g. "depth=1" or "nofollow"

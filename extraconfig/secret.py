@@ -1,4 +1,5 @@
-"""The `secret` scope: NaCl secretbox values keyed by `guestinfo.ovfEnv` (reference §5.2).
+"""The `secret` scope: NaCl secretbox values keyed by `guestinfo.ovfEnv`, as
+vmware/vic pkg/vsphere/extraconfig/secret.go.
 
 PyNaCl is imported only when a secret value is actually sealed or opened.
 """

@@ -154,7 +154,8 @@ def _guest_key(key: str) -> str:
 
 
 class GuestSource(Mapping[str, str]):
-    """The reference's in-guest reader (§8.2) over any transport.
+    """The reference's in-guest reader over any transport
+    (vmware/vic pkg/vsphere/extraconfig/decode_linux.go, GuestInfoSource).
 
     `""` reads as missing and `<nil>` as the empty string; hidden keys are asked for as
     `guestinfo.<key>`; `prefix` is spliced in as vic-init's does. `guestinfo.ovfEnv` is
@@ -203,7 +204,8 @@ class GuestSource(Mapping[str, str]):
 
 
 class GuestSink:
-    """The reference's in-guest writer (§8.1): a sink `sink(key, value)`.
+    """The reference's in-guest writer as a sink `sink(key, value)`
+    (vmware/vic pkg/vsphere/extraconfig/encode_linux.go, GuestInfoSink).
 
     Keys containing `/` (read-only ones) are dropped, `""` is sent as `<nil>`, and keys
     not starting with `guestinfo` get `guestinfo.` in front, as rpcvmx does.
@@ -221,7 +223,8 @@ class GuestSink:
 
 
 class ScopeFilterSink:
-    """Forwards a pair only when the scope derived from its key meets `filter` (§5.3)."""
+    """Forwards a pair only when the scope derived from its key meets `filter`, as
+    vmware/vic pkg/vsphere/extraconfig/encode.go ScopeFilterSink."""
 
     def __init__(self, filter: int, sink) -> None:
         self.filter = filter
