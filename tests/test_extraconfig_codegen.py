@@ -68,7 +68,13 @@ class Awkward:
 PREFIXES = ["", "guestinfo.vice.", "guestinfo.vice./sessions|a.b/c", "guestinfo.vice..m|x/y.z",
             "root", "root/a.b", "guestinfo.vice./s@secret", "guestinfo.vice..n@non-persistent",
             "guestinfo.other", "x@y", "guestinfo.vice./guestinfo.x"]
-CLASSES = sorted([*TYPES.values(), Leafy, Holder, Awkward], key=lambda c: c.__name__)
+# the vectors' shapes (their ExecutorConfig is the reference's d1ef848e0 one), ours, and these
+CLASSES = sorted({*TYPES.values(), ExecutorConfig, Leafy, Holder, Awkward},
+                 key=lambda c: (c.__name__, c.__module__))
+
+
+def class_id(cls) -> str:
+    return cls.__name__ if cls.__module__ != "types" else cls.__name__ + "-vectors"
 VALUES = [(TYPES[v["type"]], v[f]) for v in load_vectors()
           for f in ("value_raw", "decoded_raw", "initial_raw")
           if v.get(f) is not None and v.get("type") in TYPES]
@@ -176,7 +182,7 @@ def assert_same_decode(data, cls, prefix, initial=None, budget=None):
 
 
 @pytest.mark.parametrize("prefix", PREFIXES)
-@pytest.mark.parametrize("cls", CLASSES, ids=lambda c: c.__name__)
+@pytest.mark.parametrize("cls", CLASSES, ids=class_id)
 def test_vector_values_decode_and_encode_alike(cls, prefix):
     checked = 0
     for value in values_of(cls):
@@ -202,7 +208,7 @@ AWKWARD = ["", "0", "1", "-1", "2", "65536", "+5", " 1", "\u0663", "\u0967\u0968
 
 
 @pytest.mark.parametrize("prefix", ["", "guestinfo.vice./m|a.b"])
-@pytest.mark.parametrize("cls", CLASSES, ids=lambda c: c.__name__)
+@pytest.mark.parametrize("cls", CLASSES, ids=class_id)
 def test_each_key_alone_and_all_keys_alike_decode_alike(cls, prefix):
     """Deterministic sweeps: every sample key alone (with values in turn), then every
     key at once with one awkward value; fresh and merged into a value."""
