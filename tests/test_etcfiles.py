@@ -10,7 +10,8 @@ import textwrap
 
 import pytest
 
-from tether.etcfiles import EtcFiles, resolve_in_root
+from tether.etcfiles import EtcFiles
+from tether.rootfs import resolve_in_root
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

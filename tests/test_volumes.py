@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from tether.volumes import (MS_NOATIME, MS_NOEXEC, MS_RDONLY, VolumeError, find_device_by_label,
-                            nfs_device, nfs_options, parse_mode, probe)
+from tether.system import MS_NOATIME, MS_NOEXEC, MS_RDONLY
+from tether.volumes import (VolumeError, find_device_by_label, nfs_device, nfs_options,
+                            parse_mode, probe)
 
 REPO = Path(__file__).resolve().parents[1]
 

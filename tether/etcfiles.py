@@ -15,7 +15,9 @@ import ipaddress
 import os
 import threading
 
-MANAGED = ("hostname", "hosts", "resolv.conf")
+from tether.rootfs import resolve_in_root
+from tether.system import bind_mount
+
 HOSTNAME_IP = "127.0.1.1"
 LOCALHOST_V4 = ("127.0.0.1", ["localhost"])
 LOCALHOST_V6 = ("::1", ["localhost", "ip6-localhost", "ip6-loopback"])
@@ -132,7 +134,6 @@ class EtcFiles:
                 source = self._write_atomically(name, content)
                 target = self._mount_target(name)
                 try:
-                    from tether.volumes import bind_mount
                     bind_mount(source, target)
                 except OSError as exc:
                     raise EtcFilesError(
@@ -144,7 +145,7 @@ class EtcFiles:
             path = resolve_in_root(self.root, "/etc/hosts")
             with open(path, encoding="utf-8", errors="replace") as f:
                 return f.read().splitlines()
-        except (OSError, EtcFilesError):
+        except OSError:
             return []
 
     def _write_atomically(self, name: str, content: str) -> str:
@@ -173,35 +174,6 @@ class EtcFiles:
             fd = os.open(target, os.O_WRONLY | os.O_CREAT, 0o644)
             os.close(fd)
         return target
-
-
-def resolve_in_root(root: str, path: str, max_links: int = 40) -> str:
-    """Follow symlinks as a chrooted process would, so `/etc/resolv.conf -> /run/...` in the
-    image never resolves into the bootstrap root."""
-    root = os.path.abspath(root)
-    parts = [p for p in path.split("/") if p]
-    resolved: list[str] = []
-    links = 0
-    while parts:
-        part = parts.pop(0)
-        if part == ".":
-            continue
-        if part == "..":
-            if resolved:
-                resolved.pop()
-            continue
-        candidate = os.path.join(root, *resolved, part)
-        if os.path.islink(candidate):
-            links += 1
-            if links > max_links:
-                raise EtcFilesError(f"too many symlinks resolving {path} in {root}")
-            link = os.readlink(candidate)
-            if link.startswith("/"):
-                resolved = []
-            parts = [p for p in link.split("/") if p] + parts
-            continue
-        resolved.append(part)
-    return os.path.join(root, *resolved)
 
 
 def _hosts_line(ip: str, names: list[str]) -> str:

@@ -6,14 +6,24 @@ import errno
 import os
 import resource
 
-MS_RDONLY = 0x1
-MS_NOSUID = 0x2
-MS_NODEV = 0x4
-MS_NOEXEC = 0x8
-MS_BIND = 0x1000
-MS_REC = 0x4000
+# mount(2) flags (linux/mount.h): this module is their only home.
+MS_RDONLY = 1
+MS_NOSUID = 2
+MS_NODEV = 4
+MS_NOEXEC = 8
+MS_SYNCHRONOUS = 16
+MS_REMOUNT = 32
+MS_DIRSYNC = 128
+MS_NOATIME = 1024
+MS_NODIRATIME = 2048
+MS_BIND = 4096
+MS_REC = 16384
 MS_PRIVATE = 1 << 18
-MNT_DETACH = 0x2
+MS_RELATIME = 1 << 21
+MS_STRICTATIME = 1 << 24
+MNT_DETACH = 2   # umount2(2): detach now, clean up when no longer busy
+# the per-mount flags a bind mount can carry (applied by a remount)
+BIND_FLAGS = MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC | MS_NOATIME | MS_NODIRATIME | MS_RELATIME
 
 CLONE_NEWNS = 0x00020000
 CLONE_NEWUTS = 0x04000000
@@ -33,7 +43,10 @@ def libc():
     global _libc
     if _libc is None:
         import ctypes   # only when a platform call is made
-        _libc = ctypes.CDLL(None, use_errno=True)
+        lib = ctypes.CDLL(None, use_errno=True)
+        lib.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p,
+                              ctypes.c_ulong, ctypes.c_char_p]
+        _libc = lib
     return _libc
 
 
@@ -44,20 +57,33 @@ def _check(result: int, what: str) -> None:
         raise OSError(err, f"{what}: {os.strerror(err).lower()}")
 
 
+def _path(text: str | None) -> bytes | None:
+    return None if text is None else os.fsencode(text)
+
+
 def mount(source: str | None, target: str, fstype: str | None = None, flags: int = 0,
           data: str | None = None) -> None:
-    enc = (lambda s: None if s is None else s.encode())
-    import ctypes
-    _check(libc().mount(enc(source), enc(target), enc(fstype), ctypes.c_ulong(flags),
-                        enc(data)), f"mount {source or fstype} on {target}")
+    """mount(2). Raises OSError with the errno, the target and the source."""
+    if libc().mount(_path(source), _path(target), _path(fstype), flags, _path(data)) != 0:
+        import ctypes
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), target, None, source or fstype)
 
 
 def umount(target: str, flags: int = 0) -> None:
-    _check(libc().umount2(target.encode(), flags), f"umount {target}")
+    """umount2(2). Raises OSError with the errno and the target."""
+    if libc().umount2(_path(target), flags) != 0:
+        import ctypes
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), target)
 
 
-def bind_mount(source: str, target: str, recursive: bool = False) -> None:
+def bind_mount(source: str, target: str, flags: int = 0, recursive: bool = False) -> None:
+    """Bind `source` over `target`. Per-mount flags (e.g. MS_RDONLY) take a second call,
+    a remount of the bind: mount(2) ignores them on the bind itself."""
     mount(source, target, None, MS_BIND | (MS_REC if recursive else 0))
+    if flags & BIND_FLAGS:
+        mount(None, target, None, MS_REMOUNT | MS_BIND | (flags & BIND_FLAGS))
 
 
 def make_mounts_private() -> None:

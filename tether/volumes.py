@@ -5,30 +5,16 @@ every child). Filesystem types are found by reading superblocks, so no blkid is 
 """
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import os
 import socket
 import stat
 import time
 from dataclasses import dataclass
 
-# mount(2) flags (linux/mount.h)
-MS_RDONLY = 1
-MS_NOSUID = 2
-MS_NODEV = 4
-MS_NOEXEC = 8
-MS_SYNCHRONOUS = 16
-MS_REMOUNT = 32
-MS_DIRSYNC = 128
-MS_NOATIME = 1024
-MS_NODIRATIME = 2048
-MS_BIND = 4096
-MS_REC = 16384
-MS_PRIVATE = 1 << 18
-MS_RELATIME = 1 << 21
-MS_STRICTATIME = 1 << 24
-MNT_DETACH = 2
+from tether.rootfs import resolve_in_root
+from tether.system import (MS_DIRSYNC, MS_NOATIME, MS_NODEV, MS_NODIRATIME, MS_NOEXEC,
+                           MS_NOSUID, MS_RDONLY, MS_RELATIME, MS_STRICTATIME, MS_SYNCHRONOUS,
+                           bind_mount, mount)
 
 # option word -> (flags to set, flags to clear)
 FLAG_OPTIONS = {
@@ -44,54 +30,12 @@ FLAG_OPTIONS = {
     "strictatime": (MS_STRICTATIME, 0),
     "defaults": (0, 0),
 }
-# the per-mount flags a bind mount can carry (applied by a remount)
-BIND_FLAGS = MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC | MS_NOATIME | MS_NODIRATIME | MS_RELATIME
-
 STAGING_DIR = "/.tether/.filesystem-by-label"
 DATA_SUBDIR = ".vic.vol.data"     # the port layer's data directory: hides lost+found
 
 
 class VolumeError(Exception):
     pass
-
-
-# -- platform actions ------------------------------------------------------------------------
-_libc = None
-
-
-def _lib():
-    global _libc
-    if _libc is None:
-        _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        _libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p,
-                                ctypes.c_ulong, ctypes.c_char_p]
-        _libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
-    return _libc
-
-
-def _b(text: str | None) -> bytes | None:
-    return None if text is None else os.fsencode(text)
-
-
-def mount(source: str | None, target: str, fstype: str | None, flags: int = 0,
-          data: str | None = None) -> None:
-    """mount(2); raises OSError with errno and the target."""
-    if _lib().mount(_b(source), _b(target), _b(fstype), flags, _b(data)) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err), target)
-
-
-def umount(target: str, flags: int = 0) -> None:
-    if _lib().umount2(_b(target), flags) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err), target)
-
-
-def bind_mount(source: str, target: str, flags: int = 0) -> None:
-    """Bind `source` over `target`; per-mount flags (e.g. MS_RDONLY) need a second remount."""
-    mount(source, target, None, MS_BIND)
-    if flags & BIND_FLAGS:
-        mount(None, target, None, MS_REMOUNT | MS_BIND | (flags & BIND_FLAGS))
 
 
 # -- options ---------------------------------------------------------------------------------
@@ -215,11 +159,6 @@ class _Prepared:
     keep: os.stat_result | None    # the mount point existed: keep its owner and mode
 
 
-def _resolve_target(root: str, path: str) -> str:
-    from tether.etcfiles import resolve_in_root
-    return resolve_in_root(root, path)
-
-
 def _prepare_target(target: str) -> _Prepared:
     try:
         st = os.stat(target)
@@ -311,7 +250,7 @@ def mount_volumes(mounts: dict | None, root: str, label_timeout: float = 30.0,
         if not spec.path:
             raise VolumeError(f"volume {name}: no destination path")
         scheme = spec.source.scheme
-        target = _resolve_target(root, spec.path)
+        target = resolve_in_root(root, spec.path)
         try:
             prepared = _prepare_target(target)
         except OSError as exc:

@@ -21,6 +21,7 @@ from collections import deque
 
 from tether.attach import protocol as p
 from tether.attach import transports
+from tether.rootfs import resolve_in_root
 
 log = logging.getLogger("tether.attach")
 
@@ -622,32 +623,6 @@ class AttachChannel:
         if self.attached:
             self.session.output.unsubscribe(self)
             self.attached = False
-
-
-def resolve_in_root(root: str, path: str, follow_last: bool = True) -> str:
-    """`path` inside the container root, following symlinks as if chrooted there."""
-    root = os.path.abspath(root)
-    parts = [c for c in path.split("/") if c not in ("", ".")]
-    resolved: list[str] = []
-    hops = 0
-    while parts:
-        part = parts.pop(0)
-        if part == "..":
-            if resolved:
-                resolved.pop()
-            continue
-        candidate = os.path.join(root, *resolved, part)
-        if (parts or follow_last) and os.path.islink(candidate):
-            hops += 1
-            if hops > 40:
-                raise OSError(40, "too many levels of symbolic links", path)
-            target = os.readlink(candidate)
-            if target.startswith("/"):
-                resolved = []
-            parts = [c for c in target.split("/") if c not in ("", ".")] + parts
-            continue
-        resolved.append(part)
-    return os.path.join(root, *resolved)
 
 
 class CopyToChannel:
