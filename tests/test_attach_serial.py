@@ -17,7 +17,8 @@ import pytest
 
 from conftest import REPO
 from tether.attach.client import Client, ClientError
-from tether.attach.transports import Conn, EndpointError, find_virtio_port, set_raw
+from tether.attach.transports import Conn, EndpointError, find_virtio_port
+from tether.system import set_raw_tty
 
 KEY = b"serial-key"
 
@@ -59,7 +60,7 @@ SERVER = textwrap.dedent("""
 @pytest.fixture
 def serial_line():
     master, slave = os.openpty()
-    set_raw(master, baud=None)
+    set_raw_tty(master, baud=None)
     device = os.ttyname(slave)
     env = dict(os.environ, PYTHONPATH=str(REPO))
     proc = subprocess.Popen([sys.executable, "-c", SERVER, "serial:" + device, KEY.decode()],
@@ -156,14 +157,15 @@ def test_tcp_endpoint_serves_the_same_protocol():
 
 
 def test_virtio_port_is_found_by_name(tmp_path):
+    ports = tmp_path / "class" / "virtio-ports"
     for node, name in (("vport0p1", "org.tether.guestinfo"), ("vport0p2", "org.tether.attach")):
-        (tmp_path / node).mkdir()
-        (tmp_path / node / "name").write_text(name + "\n")
-    assert find_virtio_port("org.tether.attach", tmp_path) == "/dev/vport0p2"
+        (ports / node).mkdir(parents=True)
+        (ports / node / "name").write_text(name + "\n")
+    assert find_virtio_port("org.tether.attach", str(tmp_path)) == "/dev/vport0p2"
     with pytest.raises(EndpointError, match="not found"):
-        find_virtio_port("org.other", tmp_path)
+        find_virtio_port("org.other", str(tmp_path))
     with pytest.raises(EndpointError, match="does not exist"):
-        find_virtio_port("org.tether.attach", tmp_path / "missing")
+        find_virtio_port("org.tether.attach", str(tmp_path / "missing"))
 
 
 def _vsock_loopback_problem() -> str | None:

@@ -171,9 +171,11 @@ class Agent:
         self._open_output_log()
 
     def _open_output_log(self) -> None:
+        from tether import system
         path = self.options.output_log
         if path is None and not self.options.sandbox and self.owns_system:
-            path = find_virtio_port("org.tether.output") or (
+            from extraconfig.virtio import find_port
+            path = find_port("org.tether.output") or (
                 "/dev/ttyS2" if os.path.exists("/dev/ttyS2") else None)
         if path is None:
             return
@@ -186,7 +188,10 @@ class Agent:
             log.warning("no session output log: cannot open %s: %s", path, err.strerror)
             return
         if os.isatty(fd):
-            set_raw_serial(fd)
+            try:
+                system.set_raw_tty(fd)
+            except OSError as err:
+                log.warning("output log %s: %s; leaving the line as it is", path, err.strerror)
         self._log_port = LogPort(fd, self.loop)
         log.info("session output log: %s", path)
 
@@ -300,7 +305,8 @@ class Agent:
         if endpoints is None:
             endpoints = []
             if not self.options.sandbox and self.owns_system:   # a VM's ports, not a host's
-                if find_virtio_port("org.tether.attach"):
+                from extraconfig.virtio import find_port
+                if find_port("org.tether.attach"):
                     endpoints.append("port:org.tether.attach")
                 if os.path.exists("/dev/vsock"):
                     endpoints.append("vsock:2377")
@@ -579,33 +585,6 @@ def write_console(data: bytes) -> None:
         pass
 
 
-def find_virtio_port(name: str, base: str = "/sys/class/virtio-ports") -> str | None:
-    try:
-        entries = os.listdir(base)
-    except OSError:
-        return None
-    for entry in entries:
-        try:
-            with open(os.path.join(base, entry, "name")) as f:
-                if f.read().strip() == name:
-                    return f"/dev/{entry}"
-        except OSError:
-            continue
-    return None
-
-
-def set_raw_serial(fd: int, speed: str = "B115200") -> None:
-    import termios
-    import tty
-    try:
-        tty.setraw(fd)
-        attrs = termios.tcgetattr(fd)
-        attrs[4] = attrs[5] = getattr(termios, speed)
-        termios.tcsetattr(fd, termios.TCSANOW, attrs)
-    except termios.error as err:
-        log.warning("could not set the serial port raw at 115200: %s", err)
-
-
 def redirect_log(path: str) -> None:
     """Point stdout and stderr (the agent log) at the log port, as the reference did
     with ttyS1. A port that cannot be opened leaves the log where it was."""
@@ -616,7 +595,11 @@ def redirect_log(path: str) -> None:
         log.error("cannot open the log port %s: %s; logging to stderr", path, err.strerror)
         return
     if os.isatty(fd):
-        set_raw_serial(fd)
+        from tether import system
+        try:
+            system.set_raw_tty(fd)
+        except OSError as err:
+            log.warning("log port %s: %s; leaving the line as it is", path, err.strerror)
     sys.stdout.flush()
     sys.stderr.flush()
     os.dup2(fd, 1)

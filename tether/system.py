@@ -176,6 +176,31 @@ def set_rlimits() -> None:
                           f"using {current_hard}") from None
 
 
+def set_raw_tty(fd: int, baud: int | None = 115200) -> None:
+    """Raw 8-bit mode on a tty (serial port, pty): no echo, no line discipline, no flow
+    control, reads return what is there; the line speed set when `baud` is given.
+    Raises OSError (termios errors included)."""
+    import termios   # only for a tty
+    try:
+        iflag, oflag, cflag, lflag, ispeed, ospeed, cc = termios.tcgetattr(fd)
+        iflag &= ~(termios.IGNBRK | termios.BRKINT | termios.PARMRK | termios.ISTRIP
+                   | termios.INLCR | termios.IGNCR | termios.ICRNL | termios.IXON
+                   | termios.IXOFF)
+        oflag &= ~termios.OPOST
+        lflag &= ~(termios.ECHO | termios.ECHONL | termios.ICANON | termios.ISIG
+                   | termios.IEXTEN)
+        cflag &= ~(termios.CSIZE | termios.PARENB | termios.CRTSCTS)
+        cflag |= termios.CS8 | termios.CREAD | termios.CLOCAL
+        cc[termios.VMIN] = 1
+        cc[termios.VTIME] = 0
+        if baud is not None:
+            ispeed = ospeed = getattr(termios, f"B{baud}")
+        termios.tcsetattr(fd, termios.TCSANOW, [iflag, oflag, cflag, lflag, ispeed, ospeed, cc])
+    except termios.error as err:
+        code, text = err.args if len(err.args) == 2 else (errno.EINVAL, str(err))
+        raise OSError(code, f"cannot set the tty raw: {text}") from None
+
+
 def set_hostname(name: str) -> None:
     import socket   # cheap, but only needed here
     socket.sethostname(name)

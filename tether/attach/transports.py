@@ -17,11 +17,9 @@ from __future__ import annotations
 import errno
 import os
 import socket
-import termios
-from pathlib import Path
 
-VIRTIO_PORTS = Path("/sys/class/virtio-ports")
-VSOCK_PORT = 2377
+from tether.system import set_raw_tty
+
 SOCKET_BUFFER = 1 << 20
 
 
@@ -112,38 +110,18 @@ def parse_endpoint(endpoint: str) -> tuple[str, tuple]:
     raise EndpointError(f"endpoint {endpoint!r}: unknown kind {kind!r}")
 
 
-# -- ttys ------------------------------------------------------------------------------------
-def set_raw(fd: int, baud: int | None = termios.B115200) -> None:
-    """Raw 8-bit mode, no echo, no line discipline, reads return what is there."""
-    attrs = termios.tcgetattr(fd)
-    iflag, oflag, cflag, lflag, ispeed, ospeed, cc = attrs
-    iflag &= ~(termios.IGNBRK | termios.BRKINT | termios.PARMRK | termios.ISTRIP
-               | termios.INLCR | termios.IGNCR | termios.ICRNL | termios.IXON | termios.IXOFF)
-    oflag &= ~termios.OPOST
-    lflag &= ~(termios.ECHO | termios.ECHONL | termios.ICANON | termios.ISIG | termios.IEXTEN)
-    cflag &= ~(termios.CSIZE | termios.PARENB | termios.CRTSCTS)
-    cflag |= termios.CS8 | termios.CREAD | termios.CLOCAL
-    cc[termios.VMIN] = 1
-    cc[termios.VTIME] = 0
-    if baud is not None:
-        ispeed = ospeed = baud
-    termios.tcsetattr(fd, termios.TCSANOW, [iflag, oflag, cflag, lflag, ispeed, ospeed, cc])
-
-
-def find_virtio_port(name: str, sysfs: Path = VIRTIO_PORTS) -> str:
-    """The /dev node of the virtio-serial port called `name`."""
-    try:
-        entries = sorted(sysfs.iterdir())
-    except FileNotFoundError:
-        raise EndpointError(f"virtio-serial port {name!r}: {sysfs} does not exist "
-                            "(no virtio-serial device in this machine)") from None
-    for entry in entries:
-        try:
-            if (entry / "name").read_text().strip() == name:
-                return f"/dev/{entry.name}"
-        except OSError:
-            continue
-    raise EndpointError(f"virtio-serial port {name!r} not found under {sysfs}")
+# -- lines ------------------------------------------------------------------------------------
+def find_virtio_port(name: str, sys_root: str = "/sys") -> str:
+    """The /dev node of the virtio-serial port called `name` (EndpointError saying why not)."""
+    from extraconfig.virtio import find_port
+    path = find_port(name, sys_root)
+    if path is not None:
+        return path
+    base = os.path.join(sys_root, "class", "virtio-ports")
+    if not os.path.isdir(base):
+        raise EndpointError(f"virtio-serial port {name!r}: {base} does not exist "
+                            "(no virtio-serial device in this machine)")
+    raise EndpointError(f"virtio-serial port {name!r} not found under {base}")
 
 
 def open_line(kind: str, address: str) -> Conn:
@@ -152,7 +130,7 @@ def open_line(kind: str, address: str) -> Conn:
     fd = os.open(path, os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK | os.O_CLOEXEC)
     try:
         if os.isatty(fd):
-            set_raw(fd)
+            set_raw_tty(fd)
     except BaseException:
         os.close(fd)
         raise

@@ -555,8 +555,12 @@ class VicAttachServer:
         device = rest if kind == "serial" else endpoint
         fd = os.open(device, os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK | os.O_CLOEXEC)
         if os.isatty(fd):
-            from tether.agent import set_raw_serial
-            set_raw_serial(fd)
+            from tether.system import set_raw_tty
+            try:
+                set_raw_tty(fd)
+            except OSError as err:
+                log.warning("VIC attach: %s: %s; leaving the line as it is", device,
+                            err.strerror)
         self.links.add(Link(self, fd, device, persistent=True))
         log.info("VIC attach on the line %s (%s handshake)", device, self.service.variant)
 
