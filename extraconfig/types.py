@@ -49,19 +49,42 @@ class IPNet:
 
     @classmethod
     def parse(cls, cidr: str) -> "IPNet":
-        """`10.0.0.2/24` keeps the host address (like Go's ParseCIDR's IP, not its network)."""
+        """`10.0.0.2/24` keeps the host address (like Go's ParseCIDR's IP, not its network);
+        a bare address gets the full mask."""
         iface = ipaddress.ip_interface(cidr)
         return cls(IP(iface.ip.packed), IPMask(iface.netmask.packed))
 
     def is_zero(self) -> bool:
         return not self.ip and not self.mask
 
+    def prefixlen(self) -> int | None:
+        """The mask's length as Go's IPNet.String() counts it: for an IPv4 address with a
+        16-byte mask only the mask's last 4 bytes count (/24, not /120). None: no mask."""
+        if not self.mask:
+            return None
+        mask = self.mask
+        addr = self.ip.address()
+        if addr is not None and addr.version == 4 and len(mask) == 16:
+            mask = IPMask(mask[12:])
+        return mask.prefixlen()
+
+    def interface(self) -> ipaddress.IPv4Interface | ipaddress.IPv6Interface | None:
+        """The address with its prefix (the full length when there is no mask); None when
+        the IP is not a 4- or 16-byte address."""
+        addr = self.ip.address()
+        if addr is None:
+            return None
+        bits = self.prefixlen()
+        return ipaddress.ip_interface((addr, addr.max_prefixlen if bits is None else bits))
+
     def __str__(self) -> str:
+        """`10.0.0.2/24` (the host address kept, unlike Go, which prints the network),
+        the bare address without a mask, "" for the zero value. The one text form: the
+        JSON form, the network code and the logs all use it."""
         if self.is_zero():
             return ""
-        if not self.mask:
-            return str(self.ip)
-        return f"{self.ip}/{self.mask.prefixlen()}"
+        bits = self.prefixlen()
+        return str(self.ip) if bits is None else f"{self.ip}/{bits}"
 
 
 @dataclasses.dataclass

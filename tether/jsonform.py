@@ -20,7 +20,7 @@ import urllib.parse
 from typing import Any, Union
 
 from extraconfig.gotime import GoTime
-from extraconfig.types import IP, URL, IPMask, IPNet, Userinfo
+from extraconfig.types import IP, URL, IPNet, Userinfo
 
 from .config import ExecutorConfig, NetworkEndpoint, SessionConfig
 
@@ -42,23 +42,8 @@ def ip_from_text(text: str, path: str) -> IP:
         raise ConfigError(f"{path}: {text!r} is not an IP address") from None
 
 
-def ipnet_to_text(net: IPNet) -> str:
-    if net.is_zero():
-        return ""
-    ip = IP(net.ip)
-    if not net.mask:
-        return str(ip)
-    bits = IPMask(net.mask).prefixlen()
-    if len(net.mask) == 16 and len(ip) == 16 and ip.address().version == 4:
-        bits = max(bits - 96, 0)
-    return f"{ip}/{bits}"
-
-
 def ipnet_from_text(text: str, path: str) -> IPNet:
     try:
-        if "/" not in text:
-            ip = IP.parse(text)
-            return IPNet(ip, IPMask(b"\xff" * len(ip)))
         return IPNet.parse(text)
     except ValueError:
         raise ConfigError(f"{path}: {text!r} is not an address or CIDR like 10.0.0.2/24") from None
@@ -248,7 +233,7 @@ def _to(tp: Any, value: Any) -> Any:
         _, vt = typing.get_args(tp)
         return {k: _to(vt, v) for k, v in value.items()}
     if isinstance(value, IPNet):
-        return ipnet_to_text(value)
+        return str(value)
     if isinstance(value, URL):
         return url_to_text(value)
     if isinstance(value, GoTime):

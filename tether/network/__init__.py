@@ -15,7 +15,7 @@ import logging
 import threading
 from typing import Callable, Mapping, Optional
 
-from extraconfig.types import IP, IPMask, IPNet
+from extraconfig.types import IP, IPNet
 
 
 class NetworkError(Exception):
@@ -30,21 +30,10 @@ def _ip_text(ip: Optional[IP]) -> Optional[str]:
 
 
 def _cidr(net: Optional[IPNet]) -> Optional[str]:
-    """`10.0.0.2/24`, or None when unset. A v4 address in 16 bytes keeps a v4 prefix."""
-    if net is None or not net.ip:
-        return None
-    addr = net.ip.address()
-    if addr is None:
-        return None
-    prefix = net.mask.prefixlen() if net.mask else addr.max_prefixlen
-    if addr.version == 4 and len(net.mask) == 16:
-        prefix -= 96
-    return f"{addr}/{prefix}"
-
-
-def _ipnet(ip: str, prefixlen: int) -> IPNet:
-    iface = ipaddress.ip_interface(f"{ip}/{prefixlen}")
-    return IPNet(IP(iface.ip.packed), IPMask(iface.netmask.packed))
+    """`10.0.0.2/24` for netlink and comparisons (the full prefix when there is no mask),
+    or None when unset."""
+    iface = net.interface() if net is not None and net.ip else None
+    return None if iface is None else str(iface)
 
 
 def is_unspecified(net: Optional[IPNet]) -> bool:
@@ -166,7 +155,7 @@ class NetworkManager:
         else:
             new = f"{lease.ip}/{lease.prefixlen}"
             if lease.routers:
-                gateway_net = _ipnet(lease.routers[0], lease.prefixlen)
+                gateway_net = IPNet.parse(f"{lease.routers[0]}/{lease.prefixlen}")
             else:
                 gateway_net = network.gateway
             dynamic_dns = list(lease.dns)
@@ -180,7 +169,7 @@ class NetworkManager:
 
         # write-back (read-write fields)
         iface = ipaddress.ip_interface(new)
-        endpoint.assigned = _ipnet(str(iface.ip), iface.network.prefixlen)
+        endpoint.assigned = IPNet.parse(str(iface))
         network.assigned.gateway = gateway_net if gateway_net is not None else IPNet()
         if lease is None:
             network.assigned.nameservers = network.nameservers
