@@ -88,6 +88,26 @@ def test_truncated_log_is_reported():
         list(parse(blob + b"AAAA"))
 
 
+def test_entry_reader_takes_a_stream_cut_anywhere():
+    blob = (encode_entry(b"one\n", iolog.STDOUT, 1) + encode_entry(b"two\n", iolog.STDERR, 2, "s2")
+            + encode_entry(b"x" * 4000, iolog.STDOUT, 3))
+    reader = iolog.EntryReader()
+    got = []
+    for i in range(len(blob)):                  # one byte at a time
+        got += list(reader.feed(blob[i:i + 1]))
+    reader.end()
+    assert [(e.when_ns, e.stream, e.session, e.data) for e in got] == \
+        [(e.when_ns, e.stream, e.session, e.data) for e in parse(blob)]
+    assert len(got) == 3 and reader.offset == len(blob)
+    with pytest.raises(iolog.FramingError, match=f"bad header at offset {len(blob)}"):
+        list(reader.feed(b"not a header at all"))
+    reader.skip()                               # a reader of a live port reads on
+    assert [e.data for e in reader.feed(encode_entry(b"again\n"))] == [b"again\n"]
+    list(reader.feed(blob[:19]))
+    with pytest.raises(iolog.FramingError, match="truncated entry"):
+        reader.end()
+
+
 def test_format_time_is_go_layout():
     assert iolog.format_time(1_500_000_000_123_456_789) == "2017-07-14T02:40:00.123456789Z"
 

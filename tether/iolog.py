@@ -58,29 +58,63 @@ class FramingError(ValueError):
     pass
 
 
+class EntryReader:
+    """Entries from a byte stream as it arrives (sans-IO): an entry may be cut anywhere
+    between two reads. `feed` raises FramingError at a header that does not decode."""
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+        self.offset = 0          # stream offset of the first byte not yet consumed
+
+    @property
+    def pending(self) -> int:
+        """Bytes of an entry not complete yet."""
+        return len(self._buffer)
+
+    def feed(self, data: bytes) -> Iterator[Entry]:
+        self._buffer += data
+        buffer = self._buffer
+        while len(buffer) >= ENCODED_HEADER_LEN:
+            try:
+                when, word = _header.unpack(
+                    base64.b64decode(bytes(buffer[:ENCODED_HEADER_LEN]), validate=True))
+            except (ValueError, struct.error) as err:
+                raise FramingError(f"bad header at offset {self.offset}: {err}") from None
+            size = word >> 4
+            end = ENCODED_HEADER_LEN + size
+            if len(buffer) < end:
+                return
+            payload = bytes(buffer[ENCODED_HEADER_LEN:end])
+            del buffer[:end]
+            self.offset += end
+            session = None
+            if word & TAGGED:
+                n = payload[0] if payload else 0
+                session = payload[1:1 + n].decode(errors="replace")
+                payload = payload[1 + n:]
+            yield Entry(when, (word >> 3) & 1, session, payload)
+
+    def skip(self) -> None:
+        """Drop what is buffered (after a FramingError, to read on from new data)."""
+        self.offset += len(self._buffer)
+        self._buffer.clear()
+
+    def end(self) -> None:
+        """The stream is over: raise FramingError if it stopped inside an entry."""
+        if not self._buffer:
+            return
+        if len(self._buffer) < ENCODED_HEADER_LEN:
+            raise FramingError(f"truncated header at offset {self.offset}")
+        size = _header.unpack(base64.b64decode(bytes(self._buffer[:ENCODED_HEADER_LEN])))[1] >> 4
+        raise FramingError(f"truncated entry at offset {self.offset}: "
+                           f"{len(self._buffer) - ENCODED_HEADER_LEN} of {size} bytes")
+
+
 def parse(blob: bytes) -> Iterator[Entry]:
     """Entries of a complete log. A truncated final entry raises FramingError."""
-    pos = 0
-    while pos < len(blob):
-        raw = blob[pos:pos + ENCODED_HEADER_LEN]
-        if len(raw) < ENCODED_HEADER_LEN:
-            raise FramingError(f"truncated header at offset {pos}")
-        try:
-            when, word = _header.unpack(base64.b64decode(raw, validate=True))
-        except (ValueError, struct.error) as err:
-            raise FramingError(f"bad header at offset {pos}: {err}") from None
-        size = word >> 4
-        start = pos + ENCODED_HEADER_LEN
-        payload = blob[start:start + size]
-        if len(payload) < size:
-            raise FramingError(f"truncated entry at offset {pos}: {len(payload)} of {size} bytes")
-        session = None
-        if word & TAGGED:
-            n = payload[0] if payload else 0
-            session = payload[1:1 + n].decode(errors="replace")
-            payload = payload[1 + n:]
-        yield Entry(when, (word >> 3) & 1, session, payload)
-        pos = start + size
+    reader = EntryReader()
+    yield from reader.feed(blob)
+    reader.end()
 
 
 class LineFramer:

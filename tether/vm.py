@@ -254,37 +254,6 @@ def primary_started_key(config) -> str:
 
 # --------------------------------------------------------------------------- the machine
 
-class _OutputReader:
-    """Splits the iolog stream into entries as bytes arrive (entries can be cut anywhere)."""
-
-    def __init__(self, on_entry):
-        self._buffer = bytearray()
-        self.on_entry = on_entry
-
-    def feed(self, data: bytes) -> None:
-        import base64
-        import struct
-        from tether import iolog
-        self._buffer += data
-        while len(self._buffer) >= iolog.ENCODED_HEADER_LEN:
-            try:
-                header = base64.b64decode(bytes(self._buffer[:iolog.ENCODED_HEADER_LEN]))
-                _, word = struct.unpack("<qH", header[:iolog.HEADER_LEN])
-            except (ValueError, struct.error):
-                self._buffer.clear()     # not iolog framing: drop, keep running
-                return
-            end = iolog.ENCODED_HEADER_LEN + (word >> 4)
-            if len(self._buffer) < end:
-                return
-            blob = bytes(self._buffer[:end])
-            del self._buffer[:end]
-            try:
-                for entry in iolog.parse(blob):
-                    self.on_entry(entry)
-            except iolog.FramingError:
-                pass
-
-
 class Machine:
     """One QEMU process and the host ends of its serial ports, served on a thread."""
 
@@ -321,7 +290,8 @@ class Machine:
         self._deframer = Deframer()
         self._files["console"] = open(self.console_log, "wb")
         self._files["output"] = open(self.output_log, "wb")
-        self._output_reader = _OutputReader(self._entry)
+        from tether.iolog import EntryReader
+        self._output_reader = EntryReader()
         for name, path in self.sockets.items():
             listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             listener.bind(path)
@@ -467,7 +437,7 @@ class Machine:
         elif name == OUTPUT_PORT:
             self._files["output"].write(data)
             self._files["output"].flush()
-            self._output_reader.feed(data)
+            self._read_entries(data)
         elif name == GUESTINFO_PORT:
             self.marks.setdefault("agent_start", now)
             from extraconfig.virtio import answer, frame
@@ -480,10 +450,15 @@ class Machine:
                 finally:
                     conn.setblocking(False)
 
-    def _entry(self, entry) -> None:
-        self.marks.setdefault("output_first", time.monotonic())
-        if self.on_output is not None:
-            self.on_output(entry)
+    def _read_entries(self, data: bytes) -> None:
+        from tether.iolog import FramingError
+        try:
+            for entry in self._output_reader.feed(data):
+                self.marks.setdefault("output_first", time.monotonic())
+                if self.on_output is not None:
+                    self.on_output(entry)
+        except FramingError:
+            self._output_reader.skip()     # not iolog framing: drop it, keep running
 
 
 # --------------------------------------------------------------------------- a whole run
