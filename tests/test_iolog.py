@@ -167,3 +167,24 @@ def test_log_port_buffers_when_the_pipe_is_full():
         loop.close()
         os.close(r)
         os.close(w)
+
+
+def test_log_port_goes_quiet_when_its_reader_goes_away():
+    """A pipe filled, then its reader closed: the port closes and the loop idles (it
+    used to keep its writer on the dead fd and spin at every turn of the loop)."""
+    from tether.loop import Loop
+    loop = Loop()
+    r, w = os.pipe2(os.O_CLOEXEC)
+    try:
+        port = iolog.LogPort(w, loop)
+        port.write(b"x" * (1 << 20))     # the pipe takes 64 KiB; the rest waits on the loop
+        assert port.pending > 0
+        os.close(r)
+        loop.run_until(lambda: port.closed, timeout=5)
+        assert port.closed and port.pending == 0 and port.dropped > 0
+        port.write(b"more")              # dropped quietly, nothing registered again
+        before = loop.wakeups
+        loop.run_until(lambda: False, timeout=0.5)
+        assert loop.wakeups - before < 10, f"{loop.wakeups - before} wake-ups in 0.5 s"
+    finally:
+        loop.close()

@@ -200,9 +200,13 @@ def main(argv: list[str]) -> int:
 class LogPort:
     """Bytes to the output-log port without blocking the loop when the port is slow.
 
-    A regular file is written directly. A device (serial, virtio-serial) is made
-    non-blocking and fed from a bounded buffer on the loop; past `limit` bytes the
+    A regular file is written directly. A device (serial, virtio-serial) or a pipe is
+    made non-blocking and fed from a bounded buffer on the loop; past `limit` bytes the
     oldest pending output is dropped and counted, rather than stalling every session.
+
+    A write error (the host closed the port, a full disk) closes the port for good: the
+    fd is taken off the loop and closed, and later output is dropped quietly. The error
+    is logged once.
     """
 
     def __init__(self, fd: int, loop=None, limit: int = 8 << 20):
@@ -212,29 +216,34 @@ class LogPort:
         self.loop = loop
         self.limit = limit
         self.dropped = 0
+        self.closed = False
         self._pending = bytearray()
+        self._waiting = False        # a writer callback is registered on the loop
         self._direct = loop is None or stat.S_ISREG(os.fstat(fd).st_mode)
         if not self._direct:
             os.set_blocking(fd, False)
 
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
     def write(self, data: bytes) -> None:
         import os
-        if not data or self.fd < 0:
+        if not data or self.closed:
             return
         if self._direct:
             try:
                 while data:
                     data = data[os.write(self.fd, data):]
-            except OSError:
-                self.fd = -1   # the port went away: stop logging, keep running
+            except OSError as err:
+                self.close(err)
             return
-        was_empty = not self._pending
         self._pending += data
         if len(self._pending) > self.limit:
             extra = len(self._pending) - self.limit
             del self._pending[:extra]
             self.dropped += extra
-        if was_empty:
+        if not self._waiting:
             self._flush()
 
     def _flush(self) -> None:
@@ -245,21 +254,43 @@ class LogPort:
                 del self._pending[:n]
         except BlockingIOError:
             pass
-        except OSError:
-            self._pending.clear()
-            self.fd = -1
+        except OSError as err:
+            self.close(err)
+            return
         if self.loop is None:
             return
-        if self._pending:
+        if self._pending and not self._waiting:
             self.loop.add_writer(self.fd, self._flush)
-        elif self.fd >= 0:
+            self._waiting = True
+        elif not self._pending and self._waiting:
             self.loop.remove_writer(self.fd)
+            self._waiting = False
+
+    def close(self, error: OSError | None = None) -> None:
+        """Stop for good: off the loop, fd closed, pending output dropped."""
+        import os
+        if self.closed:
+            return
+        self.closed = True
+        if self._waiting:
+            self.loop.remove_writer(self.fd)
+            self._waiting = False
+        self.dropped += len(self._pending)
+        self._pending.clear()
+        try:
+            os.close(self.fd)
+        except OSError:
+            pass
+        if error is not None:
+            import logging
+            logging.getLogger("tether.iolog").warning(
+                "session output log stopped: %s; its output is dropped from now on",
+                error.strerror or error)
 
     def drain(self, timeout: float = 5.0) -> None:
         """Push out what is pending, blocking up to `timeout` (used at shutdown)."""
-        import os
         import select
         deadline = time.monotonic() + timeout
-        while self._pending and self.fd >= 0 and time.monotonic() < deadline:
+        while self._pending and not self.closed and time.monotonic() < deadline:
             select.select([], [self.fd], [], max(0.0, deadline - time.monotonic()))
             self._flush()

@@ -48,6 +48,7 @@ class Loop:
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._selector.register(self._wake_r, selectors.EVENT_READ)
         self._owner = threading.get_ident()
+        self.wakeups = 0   # rounds run: a loop that spins shows here
 
     # -- file descriptors -------------------------------------------------------------
     def add_reader(self, fd: int, callback: Callback) -> None:
@@ -147,6 +148,7 @@ class Loop:
             events = self._selector.select(timeout)
         except InterruptedError:
             events = []
+        self.wakeups += 1
         for key, mask in events:
             fd = key.fd
             if fd == self._wake_r:
