@@ -6,10 +6,10 @@ import sys
 
 # name -> (module, function, one-line help). Each function takes argv (after the name).
 COMMANDS = {
-    "agent": ("tether.agent", "main", "run the agent (PID 1 of a container VM)"),
+    "agent": ("tether.agentcli", "main", "run the agent (PID 1 of a container VM)"),
     "sandbox": ("tether.sandbox", "main", "run the agent as PID 1 of new namespaces here"),
     "config": ("tether.configcli", "main", "encode JSON config to VMX lines, or decode back"),
-    "logs": ("tether.iolog", "main", "print a session output log (iolog framing)"),
+    "logs": ("tether.logscli", "main", "print a session output log (iolog framing)"),
     "attach": ("tether.clientcli", "attach_main", "attach to a session"),
     "exec": ("tether.clientcli", "exec_main", "start a process in a running agent"),
     "ps": ("tether.clientcli", "ps_main", "list sessions"),

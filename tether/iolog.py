@@ -1,4 +1,4 @@
-"""The reference's output-log framing (VIC lib/iolog), and `tether logs` to read it back.
+"""The reference's output-log framing (VIC lib/iolog): entries in, entries out.
 
 Each entry is the 16-character base64 form of a 10-byte header, then the payload:
 8 bytes little-endian UnixNano (UTC), then a little-endian 16-bit word
@@ -13,10 +13,8 @@ ID. A reference reader shows those bytes as a prefix; the primary's log stays cl
 """
 from __future__ import annotations
 
-import argparse
 import base64
 import struct
-import sys
 import time
 from typing import Callable, Iterator
 
@@ -25,6 +23,7 @@ HEADER_LEN = 10
 ENCODED_HEADER_LEN = 16
 STDOUT, STDERR = 0, 1
 TAGGED = 0x1
+PRIMARY_LABEL = "primary"   # how readers name the untagged entries (the primary session's)
 
 _header = struct.Struct("<qH")
 
@@ -159,42 +158,6 @@ def format_time(when_ns: int) -> str:
     """Go's 2006-01-02T15:04:05.000000000Z07:00, in UTC."""
     secs, nanos = divmod(when_ns, 1_000_000_000)
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(secs)) + f".{nanos:09d}Z"
-
-
-PRIMARY_LABEL = "primary"
-
-
-def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
-        prog="tether logs", description="Print a session output log (iolog framing).")
-    parser.add_argument("file", help="the output log (a file, or - for stdin)")
-    parser.add_argument("--session", help=f"only this session ID ('{PRIMARY_LABEL}': "
-                        "the untagged entries, i.e. the primary session)")
-    parser.add_argument("--raw", action="store_true", help="payload only, no timestamps")
-    args = parser.parse_args(argv)
-    try:
-        blob = sys.stdin.buffer.read() if args.file == "-" else open(args.file, "rb").read()
-    except OSError as err:
-        print(f"tether logs: cannot read {args.file}: {err.strerror}", file=sys.stderr)
-        return 1
-    out = sys.stdout.buffer
-    try:
-        for entry in parse(blob):
-            label = entry.session if entry.session is not None else PRIMARY_LABEL
-            if args.session is not None and label != args.session:
-                continue
-            if args.raw:
-                out.write(entry.data)
-                continue
-            stream = "stderr" if entry.stream else "stdout"
-            out.write(f"{format_time(entry.when_ns)} {label} {stream} ".encode())
-            out.write(entry.data if entry.data.endswith(b"\n") else entry.data + b"\n")
-    except FramingError as err:
-        out.flush()
-        print(f"tether logs: {args.file}: {err}", file=sys.stderr)
-        return 1
-    out.flush()
-    return 0
 
 
 class LogPort:

@@ -1,0 +1,108 @@
+"""The shape of the code: the import graph, no CLI machinery on the agent's startup path."""
+from __future__ import annotations
+
+import ast
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import REPO, executor_config, session_config, write_config
+
+PACKAGES = ("tether", "extraconfig")
+
+
+def _modules() -> dict[str, Path]:
+    found = {}
+    for package in PACKAGES:
+        for path in sorted((REPO / package).rglob("*.py")):
+            name = ".".join(path.relative_to(REPO).with_suffix("").parts)
+            found[name.removesuffix(".__init__")] = path
+    return found
+
+
+def import_graph() -> dict[str, set[str]]:
+    """module -> the project modules it imports, at the top or inside a function (a lazy
+    import is still a dependency). Importing a package's submodule counts as importing the
+    submodule; a module's own parent packages are not edges."""
+    modules = _modules()
+    graph = {}
+    for name, path in modules.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                deps.update(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom):
+                if node.level:
+                    base = package.split(".")[:len(package.split(".")) - node.level + 1]
+                    target = ".".join(base + ([node.module] if node.module else []))
+                else:
+                    target = node.module
+                subs = [f"{target}.{a.name}" for a in node.names if f"{target}.{a.name}" in modules]
+                deps.update(subs or [target])
+        graph[name] = {d for d in deps if d in modules and d != name
+                       and not name.startswith(d + ".")}
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components with more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_the_cycle_check_sees_a_cycle():
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_extraconfig_knows_nothing_of_tether():
+    graph = import_graph()
+    assert not [(m, d) for m, deps in graph.items() if m.startswith("extraconfig")
+                for d in deps if d.startswith("tether")]
+
+
+def test_agent_startup_imports_no_argparse_before_the_primary_runs(tmp_path):
+    primary = session_config("p" * 12, ["/bin/true"])
+    vmx = write_config(executor_config(primary), str(tmp_path))
+    run = subprocess.run([sys.executable, "-X", "importtime", "-m", "tether", "agent",
+                          "--guestinfo-file", vmx, "--no-power-off", "--no-attach"],
+                         cwd=REPO, capture_output=True, text=True, timeout=120,
+                         env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert run.returncode == 0, run.stderr
+    lines = run.stderr.splitlines()
+    started = next(i for i, line in enumerate(lines) if re.search(r"session p+ started", line))
+    imported = [line.rsplit("|", 1)[-1].strip() for line in lines[:started]
+                if line.startswith("import time:")]
+    assert "tether.sessions" in imported       # the check sees the agent's imports...
+    assert not {"argparse", "gettext"} & set(imported), imported   # ...and none of these

@@ -1,0 +1,150 @@
+"""`tether agent`: the command line of PID 1. Options are parsed by hand: argparse and
+gettext cost startup time on every boot."""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+from types import SimpleNamespace
+
+from tether.agent import DEFAULT_STOP_GRACE, Agent, Options, configure_logging, env_debug_level
+
+log = logging.getLogger("tether.agent")
+
+
+def redirect_log(path: str) -> None:
+    """Point stdout and stderr (the agent log) at the log port, as the reference did
+    with ttyS1. A port that cannot be opened leaves the log where it was."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_NOCTTY | os.O_CLOEXEC | os.O_APPEND
+                     | (0 if path.startswith("/dev/") else os.O_CREAT), 0o644)
+    except OSError as err:
+        log.error("cannot open the log port %s: %s; logging to stderr", path, err.strerror)
+        return
+    if os.isatty(fd):
+        from tether import system
+        try:
+            system.set_raw_tty(fd)
+        except OSError as err:
+            log.warning("log port %s: %s; leaving the line as it is", path, err.strerror)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    log.info("agent log on %s", path)
+
+
+AGENT_USAGE = """usage: tether agent [options]
+
+Run the agent (PID 1 of a container VM).
+
+options:
+  --guestinfo-file FILE  VMX-style guestinfo file (when there is no backdoor or
+                         virtio-serial channel; also kernel argument tether.guestinfo=)
+  --rootfs DIR           container root (default: the containerfs disk, else /)
+  --output-log PATH      session output log (default: virtio port org.tether.output,
+                         else /dev/ttyS2; only as PID 1)
+  --attach ENDPOINT      attach endpoint: unix:PATH, vsock:PORT, port:NAME,
+                         serial:DEV; repeatable
+  --no-attach            serve no attach endpoint at all
+  --vic-attach ENDPOINT  serve VIC's handshake + SSH attach on unix:PATH or a serial
+                         device; repeatable (default: /dev/ttyS0 in VIC's serial layout)
+  --vic-handshake V      head (default), v0.9 or auto; also kernel argument
+                         tether.vic_handshake=V
+  --vic-auth MODE        none (default, as the reference) or key: the client must sign
+                         with ExecutorConfig.Key; also kernel argument tether.vic_auth=
+  --log-port DEVICE      write the agent log there (raw, 115200 when a tty)
+  --no-power-off         exit with the primary's status instead of powering off
+  --stop-grace SECONDS   between the stop signal and SIGKILL (default 10)
+"""
+
+_VALUED = {"--guestinfo-file": "guestinfo_file", "--rootfs": "rootfs",
+           "--output-log": "output_log", "--attach": "attach_endpoints",
+           "--log-port": "log_port", "--stop-grace": "stop_grace",
+           "--vic-attach": "vic_attach", "--vic-handshake": "vic_handshake",
+           "--vic-auth": "vic_auth"}
+_FLAGS = {"--no-attach": "no_attach", "--no-power-off": "no_power_off"}
+
+
+class UsageError(Exception):
+    pass
+
+
+def parse_args(argv: list[str]) -> SimpleNamespace:
+    """The agent's options, parsed by hand: argparse costs PID 1 startup time."""
+    args = SimpleNamespace(guestinfo_file=None, rootfs=None, output_log=None,
+                           attach_endpoints=None, log_port=None, stop_grace=DEFAULT_STOP_GRACE,
+                           no_attach=False, no_power_off=False, help=False, vic_attach=None,
+                           vic_handshake=None, vic_auth=None)
+    items = list(argv)
+    while items:
+        item = items.pop(0)
+        name, _, inline = item.partition("=")
+        if item in ("-h", "--help"):
+            args.help = True
+        elif name in _FLAGS and not inline:
+            setattr(args, _FLAGS[name], True)
+        elif name in _VALUED:
+            if inline or "=" in item:
+                value = inline
+            elif items:
+                value = items.pop(0)
+            else:
+                raise UsageError(f"{name} needs a value")
+            dest = _VALUED[name]
+            if dest in ("attach_endpoints", "vic_attach"):
+                setattr(args, dest, (getattr(args, dest) or []) + [value])
+            elif dest == "stop_grace":
+                try:
+                    args.stop_grace = float(value)
+                except ValueError:
+                    raise UsageError(f"--stop-grace: not a number: {value!r}") from None
+            else:
+                setattr(args, dest, value)
+        else:
+            raise UsageError(f"unknown argument {item!r}")
+    return args
+
+
+def main(argv: list[str]) -> int:
+    """`tether agent`: the PID 1 entry. Never ends with a traceback."""
+    configure_logging(level=logging.DEBUG if env_debug_level() >= 1 else logging.INFO)
+    code = 1
+    power_off = False
+    try:
+        try:
+            args = parse_args(argv)
+        except UsageError as err:
+            print(f"tether agent: {err}\n\n{AGENT_USAGE}", file=sys.stderr)
+            return 2
+        if args.help:
+            print(AGENT_USAGE)
+            return 0
+        if args.log_port:
+            redirect_log(args.log_port)
+        power_off = (os.getpid() == 1 and not args.no_power_off
+                     and not os.path.basename(sys.argv[0]).endswith("-debug"))
+        from tether.guestinfo import open_transport
+        transport = open_transport(args.guestinfo_file)
+        options = Options(rootfs=args.rootfs, output_log=args.output_log,
+                          attach_endpoints=[] if args.no_attach else args.attach_endpoints,
+                          power_off=power_off,
+                          stop_grace=args.stop_grace,
+                          vic_attach=[] if args.no_attach else args.vic_attach,
+                          vic_options={"handshake": args.vic_handshake, "auth": args.vic_auth})
+        code = Agent(transport, options).run()
+    except BaseException:   # noqa: BLE001 - the last guard of PID 1
+        log.critical("the agent failed; stopping cleanly", exc_info=True)
+    if power_off:
+        log.info("powering off")
+        logging.shutdown()
+        try:
+            from tether import system
+            system.power_off()
+        except BaseException:   # noqa: BLE001
+            log.critical("power off failed; halting here", exc_info=True)
+            while True:   # PID 1 must not exit: that would panic the kernel
+                signal.pause()
+    return code
