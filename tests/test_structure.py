@@ -106,3 +106,15 @@ def test_agent_startup_imports_no_argparse_before_the_primary_runs(tmp_path):
                 if line.startswith("import time:")]
     assert "tether.sessions" in imported       # the check sees the agent's imports...
     assert not {"argparse", "gettext"} & set(imported), imported   # ...and none of these
+
+
+def test_the_run_mode_is_decided_in_one_place():
+    hits = [f"{path.relative_to(REPO)}:{n}" for path in sorted((REPO / "tether").rglob("*.py"))
+            for n, line in enumerate(path.read_text().splitlines(), 1)
+            if "getpid() == 1" in line]
+    assert len(hits) == 1, hits
+    from tether.agent import RunMode
+    assert RunMode.detect(sandbox=True) is RunMode.SANDBOX
+    assert RunMode.detect() is RunMode.PROCESS            # pytest is not PID 1
+    assert [m for m in RunMode if m.owns_machine] == [RunMode.VM]
+    assert [m for m in RunMode if not m.owns_namespaces] == [RunMode.PROCESS]

@@ -13,6 +13,7 @@ of step names (see STEPS), makes those steps raise an injected error.
 """
 from __future__ import annotations
 
+import enum
 import logging
 import os
 import signal
@@ -48,20 +49,43 @@ def configure_logging(stream=None, level: int = logging.INFO) -> logging.Handler
     return handler
 
 
+class RunMode(enum.Enum):
+    """Where the agent runs, decided once at entry (`detect`), and what it may touch."""
+    VM = "vm"              # PID 1 of a container VM: the whole machine is ours
+    SANDBOX = "sandbox"    # PID 1 of `tether sandbox`'s namespaces on a host
+    PROCESS = "process"    # a plain process on a host (tests, debugging): touch nothing
+
+    @classmethod
+    def detect(cls, sandbox: bool = False) -> "RunMode":
+        if sandbox:
+            return cls.SANDBOX
+        return cls.VM if os.getpid() == 1 else cls.PROCESS
+
+    @property
+    def owns_machine(self) -> bool:
+        """System mounts, the containerfs disk, the VM's serial and virtio ports, power."""
+        return self is RunMode.VM
+
+    @property
+    def owns_namespaces(self) -> bool:
+        """Hostname, /etc files, networks and volumes: only PID 1 of a VM or of the
+        sandbox's namespaces touches them, never a host the agent merely runs on."""
+        return self is not RunMode.PROCESS
+
+
 class Options:
     """How this agent runs; plain data filled from the command line or the sandbox."""
 
-    def __init__(self, *, rootfs: str | None = None, output_log: str | None = None,
-                 attach_endpoints: list[str] | None = None, power_off: bool = False,
-                 sandbox: bool = False, state_dir: str = STATE_DIR,
+    def __init__(self, *, mode: RunMode | None = None, rootfs: str | None = None,
+                 output_log: str | None = None, attach_endpoints: list[str] | None = None,
+                 state_dir: str = STATE_DIR,
                  stop_grace: float = DEFAULT_STOP_GRACE, echo_output: bool | None = None,
                  before_reload=None, vic_attach: list[str] | None = None,
                  vic_options: dict | None = None):
+        self.mode = mode or RunMode.detect()
         self.rootfs = rootfs
         self.output_log = output_log
         self.attach_endpoints = attach_endpoints
-        self.power_off = power_off
-        self.sandbox = sandbox
         self.state_dir = state_dir
         self.stop_grace = stop_grace
         self.echo_output = echo_output     # None: always in the sandbox, else at debug >= 1
@@ -102,9 +126,7 @@ class Agent:
         self._restart_timers: dict = {}
         self._kill_timer = None
         self._abandoned = False
-        # Hostname, /etc files, networks and volumes are the machine's: only PID 1 (of a
-        # VM or of the sandbox's namespaces) touches them, never a host it merely runs on.
-        self.owns_system = os.getpid() == 1
+        self.mode = options.mode
 
     # -- the guard ---------------------------------------------------------------------
     def guarded(self, step: str, action, *args) -> bool:
@@ -155,7 +177,7 @@ class Agent:
 
     def setup_system(self) -> None:
         from tether import system
-        if os.getpid() == 1 and not self.options.sandbox:   # the sandbox brings its own
+        if self.mode.owns_machine:   # the sandbox brings its own
             mounted = system.mount_missing()
             if mounted:
                 log.info("mounted %s", ", ".join(mounted))
@@ -165,14 +187,14 @@ class Agent:
             system.set_rlimits()
         except OSError as err:
             log.warning("%s (sessions keep the inherited limits)", err)
-        if os.getpid() == 1 and not self.options.sandbox:
+        if self.mode.owns_machine:
             system.link_mtab("/")
         self._open_output_log()
 
     def _open_output_log(self) -> None:
         from tether import system
         path = self.options.output_log
-        if path is None and not self.options.sandbox and self.owns_system:
+        if path is None and self.mode.owns_machine:
             from extraconfig.virtio import find_port
             path = find_port("org.tether.output") or (
                 "/dev/ttyS2" if os.path.exists("/dev/ttyS2") else None)
@@ -216,7 +238,7 @@ class Agent:
     def set_hostname(self) -> None:
         from tether import system
         name = hostname_for(self.config.common.id)
-        if not self.owns_system:
+        if not self.mode.owns_namespaces:
             log.info("not PID 1: hostname and /etc files left alone")
             return
         if not name:
@@ -238,7 +260,7 @@ class Agent:
 
     def prepare_container_root(self) -> None:
         from tether import system
-        if self.options.rootfs is None and not self.options.sandbox and os.getpid() == 1:
+        if self.options.rootfs is None and self.mode.owns_machine:
             self.root = self._mount_containerfs() or "/"
         if self.root != "/":
             system.bind_system_dirs(self.root)
@@ -263,7 +285,7 @@ class Agent:
         networks = self.config.networks
         if not networks:
             return
-        if not self.owns_system:
+        if not self.mode.owns_namespaces:
             log.warning("not PID 1: the configured networks are not applied")
             return
         signature = repr(networks)
@@ -289,7 +311,7 @@ class Agent:
         mounts = self.config.mounts
         if not mounts:
             return
-        if not self.owns_system:
+        if not self.mode.owns_namespaces:
             log.warning("not PID 1: the configured volumes are not mounted")
             return
         new = {k: v for k, v in mounts.items() if k not in self._mounted_volumes}
@@ -303,7 +325,7 @@ class Agent:
         endpoints = self.options.attach_endpoints
         if endpoints is None:
             endpoints = []
-            if not self.options.sandbox and self.owns_system:   # a VM's ports, not a host's
+            if self.mode.owns_machine:   # a VM's ports, not a host's
                 from extraconfig.virtio import find_port
                 if find_port("org.tether.attach"):
                     endpoints.append("port:org.tether.attach")
@@ -325,7 +347,7 @@ class Agent:
         sink = self._writeback.sink if self._writeback is not None else None
         self._vic_attach = start_for_agent(
             self, endpoints=self.options.vic_attach, options=self.options.vic_options,
-            in_vm=self.owns_system and not self.options.sandbox,
+            in_vm=self.mode.owns_machine,
             transport_module=type(self.transport).__module__,
             runblock_sink=(lambda s: write_runblock(sink, self.config, s.id)) if sink else None)
 
@@ -362,7 +384,7 @@ class Agent:
         cfg.detail.stop_time = 0
         echo = self.options.echo_output
         if echo is None:
-            echo = self.options.sandbox or max(self.config.diagnostics.debug_level,
+            echo = self.mode is RunMode.SANDBOX or max(self.config.diagnostics.debug_level,
                                                env_debug_level()) >= 1
         session = Session(cfg, loop=self.loop, reaper=self.reaper, root=self.root,
                           log_port=self._log_port, primary=cfg.common.id == self.config.id,

@@ -8,7 +8,8 @@ import signal
 import sys
 from types import SimpleNamespace
 
-from tether.agent import DEFAULT_STOP_GRACE, Agent, Options, configure_logging, env_debug_level
+from tether.agent import (DEFAULT_STOP_GRACE, Agent, Options, RunMode, configure_logging,
+                          env_debug_level)
 
 log = logging.getLogger("tether.agent")
 
@@ -124,13 +125,13 @@ def main(argv: list[str]) -> int:
             return 0
         if args.log_port:
             redirect_log(args.log_port)
-        power_off = (os.getpid() == 1 and not args.no_power_off
+        mode = RunMode.detect()
+        power_off = (mode.owns_machine and not args.no_power_off
                      and not os.path.basename(sys.argv[0]).endswith("-debug"))
         from tether.guestinfo import open_transport
         transport = open_transport(args.guestinfo_file)
-        options = Options(rootfs=args.rootfs, output_log=args.output_log,
+        options = Options(mode=mode, rootfs=args.rootfs, output_log=args.output_log,
                           attach_endpoints=[] if args.no_attach else args.attach_endpoints,
-                          power_off=power_off,
                           stop_grace=args.stop_grace,
                           vic_attach=[] if args.no_attach else args.vic_attach,
                           vic_options={"handshake": args.vic_handshake, "auth": args.vic_auth})

@@ -210,7 +210,7 @@ def run_inside(args: argparse.Namespace, seed: dict[str, str]) -> int:
     import tempfile
     from extraconfig.transport import MapTransport
     from tether import system
-    from tether.agent import Agent, Options
+    from tether.agent import Agent, Options, RunMode
     system.set_parent_death_signal(signal.SIGKILL)
     system.make_mounts_private()
     system.mount("proc", "/proc", "proc", system.MS_NOSUID | system.MS_NODEV | system.MS_NOEXEC)
@@ -235,7 +235,7 @@ def run_inside(args: argparse.Namespace, seed: dict[str, str]) -> int:
                       output_log=args.output_log,
                       attach_endpoints=[f"unix:{args.attach_socket}"] if args.attach_socket
                       else [],
-                      sandbox=True, state_dir=state_dir, stop_grace=args.stop_grace,
+                      mode=RunMode.SANDBOX, state_dir=state_dir, stop_grace=args.stop_grace,
                       before_reload=refresh_from_json,
                       vic_attach=[f"unix:{args.vic_attach}"] if args.vic_attach else [],
                       vic_options={"handshake": args.vic_handshake, "auth": args.vic_auth})
