@@ -222,3 +222,16 @@ def test_hostname_and_etc_files_inside_the_rootfs(sandbox, rootfs):
     assert f"name={ident[:12]} file={ident[:12]}" in result.log, result.log
     assert "image-entry" in result.log          # the image's hosts blended in
     assert (rootfs / "etc" / "hostname").read_text() == "image-name\n"   # image untouched
+
+
+def test_exit_code_of_a_failed_primary_comes_from_the_errno_not_the_text(sandbox, tmp_path):
+    """126 when the command cannot be executed (EACCES), 127 when it is not there
+    (ENOENT), as tini does, whatever words the path happens to hold."""
+    odd = tmp_path / "permission denied"
+    odd.mkdir()
+    result, s = run_one(sandbox, session_config(sid(), [str(odd / "missing")]))
+    assert s.started == f"stat {odd}/missing: no such file or directory"
+    assert result.returncode == 127, result.log
+    result, s = run_one(sandbox, session_config(sid(), [str(tmp_path)]))
+    assert s.started == f"{tmp_path}: is a directory"
+    assert result.returncode == 126, result.log

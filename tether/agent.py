@@ -389,7 +389,7 @@ class Agent:
         session = Session(cfg, loop=self.loop, reaper=self.reaper, root=self.root,
                           log_port=self._log_port, primary=cfg.common.id == self.config.id,
                           echo=write_console if echo else None,
-                          on_launched=self._session_launched, on_exited=self._session_exited)
+                          on_change=self._session_changed)
         self.sessions[session.id] = session
         return session
 
@@ -402,11 +402,18 @@ class Agent:
         session.start()
         return session
 
+    def _session_changed(self, session, old, new) -> None:
+        from tether.sessions import Phase
+        if new in (Phase.RUNNING, Phase.FAILED):
+            self._session_launched(session)
+        elif new is Phase.EXITED:
+            self._session_exited(session)
+
     def _session_launched(self, session) -> None:
+        from tether.sessions import Phase, launch_failure_code
         self._publish_session(session)
-        if session.primary and session.config.started != "true":
-            self.primary_failed_code = 126 if "permission denied" in session.config.started \
-                else 127
+        if session.primary and session.phase is Phase.FAILED:
+            self.primary_failed_code = launch_failure_code(session.launch_errno)
             self.request_stop(f"primary session failed to start: {session.config.started}")
 
     def _session_exited(self, session) -> None:
@@ -451,6 +458,7 @@ class Agent:
         from extraconfig.codec import decode
         from extraconfig.transport import GuestSource
         from tether.config import ExecutorConfig
+        from tether.sessions import Phase
         if self.options.before_reload is not None:
             self.options.before_reload()
         fresh = decode(GuestSource(self.transport), ExecutorConfig)
@@ -471,7 +479,7 @@ class Agent:
                 self.config.sessions[sid] = cfg
                 log.info("reload: new session %s", sid)
                 self._new_session(cfg).start()
-            elif known.config.restart and not known.running and not known.blocked \
+            elif known.config.restart and known.phase in (Phase.EXITED, Phase.FAILED) \
                     and sid not in self._restart_timers and known.launches:
                 log.info("reload: relaunching session %s", sid)
                 self._relaunch(known)
@@ -487,7 +495,7 @@ class Agent:
         self._restart_timers.clear()
         from tether.sessions import parse_signal
         for session in self.sessions.values():
-            session.blocked = False
+            session.cancel()
             if session.running:
                 try:
                     signum = parse_signal(session.config.stop_signal)

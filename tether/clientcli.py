@@ -243,8 +243,7 @@ def ps_main(argv: list[str]) -> int:
             return 0
         print(f"{'SESSION':<24} {'PID':>7} {'STATE':<10} {'STATUS':>6} STARTED")
         for s in sessions:
-            state = "running" if s.get("running") else (
-                "blocked" if s.get("blocked") else "exited" if s.get("stoptime") else "created")
+            state = (s.get("run_state") or {}).get("Status", "?")   # the agent's word
             print(f"{str(s.get('id'))[:24]:<24} {str(s.get('pid') or '-'):>7} {state:<10} "
                   f"{s.get('status'):>6} {s.get('started')}")
         return 0

@@ -1,21 +1,30 @@
-"""Launching a session process, and fanning out its output.
+"""A session: its life as one state machine, launching its process, fanning out its output.
+
+A session is in exactly one `Phase`; `TRANSITIONS` (in the style of h11's tables) says
+which event moves it where, and nothing else changes it. `running`, `blocked`,
+`finishing`, the `list` reply's state and the port layer's ProcessRunState are all read
+from the phase.
 
 A session runs in its own session and process group (setsid; a tty session also gets
 its pty as controlling tty), chrooted into the container root, as the configured user,
 with exactly the configured environment and only fds 0-2 open. The child resolves the
 path itself, after chroot and chdir, so container symlinks resolve inside the container;
-any failure before exec comes back over a close-on-exec pipe as the `started` text.
+any failure before exec comes back over a close-on-exec pipe as an errno and the
+`started` text: 126 or 127 as the agent's exit code come from that errno (EACCES,
+ENOENT), as in tini, never from the text.
 
 Output is read non-blocking on the loop and goes, for every session, to the output log
 (iolog framing), the replay ring (last 64 KiB) and attach listeners.
 """
 from __future__ import annotations
 
+import enum
 import errno
 import fcntl
 import logging
 import os
 import signal
+import struct
 import termios
 import time
 from collections import deque
@@ -42,7 +51,55 @@ _AGENT_SIGNALS = ("SIGCHLD", "SIGHUP", "SIGTERM", "SIGINT", "SIGPWR", "SIGUSR1",
 
 
 class LaunchError(Exception):
-    """A session could not start; the text goes into `started`."""
+    """A session could not start; the text goes into `started`, the errno (0 when there is
+    none) decides the exit code (`launch_failure_code`)."""
+
+    def __init__(self, message: str, code: int = 0):
+        super().__init__(message)
+        self.errno = code
+
+
+def launch_failure_code(code: int) -> int:
+    """The shell's convention, as tini and docker use it: 126 when the command was found
+    but may not be executed (EACCES), 127 when it was not found (ENOENT) or the launch
+    failed before it was looked for."""
+    return 126 if code == errno.EACCES else 127
+
+
+# -- the state machine ------------------------------------------------------------------------
+class Phase(enum.Enum):
+    CREATED = "created"        # configured, not launched (or its RunBlock wait cancelled)
+    BLOCKED = "blocked"        # RunBlock: waits for an attach to release it
+    RUNNING = "running"
+    FINISHING = "finishing"    # the process exited; its last output is being collected
+    EXITED = "exited"          # the exit is recorded; a restart may launch it again
+    FAILED = "failed"          # the launch failed: `started` says why, `launch_errno` the errno
+
+
+class Event(enum.Enum):
+    BLOCK = "block"                    # asked to launch, but RunBlock holds it
+    CANCEL = "cancel"                  # the agent stops: a blocked session will not launch
+    LAUNCHED = "launched"
+    LAUNCH_FAILED = "launch failed"
+    PROCESS_EXITED = "process exited"  # the reaper has its wait status
+    OUTPUT_DONE = "output done"        # its pipes are drained: the exit is recorded
+
+
+TRANSITIONS: dict[Phase, dict[Event, Phase]] = {
+    Phase.CREATED: {Event.BLOCK: Phase.BLOCKED, Event.LAUNCHED: Phase.RUNNING,
+                    Event.LAUNCH_FAILED: Phase.FAILED},
+    Phase.BLOCKED: {Event.LAUNCHED: Phase.RUNNING, Event.LAUNCH_FAILED: Phase.FAILED,
+                    Event.CANCEL: Phase.CREATED},
+    Phase.RUNNING: {Event.PROCESS_EXITED: Phase.FINISHING},
+    Phase.FINISHING: {Event.OUTPUT_DONE: Phase.EXITED},
+    Phase.EXITED: {Event.LAUNCHED: Phase.RUNNING, Event.LAUNCH_FAILED: Phase.FAILED},
+    Phase.FAILED: {Event.LAUNCHED: Phase.RUNNING, Event.LAUNCH_FAILED: Phase.FAILED},
+}
+LAUNCHABLE = frozenset(p for p, moves in TRANSITIONS.items() if Event.LAUNCHED in moves)
+
+
+class SessionStateError(RuntimeError):
+    """An event the session's phase does not allow: a bug in the caller."""
 
 
 # -- signals ------------------------------------------------------------------------------
@@ -207,23 +264,23 @@ def _go_error(prefix: str, err: OSError) -> str:
     return f"{prefix}: {text[:1].lower()}{text[1:]}"
 
 
-def _is_executable(path: str) -> str | None:
-    """None when `path` can be executed, else the `started` error text."""
+def _is_executable(path: str) -> LaunchError | None:
+    """None when `path` can be executed, else why not (the `started` text and errno)."""
     try:
         st = os.stat(path)
     except OSError as err:
-        return _go_error(f"stat {path}", err)
+        return LaunchError(_go_error(f"stat {path}", err), err.errno or 0)
     if (st.st_mode & 0o170000) == 0o040000:
-        return f"{path}: is a directory"
+        return LaunchError(f"{path}: is a directory", errno.EACCES)   # as execve(2) says
     if not st.st_mode & 0o111:
-        return f"{path}: permission denied"
+        return LaunchError(f"{path}: permission denied", errno.EACCES)
     return None
 
 
 def lookup_path(path: str, env: list[str], cwd: str) -> str:
     """The reference's lookup against the session's own PATH. Raises LaunchError."""
     if not path:
-        raise LaunchError("no command given (cmd.Path is empty)")
+        raise LaunchError("no command given (cmd.Path is empty)", errno.ENOENT)
     if path.startswith("./") or path.startswith("../"):
         candidate = os.path.normpath(os.path.join(cwd, path))
     elif "/" in path:
@@ -231,15 +288,16 @@ def lookup_path(path: str, env: list[str], cwd: str) -> str:
     else:
         search = next((e[5:] for e in env if e.startswith("PATH=")), None)
         if search is None:
-            raise LaunchError(f"{path}: no such executable in PATH (the session has no PATH)")
+            raise LaunchError(f"{path}: no such executable in PATH (the session has no PATH)",
+                              errno.ENOENT)
         for directory in search.split(":"):
             candidate = os.path.join(directory or ".", path)
             if _is_executable(candidate) is None:
                 return os.path.normpath(candidate)
-        raise LaunchError(f"{path}: no such executable in PATH")
+        raise LaunchError(f"{path}: no such executable in PATH", errno.ENOENT)
     problem = _is_executable(candidate)
     if problem:
-        raise LaunchError(problem)
+        raise problem
     return candidate
 
 
@@ -253,9 +311,13 @@ class LaunchSpec:
             setattr(self, name, kw.get(name))
 
 
+_ERRNO = struct.Struct("<i")   # the failure report: errno, then the `started` text
+
+
 def _child_exec(spec: LaunchSpec, errw: int) -> None:
     """Runs in the forked child; never returns. Only os-level calls, no logging."""
     step = "setsid"
+    code = 0
     try:
         os.setsid()
         if spec.tty:
@@ -281,7 +343,7 @@ def _child_exec(spec: LaunchSpec, errw: int) -> None:
         try:
             path = lookup_path(spec.path, spec.env, directory)
         except LaunchError as err:
-            os.write(errw, str(err).encode())
+            os.write(errw, _ERRNO.pack(err.errno) + str(err).encode(errors="replace"))
             os._exit(127)
         step = f"fork/exec {path}"
         os.closerange(3, errw)
@@ -293,35 +355,35 @@ def _child_exec(spec: LaunchSpec, errw: int) -> None:
                                         for e in spec.env))
     except OSError as err:
         msg = _go_error(step, err)
+        code = err.errno or 0
     except BaseException as err:   # noqa: BLE001 - the child must never return
         msg = f"{step}: {err}"
     try:
-        os.write(errw, msg.encode(errors="replace"))
+        os.write(errw, _ERRNO.pack(code) + msg.encode(errors="replace"))
     finally:
         os._exit(127)
 
 
 # -- the session -----------------------------------------------------------------------
 class Session:
-    """One configured process: launch, I/O, exit, restart bookkeeping (see architecture.md)."""
+    """One configured process: its phase, launch, I/O and exit (see architecture.md)."""
 
     def __init__(self, config, *, loop, reaper, root: str = "/", log_port=None,
                  primary: bool = False, echo: Callable[[bytes], object] | None = None,
-                 on_launched: Callable[["Session"], object] | None = None,
-                 on_exited: Callable[["Session"], object] | None = None):
+                 on_change: Callable[["Session", Phase, Phase], object] | None = None):
         self.id: str = config.common.id
         self.config = config
         self.loop = loop
         self.reaper = reaper
         self.root = root
         self.primary = primary
+        self.phase = Phase.CREATED
         self.pid: int | None = None
-        self.running = False
-        self.blocked = False                # waiting for an attach to release RunBlock
         self.exit_signal = 0                # the signal that killed the last run, if any
+        self.launch_errno = 0               # the errno of the last failed launch
+        self.launches = 0                   # successful launches
         self.output = OutputFanout(self.id, log_port, primary, echo)
-        self._on_launched = on_launched
-        self._on_exited = on_exited
+        self._on_change = on_change
         self._readers: dict[int, str] = {}  # fd -> stream name
         self._stdin_fd = -1
         self._stdin_buf = bytearray()
@@ -329,33 +391,57 @@ class Session:
         self._master_fd = -1
         self._wait_status: int | None = None
         self._grace_timer = None
+        self._unblocked = not config.run_block
         self._started_at = 0.0
         self._backoff = RESTART_BASE
-        self.launches = 0
-        self._unblocked = not config.run_block
+
+    # -- the phase ----------------------------------------------------------------------
+    @property
+    def running(self) -> bool:
+        return self.phase is Phase.RUNNING
+
+    @property
+    def blocked(self) -> bool:
+        """Waiting for an attach to release RunBlock."""
+        return self.phase is Phase.BLOCKED
 
     @property
     def finishing(self) -> bool:
         """Exited, but its last output is still being collected."""
-        return self._wait_status is not None
+        return self.phase is Phase.FINISHING
+
+    def _change(self, event: Event) -> None:
+        old = self.phase
+        new = TRANSITIONS[old].get(event)
+        if new is None:
+            raise SessionStateError(f"session {self.id}: {event.value!r} is not possible "
+                                    f"while {old.value}")
+        self.phase = new
+        if self._on_change is not None:
+            self._on_change(self, old, new)
 
     # -- launching --------------------------------------------------------------------
     def start(self) -> None:
         """Launch now, or hold it until `unblock` when RunBlock is set."""
+        if self.phase not in LAUNCHABLE:
+            raise SessionStateError(f"session {self.id}: cannot launch while "
+                                    f"{self.phase.value}")
         if not self._unblocked:
-            if not self.blocked:
+            if self.phase is not Phase.BLOCKED:
                 log.info("session %s waits for an attach to release RunBlock", self.id)
-            self.blocked = True
+                self._change(Event.BLOCK)
             return
-        self.blocked = False
         self._launch()
-        if self._on_launched is not None:
-            self._on_launched(self)
 
     def unblock(self) -> None:
         self._unblocked = True
-        if self.blocked:
-            self.start()
+        if self.phase is Phase.BLOCKED:
+            self._launch()
+
+    def cancel(self) -> None:
+        """The agent is stopping: a session still waiting for RunBlock never launches."""
+        if self.phase is Phase.BLOCKED:
+            self._change(Event.CANCEL)
 
     def _launch(self) -> None:
         cfg = self.config
@@ -366,23 +452,29 @@ class Session:
         try:
             self._spawn()
         except LaunchError as err:
-            cfg.started = str(err)
+            self._failed(str(err), err.errno)
             cfg.exit_status = 0
-            log.error("session %s did not start: %s", self.id, err)
             return
         except OSError as err:
-            cfg.started = _go_error("start", err)
-            log.error("session %s did not start: %s", self.id, cfg.started)
+            self._failed(_go_error("start", err), err.errno or 0)
             return
         except Exception as err:   # noqa: BLE001 - one bad session must not stop the rest
-            cfg.started = f"internal error starting the session: {err}"
             log.exception("session %s did not start", self.id)
+            self._failed(f"internal error starting the session: {err}", 0)
             return
         cfg.started = "true"
+        self.launch_errno = 0
         self.launches += 1
         self._started_at = time.monotonic()
         log.info("session %s started: pid %d, %s", self.id, self.pid,
                  " ".join(cfg.cmd.args or [cfg.cmd.path]))
+        self._change(Event.LAUNCHED)
+
+    def _failed(self, reason: str, code: int) -> None:
+        self.config.started = reason
+        self.launch_errno = code
+        log.error("session %s did not start: %s", self.id, reason)
+        self._change(Event.LAUNCH_FAILED)
 
     def _spawn(self) -> None:
         cfg = self.config
@@ -429,7 +521,6 @@ class Session:
             for fd in child_fds:
                 os.close(fd)
         self.pid = pid
-        self.running = True
         self.reaper.watch(pid, self._on_wait_status)
         self.output.reopen()
         self._master_fd = stdin_fd if cfg.tty else -1
@@ -477,7 +568,9 @@ class Session:
                 os.waitpid(pid, 0)
             except ChildProcessError:
                 pass
-            raise LaunchError(b"".join(chunks).decode(errors="replace"))
+            report = b"".join(chunks)
+            code = _ERRNO.unpack_from(report)[0] if len(report) >= _ERRNO.size else 0
+            raise LaunchError(report[_ERRNO.size:].decode(errors="replace"), code)
         return pid
 
     # -- output ---------------------------------------------------------------------------
@@ -514,7 +607,7 @@ class Session:
         self._readers.pop(fd, None)
         self.loop.remove_reader(fd)
         if fd == self._stdin_fd:   # a tty's master is both: keep it until the end
-            if self._wait_status is None:
+            if self.phase is not Phase.FINISHING:
                 return
             self._stdin_fd = -1
             self._master_fd = -1
@@ -563,7 +656,6 @@ class Session:
     def resize(self, rows: int, cols: int) -> None:
         if self._master_fd < 0:
             return
-        import struct
         fcntl.ioctl(self._master_fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
 
     def signal(self, signum: int) -> None:
@@ -577,7 +669,7 @@ class Session:
     # -- exit -----------------------------------------------------------------------------
     def _on_wait_status(self, status: int) -> None:
         self._wait_status = status
-        self.running = False
+        self._change(Event.PROCESS_EXITED)
         for fd in list(self._readers):   # output still in the pipes belongs before the exit
             self._on_readable(fd, budget=1 << 20)
         if self._readers:
@@ -591,7 +683,7 @@ class Session:
             self._close_reader(fd)
 
     def _maybe_finish(self) -> None:
-        if self._wait_status is None or self._readers:
+        if self.phase is not Phase.FINISHING or self._readers:
             return
         if self._grace_timer is not None:
             self._grace_timer.cancel()
@@ -608,8 +700,7 @@ class Session:
         status, self._wait_status = self._wait_status, None
         self._record_exit(status)
         self.output.close()
-        if self._on_exited is not None:
-            self._on_exited(self)
+        self._change(Event.OUTPUT_DONE)
 
     def _record_exit(self, status: int) -> None:
         from extraconfig.gotime import GoTime
@@ -636,10 +727,6 @@ class Session:
         delay = self._backoff
         self._backoff = min(self._backoff * 2, RESTART_MAX)
         return delay
-
-    def relaunch(self) -> None:
-        self.config.diagnostics.resurrection_count += 1
-        self.start()
 
     def exit_code(self) -> int:
         """Shell convention: the exit code, or 128+N when signal N killed it."""

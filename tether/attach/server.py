@@ -22,6 +22,7 @@ from collections import deque
 from tether.attach import protocol as p
 from tether.attach import transports
 from tether.rootfs import resolve_in_root
+from tether.sessions import Phase
 
 log = logging.getLogger("tether.attach")
 
@@ -451,16 +452,15 @@ class Connection:
     def _req_unblock(self, channel: int, message: dict) -> None:
         session = self._session(message)
         session.unblock()
-        started = session.config.started
-        if started not in ("", "true"):
-            raise ValueError(f"launch failed with: {started}")
+        if session.phase is Phase.FAILED:
+            raise ValueError(f"launch failed with: {session.config.started}")
         self._ok(channel)
 
     def _req_attach(self, channel: int, message: dict) -> None:
         session = self._session(message)
-        started = session.config.started
-        if started not in ("", "true") and not session.running:
-            raise ValueError(f"session {session.id}: launch failed with: {started}")
+        if session.phase is Phase.FAILED:
+            raise ValueError(f"session {session.id}: launch failed with: "
+                             f"{session.config.started}")
         self._open_attach(channel, session, stdin=message.get("stdin", True) is not False,
                           replay=bool(message.get("replay")))
 
@@ -474,8 +474,9 @@ class Connection:
         if cfg.common.id in self.agent.sessions:
             raise ValueError(f"session {cfg.common.id} already exists")
         session = self.agent.exec_session(cfg)
-        if cfg.started != "true":
-            raise ValueError(f"exec {cfg.cmd.path}: {cfg.started or 'did not start'}")
+        if session.phase is not Phase.RUNNING:
+            raise ValueError(f"exec {cfg.cmd.path}: "
+                             f"{cfg.started if session.phase is Phase.FAILED else 'did not start'}")
         if message.get("attach", True) is False:
             self._ok(channel, id=session.id, pid=session.pid, tty=cfg.tty)
             self.finish(channel)
@@ -507,21 +508,18 @@ def _rfc3339(seconds: int) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
 
 
+# The port layer's ProcessRunState statuses; a finishing process has no exit recorded yet.
+RUN_STATUS = {Phase.CREATED: "created", Phase.BLOCKED: "blocked", Phase.RUNNING: "running",
+              Phase.FINISHING: "running", Phase.EXITED: "exited", Phase.FAILED: "failed"}
+
+
 def process_run_state(session) -> dict:
-    """The port layer's ProcessRunState (seed 001) for a session, Go field names."""
+    """The port layer's ProcessRunState for a session, with its Go field names
+    (`vmware/vic lib/portlayer/exec2/container.go`; docs/attach-protocol.md)."""
     cfg = session.config
-    if session.running:
-        status = "running"
-    elif getattr(session, "blocked", False):
-        status = "blocked"
-    elif cfg.started not in ("", "true"):
-        status = "failed"
-    elif cfg.detail.stop_time:
-        status = "exited"
-    else:
-        status = "created"
+    status = RUN_STATUS[session.phase]
     logs = cfg.diagnostics.exit_logs or []
-    message = logs[-1].message if logs and not session.running else ""
+    message = logs[-1].message if logs and status == "exited" else ""
     if status == "failed":
         message = cfg.started
     return {"ProcessID": session.id, "Status": status, "GuestPid": session.pid or 0,
@@ -580,8 +578,7 @@ class AttachChannel:
             for stream, data in session.output.replay():
                 if not self._forward(stream, data):
                     return
-        if session.output.closed and not session.running and session.pid is not None \
-                and not getattr(session, "blocked", False):
+        if session.phase is Phase.EXITED:
             self.on_close()   # it has already ended: replay was all there is
             return
         session.output.subscribe(self)

@@ -24,6 +24,7 @@ import time
 
 from tether.attach.vic import handshake as hs
 from tether.attach.vic import wire
+from tether.sessions import Phase
 
 log = logging.getLogger("tether.attach.vic")
 
@@ -74,7 +75,7 @@ class VicService:
     def container_ids(self) -> list[str]:
         """HEAD: the sessions that have not stopped (the E-shaped config has no Active)."""
         return sorted(sid for sid, session in self.host.sessions.items()
-                      if not session.config.detail.stop_time)
+                      if session.phase is not Phase.EXITED)
 
     def check_attach(self, extra: bytes):
         from asyncssh.misc import ChannelOpenError
@@ -86,10 +87,10 @@ class VicService:
             raise ChannelOpenError(wire.OPEN_ADMINISTRATIVELY_PROHIBITED,
                                    wire.invalid_session(sid))
         cfg = session.config
-        if cfg.started not in ("", "true"):
+        if session.phase is Phase.FAILED:
             raise ChannelOpenError(wire.OPEN_ADMINISTRATIVELY_PROHIBITED,
                                    wire.launch_failed(cfg.started))
-        if cfg.detail.stop_time:
+        if session.phase is Phase.EXITED:
             raise ChannelOpenError(wire.OPEN_ADMINISTRATIVELY_PROHIBITED,
                                    wire.process_finished(cfg.exit_status))
         return session

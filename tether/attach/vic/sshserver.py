@@ -25,6 +25,7 @@ from asyncssh.constants import (MSG_CHANNEL_OPEN, MSG_GLOBAL_REQUEST, MSG_REQUES
 from asyncssh.misc import ChannelOpenError, ProtocolError
 
 from tether.attach.vic import wire
+from tether.sessions import Phase
 
 log = logging.getLogger("tether.attach.vic")
 
@@ -264,8 +265,7 @@ class Attachment:
     def unblock(self, payload: bytes) -> bool:
         if payload != wire.UNBLOCK_PAYLOAD:
             return False
-        started = self.session.config.started
-        if started not in ("", "true"):
+        if self.session.phase is Phase.FAILED:
             # the reference answers false and aborts the channel, so the caller sees
             # the failure
             self.chan._loop.call_soon(self.chan.close)
