@@ -262,3 +262,42 @@ def test_sigpwr_is_a_graceful_stop(sandbox):
     result = box.wait()
     assert "stopping: signal SIGPWR" in result.log
     assert result.returncode == 128 + signal.SIGTERM     # the primary's StopSignal
+
+
+def test_a_restart_session_whose_relaunch_fails_is_retried_with_backoff(sandbox, tmp_path):
+    """Its binary is gone when the restart comes: the relaunch fails, and is tried again
+    on the restart backoff, without a SIGHUP, until the binary is back."""
+    program, away = tmp_path / "program", tmp_path / "program.away"
+    first, second = tmp_path / "first-run", tmp_path / "second-run"
+    program.write_text(f"#!/bin/sh\n"
+                       f"if [ -e {first} ]; then touch {second}; exec sleep 1000; fi\n"
+                       f"touch {first}; mv {program} {away}; exit 1\n")
+    program.chmod(0o755)
+    flaky = session_config(sid(), [str(program)], restart=True)
+    # The primary puts the binary back a moment after it went, then waits (at most
+    # 30 s) for the second run.
+    primary = session_config(sid(), ["/bin/sh", "-c", (
+        f"while [ ! -e {away} ]; do sleep 0.05; done; sleep 1.5; mv {away} {program}; "
+        f"i=0; while [ ! -e {second} ] && [ $i -lt 600 ]; do sleep 0.05; i=$((i+1)); done; "
+        f"[ -e {second} ]")])
+    result = sandbox.run(executor_config(primary, flaky))
+    assert result.returncode == 0, result.log
+    assert "SIGHUP" not in result.log and "reload" not in result.log
+    retries = [float(d) for d in re.findall(
+        rf"session {flaky.common.id} failed to relaunch; retrying in ([0-9.]+)s", result.log)]
+    assert retries, result.log
+    assert retries == sorted(retries) and len(set(retries)) == len(retries)   # backing off
+    got = result.session(flaky.common.id)
+    assert got.started == "true"                  # the last launch worked
+    assert got.diagnostics.resurrection_count == len(retries) + 1
+
+
+def test_a_primary_that_cannot_start_stops_the_agent_and_launches_nothing_more(sandbox):
+    """Sessions are launched in ID order; those after a primary that failed to start
+    are not launched (the agent is stopping) and say so in `started`."""
+    primary = session_config("a" + sid()[1:], ["/not/there"])
+    other = session_config("b" + sid()[1:], ["/bin/sleep", "1000"])
+    result = sandbox.run(executor_config(primary, other), timeout=60)
+    assert result.returncode == 127, result.log
+    assert result.session(other.common.id).started == "not launched: the agent is stopping"
+    assert "still running" not in result.log

@@ -93,22 +93,27 @@ def test_lookup_path_rules(tmp_path):
 
 
 def test_restart_backoff_doubles_caps_and_resets_after_a_stable_run():
+    """The restart policy lives in the supervisor (tether/supervisor.py)."""
     import time
-    from tether import sessions
+    from tether import supervisor
+    from tether.config import Cmd, Common, SessionConfig
     from tether.loop import Loop
     from tether.reaper import Reaper
-    from tether.config import Cmd, Common, SessionConfig
+    from tether.sessions import Phase, Session
     loop = Loop()
     try:
-        s = sessions.Session(SessionConfig(common=Common(id="r"), cmd=Cmd(path="/bin/true")),
-                             loop=loop, reaper=Reaper(loop))
-        s._started_at = time.monotonic()            # every run ends at once
-        delays = [s.restart_delay() for _ in range(10)]
+        s = Session(SessionConfig(common=Common(id="r"), cmd=Cmd(path="/bin/true")),
+                    loop=loop, reaper=Reaper(loop))
+        sup = supervisor.Supervisor(loop, create=None, publish=None, request_stop=None,
+                                    stop_grace=1.0)
+        s.phase = Phase.EXITED                      # as after each run
+        sup._started_at["r"] = time.monotonic()     # every run ends at once
+        delays = [sup.restart_delay(s) for _ in range(10)]
         assert delays[:4] == [0.25, 0.5, 1.0, 2.0]
-        assert delays == sorted(delays) and delays[-1] == sessions.RESTART_MAX
-        s._started_at = time.monotonic() - sessions.STABLE_RUN - 1   # a long, stable run
-        assert s.restart_delay() == sessions.RESTART_BASE
-        s._started_at = time.monotonic()            # and the next run is quick again
-        assert s.restart_delay() == 2 * sessions.RESTART_BASE
+        assert delays == sorted(delays) and delays[-1] == supervisor.RESTART_MAX
+        sup._started_at["r"] = time.monotonic() - supervisor.STABLE_RUN - 1   # a stable run
+        assert sup.restart_delay(s) == supervisor.RESTART_BASE
+        sup._started_at["r"] = time.monotonic()     # and the next run is quick again
+        assert sup.restart_delay(s) == 2 * supervisor.RESTART_BASE
     finally:
         loop.close()

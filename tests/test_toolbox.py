@@ -50,7 +50,9 @@ class ProcessSession:
 
 
 class LoopAgent:
-    """What the toolbox uses of the agent: loop, config, sessions, request_stop."""
+    """What the toolbox uses of the agent (the host interface): loop, primary,
+    stop_session and request_stop. The stop is the agent's own StopSequence; a Popen has
+    no reaper callback, so the loop looks at it to tell the sequence it ended."""
 
     def __init__(self):
         self.loop = Loop()
@@ -61,6 +63,23 @@ class LoopAgent:
         self._thread = threading.Thread(
             target=lambda: self.loop.run_until(lambda: self._done), daemon=True)
         self._thread.start()
+
+    @property
+    def primary(self):
+        return self.sessions.get(self.config.id)
+
+    def stop_session(self, session, *, grace, kill_wait, done):
+        from tether.supervisor import StopSequence
+        sequence = StopSequence(self.loop, session, grace, kill_wait)
+        sequence.add_done(done)
+
+        def watch():
+            if not session.running:
+                sequence.ended()
+            elif sequence.outcome is None:
+                self.loop.call_later(0.02, watch)
+        sequence.begin()
+        watch()
 
     def request_stop(self, reason: str) -> None:
         self.stop_reasons.append(reason)

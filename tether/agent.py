@@ -26,7 +26,7 @@ FAILPOINTS_ENV = "TETHER_FAILPOINTS"
 STEPS = ("signals", "system", "config", "rootfs", "hostname", "networks", "volumes", "attach",
          "vic-attach", "toolbox", "sessions", "reload", "shutdown")
 DEFAULT_STOP_GRACE = 10.0
-KILL_WAIT = 10.0           # after SIGKILL, how long a stuck process may hold the shutdown
+EXIT_LAUNCH_ERROR = 125   # the agent could not set the container up (docker run's 125)
 CONTAINERFS_LABEL = "containerfs"
 CONTAINERFS_MOUNT = "/mnt/containerfs"
 STATE_DIR = "/run/tether"
@@ -98,18 +98,21 @@ class Agent:
     def __init__(self, transport, options: Options):
         from tether.loop import Loop
         from tether.reaper import Reaper
+        from tether.supervisor import Supervisor
         self.transport = transport
         self.options = options
         self.loop = Loop()
         self.reaper = Reaper(self.loop)
+        self.supervisor = Supervisor(self.loop, create=self._new_session,
+                                     publish=self._publish_session,
+                                     request_stop=self.request_stop,
+                                     stop_grace=options.stop_grace)
         self.config = None
-        self.sessions: dict = {}
         self.root = options.rootfs or "/"
         self.key: bytes | None = None
         self.stopping = False
         self.stop_reason = ""
         self.errors: list[str] = []
-        self.primary_failed_code: int | None = None
         self._failpoints = {p.strip() for p in os.environ.get(FAILPOINTS_ENV, "").split(",")
                             if p.strip()}
         self._writeback = None
@@ -123,10 +126,22 @@ class Agent:
         self._etc = None
         self._mounted_volumes: set[str] = set()
         self._networks_applied = None
-        self._restart_timers: dict = {}
-        self._kill_timer = None
-        self._abandoned = False
         self.mode = options.mode
+
+    @property
+    def sessions(self) -> dict:
+        return self.supervisor.sessions
+
+    @property
+    def primary(self):
+        """The primary session (its ID is the executor's), once launched."""
+        return self.sessions.get(self.config.id) if self.config is not None else None
+
+    def stop_session(self, session, *, grace: float | None = None,
+                     kill_wait: float | None = None, done=None) -> None:
+        """Stop one session with its stop signal, SIGKILL after the grace (the toolbox's
+        OS_Halt); `done(stopped)` runs on the loop at the end."""
+        self.supervisor.stop_session(session, grace=grace, kill_wait=kill_wait, done=done)
 
     # -- the guard ---------------------------------------------------------------------
     def guarded(self, step: str, action, *args) -> bool:
@@ -365,77 +380,45 @@ class Agent:
                 if cfg is not None:
                     cfg.started = self.launch_error
             self.publish_all()
-            self.primary_failed_code = 125
             raise RuntimeError(self.launch_error)
         for sid, cfg in sorted((self.config.sessions or {}).items()):
             if cfg is None or sid in self.sessions:
                 continue
             cfg.common.id = cfg.common.id or sid
-            self._new_session(cfg).start()
+            self._fresh(cfg)
+            self.supervisor.launch(cfg)
         if self.config.common.id and self.config.common.id not in self.sessions:
             log.warning("no primary session (ID %s): serving until told to stop",
                         self.config.common.id)
         log.info("serving %d session(s)", len(self.sessions))
 
-    def _new_session(self, cfg):
-        from tether.sessions import Session
-        # A new session starts fresh: what a previous boot wrote is history.
+    @staticmethod
+    def _fresh(cfg) -> None:
+        """A new session starts fresh: what a previous boot wrote is history."""
         cfg.started = ""
         cfg.detail.stop_time = 0
+
+    def _new_session(self, cfg, on_change):
+        """The supervisor's factory: a Session wired to this agent's loop, reaper, root,
+        output log and console."""
+        from tether.sessions import Session
         echo = self.options.echo_output
         if echo is None:
             echo = self.mode is RunMode.SANDBOX or max(self.config.diagnostics.debug_level,
-                                               env_debug_level()) >= 1
-        session = Session(cfg, loop=self.loop, reaper=self.reaper, root=self.root,
-                          log_port=self._log_port, primary=cfg.common.id == self.config.id,
-                          echo=write_console if echo else None,
-                          on_change=self._session_changed)
-        self.sessions[session.id] = session
-        return session
+                                                       env_debug_level()) >= 1
+        return Session(cfg, loop=self.loop, reaper=self.reaper, root=self.root,
+                       log_port=self._log_port, primary=cfg.common.id == self.config.id,
+                       echo=write_console if echo else None, on_change=on_change)
 
     def exec_session(self, cfg):
         """Start a new session (the attach server's exec)."""
+        if self.stopping:
+            raise ValueError("the agent is stopping: no new sessions")
         if self.config.sessions is None:
             self.config.sessions = {}
         self.config.sessions[cfg.common.id] = cfg
-        session = self._new_session(cfg)
-        session.start()
-        return session
-
-    def _session_changed(self, session, old, new) -> None:
-        from tether.sessions import Phase
-        if new in (Phase.RUNNING, Phase.FAILED):
-            self._session_launched(session)
-        elif new is Phase.EXITED:
-            self._session_exited(session)
-
-    def _session_launched(self, session) -> None:
-        from tether.sessions import Phase, launch_failure_code
-        self._publish_session(session)
-        if session.primary and session.phase is Phase.FAILED:
-            self.primary_failed_code = launch_failure_code(session.launch_errno)
-            self.request_stop(f"primary session failed to start: {session.config.started}")
-
-    def _session_exited(self, session) -> None:
-        self._publish_session(session)
-        if self.stopping:
-            return
-        if session.config.restart:
-            delay = session.restart_delay()
-            log.info("session %s restarts in %.2fs (resurrection %d)", session.id, delay,
-                     session.config.diagnostics.resurrection_count + 1)
-            self._restart_timers[session.id] = self.loop.call_later(
-                delay, lambda: self._relaunch(session))
-        elif session.primary:
-            self.request_stop(f"primary session {session.id} exited")
-
-    def _relaunch(self, session) -> None:
-        self._restart_timers.pop(session.id, None)
-        if self.stopping or session.running:
-            return
-        session.config.diagnostics.resurrection_count += 1
-        self._publish_session(session)   # the reference publishes the count before relaunch
-        session.start()
+        self._fresh(cfg)
+        return self.supervisor.launch(cfg)
 
     def _publish_session(self, session) -> None:
         if self._writeback is not None:
@@ -458,7 +441,6 @@ class Agent:
         from extraconfig.codec import decode
         from extraconfig.transport import GuestSource
         from tether.config import ExecutorConfig
-        from tether.sessions import Phase
         if self.options.before_reload is not None:
             self.options.before_reload()
         fresh = decode(GuestSource(self.transport), ExecutorConfig)
@@ -478,11 +460,10 @@ class Agent:
                 cfg.common.id = cfg.common.id or sid
                 self.config.sessions[sid] = cfg
                 log.info("reload: new session %s", sid)
-                self._new_session(cfg).start()
-            elif known.config.restart and known.phase in (Phase.EXITED, Phase.FAILED) \
-                    and sid not in self._restart_timers and known.launches:
-                log.info("reload: relaunching session %s", sid)
-                self._relaunch(known)
+                self._fresh(cfg)
+                self.supervisor.launch(cfg)
+            elif self.supervisor.revive(known):
+                log.info("reload: relaunched session %s", sid)
 
     def request_stop(self, reason: str) -> None:
         if self.stopping:
@@ -490,49 +471,15 @@ class Agent:
         self.stopping = True
         self.stop_reason = reason
         log.info("stopping: %s", reason)
-        for timer in self._restart_timers.values():
-            timer.cancel()
-        self._restart_timers.clear()
-        from tether.sessions import parse_signal
-        for session in self.sessions.values():
-            session.cancel()
-            if session.running:
-                try:
-                    signum = parse_signal(session.config.stop_signal)
-                except ValueError as err:
-                    log.warning("session %s: %s; using SIGTERM", session.id, err)
-                    signum = signal.SIGTERM
-                log.info("session %s: sending %s", session.id, signal.Signals(signum).name)
-                session.signal(signum)
-        self._kill_timer = self.loop.call_later(self.options.stop_grace, self._kill_remaining)
-
-    def _kill_remaining(self) -> None:
-        for session in self.sessions.values():
-            if session.running:
-                log.warning("session %s still running after %.0fs: SIGKILL", session.id,
-                            self.options.stop_grace)
-                session.signal(signal.SIGKILL)
-        self._kill_timer = self.loop.call_later(KILL_WAIT, self._give_up)
-
-    def _give_up(self) -> None:
-        """A process that survives SIGKILL (stuck in the kernel) must not hold the
-        shutdown forever."""
-        stuck = [s.id for s in self.sessions.values() if s.running or s.finishing]
-        if stuck:
-            log.error("sessions %s did not exit %.0fs after SIGKILL; stopping without them",
-                      ", ".join(stuck), KILL_WAIT)
-            self._abandoned = True
+        self.supervisor.stop_all()
 
     def _stopped(self) -> bool:
-        return self.stopping and (self._abandoned or not any(
-            s.running or s.finishing for s in self.sessions.values()))
+        return self.stopping and self.supervisor.all_stopped()
 
     def serve(self) -> None:
         self.loop.run_until(self._stopped)
 
     def shutdown(self) -> None:
-        if self._kill_timer is not None:
-            self._kill_timer.cancel()
         if self._toolbox is not None:
             self.guarded("shutdown", self._toolbox.stop)
         if self._attach_server is not None:
@@ -552,12 +499,18 @@ class Agent:
         os.sync()
 
     def exit_code(self) -> int:
-        primary = self.sessions.get(self.config.id) if self.config else None
-        if self.primary_failed_code is not None:
-            return self.primary_failed_code
-        if primary is None or not primary.launches:
+        """125 when the agent refused to launch anything (a launch error); else the
+        primary's: its exit code (128+N for signal N), 126/127 when it could not be
+        launched, 0 when there is none or it never ran."""
+        if self.launch_error:
+            return EXIT_LAUNCH_ERROR
+        primary = self.primary
+        if primary is None:
             return 0
-        return primary.exit_code()
+        failed = self.supervisor.launch_failure_code(primary)
+        if failed is not None:
+            return failed
+        return primary.exit_code() if primary.launches else 0
 
 
 # -- small helpers --------------------------------------------------------------------------

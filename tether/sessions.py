@@ -39,9 +39,6 @@ REPLAY_LIMIT = 64 << 10
 STDIN_LIMIT = 4 << 20
 READ_CHUNK = 64 << 10
 EXIT_OUTPUT_GRACE = 2.0     # seconds to wait for output after the process exited
-RESTART_BASE = 0.25         # first restart delay, doubled each quick exit
-RESTART_MAX = 30.0
-STABLE_RUN = 10.0           # a run this long resets the backoff
 MAX_EXIT_LOGS = 5
 EOT = b"\x04"
 
@@ -392,8 +389,6 @@ class Session:
         self._wait_status: int | None = None
         self._grace_timer = None
         self._unblocked = not config.run_block
-        self._started_at = 0.0
-        self._backoff = RESTART_BASE
 
     # -- the phase ----------------------------------------------------------------------
     @property
@@ -438,6 +433,13 @@ class Session:
         if self.phase is Phase.BLOCKED:
             self._launch()
 
+    def refuse(self, reason: str) -> None:
+        """Do not launch: record `reason` as a failed launch (the agent is stopping)."""
+        if self.phase not in LAUNCHABLE:
+            raise SessionStateError(f"session {self.id}: cannot refuse a launch while "
+                                    f"{self.phase.value}")
+        self._failed(reason, 0)
+
     def cancel(self) -> None:
         """The agent is stopping: a session still waiting for RunBlock never launches."""
         if self.phase is Phase.BLOCKED:
@@ -465,7 +467,6 @@ class Session:
         cfg.started = "true"
         self.launch_errno = 0
         self.launches += 1
-        self._started_at = time.monotonic()
         log.info("session %s started: pid %d, %s", self.id, self.pid,
                  " ".join(cfg.cmd.args or [cfg.cmd.path]))
         self._change(Event.LAUNCHED)
@@ -718,15 +719,6 @@ class Session:
         logs.append(ExitLog(time=GoTime.now(), exit_status=cfg.exit_status, message=message))
         cfg.diagnostics.exit_logs = logs[-MAX_EXIT_LOGS:]
         log.info("session %s (pid %s) %s", self.id, self.pid, message)
-
-    def restart_delay(self) -> float:
-        """The backoff before the next relaunch: doubles on quick exits, resets after a
-        stable run."""
-        if self._started_at and time.monotonic() - self._started_at >= STABLE_RUN:
-            self._backoff = RESTART_BASE
-        delay = self._backoff
-        self._backoff = min(self._backoff * 2, RESTART_MAX)
-        return delay
 
     def exit_code(self) -> int:
         """Shell convention: the exit code, or 128+N when signal N killed it."""

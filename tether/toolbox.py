@@ -15,15 +15,15 @@ poll at once while commands keep coming and back off to 100 ms when idle (10, 20
   `OS_Suspend` have nothing to do and succeed. Each answers "OK " at once and reports
   `tools.os.statechange.status <1|0> <state>` over RPCI when done.
 
-Everything runs on the toolbox's own threads and acts on the agent only through
-`agent.loop.call_soon_threadsafe`.
+Everything runs on the toolbox's own threads and acts on the agent only by posting to
+its loop (`host.loop.call_soon_threadsafe`); the host is the narrow interface of
+tether/host.py, not the whole agent.
 """
 
 from __future__ import annotations
 
 import fcntl
 import logging
-import signal
 import socket
 import struct
 import threading
@@ -36,6 +36,7 @@ PROTO_TCLO = 0x4F4C4354
 TOOLS_VERSION_UNMANAGED = 0x7FFFFFFF
 HALT_GRACE = 10.0
 KILL_WAIT = 5.0
+HALT_SLACK = 5.0      # beyond grace + kill wait, how long OS_Halt waits for the loop at all
 POLL_MIN = 0.01
 POLL_MAX = 0.1
 REOPEN_DELAY = 1.0
@@ -46,19 +47,19 @@ POWER_OPS = {"OS_Halt": STATE_HALT, "OS_Reboot": STATE_REBOOT, "OS_PowerOn": STA
 SIOCGIFADDR = 0x8915
 
 
-def start_toolbox(agent, channel_factory, **options) -> "Toolbox":
-    """Start answering TCLO for `agent`. `channel_factory(proto)` opens a message channel."""
-    toolbox = Toolbox(agent, channel_factory, **options)
+def start_toolbox(host, channel_factory, **options) -> "Toolbox":
+    """Start answering TCLO for `host`. `channel_factory(proto)` opens a message channel."""
+    toolbox = Toolbox(host, channel_factory, **options)
     toolbox.start()
     return toolbox
 
 
-def start_toolbox_for(agent, transport, **options) -> "Toolbox | None":
+def start_toolbox_for(host, transport, **options) -> "Toolbox | None":
     """The toolbox when `transport` reaches the VMX's backdoor; None for other transports."""
     factory = getattr(transport, "channel_factory", None)
     if factory is None:
         return None
-    return start_toolbox(agent, factory, **options)
+    return start_toolbox(host, factory, **options)
 
 
 def first_ipv4() -> str | None:
@@ -77,10 +78,10 @@ def first_ipv4() -> str | None:
 
 
 class Toolbox:
-    def __init__(self, agent, channel_factory, *, halt_grace: float = HALT_GRACE,
+    def __init__(self, host, channel_factory, *, halt_grace: float = HALT_GRACE,
                  kill_wait: float = KILL_WAIT, poll_max: float = POLL_MAX,
                  name: str = "toolbox"):
-        self.agent = agent
+        self.host = host
         self.channel_factory = channel_factory
         self.halt_grace = halt_grace
         self.kill_wait = kill_wait
@@ -222,42 +223,33 @@ class Toolbox:
         return False
 
     def _halt(self) -> bool:
-        """Stop the primary (StopSignal, then SIGKILL after the grace), then the agent."""
-        from tether.sessions import parse_signal
-        agent = self.agent
-        config = agent.config
-        primary = agent.sessions.get(config.id) if config is not None else None
-        stopped = True
-        if primary is not None and primary.running:
-            try:
-                signum = parse_signal(primary.config.stop_signal)
-            except ValueError as err:
-                log.warning("toolbox: primary %s: %s; using SIGTERM", primary.id, err)
-                signum = signal.SIGTERM
-            log.info("toolbox: OS_Halt: stopping primary %s with %s", primary.id,
-                     signal.Signals(signum).name)
-            self._on_loop(lambda: primary.signal(signum))
-            if not self._wait_stopped(primary, self.halt_grace):
-                log.warning("toolbox: primary %s still running after %.0fs: SIGKILL",
-                            primary.id, self.halt_grace)
-                self._on_loop(lambda: primary.signal(signal.SIGKILL))
-                stopped = self._wait_stopped(primary, self.kill_wait)
+        """Stop the primary (StopSignal, SIGKILL after the grace: the agent's one stop
+        sequence), then the agent. Runs on a worker thread: it posts to the loop and waits."""
+        host = self.host
+        finished = threading.Event()
+        outcome = {"stopped": False}
+
+        def begin() -> None:                       # on the loop
+            primary = host.primary
+            if primary is None or not primary.running:
+                done(True)
+                return
+            log.info("toolbox: OS_Halt: stopping primary %s", primary.id)
+            host.stop_session(primary, grace=self.halt_grace, kill_wait=self.kill_wait,
+                              done=done)
+
+        def done(stopped: bool) -> None:           # on the loop
             if stopped:
-                log.info("toolbox: primary %s has stopped", primary.id)
-        self._on_loop(lambda: agent.request_stop("vSphere asked the guest to shut down "
-                                                 "(OS_Halt)"))
-        return stopped
+                log.info("toolbox: the primary has stopped")
+            outcome["stopped"] = stopped
+            host.request_stop("vSphere asked the guest to shut down (OS_Halt)")
+            finished.set()
 
-    def _wait_stopped(self, session, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        while session.running:
-            if time.monotonic() >= deadline:
-                return False
-            time.sleep(0.05)
-        return True
-
-    def _on_loop(self, action) -> None:
-        self.agent.loop.call_soon_threadsafe(action)
+        host.loop.call_soon_threadsafe(begin)
+        # The loop answers within grace + kill wait; more means the agent is gone already.
+        if not finished.wait(self.halt_grace + self.kill_wait + HALT_SLACK):
+            log.warning("toolbox: OS_Halt: the agent did not answer")
+        return outcome["stopped"]
 
     # -- RPCI requests of our own -----------------------------------------------------------
     def rpc(self, request: str) -> tuple[bool, str]:
