@@ -389,6 +389,7 @@ class Session:
         self._wait_status: int | None = None
         self._grace_timer = None
         self._unblocked = not config.run_block
+        self._output_holders: set = set()   # who paused the output (flow control)
 
     # -- the phase ----------------------------------------------------------------------
     @property
@@ -530,7 +531,8 @@ class Session:
         for fd, stream in readers.items():
             os.set_blocking(fd, False)
             self._readers[fd] = stream
-            self.loop.add_reader(fd, lambda fd=fd: self._on_readable(fd))
+            if not self._output_holders:
+                self.loop.add_reader(fd, lambda fd=fd: self._on_readable(fd))
         if stdin_fd >= 0:
             os.set_blocking(stdin_fd, False)
             if self._stdin_buf:
@@ -575,14 +577,21 @@ class Session:
         return pid
 
     # -- output ---------------------------------------------------------------------------
-    def pause_output(self) -> None:
-        """Stop reading the process's output (flow control: a client is behind)."""
-        for fd in self._readers:
-            self.loop.remove_reader(fd)
+    def pause_output(self, holder: object = None) -> None:
+        """Stop reading the process's output (flow control: `holder`, a client, is behind).
+        Output stays paused while any holder holds it; every attach server shares this."""
+        if not self._output_holders:
+            for fd in self._readers:
+                self.loop.remove_reader(fd)
+        self._output_holders.add(holder)
 
-    def resume_output(self) -> None:
-        for fd in self._readers:
-            self.loop.add_reader(fd, lambda fd=fd: self._on_readable(fd))
+    def resume_output(self, holder: object = None) -> None:
+        if holder not in self._output_holders:
+            return
+        self._output_holders.discard(holder)
+        if not self._output_holders:
+            for fd in self._readers:
+                self.loop.add_reader(fd, lambda fd=fd: self._on_readable(fd))
 
     def _on_readable(self, fd: int, budget: int = READ_CHUNK) -> None:
         stream = self._readers.get(fd)

@@ -1,28 +1,32 @@
 """The attach server: every configured transport at once, on the agent's loop.
 
-One `Connection` per client (or per serial/virtio line). Its output goes into a bounded
-buffer written when the fd is writable; a client whose backlog passes the bound is dropped
-with a logged reason, so a stuck client never holds up a session or another client.
-Requests map onto the Session API (docs/architecture.md); the wire format lives in
-`protocol.py` and `docs/attach-protocol.md`.
+One `Connection` per client (or per serial/virtio line): it reads frames, runs the
+handshake, dispatches requests onto the Session API and the channel kinds of
+`channels.py`, and owns the client's output: a bounded buffer written when the fd is
+writable. A client that falls behind pauses the sessions it watches for a moment, then
+is dropped with a logged reason, so a stuck client never holds up a session or another
+client. The server sees the agent only through the `Host` interface (tether/host.py).
+The wire format lives in `protocol.py` and docs/attach-protocol.md.
 """
 from __future__ import annotations
 
-import hashlib
 import itertools
 import logging
-import os
 import select
-import stat
 import tarfile
-import tempfile
 import time
 from collections import deque
+from typing import TYPE_CHECKING
 
 from tether.attach import protocol as p
 from tether.attach import transports
-from tether.rootfs import resolve_in_root
+from tether.attach.channels import (AttachChannel, CopyFromChannel, CopyToChannel,
+                                    describe_error)
+from tether.attach.stats import collect_stats, process_run_state
 from tether.sessions import Phase
+
+if TYPE_CHECKING:
+    from tether.host import Host
 
 log = logging.getLogger("tether.attach")
 
@@ -32,25 +36,23 @@ HOLD_SECONDS = 3.0            # ...for at most this long; not drained by then: d
 OUTPUT_LIMIT = 16 << 20       # a client this far behind is dropped at once
 LOW_WATER = 1 << 20           # drained below this: output resumes, copy-from reads on
 LINE_RETRY = 0.5              # seconds before re-polling a serial line that hung up
-TAR_SPOOL = 8 << 20
 AUTH_TIMEOUT = 30.0           # seconds a socket client has to answer the hello
 CLOSE_GRACE = 2.0             # seconds for queued output to leave when the agent stops
 WRITE_BATCH = 256             # pieces per gathering write (IOV_MAX is 1024)
 
 
-def start_attach_server(agent, endpoints: list[str]) -> "AttachServer":
+def start_attach_server(host: "Host", endpoints: list[str]) -> "AttachServer":
     """Listen on every endpoint; one that cannot be opened is logged and skipped."""
-    return AttachServer(agent, endpoints)
+    return AttachServer(host, endpoints)
 
 
 class AttachServer:
-    def __init__(self, agent, endpoints: list[str]):
-        self.agent = agent
-        self.loop = agent.loop
+    def __init__(self, host: "Host", endpoints: list[str]):
+        self.host = host
+        self.loop = host.loop
         self.listeners: list[transports.Listener] = []
         self.connections: set[Connection] = set()
         self.failed: dict[str, str] = {}
-        self._holds: dict = {}      # session -> connections holding its output
         for endpoint in endpoints:
             try:
                 opened = transports.listen(endpoint)
@@ -77,24 +79,6 @@ class AttachServer:
             if conn is None:
                 return
             self._add(conn)
-
-    # Pausing a session's output: the Session API has no pause, so take its output fds
-    # off the loop (and put them back) -- see docs/attach-protocol.md, flow control.
-    def pause(self, session, by: "Connection") -> None:
-        holders = self._holds.setdefault(session, set())
-        if not holders:
-            session.pause_output()
-        holders.add(by)
-
-    def resume(self, session, by: "Connection") -> None:
-        holders = self._holds.get(session)
-        if holders is None:
-            return
-        holders.discard(by)
-        if holders:
-            return
-        del self._holds[session]
-        session.resume_output()
 
     def _add(self, conn: transports.Conn) -> "Connection":
         connection = Connection(self, conn)
@@ -132,7 +116,7 @@ class Connection:
 
     def __init__(self, server: AttachServer, conn: transports.Conn):
         self.server = server
-        self.agent = server.agent
+        self.host = server.host
         self.loop = server.loop
         self.conn = conn
         self.fd = conn.fileno()
@@ -154,7 +138,7 @@ class Connection:
             AUTH_TIMEOUT, self._auth_expired)
 
     def _new_handshake(self) -> p.ServerHandshake:
-        return p.ServerHandshake(self.agent.key, allow_unchecked=not self.conn.persistent)
+        return p.ServerHandshake(self.host.key, allow_unchecked=not self.conn.persistent)
 
     def _auth_expired(self) -> None:
         self._auth_timer = None
@@ -247,7 +231,7 @@ class Connection:
                 raise
             except (KeyError, ValueError, OSError, TypeError, tarfile.TarError) as err:
                 self.channels.pop(channel, None)
-                self.send({"t": p.ERROR, "ch": channel, "msg": _describe(err)})
+                self.send({"t": p.ERROR, "ch": channel, "msg": describe_error(err)})
             return
         target = self.channels.get(channel)
         if target is None:
@@ -326,17 +310,21 @@ class Connection:
             self._release()
         for channel in list(self.channels.values()):
             pump = getattr(channel, "pump", None)
-            if pump is not None and self._out_size < LOW_WATER:
+            if pump is not None and self.has_room():
                 pump()
 
     # -- flow control: a client that keeps up may pause a session for a moment ---------
-    def hold(self, session) -> None:
+    def has_room(self) -> bool:
+        """A producer (copy-from) may queue more: the backlog is below LOW_WATER."""
+        return self._out_size < LOW_WATER
+
+    def hold_if_behind(self, session) -> None:
         """Our backlog is over HOLD_AT: pause `session`'s output until we drain below
         LOW_WATER, but for at most HOLD_SECONDS, then drop this client instead."""
-        if session in self._held or self.closed:
+        if self._out_size <= HOLD_AT or session in self._held or self.closed:
             return
         self._held.add(session)
-        self.server.pause(session, self)
+        session.pause_output(self)
         if self._hold_timer is None:
             self._hold_timer = self.loop.call_later(HOLD_SECONDS, self._hold_expired)
 
@@ -346,7 +334,7 @@ class Connection:
             self._hold_timer.cancel()
             self._hold_timer = None
         for session in held:
-            self.server.resume(session, self)
+            session.resume_output(self)
 
     def _hold_expired(self) -> None:
         self._hold_timer = None
@@ -401,24 +389,24 @@ class Connection:
     # -- requests -------------------------------------------------------------------------
     def _session(self, message: dict):
         sid = p.require(message, "session", str)
-        session = self.agent.sessions.get(sid)
+        session = self.host.sessions.get(sid)
         if session is None:
             raise KeyError(f"session {sid} is invalid: no such session")
         return session
 
-    def _ok(self, channel: int, **fields) -> None:
+    def ok(self, channel: int, **fields) -> None:
         self.send({"t": p.OK, "ch": channel, **fields})
 
     def _req_ping(self, channel: int, message: dict) -> None:
-        self._ok(channel, data=message.get("data"), time=time.time())
+        self.ok(channel, data=message.get("data"), time=time.time())
 
     def _req_list(self, channel: int, message: dict) -> None:
         sessions = []
-        for _, session in sorted(self.agent.sessions.items()):
+        for _, session in sorted(self.host.sessions.items()):
             state = p.plain(session.state())
             state["run_state"] = process_run_state(session)
             sessions.append(state)
-        self._ok(channel, sessions=sessions)
+        self.ok(channel, sessions=sessions)
 
     def _req_resize(self, channel: int, message: dict) -> None:
         session = self._session(message)
@@ -428,7 +416,7 @@ class Connection:
         if not session.config.tty:
             raise ValueError(f"session {session.id} has no tty to resize")
         session.resize(rows, cols)
-        self._ok(channel)
+        self.ok(channel)
 
     def _req_signal(self, channel: int, message: dict) -> None:
         from tether.sessions import parse_signal
@@ -443,18 +431,18 @@ class Connection:
         if not session.running:
             raise ValueError(f"session {session.id} is not running")
         session.signal(signum)
-        self._ok(channel, signal=signum)
+        self.ok(channel, signal=signum)
 
     def _req_close_stdin(self, channel: int, message: dict) -> None:
         self._session(message).close_stdin()
-        self._ok(channel)
+        self.ok(channel)
 
     def _req_unblock(self, channel: int, message: dict) -> None:
         session = self._session(message)
         session.unblock()
         if session.phase is Phase.FAILED:
             raise ValueError(f"launch failed with: {session.config.started}")
-        self._ok(channel)
+        self.ok(channel)
 
     def _req_attach(self, channel: int, message: dict) -> None:
         session = self._session(message)
@@ -471,14 +459,14 @@ class Connection:
 
     def _req_exec(self, channel: int, message: dict) -> None:
         cfg = _exec_config(message)
-        if cfg.common.id in self.agent.sessions:
+        if cfg.common.id in self.host.sessions:
             raise ValueError(f"session {cfg.common.id} already exists")
-        session = self.agent.exec_session(cfg)
+        session = self.host.exec_session(cfg)
         if session.phase is not Phase.RUNNING:
             raise ValueError(f"exec {cfg.cmd.path}: "
                              f"{cfg.started if session.phase is Phase.FAILED else 'did not start'}")
         if message.get("attach", True) is False:
-            self._ok(channel, id=session.id, pid=session.pid, tty=cfg.tty)
+            self.ok(channel, id=session.id, pid=session.pid, tty=cfg.tty)
             self.finish(channel)
             return
         self._open_attach(channel, session, stdin=True, replay=True,
@@ -486,54 +474,17 @@ class Connection:
 
     def _req_copy_to(self, channel: int, message: dict) -> None:
         path = p.require(message, "path", str)
-        self.channels[channel] = CopyToChannel(self, channel, self.agent.root, path,
+        self.channels[channel] = CopyToChannel(self, channel, self.host.root, path,
                                                mode=message.get("mode"),
                                                as_tar=bool(message.get("tar")))
 
     def _req_copy_from(self, channel: int, message: dict) -> None:
         path = p.require(message, "path", str)
-        self.channels[channel] = CopyFromChannel(self, channel, self.agent.root, path,
+        self.channels[channel] = CopyFromChannel(self, channel, self.host.root, path,
                                                  as_tar=message.get("tar"))
 
     def _req_stats(self, channel: int, message: dict) -> None:
-        self._ok(channel, **collect_stats(self.agent.sessions))
-
-
-GO_ZERO_TIME = "0001-01-01T00:00:00Z"
-
-
-def _rfc3339(seconds: int) -> str:
-    if not seconds:
-        return GO_ZERO_TIME
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
-
-
-# The port layer's ProcessRunState statuses; a finishing process has no exit recorded yet.
-RUN_STATUS = {Phase.CREATED: "created", Phase.BLOCKED: "blocked", Phase.RUNNING: "running",
-              Phase.FINISHING: "running", Phase.EXITED: "exited", Phase.FAILED: "failed"}
-
-
-def process_run_state(session) -> dict:
-    """The port layer's ProcessRunState for a session, with its Go field names
-    (`vmware/vic lib/portlayer/exec2/container.go`; docs/attach-protocol.md)."""
-    cfg = session.config
-    status = RUN_STATUS[session.phase]
-    logs = cfg.diagnostics.exit_logs or []
-    message = logs[-1].message if logs and status == "exited" else ""
-    if status == "failed":
-        message = cfg.started
-    return {"ProcessID": session.id, "Status": status, "GuestPid": session.pid or 0,
-            "ExitCode": cfg.exit_status, "ExitMsg": message,
-            "StartedAt": _rfc3339(cfg.detail.start_time),
-            "FinishedAt": _rfc3339(cfg.detail.stop_time)}
-
-
-def _describe(err: Exception) -> str:
-    if isinstance(err, KeyError) and err.args:
-        return str(err.args[0])
-    if isinstance(err, OSError) and err.filename:
-        return f"{err.filename}: {err.strerror}"
-    return str(err)
+        self.ok(channel, **collect_stats(self.host.sessions))
 
 
 def _exec_config(message: dict):
@@ -556,224 +507,3 @@ def _exec_config(message: dict):
         cmd=Cmd(path=args[0], args=args, env=env, dir=str(message.get("dir") or "")),
         tty=tty, attach=True, open_stdin=message.get("stdin", True) is not False,
         user=str(message.get("user") or ""), group=str(message.get("group") or ""))
-
-
-# -- channels ---------------------------------------------------------------------------------
-class AttachChannel:
-    """A client on a session: output listener, stdin source."""
-
-    def __init__(self, connection: Connection, channel: int, session):
-        self.connection = connection
-        self.channel = channel
-        self.session = session
-        self.stdin = True
-        self.attached = False
-
-    def start(self, *, stdin: bool, replay: bool, extra: dict | None = None) -> None:
-        connection, channel, session = self.connection, self.channel, self.session
-        self.stdin = stdin
-        connection.send({"t": p.OK, "ch": channel, "tty": bool(session.config.tty),
-                         "running": bool(session.running), **(extra or {})})
-        if replay:
-            for stream, data in session.output.replay():
-                if not self._forward(stream, data):
-                    return
-        if session.phase is Phase.EXITED:
-            self.on_close()   # it has already ended: replay was all there is
-            return
-        session.output.subscribe(self)
-        self.attached = True
-
-    def _forward(self, stream: str, data: bytes) -> bool:
-        connection = self.connection
-        if not connection.send_parts(*p.data_parts(self.channel, data, stream,
-                                                   connection.checked)):
-            return False
-        if connection.backlog > HOLD_AT and self.attached:
-            connection.hold(self.session)
-        return True
-
-    # listener interface (OutputFanout)
-    def on_output(self, stream: str, data: bytes) -> None:
-        self._forward(stream, data)
-
-    def on_close(self) -> None:
-        self.attached = False
-        session = self.session
-        if self.connection.channels.get(self.channel) is not self:
-            return
-        self.connection.send({"t": p.EXIT, "ch": self.channel,
-                              "status": session.config.exit_status,
-                              "code": session.exit_code(),
-                              "signal": getattr(session, "exit_signal", 0)})
-        self.connection.finish(self.channel)
-
-    # from the client
-    def on_data(self, data: bytes) -> None:
-        if self.stdin:
-            self.session.write_stdin(data)
-
-    def on_eof(self) -> None:
-        pass   # the client has no more input; the process's stdin stays open (detach rule)
-
-    def on_detach(self) -> None:
-        if self.attached:
-            self.session.output.unsubscribe(self)
-            self.attached = False
-
-
-class CopyToChannel:
-    """Data in, a file (written to a temporary name, renamed at the end) or a tar stream
-    extracted under a directory."""
-
-    def __init__(self, connection: Connection, channel: int, root: str, path: str, *,
-                 mode, as_tar: bool):
-        self.connection = connection
-        self.channel = channel
-        self.as_tar = as_tar
-        self.digest = hashlib.sha256()
-        self.size = 0
-        self.target = resolve_in_root(root, path, follow_last=not as_tar)
-        if as_tar:
-            if not os.path.isdir(self.target):
-                raise NotADirectoryError(20, "not a directory", path)
-            self.file = tempfile.SpooledTemporaryFile(TAR_SPOOL)
-        else:
-            if os.path.isdir(self.target):
-                raise IsADirectoryError(21, "is a directory (copy a tar stream into it)", path)
-            directory = os.path.dirname(self.target)
-            fd, self.temp = tempfile.mkstemp(prefix=".tether-copy-", dir=directory)
-            self.file = os.fdopen(fd, "wb")
-            self.mode = mode if isinstance(mode, int) and not isinstance(mode, bool) else 0o644
-        connection.send({"t": p.OK, "ch": channel})
-
-    def on_data(self, data: bytes) -> None:
-        if self.file is None:
-            return
-        try:
-            self.file.write(data)
-        except OSError as err:
-            self._fail(f"writing {self.target}: {err.strerror}")
-            return
-        self.digest.update(data)
-        self.size += len(data)
-
-    def on_eof(self) -> None:
-        if self.file is None:
-            return
-        try:
-            if self.as_tar:
-                self.file.seek(0)
-                with tarfile.open(fileobj=self.file, mode="r|*") as archive:
-                    archive.extractall(self.target, filter="data")
-                self.file.close()
-            else:
-                self.file.flush()
-                os.fchmod(self.file.fileno(), self.mode & 0o7777)
-                self.file.close()
-                os.rename(self.temp, self.target)
-        except (OSError, tarfile.TarError) as err:
-            self._fail(f"copy to {self.target}: {_describe(err) if isinstance(err, OSError) else err}")
-            return
-        self.file = None
-        self.connection._ok(self.channel, size=self.size, sha256=self.digest.hexdigest())
-        self.connection.finish(self.channel)
-
-    def _fail(self, reason: str) -> None:
-        self._discard()
-        self.connection.send({"t": p.ERROR, "ch": self.channel, "msg": reason})
-        self.connection.channels.pop(self.channel, None)
-
-    def _discard(self) -> None:
-        if self.file is not None:
-            self.file.close()
-            self.file = None
-            if not self.as_tar:
-                try:
-                    os.unlink(self.temp)
-                except FileNotFoundError:
-                    pass
-
-    def on_detach(self) -> None:
-        self._discard()
-
-
-class CopyFromChannel:
-    """A file, or a directory as a tar stream, out to the client as the client keeps up."""
-
-    def __init__(self, connection: Connection, channel: int, root: str, path: str, *, as_tar):
-        self.connection = connection
-        self.channel = channel
-        target = resolve_in_root(root, path)
-        info = os.stat(target)
-        as_tar = stat.S_ISDIR(info.st_mode) if as_tar is None else bool(as_tar)
-        if as_tar:
-            self.file = tempfile.SpooledTemporaryFile(TAR_SPOOL)
-            with tarfile.open(fileobj=self.file, mode="w") as archive:
-                archive.add(target, arcname=os.path.basename(target.rstrip("/")) or ".")
-            size = self.file.tell()
-            self.file.seek(0)
-        else:
-            if not stat.S_ISREG(info.st_mode):
-                raise ValueError(f"{path} is not a regular file or directory")
-            self.file = open(target, "rb")
-            size = info.st_size
-        connection._ok(channel, kind="tar" if as_tar else "file", size=size,
-                       mode=stat.S_IMODE(info.st_mode))
-        connection.loop.call_soon(self.pump)
-
-    def pump(self) -> None:
-        connection = self.connection
-        while self.file is not None and connection.backlog < LOW_WATER:
-            if connection.channels.get(self.channel) is not self:
-                return self.on_detach()
-            chunk = self.file.read(p.DATA_CHUNK)
-            if not chunk:
-                self.on_detach()
-                connection.send({"t": p.EOF, "ch": self.channel})
-                connection.finish(self.channel)
-                return
-            frames = p.encode_data(self.channel, chunk, "stdout", connection.checked)
-            if not connection.send_bytes(frames[0]):
-                return
-
-    def on_data(self, data: bytes) -> None:
-        pass
-
-    def on_eof(self) -> None:
-        pass
-
-    def on_detach(self) -> None:
-        if self.file is not None:
-            self.file.close()
-            self.file = None
-
-
-# -- stats -----------------------------------------------------------------------------------
-def collect_stats(sessions: dict) -> dict:
-    import psutil   # only when someone asks
-    memory = psutil.virtual_memory()
-    result = {"time": time.time(), "cpus": psutil.cpu_count(),
-              "load": list(os.getloadavg()),
-              "memory": {"total": memory.total, "available": memory.available},
-              "sessions": {}}
-    for sid, session in sessions.items():
-        entry = {"pid": session.pid, "running": bool(session.running), "cpu_seconds": 0.0,
-                 "rss": 0, "pids": 0}
-        if session.running and session.pid:
-            try:
-                top = psutil.Process(session.pid)
-                procs = [top] + top.children(recursive=True)
-            except psutil.Error:
-                procs = []
-            for proc in procs:
-                try:
-                    with proc.oneshot():
-                        cpu = proc.cpu_times()
-                        entry["cpu_seconds"] += cpu.user + cpu.system
-                        entry["rss"] += proc.memory_info().rss
-                        entry["pids"] += 1
-                except psutil.Error:
-                    continue
-        result["sessions"][sid] = entry
-    return result
