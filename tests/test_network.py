@@ -502,6 +502,21 @@ def test_dhcp_lease_writeback_renewal_and_server_restart(netpair, dnsmasq, child
 
 
 @pytest.mark.root
+def test_dhcp_renewals_racing_write_backs_never_show_a_half_updated_endpoint(
+        netpair, dnsmasq, child_factory):
+    """The config belongs to the loop: renewals delivered on DHCP's worker thread are
+    applied on the loop, between write-backs, never in the middle of one."""
+    dnsmasq.start(t1=60)
+    child = child_factory(netpair, [{"key": "n", "id": "eth0", "name": "n"}], race=200)
+    events = child.run_to_end(timeout=300)
+    assert events[-1]["event"] == "done", (events[-3:], getattr(child, "stderr", ""))
+    race = next(e for e in events if e["event"] == "race")
+    assert race["writebacks"] >= 50, race          # the write-backs ran during the renewals
+    assert race["mixed_count"] == 0, race
+    assert race["final"] == race["expected_final"], race   # and every renewal was applied
+
+
+@pytest.mark.root
 def test_dhcp_requests_router_and_dns_only_when_not_configured(netpair, dnsmasq,
                                                                child_factory):
     dnsmasq.start(dns="10.77.0.53", t1=60)
@@ -537,7 +552,7 @@ def test_import_does_not_load_pyroute2():
          "import sys, tether.network, tether.etcfiles, tether.volumes;"
          "from tether.network import NetworkManager;"
          "from tether.config import ExecutorConfig;"
-         "NetworkManager(ExecutorConfig(), None, lambda: None, None).apply();"
+         "NetworkManager(ExecutorConfig(), None, lambda: None, None, post=None).apply();"
          "print(any(m.startswith('pyroute2') for m in sys.modules))"],
         cwd=str(REPO), capture_output=True, text=True, timeout=60)
     assert out.stdout.strip() == "False", out.stderr

@@ -125,7 +125,6 @@ class Agent:
         self.launch_error = ""   # set before launch: every session fails with this text
         self._etc = None
         self._mounted_volumes: set[str] = set()
-        self._networks_applied = None
         self.mode = options.mode
 
     @property
@@ -297,22 +296,20 @@ class Agent:
         return CONTAINERFS_MOUNT
 
     def apply_networks(self) -> None:
+        """Configure what changed (NetworkManager keeps, per endpoint, what it applied)."""
         networks = self.config.networks
         if not networks:
             return
         if not self.mode.owns_namespaces:
             log.warning("not PID 1: the configured networks are not applied")
             return
-        signature = repr(networks)
-        if signature == self._networks_applied:
-            return   # idempotent: only a changed network config is applied again
         from tether.network.firewall import Firewall, FirewallError, apply_networks
         if self._network is None:
             from tether.network import NetworkManager
             self._network = NetworkManager(
-                self.config, etc=self._etc_files(),
-                publish=lambda: self.loop.call_soon_threadsafe(self.publish_all), log=log,
-                hostname=hostname_for(self.config.common.id))
+                self.config, etc=self._etc_files(), publish=self.publish_all, log=log,
+                hostname=hostname_for(self.config.common.id),
+                post=self.loop.call_soon_threadsafe)
             self._firewall = Firewall()
         try:
             apply_networks(self._firewall, self._network, networks)
@@ -320,7 +317,6 @@ class Agent:
             if not self.sessions:   # at boot a ruleset that cannot be applied stops the launch
                 self.launch_error = f"firewall: {err}"
             raise
-        self._networks_applied = signature
 
     def mount_volumes(self) -> None:
         mounts = self.config.mounts

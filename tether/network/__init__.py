@@ -3,6 +3,11 @@
 Importing this package is cheap: pyroute2 (about 250 ms natively, seconds under TCG) is
 imported only by `NetworkManager.apply()` when the config has networks.
 
+Threads: the config belongs to the agent's loop thread. DHCP runs on its own thread
+(`dhcp.py`); a lease that arrives, renews or expires is posted to the loop (`post`, the
+loop's call_soon_threadsafe) and applied there, so a write-back, which also runs on the
+loop, never sees an endpoint half updated.
+
 MTU: the wire model has no MTU field, so it comes from, in order: the `mtus` argument
 (endpoint name -> MTU, for callers that know it), the DHCP lease's interface-MTU option
 (26), else the NIC keeps the MTU its device reports (the host sets it on the vNIC, e.g.
@@ -12,7 +17,6 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-import threading
 from typing import Callable, Mapping, Optional
 
 from extraconfig.types import IP, IPNet
@@ -48,10 +52,13 @@ class NetworkManager:
 
     def __init__(self, config, etc, publish: Callable[[], None], log: logging.Logger,
                  hostname: str = "", mtus: Optional[Mapping[str, int]] = None,
-                 dhcp_timeout: float = 30.0):
+                 dhcp_timeout: float = 30.0, *, post: Callable[[Callable[[], None]], None]):
+        """`publish()` writes the config back; `post(fn)` runs fn on the loop thread (the
+        loop's call_soon_threadsafe). Every method runs on the loop thread."""
         self.config = config
         self.etc = etc
         self.publish = publish
+        self.post = post
         self.log = log
         self.hostname = hostname
         self.mtus = dict(mtus or {})
@@ -60,7 +67,6 @@ class NetworkManager:
         self._nic_index: dict[str, int] = {}      # endpoint id -> link index (names change)
         self.interfaces: dict[str, str] = {}      # endpoint name -> its NIC's name (firewall)
         self._dhcp = None                          # DhcpService, started on first need
-        self._lock = threading.RLock()             # apply() vs renewal callbacks
 
     # -- public ------------------------------------------------------------------------------
     def apply(self) -> None:
@@ -73,17 +79,16 @@ class NetworkManager:
             return
         from pyroute2 import IPRoute
         errors = []
-        with self._lock:
-            with IPRoute() as ipr:
-                for name, endpoint in pending.items():
-                    try:
-                        self._apply_endpoint(ipr, name, endpoint)
-                        self._configured[name] = _applied_signature(endpoint)
-                    except NetworkError as exc:
-                        errors.append(str(exc))
-                    except Exception as exc:   # netlink and OS errors: say which endpoint
-                        errors.append(f"network {name}: {_describe(exc)}")
-            self._flush_and_publish()
+        with IPRoute() as ipr:
+            for name, endpoint in pending.items():
+                try:
+                    self._apply_endpoint(ipr, name, endpoint)
+                    self._configured[name] = _applied_signature(endpoint)
+                except NetworkError as exc:
+                    errors.append(str(exc))
+                except Exception as exc:   # netlink and OS errors: say which endpoint
+                    errors.append(f"network {name}: {_describe(exc)}")
+        self._flush_and_publish()
         if errors:
             raise NetworkError("; ".join(errors))
 
@@ -230,7 +235,7 @@ class NetworkManager:
         from .clientid import client_id, machine_id
         from . import link
         if self._dhcp is None:
-            self._dhcp = DhcpService(self._on_lease, self.log)
+            self._dhcp = DhcpService(self._lease_event, self.log)
         handle = self._dhcp.handles.get(ifname)
         if handle is not None:
             return handle
@@ -244,12 +249,18 @@ class NetworkManager:
             want_dns=not network.nameservers)
         return self._dhcp.start(spec)
 
+    def _lease_event(self, ifname: str, lease, event: str) -> None:
+        """DHCP's callback, on its worker thread: hand the lease to the loop."""
+        self.post(lambda: self._on_lease(ifname, lease, event))
+
     def _on_lease(self, ifname: str, lease, event: str) -> None:
         """A lease arrived, was renewed, or expired: re-apply every dynamic endpoint on
-        that NIC, then write the files and publish. Runs on the DHCP worker thread."""
+        that NIC, then write the files and publish. Runs on the loop thread."""
         from pyroute2 import IPRoute
         from . import link
-        with self._lock, IPRoute() as ipr:
+        if self._dhcp is None:
+            return   # stopped: a late event
+        with IPRoute() as ipr:
             index = ipr.link_lookup(ifname=ifname)
             if not index:
                 self.log.error("DHCP %s on %s: the link is gone", event, ifname)

@@ -4,7 +4,8 @@ pyroute2 does the protocol: DISCOVER/REQUEST, renewal at T1, rebinding at T2, re
 with a randomized increasing backoff, a fresh DISCOVER when a lease expires, RELEASE on exit.
 This module adds what the reference sends (client id, hostname, a parameter list that asks
 for router and DNS only when the network has none), restarts a client that fails, and turns
-each lease into plain data for a callback that runs on a worker thread (netlink calls block).
+each lease into plain data for a callback that runs on a worker thread (the agent's
+callback posts it to its loop, which alone changes the config).
 """
 from __future__ import annotations
 
