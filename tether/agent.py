@@ -233,10 +233,11 @@ class Agent:
     def load_config(self) -> None:
         from extraconfig.codec import decode
         from extraconfig.transport import GuestSource
-        from tether.config import ExecutorConfig
+        from tether.config import ExecutorConfig, name_sessions
         from tether.writeback import WriteBack
         self._writeback = WriteBack(self.transport)
         self.config = decode(GuestSource(self.transport), ExecutorConfig)
+        name_sessions(self.config)
         self.key = self.config.key
         self.set_log_level()
         log.info("configuration for %s: %d session(s)", self.config.common.id or "(no ID)",
@@ -380,7 +381,6 @@ class Agent:
         for sid, cfg in sorted((self.config.sessions or {}).items()):
             if cfg is None or sid in self.sessions:
                 continue
-            cfg.common.id = cfg.common.id or sid
             self._fresh(cfg)
             self.supervisor.launch(cfg)
         if self.config.common.id and self.config.common.id not in self.sessions:
@@ -434,27 +434,25 @@ class Agent:
         self.guarded("reload", self._reload)
 
     def _reload(self) -> None:
+        """The reload rule (tether/config.py): read-only fields from the host, read-write
+        fields ours. Then apply what it changed: networks, new volumes, new sessions, and
+        Restart sessions that are down."""
         from extraconfig.codec import decode
         from extraconfig.transport import GuestSource
-        from tether.config import ExecutorConfig
+        from tether.config import ExecutorConfig, name_sessions, take_host_fields
         if self.options.before_reload is not None:
             self.options.before_reload()
         fresh = decode(GuestSource(self.transport), ExecutorConfig)
-        self.config.diagnostics.debug_level = fresh.diagnostics.debug_level
+        name_sessions(fresh)
+        take_host_fields(self.config, fresh)
         self.set_log_level()
-        self.config.networks = fresh.networks
-        self.config.mounts = fresh.mounts
         self.guarded("networks", self.apply_networks)
         self.guarded("volumes", self.mount_volumes)
-        if self.config.sessions is None:
-            self.config.sessions = {}
-        for sid, cfg in sorted((fresh.sessions or {}).items()):
+        for sid, cfg in sorted((self.config.sessions or {}).items()):
             if cfg is None:
                 continue
             known = self.sessions.get(sid)
             if known is None:
-                cfg.common.id = cfg.common.id or sid
-                self.config.sessions[sid] = cfg
                 log.info("reload: new session %s", sid)
                 self._fresh(cfg)
                 self.supervisor.launch(cfg)

@@ -1,7 +1,12 @@
-"""The ExecutorConfig model (seed 002), with VIC's tags so extraconfig keys match byte for byte.
+"""The ExecutorConfig model, with VIC's tags so extraconfig keys match byte for byte
+(`vmware/vic lib/config/executor/container_vm.go`), and the reload rule.
 
 Attribute names are snake_case; the Go names live in the tags and make the keys.
-Field order is Go declaration order: it fixes the sink's write order (`started` last).
+Field order is Go declaration order, which is the order the codec writes keys in.
+
+The reload rule (SIGHUP), in one place, `take_host_fields`: read-only (and hidden)
+fields are the host's, read-write fields are the agent's. The scope is the codec's own:
+a field's `vic` tag, or, for an untagged field, its parent's.
 """
 from __future__ import annotations
 
@@ -9,7 +14,8 @@ import dataclasses
 from typing import Optional
 
 from extraconfig.gotime import GoTime
-from extraconfig.schema import untagged, vic
+from extraconfig.keys import READ_ONLY, READ_WRITE, scope_flags
+from extraconfig.schema import tag_of, untagged, vic
 from extraconfig.types import IP, URL, IPNet
 
 RO = "read-only"
@@ -152,3 +158,45 @@ class ExecutorConfig:
     @property
     def id(self) -> str:
         return self.common.id
+
+
+# -- the reload rule ------------------------------------------------------------------------
+def _is_struct(value) -> bool:
+    return dataclasses.is_dataclass(value) and not isinstance(value, type)
+
+
+def take_host_fields(ours, fresh, inherited: int = READ_ONLY) -> None:
+    """Merge a fresh decode of the host's keys into the live config, in place: every
+    read-only or hidden field takes the host's value, every read-write field (what the
+    agent writes back: started, status, times, exit logs, assigned addresses) keeps
+    ours. Structs and maps of structs are merged member by member, so a read-write field
+    inside a read-only struct (a network's `assigned`) stays ours and live objects keep
+    their identity. Map entries the host no longer has are kept: a reload never takes
+    a running session, a configured NIC or a mounted volume away."""
+    for field in dataclasses.fields(ours):
+        tag = tag_of(field)
+        if tag is None:
+            continue
+        flags = scope_flags(tag.scope) if tag.tagged else inherited
+        if flags & READ_WRITE:
+            continue
+        mine, theirs = getattr(ours, field.name), getattr(fresh, field.name)
+        if _is_struct(mine) and type(mine) is type(theirs):
+            take_host_fields(mine, theirs, flags)
+        elif isinstance(mine, dict) and isinstance(theirs, dict) and \
+                any(_is_struct(v) for v in (*mine.values(), *theirs.values())):
+            for key, value in theirs.items():
+                current = mine.get(key)
+                if _is_struct(current) and type(current) is type(value):
+                    take_host_fields(current, value, flags)
+                elif value is not None or key not in mine:
+                    mine[key] = value
+        else:
+            setattr(ours, field.name, theirs)
+
+
+def name_sessions(config) -> None:
+    """A session without an ID takes its map key (the host may leave common.id empty)."""
+    for key, session in (config.sessions or {}).items():
+        if session is not None and not session.common.id:
+            session.common.id = key
