@@ -56,3 +56,33 @@ def test_read_only_from_the_host_read_write_ours_in_place():
     assert ours.sessions["added"].common.id == "added"          # new: named by its key
     assert "exec1" in ours.sessions                              # ours alone: kept
     assert set(ours.mounts) == {"data"}
+
+
+def test_the_debug_check_refuses_config_changes_off_the_loop_thread():
+    import threading
+
+    import pytest
+    from tether.config import ConfigOwnershipError, enforce_loop_ownership
+    config = host_config()
+    errors = []
+
+    def elsewhere():
+        try:
+            config.networks["net"].assigned = IPNet.parse("10.0.0.9/24")
+        except ConfigOwnershipError as err:
+            errors.append(str(err))
+
+    enforce_loop_ownership(threading.get_ident())
+    try:
+        config.sessions["main"].started = "true"          # the owner thread: fine
+        worker = threading.Thread(target=elsewhere, name="dhcp-apply")
+        worker.start()
+        worker.join()
+        assert errors and "NetworkEndpoint.assigned set on thread dhcp-apply" in errors[0]
+        assert str(config.networks["net"].assigned) == ""  # the change did not happen
+    finally:
+        enforce_loop_ownership(None)
+    worker = threading.Thread(target=elsewhere)            # off: anything goes again
+    worker.start()
+    worker.join()
+    assert len(errors) == 1 and str(config.networks["net"].assigned) == "10.0.0.9/24"

@@ -119,8 +119,10 @@ def main():
     from tether.etcfiles import EtcFiles
     from tether.loop import Loop
     from tether.network import NetworkError, NetworkManager
+    from tether.config import enforce_loop_ownership
     config = build_config(spec)
     loop = Loop()
+    enforce_loop_ownership(loop.thread_id)   # as the agent does at debug level 1
     etc = EtcFiles(spec["root"], spec["state"])
     etc.set_hostname(spec.get("hostname", "testhost"))
 

@@ -244,8 +244,13 @@ class Agent:
                  len([s for s in (self.config.sessions or {}).values() if s is not None]))
 
     def set_log_level(self) -> None:
+        """The log level, and the debug check that only the loop thread changes the config
+        (on at debug level 1 and above, and under `python -X dev`)."""
+        from tether.config import enforce_loop_ownership
         level = max(self.config.diagnostics.debug_level, env_debug_level())
         logging.getLogger("tether").setLevel(logging.DEBUG if level >= 1 else logging.INFO)
+        checked = level >= 1 or sys.flags.dev_mode
+        enforce_loop_ownership(self.loop.thread_id if checked else None)
         if level >= 1:
             for line in dump_config(self.config, redact=level < 2):
                 log.debug("config %s", line)

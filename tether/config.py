@@ -4,6 +4,9 @@
 Attribute names are snake_case; the Go names live in the tags and make the keys.
 Field order is Go declaration order, which is the order the codec writes keys in.
 
+Only the agent's loop thread changes the config; other threads post their changes to
+the loop. `enforce_loop_ownership` is the debug check that makes a violation raise.
+
 The reload rule (SIGHUP), in one place, `take_host_fields`: read-only (and hidden)
 fields are the host's, read-write fields are the agent's. The scope is the codec's own:
 a field's `vic` tag, or, for an untagged field, its parent's.
@@ -200,3 +203,38 @@ def name_sessions(config) -> None:
     for key, session in (config.sessions or {}).items():
         if session is not None and not session.common.id:
             session.common.id = key
+
+
+# -- who may change the config ----------------------------------------------------------------
+class ConfigOwnershipError(RuntimeError):
+    """A thread other than the loop's changed the config."""
+
+
+_owner_thread: int | None = None
+
+
+def _owned_setattr(self, name: str, value) -> None:
+    import threading
+    if _owner_thread is not None and threading.get_ident() != _owner_thread:
+        raise ConfigOwnershipError(
+            f"{type(self).__name__}.{name} set on thread {threading.current_thread().name}: "
+            "only the loop thread changes the config (post the change to the loop)")
+    object.__setattr__(self, name, value)
+
+
+def enforce_loop_ownership(thread_id: int | None) -> None:
+    """The debug check: from now on, setting a field of any config object from a thread
+    other than `thread_id` raises ConfigOwnershipError; None turns the check off. It
+    catches assignments, which is how the agent changes the config (lists and maps
+    are replaced or extended on the loop, never edited from elsewhere)."""
+    global _owner_thread
+    _owner_thread = thread_id
+    for cls in CONFIG_TYPES:
+        if thread_id is not None:
+            cls.__setattr__ = _owned_setattr
+        elif "__setattr__" in vars(cls):
+            del cls.__setattr__
+
+
+CONFIG_TYPES = (Common, ExitLog, Diagnostics, Detail, Cmd, SessionConfig, MountSpec, Range,
+                AssignedNetwork, ContainerNetwork, NetworkEndpoint, ExecutorConfig)

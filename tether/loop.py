@@ -47,8 +47,13 @@ class Loop:
         self._stopping = False
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._selector.register(self._wake_r, selectors.EVENT_READ)
-        self._owner = threading.get_ident()
+        self._owner = threading.get_ident()   # the loop thread: it alone changes the config
         self.wakeups = 0   # rounds run: a loop that spins shows here
+
+    @property
+    def thread_id(self) -> int:
+        """The thread the loop belongs to (the one that made it)."""
+        return self._owner
 
     # -- file descriptors -------------------------------------------------------------
     def add_reader(self, fd: int, callback: Callback) -> None:
