@@ -10,13 +10,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import select
-import signal
 import sys
 import tarfile
 import tempfile
 
-DETACH_KEYS = b"\x10\x11"   # ctrl-p ctrl-q, as docker attach
+from tether.attach.terminal import DetachScanner, interact  # noqa: F401 - DetachScanner: tests
 
 
 def _parser(prog: str, description: str) -> argparse.ArgumentParser:
@@ -38,6 +36,14 @@ def _fail(prog: str, err: BaseException) -> int:
     return 1
 
 
+def _ended(code: int | None) -> int:
+    """The session's exit code; 1 when the agent ended the attach without one."""
+    if code is None:
+        print("tether: the agent ended the attach", file=sys.stderr)
+        return 1
+    return code
+
+
 def _guard(prog: str, body) -> int:
     from tether.attach.client import ClientError
     from tether.attach.transports import EndpointError
@@ -45,124 +51,6 @@ def _guard(prog: str, body) -> int:
         return body()
     except (ClientError, EndpointError, OSError, TimeoutError) as err:
         return _fail(prog, err)
-
-
-# -- the interactive loop --------------------------------------------------------------------
-class DetachScanner:
-    """Finds the detach sequence in typed input; holds back a partial match."""
-
-    def __init__(self, keys: bytes = DETACH_KEYS):
-        self.keys = keys
-        self.held = b""
-
-    def feed(self, data: bytes) -> tuple[bytes, bool]:
-        """(bytes to send, detach?)"""
-        data = self.held + data
-        self.held = b""
-        found = data.find(self.keys)
-        if found >= 0:
-            return data[:found], True
-        for n in range(len(self.keys) - 1, 0, -1):
-            if data.endswith(self.keys[:n]):
-                self.held = data[-n:]
-                return data[:-n], False
-        return data, False
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        try:
-            n = os.write(fd, view)
-        except BlockingIOError:
-            select.select([], [fd], [])
-            continue
-        view = view[n:]
-
-
-def _terminal_size(fd: int) -> tuple[int, int] | None:
-    try:
-        size = os.get_terminal_size(fd)
-    except OSError:
-        return None
-    return size.lines, size.columns
-
-
-def interact(client, stream, *, stdin_fd: int | None = 0, stdout_fd: int = 1,
-             stderr_fd: int = 2, detach_keys: bytes | None = DETACH_KEYS) -> int:
-    """Pump stdin to the session and its output to us until it exits or we detach.
-    Returns the session's exit code (0 after a detach)."""
-    import termios
-    import tty
-    raw_saved = None
-    tty_in = stdin_fd is not None and os.isatty(stdin_fd)
-    wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-    old_winch = None
-    if stream.tty and tty_in:
-        raw_saved = termios.tcgetattr(stdin_fd)
-        tty.setraw(stdin_fd, termios.TCSANOW)
-        def on_winch(_signum, _frame) -> None:
-            try:
-                os.write(wake_w, b"w")
-            except BlockingIOError:
-                pass   # a wake-up is already pending
-        old_winch = signal.signal(signal.SIGWINCH, on_winch)
-        size = _terminal_size(stdin_fd)
-        if size:
-            stream.resize(*size)
-    scanner = DetachScanner(detach_keys) if detach_keys and tty_in else None
-    try:
-        while True:
-            for kind, value in stream.pending():
-                if kind == "stdout":
-                    _write_all(stdout_fd, value)
-                elif kind == "stderr":
-                    _write_all(stderr_fd, value)
-                elif kind == "exit":
-                    return int(value or 0)
-            if stream.closed:
-                print("tether: the agent ended the attach", file=sys.stderr)
-                return 1
-            watch = [client.fileno(), wake_r] + ([stdin_fd] if stdin_fd is not None else [])
-            try:
-                ready, _, _ = select.select(watch, [], [])
-            except InterruptedError:
-                continue
-            if wake_r in ready:
-                os.read(wake_r, 64)
-                size = _terminal_size(stdin_fd)
-                if size:
-                    stream.resize(*size)
-            if stdin_fd is not None and stdin_fd in ready:
-                data = os.read(stdin_fd, 64 << 10)
-                if not data:
-                    stdin_fd = None
-                    stream.close_stdin()
-                    continue
-                if scanner is not None:
-                    data, detach = scanner.feed(data)
-                    if data:
-                        stream.write(data)
-                    if detach:
-                        stream.detach()
-                        if raw_saved is not None:
-                            termios.tcsetattr(0 if stdin_fd is None else stdin_fd,
-                                              termios.TCSADRAIN, raw_saved)
-                            raw_saved = None
-                        print("\r\nread escape sequence", file=sys.stderr)
-                        return 0
-                else:
-                    stream.write(data)
-            if client.fileno() in ready:
-                client.pump(0)
-    finally:
-        if raw_saved is not None:
-            termios.tcsetattr(stdin_fd if stdin_fd is not None else 0, termios.TCSADRAIN,
-                              raw_saved)
-        if old_winch is not None:
-            signal.signal(signal.SIGWINCH, old_winch)
-        os.close(wake_r)
-        os.close(wake_w)
 
 
 # -- commands ---------------------------------------------------------------------------------
@@ -190,7 +78,7 @@ def attach_main(argv: list[str]) -> int:
         with _connect(args.endpoint, args) as client:
             stream = client.attach(args.session, replay=args.replay,
                                    stdin=not args.no_stdin)
-            return interact(client, stream, stdin_fd=None if args.no_stdin else 0)
+            return _ended(interact(client, stream, stdin_fd=None if args.no_stdin else 0))
     return _guard("attach", body)
 
 
@@ -225,7 +113,7 @@ def exec_main(argv: list[str]) -> int:
             if args.detach:
                 print(result["id"])
                 return 0
-            return interact(client, result, stdin_fd=0)
+            return _ended(interact(client, result, stdin_fd=0))
     return _guard("exec", body)
 
 

@@ -602,13 +602,17 @@ def _signal_of(session) -> int:
 
 # --------------------------------------------------------------------------- attach
 
-def attach_primary(run: VmRun, deadline: float, stdin=None, stdout=None) -> int | None:
-    """Attach to the primary over org.tether.attach: stdin in, output out, until it exits.
-    Returns the exit code the attach stream reported, if any."""
+def attach_primary(run: VmRun, deadline: float, stdin=None, stdout=None,
+                   stderr=None) -> int | None:
+    """Attach to the primary over org.tether.attach: stdin in, output out, until it exits
+    (the interactive loop of `tether attach`, without detach keys). Returns the exit code
+    the attach stream reported, if any."""
     from tether.attach import transports
     from tether.attach.client import Client, ClientError
+    from tether.attach.terminal import file_writer, interact
     stdin = sys.stdin.buffer if stdin is None else stdin
-    stdout = sys.stdout.buffer if stdout is None else stdout
+    stdout = file_writer(sys.stdout.buffer if stdout is None else stdout)
+    stderr = file_writer(sys.stderr.buffer) if stderr is None else file_writer(stderr)
     if not run.machine.attach_connected.wait(max(0.0, deadline - time.monotonic())):
         raise VmError("QEMU never connected the attach port")
     sock = run.machine.attach_sock
@@ -618,68 +622,32 @@ def attach_primary(run: VmRun, deadline: float, stdin=None, stdout=None) -> int 
                            persistent=True)
     client = Client(conn, run.config.key or b"", timeout=max(1.0, deadline - time.monotonic()))
     run.machine.attach_sock = None      # the client owns (and closes) it now
-    client.handshake()
-    primary = run.config.id
-    while True:
-        try:
-            stream = client.attach(primary, replay=True)
-            break
-        except ClientError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.2)
-    session = run.config.sessions[primary]
-    if session.run_block:
-        client.unblock(primary)
-    import select
-    exit_code = None
-
-    def show(events) -> bool:
-        nonlocal exit_code
-        for kind, value in events:
-            if kind == "exit":
-                exit_code = value
-                stream.closed = True
-                return True
-            stdout.write(value)
-            stdout.flush()
-        return False
-
-    # Input is for the process: hold it until the agent reports the primary started (a
-    # RunBlock session starts only after the unblock), showing output meanwhile.
-    while not run.started.is_set() and not stream.closed and time.monotonic() < deadline:
-        client.pump(0.2)
-        if show(stream.pending()):
-            break
-    stdin_fd = stdin.fileno() if stdin is not False else None
-    saved_tty = None
-    if stdin_fd is not None and session.tty and os.isatty(stdin_fd):
-        # A terminal on a tty session: keys go through as typed, the size follows ours.
-        import termios
-        import tty
-        saved_tty = termios.tcgetattr(stdin_fd)
-        tty.setraw(stdin_fd)
-        size = os.get_terminal_size(stdin_fd)
-        stream.resize(size.lines, size.columns)
     try:
-        while not stream.closed and time.monotonic() < deadline:
-            readable = [client.fileno()] + ([stdin_fd] if stdin_fd is not None else [])
-            ready, _, _ = select.select(readable, [], [], 0.5)
-            if stdin_fd in ready:
-                data = os.read(stdin_fd, 65536)
-                if data:
-                    stream.write(data)
-                else:
-                    stream.close_stdin()
-                    stdin_fd = None
-            client.pump(0)
-            show(stream.pending())
+        client.handshake()
+        primary = run.config.id
+        while True:
+            try:
+                stream = client.attach(primary, replay=True)
+                break
+            except ClientError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+        if run.config.sessions[primary].run_block:
+            client.unblock(primary)
+        # Input is for the process: hold it until the agent reports the primary started
+        # (a RunBlock session starts only after the unblock), showing output meanwhile.
+        while not run.started.is_set() and not stream.closed and time.monotonic() < deadline:
+            client.pump(0.2)
+            for kind, value in stream.pending():
+                if kind == "exit":
+                    return value
+                (stderr if kind == "stderr" else stdout)(value)
+        return interact(client, stream,
+                        stdin_fd=stdin.fileno() if stdin is not False else None,
+                        stdout=stdout, stderr=stderr, detach_keys=None, deadline=deadline)
     finally:
-        if saved_tty is not None:
-            import termios
-            termios.tcsetattr(stdin.fileno(), termios.TCSADRAIN, saved_tty)
         client.close()
-    return exit_code
 
 
 def attach_primary_vic(run: VmRun, deadline: float) -> None:

@@ -154,7 +154,7 @@ async def open_attach(conn, session_id: str, output: _Output):
 async def attach(endpoint: str, session_id: str | None, *, variant: str = hs.HEAD,
                  key_pem: bytes | None = None, timeout: float = 30.0, stdin_fd: int | None = 0,
                  list_only: bool = False, unblock: bool = True) -> int:
-    from tether.clientcli import DETACH_KEYS, DetachScanner
+    from tether.attach.terminal import DETACH_KEYS, DetachScanner
     sock = open_stream(endpoint, timeout)
     handshake(sock, variant, timeout)
     conn = await open_connection(sock, key_pem)

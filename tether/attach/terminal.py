@@ -1,0 +1,167 @@
+"""The interactive attach loop: our stdin to an attached session, its output to us, until
+it exits or we detach. `tether attach`, `tether exec` and `tether vm --attach` all use it.
+
+A terminal on a tty session is put in raw mode (keys go through as typed) and the
+session's window follows ours (SIGWINCH). The detach keys (ctrl-p ctrl-q, as docker
+attach) are looked for only when our stdin is a terminal.
+"""
+from __future__ import annotations
+
+import os
+import select
+import signal
+import sys
+import time
+from typing import Callable
+
+DETACH_KEYS = b"\x10\x11"   # ctrl-p ctrl-q, as docker attach
+
+Writer = Callable[[bytes], object]
+
+
+class DetachScanner:
+    """Finds the detach sequence in typed input; holds back a partial match."""
+
+    def __init__(self, keys: bytes = DETACH_KEYS):
+        self.keys = keys
+        self.held = b""
+
+    def feed(self, data: bytes) -> tuple[bytes, bool]:
+        """(bytes to send, detach?)"""
+        data = self.held + data
+        self.held = b""
+        found = data.find(self.keys)
+        if found >= 0:
+            return data[:found], True
+        for n in range(len(self.keys) - 1, 0, -1):
+            if data.endswith(self.keys[:n]):
+                self.held = data[-n:]
+                return data[:-n], False
+        return data, False
+
+
+def fd_writer(fd: int) -> Writer:
+    """Write everything to `fd`, waiting when it is non-blocking and full."""
+    def write(data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            try:
+                n = os.write(fd, view)
+            except BlockingIOError:
+                select.select([], [fd], [])
+                continue
+            view = view[n:]
+    return write
+
+
+def file_writer(stream) -> Writer:
+    """Write to a binary file object and flush."""
+    def write(data: bytes) -> None:
+        stream.write(data)
+        stream.flush()
+    return write
+
+
+def _terminal_size(fd: int) -> tuple[int, int] | None:
+    try:
+        size = os.get_terminal_size(fd)
+    except OSError:
+        return None
+    return size.lines, size.columns
+
+
+def interact(client, stream, *, stdin_fd: int | None = 0, stdout: Writer | None = None,
+             stderr: Writer | None = None, detach_keys: bytes | None = DETACH_KEYS,
+             deadline: float | None = None) -> int | None:
+    """Pump `stdin_fd` (None: no input) to the session and its output to `stdout` and
+    `stderr` (default: fds 1 and 2). Returns the session's exit code, 0 after a detach,
+    None when the agent ended the attach without an exit or `deadline` (monotonic) passed.
+    At the end of our input the session's stdin is closed, and output goes on."""
+    import termios
+    import tty
+    stdout = stdout or fd_writer(1)
+    stderr = stderr or fd_writer(2)
+    raw_saved = None
+    tty_in = stdin_fd is not None and os.isatty(stdin_fd)
+    tty_fd = stdin_fd
+    wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    old_winch = None
+    if stream.tty and tty_in:
+        raw_saved = termios.tcgetattr(tty_fd)
+        tty.setraw(tty_fd, termios.TCSANOW)
+
+        def on_winch(_signum, _frame) -> None:
+            try:
+                os.write(wake_w, b"w")
+            except BlockingIOError:
+                pass   # a wake-up is already pending
+        if threading_is_main():
+            old_winch = signal.signal(signal.SIGWINCH, on_winch)
+        size = _terminal_size(tty_fd)
+        if size:
+            stream.resize(*size)
+    scanner = DetachScanner(detach_keys) if detach_keys and tty_in else None
+
+    def restore_terminal() -> None:
+        nonlocal raw_saved
+        if raw_saved is not None:
+            termios.tcsetattr(tty_fd, termios.TCSADRAIN, raw_saved)
+            raw_saved = None
+
+    try:
+        while True:
+            for kind, value in stream.pending():
+                if kind == "stdout":
+                    stdout(value)
+                elif kind == "stderr":
+                    stderr(value)
+                elif kind == "exit":
+                    return int(value or 0)
+            if stream.closed:
+                return None
+            timeout = None
+            if deadline is not None:
+                timeout = deadline - time.monotonic()
+                if timeout <= 0:
+                    return None
+            watch = [client.fileno(), wake_r] + ([stdin_fd] if stdin_fd is not None else [])
+            try:
+                ready, _, _ = select.select(watch, [], [], timeout)
+            except InterruptedError:
+                continue
+            if wake_r in ready:
+                os.read(wake_r, 64)
+                size = _terminal_size(tty_fd)
+                if size:
+                    stream.resize(*size)
+            if stdin_fd is not None and stdin_fd in ready:
+                data = os.read(stdin_fd, 64 << 10)
+                if not data:
+                    stdin_fd = None
+                    stream.close_stdin()
+                    continue
+                if scanner is not None:
+                    data, detach = scanner.feed(data)
+                    if data:
+                        stream.write(data)
+                    if detach:
+                        stream.detach()
+                        restore_terminal()
+                        print("\r\nread escape sequence", file=sys.stderr)
+                        return 0
+                else:
+                    stream.write(data)
+            if client.fileno() in ready:
+                client.pump(0)
+    finally:
+        restore_terminal()
+        if old_winch is not None:
+            signal.signal(signal.SIGWINCH, old_winch)
+        os.close(wake_r)
+        os.close(wake_w)
+
+
+def threading_is_main() -> bool:
+    """Signal handlers can be set on the main thread only."""
+    import threading
+    return threading.current_thread() is threading.main_thread()
