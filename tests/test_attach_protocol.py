@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 
 from tether.attach import protocol as p
 from tether.attach.transports import EndpointError, parse_endpoint
-from tether.clientcli import DetachScanner, split_remote
+from tether.attach.terminal import DetachScanner
+from tether.clientcli import split_remote
 
 MESSAGES = [
     {"t": "connect", "v": 1},

@@ -14,7 +14,7 @@ import sys
 import tarfile
 import tempfile
 
-from tether.attach.terminal import DetachScanner, interact  # noqa: F401 - DetachScanner: tests
+from tether.attach.terminal import interact
 
 
 def _parser(prog: str, description: str) -> argparse.ArgumentParser:

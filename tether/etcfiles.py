@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import ipaddress
 import os
-import threading
 
 from tether.rootfs import resolve_in_root
 from tether.system import bind_mount
@@ -42,7 +41,6 @@ class EtcFiles:
         self._seed_hosts: list[str] | None = None
         self._written: dict[str, str] = {}      # name -> content last mounted
         self._generation = 0
-        self._lock = threading.Lock()           # renewal threads flush too
 
     # -- model -----------------------------------------------------------------------------
     def set_hostname(self, name: str, aliases: list[str] | tuple[str, ...] = ()) -> None:
@@ -118,27 +116,26 @@ class EtcFiles:
     # -- I/O -------------------------------------------------------------------------------
     def flush(self) -> None:
         """Write what changed into state_dir and bind it over the container's /etc files."""
-        with self._lock:
-            if self._seed_hosts is None:
-                self._seed_hosts = self._read_seed_hosts()
-            wanted = {
-                "hostname": self.render_hostname(),
-                "hosts": self.render_hosts(self._seed_hosts),
-                "resolv.conf": self.render_resolv(),
-            }
-            os.makedirs(self.state_dir, mode=0o755, exist_ok=True)
-            for name, content in wanted.items():
-                if content is None or self._written.get(name) == content:
-                    continue
-                self._generation += 1
-                source = self._write_atomically(name, content)
-                target = self._mount_target(name)
-                try:
-                    bind_mount(source, target)
-                except OSError as exc:
-                    raise EtcFilesError(
-                        f"cannot bind {source} over {target}: {exc.strerror or exc}") from exc
-                self._written[name] = content
+        if self._seed_hosts is None:
+            self._seed_hosts = self._read_seed_hosts()
+        wanted = {
+            "hostname": self.render_hostname(),
+            "hosts": self.render_hosts(self._seed_hosts),
+            "resolv.conf": self.render_resolv(),
+        }
+        os.makedirs(self.state_dir, mode=0o755, exist_ok=True)
+        for name, content in wanted.items():
+            if content is None or self._written.get(name) == content:
+                continue
+            self._generation += 1
+            source = self._write_atomically(name, content)
+            target = self._mount_target(name)
+            try:
+                bind_mount(source, target)
+            except OSError as exc:
+                raise EtcFilesError(
+                    f"cannot bind {source} over {target}: {exc.strerror or exc}") from exc
+            self._written[name] = content
 
     def _read_seed_hosts(self) -> list[str]:
         try:

@@ -19,7 +19,6 @@ import time
 from typing import Callable, Iterator
 
 MAX_ENTRY = 4095
-HEADER_LEN = 10
 ENCODED_HEADER_LEN = 16
 STDOUT, STDERR = 0, 1
 TAGGED = 0x1
