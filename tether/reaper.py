@@ -2,9 +2,9 @@
 
 SIGCHLD is handled on the loop: `waitpid(-1, WNOHANG)` until nothing is left, so
 coalesced signals lose nothing. A PID someone `watch`es gets its raw wait status; an
-unknown PID is an orphan and is only counted. Helper processes the agent runs for itself
-go through `run_helper`, which registers the PID before anyone can reap it, so their
-status reaches the caller instead of being swallowed.
+unknown PID is an orphan and is only counted. A helper process the agent runs for itself
+(none does today) must go through `run_helper`, which registers the PID before anyone can
+reap it, so its status reaches the caller instead of being swallowed as an orphan's.
 """
 from __future__ import annotations
 

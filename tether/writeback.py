@@ -2,10 +2,11 @@
 
 Only read-write keys reach the transport (the GuestSink drops `/` keys). One session is
 written as its own subtree, under the key prefix `calculate_keys` gives for
-`Sessions.<id>` (the reference's EncodeWithPrefix); field order puts `started` last.
-`started` is what a host waits on, so it always goes out last: our config model keeps
-the executor's field order, where `diagnostics` (resurrections, exit logs) follows
-`started`, so the `started` keys are held back and written after everything else.
+`Sessions.<id>` (the reference's EncodeWithPrefix).
+`started` is what a host waits on, so it always goes out last. Field order alone would
+not do it: the model keeps Go's field order (`vmware/vic
+lib/config/executor/container_vm.go`), where `diagnostics` (resurrections, exit logs)
+follows `started`, so the `started` keys are held back and written after everything else.
 A failed write is logged, never fatal: the process goes on and the next write retries.
 """
 from __future__ import annotations
