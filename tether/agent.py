@@ -95,6 +95,10 @@ class Options:
 
 
 class Agent:
+    """PID 1's lifecycle (`run`). To its subsystems (the attach server, the toolbox) it
+    is only the narrow `Host` of tether/host.py: loop, key, root, sessions, primary,
+    exec_session, request_stop, stop_session."""
+
     def __init__(self, transport, options: Options):
         from tether.loop import Loop
         from tether.reaper import Reaper
