@@ -18,7 +18,8 @@ import logging
 import os
 import signal
 import sys
-import time
+
+from tether.console import env_debug_level, write_console
 
 log = logging.getLogger("tether.agent")
 
@@ -30,23 +31,10 @@ EXIT_LAUNCH_ERROR = 125   # the agent could not set the container up (docker run
 CONTAINERFS_LABEL = "containerfs"
 CONTAINERFS_MOUNT = "/mnt/containerfs"
 STATE_DIR = "/run/tether"
-LOG_FORMAT = "%(asctime)s.%(msecs)03dZ %(levelname)s %(name)s: %(message)s"
 
 
 class InjectedFailure(RuntimeError):
     pass
-
-
-def configure_logging(stream=None, level: int = logging.INFO) -> logging.Handler:
-    formatter = logging.Formatter(LOG_FORMAT, "%Y-%m-%dT%H:%M:%S")
-    formatter.converter = time.gmtime
-    handler = logging.StreamHandler(stream or sys.stderr)
-    handler.setFormatter(formatter)
-    root = logging.getLogger("tether")
-    root.handlers[:] = [handler]
-    root.setLevel(level)
-    root.propagate = False
-    return handler
 
 
 class RunMode(enum.Enum):
@@ -517,18 +505,6 @@ class Agent:
 
 
 # -- small helpers --------------------------------------------------------------------------
-DEBUG_ENV = "TETHER_DEBUG"
-
-
-def env_debug_level() -> int:
-    """The kernel argument tether.debug=N, which stage 0 exports as TETHER_DEBUG: a floor
-    under diagnostics.debug, and the level before the config is read."""
-    try:
-        return int(os.environ.get(DEBUG_ENV, "0") or 0)
-    except ValueError:
-        return 0
-
-
 def hostname_for(executor_id: str) -> str:
     """The reference's rule: the first 12 characters of the ID."""
     return executor_id[:12]
@@ -559,12 +535,3 @@ def dump_config(config, redact: bool = True, prefix: str = "") -> list[str]:
         else:
             lines.append(f"{path} = {value!r}")
     return lines
-
-
-def write_console(data: bytes) -> None:
-    """Session output echoed onto the agent log (stderr)."""
-    try:
-        while data:
-            data = data[os.write(2, data):]
-    except OSError:
-        pass

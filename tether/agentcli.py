@@ -8,33 +8,10 @@ import signal
 import sys
 from types import SimpleNamespace
 
-from tether.agent import (DEFAULT_STOP_GRACE, Agent, Options, RunMode, configure_logging,
-                          env_debug_level)
+from tether.agent import DEFAULT_STOP_GRACE, Agent, Options, RunMode
+from tether.console import configure_logging, env_debug_level, redirect_log
 
 log = logging.getLogger("tether.agent")
-
-
-def redirect_log(path: str) -> None:
-    """Point stdout and stderr (the agent log) at the log port, as the reference did
-    with ttyS1. A port that cannot be opened leaves the log where it was."""
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_NOCTTY | os.O_CLOEXEC | os.O_APPEND
-                     | (0 if path.startswith("/dev/") else os.O_CREAT), 0o644)
-    except OSError as err:
-        log.error("cannot open the log port %s: %s; logging to stderr", path, err.strerror)
-        return
-    if os.isatty(fd):
-        from tether import system
-        try:
-            system.set_raw_tty(fd)
-        except OSError as err:
-            log.warning("log port %s: %s; leaving the line as it is", path, err.strerror)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.dup2(fd, 1)
-    os.dup2(fd, 2)
-    os.close(fd)
-    log.info("agent log on %s", path)
 
 
 AGENT_USAGE = """usage: tether agent [options]

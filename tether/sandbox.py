@@ -72,7 +72,7 @@ def exit_code_of(status: int) -> int:
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
-    from tether.agent import configure_logging
+    from tether.console import configure_logging
     configure_logging()
     try:
         seed = load_seed(args.config)

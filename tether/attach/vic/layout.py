@@ -72,7 +72,7 @@ def start_for_agent(host, *, endpoints: list[str] | None, options: dict | None,
             log.info("VIC's serial layout (guestinfo over %s, kernel console %s): attach "
                      "on ttyS0", transport_module, kernel_console(args) or "none")
             if kernel_console(args) != "ttyS1" and os.path.exists(LOG_LINE):
-                from tether.agentcli import redirect_log
+                from tether.console import redirect_log
                 redirect_log(LOG_LINE)
     if not endpoints:
         return None
