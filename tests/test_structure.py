@@ -1,4 +1,5 @@
-"""The shape of the code: the import graph, no CLI machinery on the agent's startup path."""
+"""The shape of the code: no import cycles, no CLI machinery on the agent's startup path,
+one place that decides how the agent runs."""
 from __future__ import annotations
 
 import ast
@@ -80,6 +81,22 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
         if v not in index:
             visit(v)
     return found
+
+
+# Cycles left to their owners, each with its reason; the list may only shrink.
+KNOWN_CYCLES = [
+    # the generated codec reuses the interpreter's node classes, and the interpreter
+    # switches a class to generated code (extraconfig/codegen.py, codec._choose)
+    ["extraconfig.codec", "extraconfig.codegen"],
+]
+
+
+def test_no_module_imports_one_that_imports_it_back():
+    graph = import_graph()
+    assert {"tether.supervisor", "tether.console"} <= graph["tether.agent"]   # sees imports
+    found = cycles(graph)
+    assert not [c for c in found if any(m.startswith("tether") for m in c)], found
+    assert [c for c in found if c not in KNOWN_CYCLES] == [], found
 
 
 def test_the_cycle_check_sees_a_cycle():
