@@ -21,6 +21,8 @@ from extraconfig.keys import READ_ONLY, READ_WRITE, scope_flags
 from extraconfig.schema import tag_of, untagged, vic
 from extraconfig.types import IP, URL, IPNet
 
+from tether.extension import ExitRecord, Hooks, Limits
+
 RO = "read-only"
 RW = "read-write"
 HIDDEN = "hidden"
@@ -79,6 +81,13 @@ class SessionConfig:
     diagnostics: Diagnostics = vic("Diagnostics", RO, "diagnostics", default_factory=Diagnostics)
     user: str = vic("User", RO, "User", default="")
     group: str = vic("Group", RO, "Group", default="")
+    # Our extension (tether/extension.py): no vic tag, so VIC's keys stay as they were;
+    # the wire form lives under guestinfo.vice./tether/sessions|<id>/...
+    limits: Limits = dataclasses.field(default_factory=Limits)
+    capabilities: Optional[list[str]] = None     # None: Docker's default set; []: none
+    no_new_privileges: bool = False
+    parent_death_signal: str = ""
+    exit_records: Optional[list[ExitRecord]] = None
 
     @property
     def id(self) -> str:
@@ -157,6 +166,9 @@ class ExecutorConfig:
     layer_id: str = vic("LayerID", RO, "layerid", default="")
     annotations: Optional[dict[str, str]] = vic("Annotations", HIDDEN, "annotations", default=None)
     repo_name: str = vic("RepoName", RO, "repo", default="")
+    # Our extension (tether/extension.py), under guestinfo.vice./tether/...
+    hooks: Hooks = dataclasses.field(default_factory=Hooks)
+    scrub_secrets: Optional[bool] = None   # None: on for the VMware backdoor, else off
 
     @property
     def id(self) -> str:

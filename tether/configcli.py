@@ -23,8 +23,9 @@ def _read(path: str) -> str:
 
 
 def encode_command(path: str) -> int:
-    from extraconfig import encode
     from extraconfig.transport import NIL, format_vmx
+
+    from .extension import encode_config
 
     from .jsonform import ConfigError, config_from_json
 
@@ -35,16 +36,15 @@ def encode_command(path: str) -> int:
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
     # as vSphere stores them: an empty value would delete the key, so it is "<nil>"
-    entries = {k: (v if v != "" else NIL) for k, v in encode(cfg).items()}
+    entries = {k: (v if v != "" else NIL) for k, v in encode_config(cfg).items()}
     sys.stdout.write(format_vmx(entries))
     return 0
 
 
 def decode_command(path: str) -> int:
-    from extraconfig import decode
     from extraconfig.transport import NIL, parse_vmx
 
-    from .config import ExecutorConfig
+    from .extension import decode_config
     from .jsonform import config_to_json
 
     try:
@@ -52,7 +52,7 @@ def decode_command(path: str) -> int:
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from None
     # the host's reading of a VMX (vmomi.OptionValueMap): "<nil>" is the empty string
-    cfg = decode({k: (v if v != NIL else "") for k, v in entries.items()}, ExecutorConfig)
+    cfg = decode_config({k: (v if v != NIL else "") for k, v in entries.items()})
     json.dump(config_to_json(cfg), sys.stdout, indent=2, ensure_ascii=False)
     sys.stdout.write("\n")
     return 0

@@ -308,9 +308,13 @@ def _check_name(section: str, name: str) -> None:
 def config_to_json(cfg: ExecutorConfig) -> dict:
     """The minimal JSON form: zero values left out, IDs equal to their keys left out."""
     out = _struct_to(cfg)
+    if cfg.scrub_secrets is False:
+        out["scrub_secrets"] = False   # "never", unlike absent (the transport's default)
     _trust_levels_to_text(out)
     for sid, session in (out.get("sessions") or {}).items():
         _drop_default_id(session, sid)
+        if session is not None and (cfg.sessions or {})[sid].capabilities == []:
+            session["capabilities"] = []   # "keep none", unlike absent (the default set)
     for name, endpoint in (out.get("networks") or {}).items():
         _drop_default_id(endpoint, name)
         if endpoint is not None:

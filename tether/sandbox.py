@@ -59,9 +59,9 @@ def load_seed(path: str) -> dict[str, str]:
         from extraconfig.transport import parse_vmx
         with open(path, encoding="utf-8", errors="surrogateescape") as f:
             return parse_vmx(f.read())
-    from extraconfig.codec import encode
+    from tether.extension import encode_config
     from tether.jsonform import load_config
-    return encode(load_config(path))
+    return encode_config(load_config(path))
 
 
 def exit_code_of(status: int) -> int:

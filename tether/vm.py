@@ -485,7 +485,6 @@ class VmRun:
                  memory_mb: int = 512, echo_console=None, on_output=None,
                  workdir: str | None = None, qemu_args: list[str] | None = None,
                  vic_serial: bool = False):
-        from extraconfig import encode
         image_dir = os.path.abspath(image_dir)
         iso = os.path.join(image_dir, "bootstrap-debug.iso" if debug_image else "bootstrap.iso")
         if not os.path.isfile(iso):
@@ -524,7 +523,8 @@ class VmRun:
         self.spec = MachineSpec(iso=iso, disks=disk_list, nics=self.nics, memory_mb=memory_mb,
                                 kernel=kernel, initrd=initrd, kernel_args=kernel_args, netns=netns,
                                 extra_args=list(qemu_args or []), vic_serial=vic_serial)
-        keys = encode(config)
+        from tether.extension import encode_config
+        keys = encode_config(config)   # VIC's keys and our extension's
         keys.update(extra_guestinfo or {})
         self.started_key = primary_started_key(config) if config.id in (config.sessions or {}) else None
         self.started = threading.Event()
@@ -565,10 +565,9 @@ class VmRun:
                         dict(self.machine.marks), self.workdir, message)
 
     def _exit_code(self, final: dict[str, str]):
-        from extraconfig import decode
-        from tether.config import ExecutorConfig
+        from tether.extension import decode_config
         try:
-            decoded = decode(final, ExecutorConfig)
+            decoded = decode_config(final)
         except Exception as err:   # noqa: BLE001 - report, don't crash the launcher
             return None, 1, f"the final guestinfo does not decode: {err}"
         primary = (decoded.sessions or {}).get(decoded.id)

@@ -194,10 +194,10 @@ def ensure_iso(conn: Connection, placement: Placement, log=None) -> bool:
 
 
 def plan_for(placement: Placement, options: RunOptions) -> S.VmPlan:
-    from extraconfig import encode
+    from tether.extension import encode_config
     return S.VmPlan(
         name=placement.name, datastore=placement.datastore.name, iso=placement.iso_path,
-        nics=placement.nics, extra_config=extra_config_values(encode(placement.config)),
+        nics=placement.nics, extra_config=extra_config_values(encode_config(placement.config)),
         containerfs_parent=placement.containerfs, attach_uri=options.attach_uri,
         memory_mb=options.memory_mb, cpus=options.cpus,
         annotation=annotation_for(placement.config))
@@ -267,10 +267,9 @@ def destroy(conn: Connection, vm) -> None:
 
 def exit_code(final: dict[str, str]) -> tuple[int, str]:
     """The primary's exit code (128+N for signal N) and what went wrong, if anything."""
-    from extraconfig import decode
-    from tether.config import ExecutorConfig
+    from tether.extension import decode_config
     try:
-        decoded = decode(final, ExecutorConfig)
+        decoded = decode_config(final)
     except Exception as err:   # noqa: BLE001 - report, don't crash
         return 1, f"the final guestinfo does not decode: {err}"
     primary = (decoded.sessions or {}).get(decoded.id)
