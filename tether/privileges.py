@@ -1,0 +1,188 @@
+"""What a session's process may do: its capabilities, no_new_privileges, parent death signal.
+
+`plan_for(config)` decides in the agent, before the fork, and raises PrivilegeError (the
+`started` text) for a capability that is unknown or that the agent itself does not hold.
+The child applies the plan around its setuid (`before_setuid`, `after_setuid`), with
+python-prctl; python-prctl has no call for the ambient set, so that one prctl goes
+through libc.
+
+The keep-list becomes the bounding set, and the inheritable set. A root session gets it
+as its effective set at exec. A non-root session gets no capabilities by default (as in
+Docker; a setuid binary may still gain those in the bounding set unless
+`no_new_privileges`); when its config names a keep-list explicitly, the list is raised as
+ambient capabilities so the unprivileged program really has them.
+"""
+from __future__ import annotations
+
+import os
+import signal
+
+# Linux's capability numbers (include/uapi/linux/capability.h).
+CAPABILITIES = (
+    "CHOWN", "DAC_OVERRIDE", "DAC_READ_SEARCH", "FOWNER", "FSETID", "KILL", "SETGID",
+    "SETUID", "SETPCAP", "LINUX_IMMUTABLE", "NET_BIND_SERVICE", "NET_BROADCAST",
+    "NET_ADMIN", "NET_RAW", "IPC_LOCK", "IPC_OWNER", "SYS_MODULE", "SYS_RAWIO",
+    "SYS_CHROOT", "SYS_PTRACE", "SYS_PACCT", "SYS_ADMIN", "SYS_BOOT", "SYS_NICE",
+    "SYS_RESOURCE", "SYS_TIME", "SYS_TTY_CONFIG", "MKNOD", "LEASE", "AUDIT_WRITE",
+    "AUDIT_CONTROL", "SETFCAP", "MAC_OVERRIDE", "MAC_ADMIN", "SYSLOG", "WAKE_ALARM",
+    "BLOCK_SUSPEND", "AUDIT_READ", "PERFMON", "BPF", "CHECKPOINT_RESTORE",
+)
+NUMBER = {name: n for n, name in enumerate(CAPABILITIES)}
+
+# Docker's default set (moby oci/caps/defaults.go).
+DEFAULT = ("CHOWN", "DAC_OVERRIDE", "FSETID", "FOWNER", "MKNOD", "NET_RAW", "SETGID",
+           "SETUID", "SETFCAP", "SETPCAP", "NET_BIND_SERVICE", "SYS_CHROOT", "KILL",
+           "AUDIT_WRITE")
+
+PR_CAP_AMBIENT = 47
+PR_CAP_AMBIENT_RAISE = 2
+
+
+class PrivilegeError(Exception):
+    """The session's privileges cannot be set up as asked; the text goes into `started`."""
+
+
+def cap_name(n: int) -> str:
+    return "CAP_" + CAPABILITIES[n] if n < len(CAPABILITIES) else f"capability {n}"
+
+
+def parse_capability(text: str) -> int:
+    """'NET_RAW', 'cap_net_raw' or 'CAP_NET_RAW' -> 13. PrivilegeError otherwise."""
+    name = text.strip().upper()
+    if name.startswith("CAP_"):
+        name = name[4:]
+    if name not in NUMBER:
+        raise PrivilegeError(f"capabilities: unknown capability {text!r}")
+    return NUMBER[name]
+
+
+def last_cap() -> int:
+    try:
+        with open("/proc/sys/kernel/cap_last_cap") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return len(CAPABILITIES) - 1
+
+
+def own_bounding_set() -> set[int]:
+    """The capabilities the agent could pass on: its bounding set ∩ its permitted set."""
+    bounding = permitted = None
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("CapBnd:"):
+                bounding = int(line.split()[1], 16)
+            elif line.startswith("CapPrm:"):
+                permitted = int(line.split()[1], 16)
+    mask = (bounding if bounding is not None else ~0) & (
+        permitted if permitted is not None else ~0)
+    return {n for n in range(last_cap() + 1) if mask >> n & 1}
+
+
+class Plan:
+    """Plain data for the child: everything decided before the fork."""
+    __slots__ = ("keep", "drop", "ambient", "no_new_privileges", "death_signal")
+
+    def __init__(self, keep: list[int], drop: list[int], ambient: bool,
+                 no_new_privileges: bool, death_signal: int):
+        self.keep = keep
+        self.drop = drop
+        self.ambient = ambient
+        self.no_new_privileges = no_new_privileges
+        self.death_signal = death_signal
+
+
+def plan_for(config, uid: int, held: set[int] | None = None) -> Plan:
+    """The privileges of a session whose config is `config` and whose user is `uid`.
+    `held`: what the agent has (default: read from /proc/self/status)."""
+    # Loaded here, in the agent: the child runs after chroot into the container root,
+    # where neither python-prctl nor ctypes can be imported.
+    import prctl  # noqa: F401
+    from tether import system
+    system.libc()
+    held = own_bounding_set() if held is None else held
+    explicit = config.capabilities is not None
+    if explicit:
+        if any(c.strip().upper() == "ALL" for c in config.capabilities):
+            wanted = set(held)
+        else:
+            wanted = {parse_capability(c) for c in config.capabilities}
+        missing = sorted(wanted - held)
+        if missing:
+            raise PrivilegeError(
+                "capabilities: the agent does not hold " + ", ".join(map(cap_name, missing))
+                + " (not in its bounding set), so the session cannot be given "
+                + ("it" if len(missing) == 1 else "them"))
+    else:
+        # Docker's set, less what the agent itself lacks (a restricted sandbox host).
+        wanted = {NUMBER[name] for name in DEFAULT} & held
+    try:
+        from tether.sessions import parse_signal
+        death = parse_signal(config.parent_death_signal, 0) if config.parent_death_signal \
+            else 0
+    except ValueError as err:
+        raise PrivilegeError(f"parent_death_signal: {err}") from None
+    keep = sorted(wanted)
+    drop = [n for n in range(last_cap() + 1) if n not in wanted]
+    return Plan(keep, drop, ambient=explicit and uid != 0 and bool(keep),
+                no_new_privileges=bool(config.no_new_privileges), death_signal=death)
+
+
+# -- the child side: only os-level calls --------------------------------------------------
+def _split(keep: list[int]) -> tuple[list[int], list[int]]:
+    """(the keep-list, every other capability) among those python-prctl can set."""
+    import prctl
+    return ([n for n in prctl.ALL_CAPS if n in keep],
+            [n for n in prctl.ALL_CAPS if n not in keep])
+
+
+def before_setuid(plan: Plan) -> None:
+    """Still root: shrink the bounding set, make the keep-list the inheritable set (setuid
+    keeps it; exec gives a root process bounding | inheritable), and keep the permitted
+    set across the setuid when ambient capabilities are to be raised after it."""
+    import prctl
+    for n in plan.drop:
+        try:
+            prctl.capbset_drop(n)
+        except ValueError:
+            pass   # a capability python-prctl does not know: the kernel's EINVAL
+    known, unknown = _split(plan.keep)
+    prctl.set_caps((unknown, prctl.CAP_INHERITABLE, False), (known, prctl.CAP_INHERITABLE, True))
+    if plan.ambient:
+        prctl.set_keepcaps(True)
+
+
+def after_setuid(plan: Plan) -> None:
+    """The final sets, no_new_privileges, and the parent death signal (which setuid
+    clears, so it is set after it)."""
+    import prctl
+    if plan.ambient:
+        known, unknown = _split(plan.keep)
+        every = (prctl.CAP_PERMITTED, prctl.CAP_EFFECTIVE, prctl.CAP_INHERITABLE)
+        prctl.set_caps((unknown, every, False), (known, every, True))
+        from tether import system
+        libc = system.libc()
+        for n in plan.keep:
+            if libc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE, n, 0, 0) != 0:
+                import ctypes
+                err = ctypes.get_errno()
+                raise OSError(err, f"raise ambient {cap_name(n)}: {os.strerror(err)}")
+        prctl.set_keepcaps(False)
+    if plan.no_new_privileges:
+        prctl.set_no_new_privs(1)
+    if plan.death_signal:
+        parent = os.getppid()
+        prctl.set_pdeathsig(plan.death_signal)
+        if os.getppid() != parent:   # the parent died before the signal was armed
+            os.kill(os.getpid(), plan.death_signal)
+
+
+def describe(plan: Plan) -> str:
+    names = ",".join(CAPABILITIES[n] for n in plan.keep if n < len(CAPABILITIES)) or "none"
+    extra = []
+    if plan.ambient:
+        extra.append("ambient")
+    if plan.no_new_privileges:
+        extra.append("no_new_privileges")
+    if plan.death_signal:
+        extra.append(f"pdeathsig {signal.Signals(plan.death_signal).name}")
+    return names + (f" ({', '.join(extra)})" if extra else "")
