@@ -1,0 +1,93 @@
+"""Lifecycle hooks run as real processes (tether/hooks.py): order, the state on stdin,
+exact environment, failures, timeouts."""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import pytest
+
+from tether.extension import Hook, Hooks
+from tether.hooks import HookError, run_point, state
+
+
+def script(path, body: str) -> str:
+    path.write_text("#!/bin/sh\n" + body)
+    path.chmod(0o755)
+    return str(path)
+
+
+def test_hooks_run_in_order_with_the_state_on_stdin(tmp_path):
+    log = tmp_path / "log"
+    hooks = Hooks(prestart=[Hook(path=script(tmp_path / f"h{i}", f"read line\n"
+                                             f"echo h{i} \"$line\" >> {log}\n"))
+                            for i in range(3)])
+    doc = state("web", "created", 1234, "/bundle", {"a": "b"})
+    assert run_point(hooks, "prestart", doc) == []
+    lines = log.read_text().splitlines()
+    assert [line.split(" ", 1)[0] for line in lines] == ["h0", "h1", "h2"]
+    seen = json.loads(lines[0].split(" ", 1)[1])
+    assert seen == {"ociVersion": "1.0.2", "id": "web", "status": "created", "pid": 1234,
+                    "bundle": "/bundle", "annotations": {"a": "b"}}
+
+
+def test_a_hook_gets_exactly_its_env_and_args(tmp_path):
+    out = tmp_path / "out"
+    path = script(tmp_path / "h", f'echo "$0|$1|$(env | sort | tr "\\n" " ")" > {out}\n')
+    hooks = Hooks(poststart=[Hook(path=path, args=["first", "second"], env=["ONLY=this"])])
+    run_point(hooks, "poststart", state("web", "running", 1, "/"))
+    zero, one, env = out.read_text().strip().split("|")
+    assert (zero, one) == (path, "second")   # the shell's $0 is the script it runs
+    assert "ONLY=this" in env.split() and "HOME=" not in env and "PATH=/" not in env
+
+
+def test_the_first_failing_launch_hook_stops_the_rest_with_its_message(tmp_path):
+    log = tmp_path / "log"
+    bad = script(tmp_path / "bad", "echo 'volume data is not ready' >&2\nexit 3\n")
+    after = script(tmp_path / "after", f"echo ran >> {log}\n")
+    hooks = Hooks(prestart=[Hook(path=bad), Hook(path=after)])
+    with pytest.raises(HookError) as err:
+        run_point(hooks, "prestart", state("web", "created", 1, "/"))
+    assert str(err.value) == f"prestart hook 0 ({bad}): exited 3: volume data is not ready"
+    assert not log.exists()
+
+
+def test_failing_poststop_hooks_are_reported_and_the_rest_still_run(tmp_path):
+    log = tmp_path / "log"
+    bad = script(tmp_path / "bad", "exit 1\n")
+    after = script(tmp_path / "after", f"echo ran >> {log}\n")
+    hooks = Hooks(poststop=[Hook(path=bad), Hook(path=after)])
+    failures = run_point(hooks, "poststop", state("web", "stopped", 0, "/"), keep_going=True)
+    assert failures == [f"poststop hook 0 ({bad}): exited 1"]
+    assert log.read_text() == "ran\n"
+
+
+def test_a_hook_past_its_timeout_is_killed_with_its_children(tmp_path):
+    pidfile = tmp_path / "pid"
+    path = script(tmp_path / "slow", f"sleep 300 &\necho $! > {pidfile}\nwait\n")
+    hooks = Hooks(create_runtime=[Hook(path=path, timeout=1)])
+    started = time.monotonic()
+    with pytest.raises(HookError, match=r"createRuntime hook 0 .*: timed out after 1s"):
+        run_point(hooks, "create_runtime", state("web", "created", 1, "/"))
+    assert time.monotonic() - started < 30
+    child = int(pidfile.read_text())
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{child}/stat") as f:
+                if f.read().split()[2] == "Z":
+                    break
+        except FileNotFoundError:
+            break
+        time.sleep(0.05)
+    else:
+        os.kill(child, 9)
+        pytest.fail("the hook's background child outlived the timeout")
+
+
+def test_a_hook_that_cannot_run_says_why(tmp_path):
+    hooks = Hooks(prestart=[Hook(path=str(tmp_path / "missing"))])
+    with pytest.raises(HookError, match=r"prestart hook 0 .*missing\): cannot run: exec .*"
+                                        r"No such file or directory"):
+        run_point(hooks, "prestart", state("web", "created", 1, "/"))
