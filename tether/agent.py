@@ -24,8 +24,8 @@ from tether.console import env_debug_level, write_console
 log = logging.getLogger("tether.agent")
 
 FAILPOINTS_ENV = "TETHER_FAILPOINTS"
-STEPS = ("signals", "system", "config", "rootfs", "hostname", "networks", "volumes", "attach",
-         "vic-attach", "toolbox", "sessions", "reload", "shutdown")
+STEPS = ("signals", "system", "cgroups", "config", "rootfs", "hostname", "networks", "volumes",
+         "attach", "vic-attach", "toolbox", "sessions", "reload", "shutdown")
 DEFAULT_STOP_GRACE = 10.0
 EXIT_LAUNCH_ERROR = 125   # the agent could not set the container up (docker run's 125)
 CONTAINERFS_LABEL = "containerfs"
@@ -69,7 +69,7 @@ class Options:
                  state_dir: str = STATE_DIR,
                  stop_grace: float = DEFAULT_STOP_GRACE, echo_output: bool | None = None,
                  before_reload=None, vic_attach: list[str] | None = None,
-                 vic_options: dict | None = None):
+                 vic_options: dict | None = None, cgroups: bool | None = None):
         self.mode = mode or RunMode.detect()
         self.rootfs = rootfs
         self.output_log = output_log
@@ -80,6 +80,7 @@ class Options:
         self.before_reload = before_reload  # called on SIGHUP before the config is re-read
         self.vic_attach = vic_attach        # VIC attach endpoints; None: VIC's serial layout
         self.vic_options = vic_options      # {"handshake": ..., "auth": ...}
+        self.cgroups = cgroups              # None: as PID 1 of a VM; the sandbox says
 
 
 class Agent:
@@ -118,6 +119,8 @@ class Agent:
         self._etc = None
         self._mounted_volumes: set[str] = set()
         self.mode = options.mode
+        from tether.isolation import Isolation
+        self.isolation = Isolation()   # cgroups (step "cgroups"), privileges, hooks
 
     @property
     def sessions(self) -> dict:
@@ -154,6 +157,7 @@ class Agent:
             self.guarded("shutdown", self.shutdown)
             return 1
         self.guarded("system", self.setup_system)
+        self.guarded("cgroups", self.setup_cgroups)
         if not self.guarded("config", self.load_config):
             log.error("no usable configuration: nothing to run; stopping")
             self.guarded("shutdown", self.shutdown)
@@ -197,6 +201,26 @@ class Agent:
             system.link_mtab("/")
         self._open_output_log()
 
+    def setup_cgroups(self) -> None:
+        """Mount the cgroup filesystem and take our group for the sessions' groups: as
+        PID 1 of a VM, or of the sandbox when it delegated a group to us."""
+        wanted = self.options.cgroups
+        if wanted is None:
+            wanted = self.mode.owns_machine
+        if not wanted:
+            self.isolation.cgroups_problem = (
+                "no cgroups: the agent manages them only as PID 1 of a VM or of "
+                "`tether sandbox`")
+            return
+        from tether import cgroups
+        try:
+            done = cgroups.mount_hierarchies()
+            self.isolation.cgroups = cgroups.Cgroups.open(loop=self.loop)
+        except (OSError, cgroups.CgroupError) as err:
+            self.isolation.cgroups_problem = f"no cgroups: {err}"
+            raise
+        log.info("cgroups: %s; controllers: %s", done, self.isolation.cgroups.describe())
+
     def _open_output_log(self) -> None:
         from tether import system
         path = self.options.output_log
@@ -223,12 +247,12 @@ class Agent:
         log.info("session output log: %s", path)
 
     def load_config(self) -> None:
-        from extraconfig.codec import decode
         from extraconfig.transport import GuestSource
-        from tether.config import ExecutorConfig, name_sessions
+        from tether.config import name_sessions
+        from tether.extension import decode_config
         from tether.writeback import WriteBack
         self._writeback = WriteBack(self.transport)
-        self.config = decode(GuestSource(self.transport), ExecutorConfig)
+        self.config = decode_config(GuestSource(self.transport))
         name_sessions(self.config)
         self.key = self.config.key
         self.set_log_level()
@@ -395,13 +419,16 @@ class Agent:
         """The supervisor's factory: a Session wired to this agent's loop, reaper, root,
         output log and console."""
         from tether.sessions import Session
+        self.isolation.config = self.config
+        self.isolation.root = self.root
         echo = self.options.echo_output
         if echo is None:
             echo = self.mode is RunMode.SANDBOX or max(self.config.diagnostics.debug_level,
                                                        env_debug_level()) >= 1
         return Session(cfg, loop=self.loop, reaper=self.reaper, root=self.root,
                        log_port=self._log_port, primary=cfg.common.id == self.config.id,
-                       echo=write_console if echo else None, on_change=on_change)
+                       echo=write_console if echo else None, on_change=on_change,
+                       isolation=self.isolation)
 
     def exec_session(self, cfg):
         """Start a new session (the attach server's exec)."""
@@ -434,14 +461,15 @@ class Agent:
         """The reload rule (tether/config.py): read-only fields from the host, read-write
         fields ours. Then apply what it changed: networks, new volumes, new sessions, and
         Restart sessions that are down."""
-        from extraconfig.codec import decode
         from extraconfig.transport import GuestSource
-        from tether.config import ExecutorConfig, name_sessions, take_host_fields
+        from tether.config import name_sessions, take_host_fields
+        from tether.extension import decode_config, take_host_extension
         if self.options.before_reload is not None:
             self.options.before_reload()
-        fresh = decode(GuestSource(self.transport), ExecutorConfig)
+        fresh = decode_config(GuestSource(self.transport))
         name_sessions(fresh)
         take_host_fields(self.config, fresh)
+        take_host_extension(self.config, fresh)
         self.set_log_level()
         self.guarded("networks", self.apply_networks)
         self.guarded("volumes", self.mount_volumes)
@@ -479,6 +507,7 @@ class Agent:
             self.guarded("shutdown", self._vic_attach.close)
         if self._network is not None:
             self.guarded("shutdown", self._network.stop)
+        self.guarded("shutdown", self.isolation.close)
         self.publish_all()
         if self._log_port is not None:
             self._log_port.drain()

@@ -157,6 +157,23 @@ def apply_extension(config, ext: Extension) -> None:
         session.exit_records = entry.exit_records
 
 
+def take_host_extension(ours, fresh) -> None:
+    """The reload rule (tether/config.py take_host_fields) for our fields: the host's
+    read-only ones are taken (a known session gets them at its next launch: as with the
+    port layer's SetLimits, a running process keeps what it was started with); the exit
+    records are ours."""
+    ours.hooks = fresh.hooks
+    ours.scrub_secrets = fresh.scrub_secrets
+    for sid, session in (ours.sessions or {}).items():
+        theirs = (fresh.sessions or {}).get(sid)
+        if session is None or theirs is None or theirs is session:
+            continue
+        session.limits = theirs.limits
+        session.capabilities = theirs.capabilities
+        session.no_new_privileges = theirs.no_new_privileges
+        session.parent_death_signal = theirs.parent_death_signal
+
+
 # -- the two halves together ---------------------------------------------------------------
 def encode_config(config) -> dict[str, str]:
     """Every key of `config`: VIC's, exactly as its encoder writes them, then ours."""

@@ -97,13 +97,18 @@ def main(argv: list[str]) -> int:
     except ValueError as err:
         print(f"tether sandbox: {err}", file=sys.stderr)
         return 2
+    delegation = delegate_cgroups()
     sys.stdout.flush()
     sys.stderr.flush()
-    pid = os.fork()
+    try:
+        pid = os.fork()
+    except OSError:
+        delegation.remove()
+        raise
     if pid == 0:
         code = 1
         try:
-            code = run_inside(args, seed)
+            code = run_inside(args, seed, delegation.paths)
         except BaseException:   # noqa: BLE001 - report, then exit like PID 1 would
             import traceback
             traceback.print_exc()
@@ -113,13 +118,46 @@ def main(argv: list[str]) -> int:
             os._exit(code)
     for signum in FORWARDED:
         signal.signal(signum, lambda s, _f: _forward(pid, s))
+    status = None
     while True:
         try:
             _, status = os.waitpid(pid, 0)
             break
         except ChildProcessError:
-            return 1
-    return exit_code_of(status)
+            break
+    left = delegation.remove()
+    if left:
+        print(f"tether sandbox: cgroups still busy, not removed: {' '.join(left)}",
+              file=sys.stderr)
+    return 1 if status is None else exit_code_of(status)
+
+
+def delegate_cgroups():
+    """A group of the sandbox's own in each cgroup hierarchy, for its agent to make the
+    sessions' groups in; the host's groups are never touched. Removed at the end."""
+    from tether import cgroups
+    try:
+        return cgroups.delegate(f"{cgroups.SANDBOX_PREFIX}{os.getpid()}")
+    except (OSError, cgroups.CgroupError) as err:
+        print(f"tether sandbox: no cgroups for the sessions ({err}); limits will fail",
+              file=sys.stderr)
+        return cgroups.Delegation()
+
+
+def enter_cgroups(paths: list[str]) -> bool:
+    """Inside: into the delegated groups, then a cgroup namespace rooted there, so the
+    agent mounts and uses them as a VM's agent uses the whole hierarchy."""
+    from tether import cgroups, system
+    if not paths:
+        return False
+    try:
+        cgroups.enter(paths)
+        system.unshare(cgroups.CLONE_NEWCGROUP)
+    except OSError as err:
+        print(f"tether sandbox: cannot enter the sandbox's cgroups ({err}); limits will "
+              "fail", file=sys.stderr)
+        return False
+    return True
 
 
 def join_netns(name: str) -> None:
@@ -205,13 +243,15 @@ def _forward(pid: int, signum: int) -> None:
         pass
 
 
-def run_inside(args: argparse.Namespace, seed: dict[str, str]) -> int:
+def run_inside(args: argparse.Namespace, seed: dict[str, str],
+               cgroup_paths: list[str] | None = None) -> int:
     """PID 1 of the new namespaces: private mounts, a fresh /proc, then the agent."""
     import tempfile
     from extraconfig.transport import MapTransport
     from tether import system
     from tether.agent import Agent, Options, RunMode
     system.set_parent_death_signal(signal.SIGKILL)
+    with_cgroups = enter_cgroups(cgroup_paths or [])
     system.make_mounts_private()
     system.mount("proc", "/proc", "proc", system.MS_NOSUID | system.MS_NODEV | system.MS_NOEXEC)
     setup_netns(seed, private=not args.netns)
@@ -238,7 +278,8 @@ def run_inside(args: argparse.Namespace, seed: dict[str, str]) -> int:
                       mode=RunMode.SANDBOX, state_dir=state_dir, stop_grace=args.stop_grace,
                       before_reload=refresh_from_json,
                       vic_attach=[f"unix:{args.vic_attach}"] if args.vic_attach else [],
-                      vic_options={"handshake": args.vic_handshake, "auth": args.vic_auth})
+                      vic_options={"handshake": args.vic_handshake, "auth": args.vic_auth},
+                      cgroups=with_cgroups)
     try:
         code = Agent(transport, options).run()
     finally:

@@ -301,7 +301,7 @@ def lookup_path(path: str, env: list[str], cwd: str) -> str:
 class LaunchSpec:
     """Plain data for the child: everything decided before the fork."""
     __slots__ = ("path", "args", "env", "dir", "root", "creds", "stdin", "stdout", "stderr",
-                 "tty")
+                 "tty", "setup", "sync_fd")
 
     def __init__(self, **kw):
         for name in self.__slots__:
@@ -313,9 +313,14 @@ _ERRNO = struct.Struct("<i")   # the failure report: errno, then the `started` t
 
 def _child_exec(spec: LaunchSpec, errw: int) -> None:
     """Runs in the forked child; never returns. Only os-level calls, no logging."""
-    step = "setsid"
+    from tether import isolation, privileges
+    setup = spec.setup
+    step = "join the session's cgroup"
     code = 0
     try:
+        if setup is not None:
+            isolation.child_join(setup)
+        step = "setsid"
         os.setsid()
         if spec.tty:
             step = "set controlling tty"
@@ -330,13 +335,22 @@ def _child_exec(spec: LaunchSpec, errw: int) -> None:
         directory = spec.dir or "/"
         step = f"chdir {directory}"
         os.chdir(directory)
+        if spec.sync_fd is not None:
+            step = "wait for the launch hooks"
+            isolation.child_wait(spec.sync_fd)
         creds = spec.creds
+        if setup is not None:
+            step = "set capabilities"
+            privileges.before_setuid(setup.plan)
         step = f"set groups {creds.groups}"
         os.setgroups(creds.groups)
         step = f"setgid {creds.gid}"
         os.setgid(creds.gid)
         step = f"setuid {creds.uid}"
         os.setuid(creds.uid)
+        if setup is not None:
+            step = "set capabilities"
+            privileges.after_setuid(setup.plan)
         try:
             path = lookup_path(spec.path, spec.env, directory)
         except LaunchError as err:
@@ -367,7 +381,8 @@ class Session:
 
     def __init__(self, config, *, loop, reaper, root: str = "/", log_port=None,
                  primary: bool = False, echo: Callable[[bytes], object] | None = None,
-                 on_change: Callable[["Session", Phase, Phase], object] | None = None):
+                 on_change: Callable[["Session", Phase, Phase], object] | None = None,
+                 isolation=None):
         self.id: str = config.common.id
         self.config = config
         self.loop = loop
@@ -390,6 +405,9 @@ class Session:
         self._grace_timer = None
         self._unblocked = not config.run_block
         self._output_holders: set = set()   # who paused the output (flow control)
+        self.isolation = isolation          # tether.isolation.Isolation: cgroup, privileges, hooks
+        self.cgroup = None                  # this run's tether.cgroups.Group, if any
+        self.stop_requested = False         # the agent asked it to stop (exit record reason)
 
     # -- the phase ----------------------------------------------------------------------
     @property
@@ -452,6 +470,7 @@ class Session:
         cfg.detail.stop_time = 0
         self._wait_status = None
         self.exit_signal = 0
+        self.stop_requested = False
         try:
             self._spawn()
         except LaunchError as err:
@@ -468,11 +487,15 @@ class Session:
         cfg.started = "true"
         self.launch_errno = 0
         self.launches += 1
-        log.info("session %s started: pid %d, %s", self.id, self.pid,
-                 " ".join(cfg.cmd.args or [cfg.cmd.path]))
+        # the path only: arguments may carry secrets (the config dump shows them at debug 3)
+        log.info("session %s started: pid %d, %s", self.id, self.pid, cfg.cmd.path)
         self._change(Event.LAUNCHED)
+        if self.isolation is not None:
+            self.isolation.launched(self)
 
     def _failed(self, reason: str, code: int) -> None:
+        if self.isolation is not None:
+            self.isolation.launch_failed(self)
         self.config.started = reason
         self.launch_errno = code
         log.error("session %s did not start: %s", self.id, reason)
@@ -487,6 +510,7 @@ class Session:
         args = list(cfg.cmd.args) if cfg.cmd.args else [cfg.cmd.path]
         child_fds: list[int] = []
         parent_fds: list[int] = []
+        setup = None
         try:
             if cfg.tty:
                 master, slave = os.openpty()
@@ -511,10 +535,14 @@ class Session:
                     stdin_fd = -1
                 stdio = (in_r, out_w, err_w)
                 readers = {out_r: "stdout", err_r: "stderr"}
+            setup = self.isolation.prepare(self, creds.uid) if self.isolation else None
             spec = LaunchSpec(path=cfg.cmd.path, args=args, env=env, dir=cfg.cmd.dir,
                               root=self.root, creds=creds, stdin=stdio[0], stdout=stdio[1],
-                              stderr=stdio[2], tty=cfg.tty)
-            pid = self._fork(spec)
+                              stderr=stdio[2], tty=cfg.tty, setup=setup)
+            release = None
+            if setup is not None and setup.sync:
+                release = lambda pid: self.isolation.before_release(self, pid)  # noqa: E731
+            pid = self._fork(spec, release)
         except BaseException:
             for fd in parent_fds:
                 os.close(fd)
@@ -522,6 +550,8 @@ class Session:
         finally:
             for fd in child_fds:
                 os.close(fd)
+            if setup is not None:
+                setup.close()
         self.pid = pid
         self.reaper.watch(pid, self._on_wait_status)
         self.output.reopen()
@@ -539,8 +569,15 @@ class Session:
                 self._flush_stdin()
 
     @staticmethod
-    def _fork(spec: LaunchSpec) -> int:
+    def _fork(spec: LaunchSpec, release: Callable[[int], object] | None = None) -> int:
+        """Fork and exec; with `release`, the child waits, set up, until `release(pid)`
+        returns (the launch hooks); if it raises, the child is killed."""
         errr, errw = os.pipe2(os.O_CLOEXEC)
+        sync = None
+        if release is not None:
+            import socket
+            sync = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)   # CLOEXEC
+            spec.sync_fd = sync[1].fileno()
         # Signals stay blocked across the fork so no Python handler runs in the child.
         old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
         try:
@@ -549,12 +586,36 @@ class Session:
             signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
             os.close(errr)
             os.close(errw)
+            if sync is not None:
+                sync[0].close()
+                sync[1].close()
             raise
         if pid == 0:
             os.close(errr)
             _child_exec(spec, errw)   # never returns
         signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
         os.close(errw)
+        if sync is not None:
+            sync[1].close()
+            try:
+                ready = sync[0].recv(1) == b"R"   # set up and waiting; else see errr
+            except OSError:
+                ready = False
+            try:
+                if ready:
+                    try:
+                        release(pid)
+                    except BaseException:
+                        os.kill(pid, signal.SIGKILL)
+                        os.close(errr)
+                        os.waitpid(pid, 0)
+                        raise
+                    try:
+                        sync[0].sendall(b"G")
+                    except OSError:
+                        pass   # the child is gone; what it reported (if anything) is in errr
+            finally:
+                sync[0].close()
         try:
             chunks = []
             while True:
@@ -728,6 +789,8 @@ class Session:
         logs.append(ExitLog(time=GoTime.now(), exit_status=cfg.exit_status, message=message))
         cfg.diagnostics.exit_logs = logs[-MAX_EXIT_LOGS:]
         log.info("session %s (pid %s) %s", self.id, self.pid, message)
+        if self.isolation is not None:
+            self.isolation.exited(self, status)
 
     def exit_code(self) -> int:
         """Shell convention: the exit code, or 128+N when signal N killed it."""

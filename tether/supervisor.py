@@ -62,6 +62,7 @@ class StopSequence:
             callback(self.outcome)
 
     def begin(self) -> None:
+        self.session.stop_requested = True   # the exit record's reason: stopped
         signum = stop_signal_of(self.session)
         log.info("session %s: sending %s", self.session.id, signal.Signals(signum).name)
         self.session.signal(signum)

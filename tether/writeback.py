@@ -48,11 +48,13 @@ class WriteBack:
         """The subtree of one session: detail times, status, resurrections, exit logs,
         then `started`."""
         from extraconfig.codec import calculate_keys, encode_into
+        from tether.extension import encode_session_into
         sid = session_config.common.id
         try:
             prefix = calculate_keys(config, f"Sessions.{sid}")[0]
             write, flush = started_last(self.sink)
             encode_into(write, session_config, prefix=prefix)
+            encode_session_into(write, config, session_config)   # our exit records
             flush()
         except Exception as err:   # noqa: BLE001 - the agent must keep serving
             self.failures += 1
@@ -62,9 +64,11 @@ class WriteBack:
     def everything(self, config) -> None:
         """Every read-write key of the executor (network assignments, all sessions)."""
         from extraconfig.codec import encode_into
+        from tether.extension import encode_into_sink
         try:
             write, flush = started_last(self.sink)
             encode_into(write, config)
+            encode_into_sink(write, config)
             flush()
         except Exception as err:   # noqa: BLE001
             self.failures += 1

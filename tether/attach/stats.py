@@ -1,5 +1,6 @@
 """What the attach server reports about sessions: the port layer's ProcessRunState in
-`list`, and resource figures for `stats`."""
+`list`, and resource figures for `stats`: from the session's cgroup where it has them
+(tether/cgroups.py), else by walking its processes."""
 from __future__ import annotations
 
 import os
@@ -47,7 +48,15 @@ def collect_stats(sessions: dict) -> dict:
     for sid, session in sessions.items():
         entry = {"pid": session.pid, "running": bool(session.running), "cpu_seconds": 0.0,
                  "rss": 0, "pids": 0}
-        if session.running and session.pid:
+        group = getattr(session, "cgroup", None)
+        figures = group.stats() if group is not None and session.running else {}
+        if {"cpu_usec", "memory_bytes", "pids"} <= figures.keys():
+            # the session's cgroup counts everything it started, exited children included
+            entry.update(source="cgroup", cpu_seconds=figures["cpu_usec"] / 1e6,
+                         cpu_usec=figures["cpu_usec"], rss=figures["memory_bytes"],
+                         memory_bytes=figures["memory_bytes"], pids=figures["pids"],
+                         oom_kills=figures.get("oom_kills", 0))
+        elif session.running and session.pid:
             try:
                 top = psutil.Process(session.pid)
                 procs = [top] + top.children(recursive=True)

@@ -1,0 +1,231 @@
+"""What the agent adds around a session's launch and exit: its cgroup and limits, its
+privileges, the lifecycle hooks, and the structured exit record.
+
+`Session` calls, in order: `prepare` (before the fork: make the group, apply the limits,
+decide the privileges; a problem is a LaunchError), the child-side `child_join`,
+`child_wait`, `privileges.before_setuid`/`after_setuid` (in the forked child),
+`before_release` (the process exists and waits: the launch hooks), then `launched` or
+`launch_failed`, and at the end `exited` (the exit record, poststop hooks, the group
+removed). Everything runs on the loop thread.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+
+from tether import hooks as hook_runner
+from tether import privileges
+from tether.extension import EXITED, OOM, SIGNALLED, STOPPED, ExitRecord
+
+log = logging.getLogger("tether.isolation")
+
+MAX_EXIT_RECORDS = 5
+READY, GO = b"R", b"G"
+
+
+class ChildSetup:
+    """Plain data for the child: the cgroup.procs fds to write itself into, the privilege
+    plan, and whether to wait for the launch hooks (`sync`)."""
+    __slots__ = ("procs_fds", "plan", "sync")
+
+    def __init__(self, procs_fds: list[int], plan, sync: bool):
+        self.procs_fds = procs_fds
+        self.plan = plan
+        self.sync = sync
+
+    def close(self) -> None:
+        """The parent's copies, once the child is forked."""
+        for fd in self.procs_fds:
+            os.close(fd)
+        self.procs_fds = []
+
+
+# -- the child side: os-level calls only ------------------------------------------------------
+def child_join(setup: ChildSetup) -> None:
+    """First thing in the child: into the session's cgroup, before anything is charged."""
+    for fd in setup.procs_fds:
+        os.write(fd, b"0")
+
+
+def child_wait(sync_fd: int) -> None:
+    """Tell the agent the process is set up, and wait until its launch hooks have run.
+    EOF instead of the go-ahead: the launch was called off."""
+    os.write(sync_fd, READY)
+    if os.read(sync_fd, 1) != GO:
+        os._exit(127)
+
+
+class Isolation:
+    def __init__(self, *, cgroups=None, cgroups_problem: str = "", config=None,
+                 root: str = "/"):
+        self.cgroups = cgroups                  # tether.cgroups.Cgroups, or None
+        self.cgroups_problem = cgroups_problem  # why there are none, for `started`
+        self.config = config                    # the ExecutorConfig (hooks)
+        self.root = root
+        self._pending: dict[str, list[str]] = {}   # session ID -> poststart failures
+        self._oom_seen: dict[str, int] = {}
+
+    # -- before the fork ------------------------------------------------------------------
+    def prepare(self, session, uid: int) -> ChildSetup:
+        """The session's group (made, limited) and privilege plan. Raises LaunchError."""
+        from tether.cgroups import CgroupError, cpus_from_mhz
+        from tether.sessions import LaunchError
+        cfg = session.config
+        limits = cfg.limits
+        try:
+            plan = privileges.plan_for(cfg, uid)
+        except privileges.PrivilegeError as err:
+            raise LaunchError(str(err)) from None
+        if limits.cpus > 0 and limits.cpu_mhz > 0:
+            raise LaunchError("limits: give cpus or cpu_mhz, not both")
+        fds: list[int] = []
+        session.cgroup = None
+        if self.cgroups is not None:
+            group = self.cgroups.group_for(session.id)
+            try:
+                cpus = limits.cpus if limits.cpus > 0 else (
+                    cpus_from_mhz(limits.cpu_mhz) if limits.cpu_mhz > 0 else 0.0)
+                group.create()
+                group.apply(limits, cpus)
+                for path in group.procs_paths():
+                    fds.append(os.open(path, os.O_WRONLY | os.O_CLOEXEC))
+            except (CgroupError, OSError) as err:
+                for fd in fds:
+                    os.close(fd)
+                self.cgroups.release(group)
+                raise LaunchError(f"limits: {err}") from None
+            session.cgroup = group
+            self._oom_seen[session.id] = group.oom_kills_at_launch
+            self.cgroups.watch_oom(group, lambda: self._on_oom(session))
+        elif limits.any():
+            raise LaunchError(f"limits: {self.cgroups_problem or 'no cgroups here'}")
+        if limits.any() or cfg.capabilities is not None or cfg.no_new_privileges:
+            log.info("session %s: %s; capabilities %s", session.id,
+                     describe_limits(limits), privileges.describe(plan))
+        return ChildSetup(fds, plan, sync=self._hooks_for(session, "launch"))
+
+    def _hooks_for(self, session, which: str) -> bool:
+        if not session.primary or self.config is None:
+            return False
+        points = hook_runner.LAUNCH_POINTS if which == "launch" else (which,)
+        return any(self.config.hooks.at(p) for p in points)
+
+    def _state(self, session, status: str) -> bytes:
+        return hook_runner.state(session.id, status, session.pid, self.root,
+                                 getattr(self.config, "annotations", None))
+
+    # -- the process exists and waits --------------------------------------------------------
+    def before_release(self, session, pid: int) -> None:
+        """The launch hooks, in the seed's order. Raises LaunchError at the first failure."""
+        from tether.sessions import LaunchError
+        doc = hook_runner.state(session.id, "created", pid, self.root,
+                                getattr(self.config, "annotations", None))
+        try:
+            for point in hook_runner.LAUNCH_POINTS:
+                hook_runner.run_point(self.config.hooks, point, doc, self.root)
+        except hook_runner.HookError as err:
+            raise LaunchError(str(err)) from None
+
+    def launched(self, session) -> None:
+        if self._hooks_for(session, "poststart"):
+            failures = hook_runner.run_point(self.config.hooks, "poststart",
+                                             self._state(session, "running"), self.root,
+                                             keep_going=True)
+            if failures:
+                self._pending[session.id] = failures
+
+    def launch_failed(self, session) -> None:
+        self._release(session)
+
+    # -- the end ----------------------------------------------------------------------------
+    def _on_oom(self, session) -> None:
+        group = session.cgroup
+        if group is None:
+            return
+        count = group.oom_kills()
+        seen = self._oom_seen.get(session.id, 0)
+        if count > seen:
+            self._oom_seen[session.id] = count
+            log.warning("session %s: the OOM killer killed %d process(es) in its cgroup "
+                        "(memory limit %s)", session.id, count - seen,
+                        _bytes(session.config.limits.memory_bytes))
+
+    def exited(self, session, status: int) -> ExitRecord:
+        """Append the exit record (and note an OOM kill in the reference's exit log), run
+        the poststop hooks, remove the group."""
+        from extraconfig.gotime import GoTime
+        cfg = session.config
+        group = session.cgroup
+        oom = group is not None and group.oom_kills() > group.oom_kills_at_launch
+        sig = os.WTERMSIG(status) if os.WIFSIGNALED(status) else 0
+        if oom and sig == signal.SIGKILL:
+            reason = OOM
+        elif getattr(session, "stop_requested", False):
+            reason = STOPPED
+        elif sig:
+            reason = SIGNALLED
+        else:
+            reason = EXITED
+        messages = self._pending.pop(session.id, [])
+        record = ExitRecord(time=GoTime.now(), exit_code=128 + sig if sig else
+                            os.waitstatus_to_exitcode(status), signal=sig,
+                            oom_killed=oom, reason=reason)
+        if oom:
+            log.warning("session %s was OOM-killed (memory limit %s)", session.id,
+                        _bytes(cfg.limits.memory_bytes))
+            logs = cfg.diagnostics.exit_logs
+            if logs:
+                logs[-1].message += " (out of memory: the OOM killer)"
+        self._release(session)
+        if self._hooks_for(session, "poststop"):
+            messages += hook_runner.run_point(self.config.hooks, "poststop",
+                                              self._state(session, "stopped"), self.root,
+                                              keep_going=True)
+        if messages:
+            record.message = "; ".join(messages)
+            logs = cfg.diagnostics.exit_logs
+            if logs:
+                logs[-1].message += " (" + record.message + ")"
+        records = list(cfg.exit_records or [])
+        records.append(record)
+        cfg.exit_records = records[-MAX_EXIT_RECORDS:]
+        return record
+
+    def _release(self, session) -> None:
+        group = getattr(session, "cgroup", None)
+        session.cgroup = None
+        if group is not None and self.cgroups is not None:
+            self.cgroups.release(group)
+            self.cgroups.sweep()
+        self._oom_seen.pop(session.id, None)
+
+    def stats(self, session) -> dict:
+        group = getattr(session, "cgroup", None)
+        return group.stats() if group is not None and session.running else {}
+
+    def close(self) -> None:
+        if self.cgroups is not None:
+            self.cgroups.close()
+
+
+def _bytes(n: int) -> str:
+    if n <= 0:
+        return "none"
+    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= size and n % size == 0:
+            return f"{n // size} {unit}"
+    return f"{n} bytes"
+
+
+def describe_limits(limits) -> str:
+    parts = []
+    if limits.memory_bytes > 0:
+        parts.append(f"memory {_bytes(limits.memory_bytes)}")
+    if limits.cpus > 0:
+        parts.append(f"cpus {limits.cpus:g}")
+    if limits.cpu_mhz > 0:
+        parts.append(f"cpu {limits.cpu_mhz} MHz")
+    if limits.pids > 0:
+        parts.append(f"pids {limits.pids}")
+    return "limits " + (", ".join(parts) if parts else "none")
