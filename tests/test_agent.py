@@ -197,6 +197,8 @@ def test_debug_level_dumps_config_redacted(sandbox):
     assert re.search(r"cmd\.args = <redacted>", result.log)
     assert "hunter2" not in result.log
     result = sandbox.run(executor_config(primary, debug=2))
+    assert "hunter2" not in result.log     # nothing secret below level 3
+    result = sandbox.run(executor_config(primary, debug=3))
     assert "hunter2" in result.log
 
 

@@ -256,8 +256,16 @@ class Agent:
         name_sessions(self.config)
         self.key = self.config.key
         self.set_log_level()
+        self.scrub_secrets(self.config)
         log.info("configuration for %s: %d session(s)", self.config.common.id or "(no ID)",
                  len([s for s in (self.config.sessions or {}).values() if s is not None]))
+
+    def scrub_secrets(self, config) -> None:
+        """Empty the secret keys we have just read, where the transport lets any process
+        in the guest read them back (the VMware backdoor: on unless the config says no)."""
+        from tether.scrub import scrub_secrets, should_scrub
+        if should_scrub(config, self.transport):
+            scrub_secrets(self.transport, config)
 
     def set_log_level(self) -> None:
         """The log level, and the debug check that only the loop thread changes the config
@@ -268,7 +276,7 @@ class Agent:
         checked = level >= 1 or sys.flags.dev_mode
         enforce_loop_ownership(self.loop.thread_id if checked else None)
         if level >= 1:
-            for line in dump_config(self.config, redact=level < 2):
+            for line in dump_config(self.config, redact=level < 3):
                 log.debug("config %s", line)
 
     def set_hostname(self) -> None:
@@ -467,6 +475,7 @@ class Agent:
         if self.options.before_reload is not None:
             self.options.before_reload()
         fresh = decode_config(GuestSource(self.transport))
+        self.scrub_secrets(fresh)
         name_sessions(fresh)
         take_host_fields(self.config, fresh)
         take_host_extension(self.config, fresh)

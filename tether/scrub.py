@@ -1,0 +1,51 @@
+"""Secrets do not linger in guestinfo: once read, their keys are emptied.
+
+Over the VMware backdoor any process in the guest, root or not, can `info-get` any
+guestinfo key (`vmtoolsd --cmd "info-get guestinfo.vice./key"`). So after the agent has
+read its config it overwrites, with empty values, the keys that hold secrets: the
+executor `Key` (the attach key) and every secret-scope (`@secret`) key of the config,
+ours included. An empty value reads as missing, for the guest and the host alike.
+
+On by default for the backdoor transport; the config's `scrub_secrets` turns it on or off
+for any transport. A write the transport refuses is logged and the agent goes on.
+Values are never logged, only key names.
+"""
+from __future__ import annotations
+
+import logging
+
+log = logging.getLogger("tether.scrub")
+
+
+def should_scrub(config, transport) -> bool:
+    if config.scrub_secrets is not None:
+        return bool(config.scrub_secrets)
+    return type(transport).__module__.startswith("extraconfig.backdoor")
+
+
+def secret_keys(config) -> list[str]:
+    """The guest-visible keys holding `config`'s secrets."""
+    from extraconfig.codec import calculate_key
+    from extraconfig.secret import is_secret_key
+    from tether.extension import encode_config
+    keys = sorted(k for k in encode_config(config)
+                  if is_secret_key(k) and k.startswith("guestinfo."))
+    if config.key:
+        keys.append(calculate_key(config, "Key"))
+    return keys
+
+
+def scrub_secrets(transport, config) -> list[str]:
+    """Overwrite the secret keys with empty values; returns the keys emptied."""
+    done = []
+    for key in secret_keys(config):
+        try:
+            transport.info_set(key, "")
+        except Exception as err:   # noqa: BLE001 - a refused write must not stop the agent
+            log.warning("guestinfo: could not empty the secret key %s: %s", key, err)
+            continue
+        done.append(key)
+    if done:
+        log.info("guestinfo: emptied %d secret key(s) after reading them: %s", len(done),
+                 ", ".join(done))
+    return done
