@@ -90,6 +90,7 @@ class MachineSpec:
     disks: list[Disk]
     nics: list[Nic]
     memory_mb: int = 512
+    cpus: int = 1
     kernel: str | None = None       # direct kernel boot (to pass kernel arguments); the ISO
     initrd: str | None = None       # still carries the root image
     kernel_args: str = ""
@@ -168,7 +169,7 @@ def qemu_argv(spec: MachineSpec, sockets: dict[str, str]) -> list[str]:
     """The QEMU command line. `sockets`: console and each port name -> unix socket path
     (and, in VIC's layout, `com1`: the socket QEMU listens on for the host's attach)."""
     argv = [spec.qemu, "-nodefaults", "-no-user-config", "-machine", "pc", "-accel", "tcg",
-            "-m", str(spec.memory_mb), "-smp", "1", "-display", "none", "-no-reboot"]
+            "-m", str(spec.memory_mb), "-smp", str(spec.cpus), "-display", "none", "-no-reboot"]
     if spec.vic_serial:
         # As VIC wires a container VM: COM1 to the port layer (here a socket the host
         # connects to), COM2 the console, COM3 the session output log.
@@ -484,7 +485,7 @@ class VmRun:
                  kernel_args: str = "", extra_guestinfo: dict[str, str] | None = None,
                  memory_mb: int = 512, echo_console=None, on_output=None,
                  workdir: str | None = None, qemu_args: list[str] | None = None,
-                 vic_serial: bool = False):
+                 vic_serial: bool = False, cpus: int = 1):
         image_dir = os.path.abspath(image_dir)
         iso = os.path.join(image_dir, "bootstrap-debug.iso" if debug_image else "bootstrap.iso")
         if not os.path.isfile(iso):
@@ -521,6 +522,7 @@ class VmRun:
                 # what bootstrap-debug.iso's own command line adds
                 kernel_args = f"loglevel=7 tether.image=debug tether.debug=1 {kernel_args}"
         self.spec = MachineSpec(iso=iso, disks=disk_list, nics=self.nics, memory_mb=memory_mb,
+                                cpus=cpus,
                                 kernel=kernel, initrd=initrd, kernel_args=kernel_args, netns=netns,
                                 extra_args=list(qemu_args or []), vic_serial=vic_serial)
         from tether.extension import encode_config
@@ -690,7 +692,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--qemu-arg", action="append", default=[], dest="qemu_args",
                         help="an extra QEMU argument (repeat for each word), e.g. "
                         "--qemu-arg=-machine --qemu-arg=vmport=on")
+    # the VM-wide limits (the port layer's SetLimits(memoryMb, cpuMhz)); per-session limits
+    # are the config's `limits` (docs/config.md)
     parser.add_argument("--memory", type=int, default=512, help="guest memory in MiB")
+    parser.add_argument("--cpus", type=int, default=1, help="guest vCPUs (default 1)")
     parser.add_argument("--console", action="store_true", help="show the serial console on "
                         "stderr and send stdin to it (without --attach)")
     parser.add_argument("--keep", action="store_true", help="keep the run directory (logs, sockets)")
@@ -721,6 +726,10 @@ def main(argv: list[str]) -> int:
     except (ConfigError, VmError, OSError) as err:
         print(f"tether vm: {err}", file=sys.stderr)
         return 2
+    if args.memory < 16 or args.cpus < 1:
+        print("tether vm: --memory is at least 16 (MiB) and --cpus at least 1",
+              file=sys.stderr)
+        return 2
     if shutil.which("qemu-system-x86_64") is None:
         print("tether vm: qemu-system-x86_64 not found (apt-get install qemu-system-x86)",
               file=sys.stderr)
@@ -740,7 +749,7 @@ def main(argv: list[str]) -> int:
         run = VmRun(config, args.image, rootfs_disk=args.rootfs_disk, disks=args.disk,
                     nets=nets, netns=args.netns, debug_image=args.debug_image,
                     kernel_args=args.kernel_args, extra_guestinfo=extra, memory_mb=args.memory,
-                    qemu_args=args.qemu_args, vic_serial=args.vic_serial,
+                    qemu_args=args.qemu_args, vic_serial=args.vic_serial, cpus=args.cpus,
                     echo_console=echo_console if args.console else None,
                     on_output=None if args.attach else echo_output)
     except VmError as err:
