@@ -47,10 +47,15 @@ def limited(sandbox):
     return sandbox
 
 
-def records(result, sid: str):
-    from tether.extension import decode_config
+def decoded(guestinfo: dict):
+    """The config as the host reads it back, our extension included."""
     from extraconfig.transport import GuestSource, MapTransport
-    return decode_config(GuestSource(MapTransport(dict(result.guestinfo)))).sessions[sid]
+    from tether.extension import decode_config
+    return decode_config(GuestSource(MapTransport(dict(guestinfo))))
+
+
+def records(result, sid: str):
+    return decoded(result.guestinfo).sessions[sid]
 
 
 def sandbox_groups_left(pid: int) -> list[str]:
@@ -62,28 +67,54 @@ def sandbox_groups_left(pid: int) -> list[str]:
 
 
 # -- memory --------------------------------------------------------------------------------
-def test_a_session_over_its_memory_limit_is_oom_killed_and_recorded(limited):
+@pytest.fixture
+def hypervisor(tmp_path):
+    """A simulated VMware hypervisor: its guestinfo can be read while the agent runs."""
+    import uuid
+    from extraconfig.backdoor.simulator import SimulatedHypervisor
+    sim = SimulatedHypervisor()
+    path = str(tmp_path / f"vmx-{uuid.uuid4().hex[:8]}.sock")
+    server = sim.serve_unix(path)
+    try:
+        yield sim, path
+    finally:
+        server.close()
+
+
+def test_a_session_over_its_memory_limit_is_oom_killed_and_recorded(limited, hypervisor):
+    from extraconfig.transport import NIL
+    from tether.extension import encode_config
+    from tether.jsonform import config_from_json
+    sim, path = hypervisor
     hog = session([PY, "-c", "b = bytearray(256 << 20); print('allocated')"],
                   limits={"memory_bytes": 32 << 20})
-    primary = session(["/bin/sh", "-c", "sleep 3; echo primary-still-running"])
-    box = limited.start(config(primary, hog=hog))
+    primary = session(["/bin/sh", "-c", "sleep 600"])
+    cfg = config_from_json(config(primary, hog=hog))
+    sim.guestinfo.update({k: v or NIL for k, v in encode_config(cfg).items()})
+    box = limited.start(cfg, extra_args=["--backdoor-sim", path], stop_grace=2)
+    # written back with the status when the session exits, while the agent and the
+    # primary go on running (not only in the final write-back at shutdown); the list's
+    # length key comes after its elements
+    count = "guestinfo.vice..tether.sessions|hog.exitrecords"
+    assert sim.wait_for(lambda s: s.guestinfo.get(count) == "0", 30), box.log_text()
+    live = dict(sim.guestinfo)
+    assert live["guestinfo.vice..sessions|hog.status"] == "-1"
+    assert live["guestinfo.vice..tether.sessions|hog.exitrecords|0.oomkilled"] == "true"
+    assert live["guestinfo.vice..tether.sessions|hog.exitrecords|0.reason"] == "oom"
+    assert box.proc.poll() is None
+    assert "session main (pid" not in box.log_text()
+    box.signal(15)
     result = box.wait()
-    assert result.returncode == 0, result.log
+    assert result.returncode == 128 + 15, result.log
     assert "allocated" not in result.log
-    assert "primary-still-running" in result.log
-    assert result.log.index("session hog was OOM-killed") < result.log.index(
-        "primary-still-running")
-    # the write-back carries it: the reference's status, and our structured record
-    assert result.guestinfo["guestinfo.vice..sessions|hog.status"] == "-1"
-    assert result.guestinfo["guestinfo.vice..tether.sessions|hog.exitrecords|0.oomkilled"] \
-        == "true"
-    hog_record = records(result, "hog").exit_records[-1]
+    final = decoded(sim.guestinfo)   # the agent wrote to the simulated hypervisor
+    hog_record = final.sessions["hog"].exit_records[-1]
     assert (hog_record.oom_killed, hog_record.reason, hog_record.signal,
             hog_record.exit_code) == (True, "oom", 9, 137)
-    assert "out of memory" in result.session("hog").diagnostics.exit_logs[-1].message
-    main_record = records(result, "main").exit_records[-1]
-    assert (main_record.oom_killed, main_record.reason, main_record.exit_code) == (
-        False, "exited", 0)
+    assert "out of memory" in final.sessions["hog"].diagnostics.exit_logs[-1].message
+    main_record = final.sessions["main"].exit_records[-1]
+    assert (main_record.oom_killed, main_record.reason, main_record.signal) == (
+        False, "stopped", 15)
     assert sandbox_groups_left(box.pid) == []
 
 
@@ -324,3 +355,15 @@ def test_a_failing_poststop_hook_is_in_the_exit_record(limited, tmp_path):
     record = records(result, "main").exit_records[-1]
     assert record.message == f"poststop hook 0 ({bad}): exited 1: nothing to clean"
     assert record.message in result.session("main").diagnostics.exit_logs[-1].message
+
+
+def test_groups_of_a_killed_sandbox_are_removed_by_the_next_one(limited):
+    box = limited.start(config(session(["/bin/sleep", "600"])))
+    box.wait_for_log(r"session main started")
+    assert sandbox_groups_left(box.pid)
+    box.kill()   # SIGKILL: no chance to clean up; its agent dies with it (pdeathsig)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and os.path.exists(f"/proc/{box.pid}"):
+        time.sleep(0.05)
+    limited.run(config(session(["/bin/true"])))
+    assert sandbox_groups_left(box.pid) == []

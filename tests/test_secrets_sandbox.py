@@ -16,6 +16,7 @@ TIMEOUT = 120.0
 KEY = b"-----BEGIN RSA PRIVATE KEY-----\nnot-a-real-key-but-a-secret\n-----END RSA PRIVATE KEY-----\n"
 KEY_KEY = "guestinfo.vice./key"
 SECRET_ENV = "DB_PASSWORD=hunter2-" + uuid.uuid4().hex[:8]
+SECRET_ARG = "--token=tok-" + uuid.uuid4().hex[:8]
 
 
 def host_view(cfg) -> dict[str, str]:
@@ -42,7 +43,8 @@ def the_config(tmp_path, debug: int = 0, **extra):
         "common": {"id": "main"}, "key": base64.b64encode(KEY).decode(),
         "diagnostics": {"debug_level": debug},
         "sessions": {"main": {"cmd": {
-            "path": "/bin/sh", "args": ["sh", "-c", f'echo "$DB_PASSWORD" > {out}; sleep 600'],
+            "path": "/bin/sh",
+            "args": ["sh", "-c", f'echo "$DB_PASSWORD" > {out}; exec sleep 600', SECRET_ARG],
             "env": ["PATH=/usr/bin:/bin", SECRET_ENV]}}}, **extra}), out
 
 
@@ -92,10 +94,10 @@ def test_no_secret_in_the_log_below_debug_3(sandbox, hypervisor, tmp_path, debug
     box = start(sandbox, sim, path, cfg)
     box.signal(15)
     log = box.wait().log
-    secrets = [SECRET_ENV.split("=", 1)[1], base64.b64encode(KEY).decode(),
+    secrets = [SECRET_ENV.split("=", 1)[1], SECRET_ARG, base64.b64encode(KEY).decode(),
                "not-a-real-key-but-a-secret"]
     shown = [s for s in secrets if s in log]
     if debug < 3:
         assert shown == [], log
     else:   # level 3 shows the config as it is: the test can see them when they are there
-        assert shown, log
+        assert SECRET_ENV.split("=", 1)[1] in shown and SECRET_ARG in shown, log
