@@ -267,6 +267,14 @@ def test_an_explicit_keep_list_gives_a_non_root_session_ambient_capabilities(lim
     assert f"CapEff:\t{0:016x}" in result.log, result.log
 
 
+def test_the_parent_death_signal_is_armed_in_the_session(limited):
+    probe = "import prctl, time; print('pdeathsig', prctl.get_pdeathsig(), flush=True); "
+    result = limited.run(config(session([PY, "-c", probe + "time.sleep(2)"]),
+                                armed=session([PY, "-c", probe], parent_death_signal="KILL")))
+    assert result.log.count("pdeathsig 9") == 1 and result.log.count("pdeathsig 0") == 1, \
+        result.log
+
+
 def test_asking_for_a_capability_the_agent_lacks_fails_the_launch_clearly(tmp_path):
     """The sandbox runs with CAP_SYS_TIME out of its bounding set; a session asking for it
     gets a `started` that says so, and one asking for a made-up name too."""
