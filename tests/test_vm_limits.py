@@ -22,8 +22,12 @@ def test_cgroup2_limits_oom_and_pids_in_a_vm(image_dir):  # noqa: F811
     hog = session("/bin/dd", "if=/dev/zero", "of=/dev/null", "bs=256M", "count=1",
                   limits={"memory_bytes": 32 << 20})
     bomb = session("/bin/sh", "-c", BOMB, limits={"pids": 20})
+    # a child is OOM-killed, the session's shell lives on: only the inotify watch on
+    # memory.events can tell before the exit
+    parent = session("/bin/sh", "-c", "dd if=/dev/zero of=/dev/null bs=256M count=1; "
+                     "echo dd returned $?; sleep 2", limits={"memory_bytes": 32 << 20})
     config = {"common": {"id": "main", "name": "main"},
-              "sessions": {"main": primary, "hog": hog, "bomb": bomb}}
+              "sessions": {"main": primary, "hog": hog, "bomb": bomb, "parent": parent}}
     vm = boot(image_dir, config, cpus=2, memory_mb=768)
     assert vm.result.exit_code == 0, vm.explain()
     text = vm.text()
@@ -39,6 +43,10 @@ def test_cgroup2_limits_oom_and_pids_in_a_vm(image_dir):  # noqa: F811
     assert vm.session_key("hog", "status") == "-1"
     assert vm.map["guestinfo.vice..tether.sessions|hog.exitrecords|0.oomkilled"] == "true"
     assert vm.map["guestinfo.vice..tether.sessions|hog.exitrecords|0.reason"] == "oom"
+    assert "dd returned 137" in vm.text("parent"), vm.text("parent")
+    assert "session parent: the OOM killer killed 1 process(es)" in console, vm.explain()
+    assert vm.map["guestinfo.vice..tether.sessions|parent.exitrecords|0.oomkilled"] == "true"
+    assert vm.map["guestinfo.vice..tether.sessions|parent.exitrecords|0.reason"] == "exited"
     # the fork bomb was held under 20 processes (the shell itself is one of them)
     bomb_out = vm.text("bomb")
     children = [line for line in bomb_out.splitlines() if line.startswith("child ")]
