@@ -161,7 +161,7 @@ def after_setuid(plan: Plan) -> None:
         prctl.set_caps((unknown, every, False), (known, every, True))
         from tether import system
         libc = system.libc()
-        for n in plan.keep:
+        for n in known:   # what python-prctl could not make inheritable cannot be ambient
             if libc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE, n, 0, 0) != 0:
                 import ctypes
                 err = ctypes.get_errno()
