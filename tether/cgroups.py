@@ -169,6 +169,19 @@ def find_layout(root: str = CGROUP_ROOT) -> Layout:
     return Layout(controllers, core)
 
 
+def not_at_root() -> str | None:
+    """None when the agent's cgroups are roots of their own (a VM's hierarchy, or the
+    cgroup namespace `tether sandbox` gives it), else where it is: a host's group, which
+    it must leave alone (say, PID 1 of a PID namespace without a cgroup namespace)."""
+    v2, _, v1_paths = own_cgroups()
+    elsewhere = sorted({p for p in [v2, *v1_paths.values()] if p not in (None, "/")})
+    if elsewhere:
+        return (f"the agent is in the cgroup {elsewhere[0]}, not at the root of a "
+                "hierarchy (a VM's, or the sandbox's cgroup namespace): it leaves the "
+                "host's cgroups alone")
+    return None
+
+
 def mount_hierarchies(root: str = CGROUP_ROOT) -> str:
     """As PID 1: mount the cgroup filesystem at `root` unless something is mounted there.
     Returns what was done, for the log."""
@@ -545,13 +558,13 @@ class Cgroups:
             if err.errno != errno.EBUSY:
                 raise CgroupError(f"cannot enable {' '.join(want)} in {core}: "
                                   f"{err.strerror}") from None
+        others = set(_read(os.path.join(core, "cgroup.procs")).split()) - {str(os.getpid())}
+        if others:
+            raise CgroupError(f"cannot enable {' '.join(want)} in {core}: other processes "
+                              f"than the agent are in it ({len(others)})") from None
         leaf = os.path.join(core, AGENT_LEAF)
         os.makedirs(leaf, exist_ok=True)
-        for pid in _read(os.path.join(core, "cgroup.procs")).split():
-            try:
-                _write(os.path.join(leaf, "cgroup.procs"), pid)
-            except OSError:
-                pass   # gone, or a kernel thread
+        _write(os.path.join(leaf, "cgroup.procs"), "0")
         _write(control, line)
         log.info("cgroups: the agent moved into %s so that %s can delegate", leaf, core)
 
