@@ -213,6 +213,11 @@ class Agent:
                 "`tether sandbox`")
             return
         from tether import cgroups
+        elsewhere = cgroups.not_at_root()
+        if elsewhere:
+            self.isolation.cgroups_problem = f"no cgroups: {elsewhere}"
+            log.info("cgroups: %s", elsewhere)
+            return
         try:
             done = cgroups.mount_hierarchies()
             self.isolation.cgroups = cgroups.Cgroups.open(loop=self.loop)
