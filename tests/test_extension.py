@@ -9,9 +9,8 @@ import pytest
 
 from extraconfig.codec import decode, encode
 from extraconfig.transport import GuestSink, GuestSource, MapTransport
-from tether.config import ExecutorConfig
-from tether.extension import (ExitRecord, Hook, Limits, decode_config, encode_config,
-                              encode_session_into)
+from tether.config import ExecutorConfig, ExitRecord, Hook, Limits
+from tether.extension import decode_config, encode_config, encode_session_into
 from tether.jsonform import ConfigError, config_from_json, config_to_json
 
 VECTORS = Path(__file__).parent / "data" / "tether-extension.jsonl"
@@ -139,3 +138,21 @@ def test_hooks_keep_their_order_and_fields():
     back = decode_config(encode_config(cfg))
     assert [h.path for h in back.hooks.prestart] == ["/a", "/b"]
     assert back.hooks.prestart[0] == Hook(path="/a", args=["a", "x y"], env=["K=V"], timeout=3)
+
+
+def test_a_reload_takes_the_hosts_extension_fields_and_keeps_our_records():
+    from tether.config import take_host_fields
+    from tether.extension import take_host_extension
+    ours = config_from_json({"common": {"id": "web"}, "sessions": {"web": {
+        "limits": {"pids": 5}, "exit_records": [{"exit_code": 3, "reason": "exited"}]}}})
+    session = ours.sessions["web"]
+    fresh = decode_config(encode_config(config_from_json({
+        "common": {"id": "web"}, "hooks": {"poststop": [{"path": "/bin/true"}]},
+        "sessions": {"web": {"limits": {"memory_bytes": 1 << 25}, "capabilities": []}}})))
+    take_host_fields(ours, fresh)
+    take_host_extension(ours, fresh)
+    assert ours.sessions["web"] is session           # the live object, updated in place
+    assert session.limits == Limits(memory_bytes=1 << 25)
+    assert session.capabilities == []
+    assert [h.path for h in ours.hooks.poststop] == ["/bin/true"]
+    assert [r.exit_code for r in session.exit_records] == [3]

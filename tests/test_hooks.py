@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from tether.extension import Hook, Hooks
+from tether.config import Hook, Hooks
 from tether.hooks import HookError, run_point, state
 
 

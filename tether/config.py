@@ -21,7 +21,6 @@ from extraconfig.keys import READ_ONLY, READ_WRITE, scope_flags
 from extraconfig.schema import tag_of, untagged, vic
 from extraconfig.types import IP, URL, IPNet
 
-from tether.extension import ExitRecord, Hooks, Limits
 
 RO = "read-only"
 RW = "read-write"
@@ -63,6 +62,75 @@ class Cmd:
     args: Optional[list[str]] = vic("Args", RO, "Args", default=None)
     env: Optional[list[str]] = vic("Env", RO, "Env", default=None)
     dir: str = vic("Dir", RO, "Dir", default="")
+
+
+# -- our extension's types (their keys: tether/extension.py, under guestinfo.vice./tether) --
+HOOK_POINTS = ("prestart", "create_runtime", "create_container", "start_container",
+               "poststart", "poststop")
+
+# Exit record reasons
+EXITED, SIGNALLED, STOPPED, OOM = "exited", "signalled", "stopped", "oom"
+
+
+@dataclasses.dataclass
+class Limits:
+    """A session's resources. Zero means no limit. `cpus` is a fraction of CPUs (0.5 = half
+    of one CPU); `cpu_mhz` says the same in MHz of this machine's CPUs, like the port
+    layer's SetLimits(memoryMb, cpuMhz); give one of the two."""
+    memory_bytes: int = vic("MemoryBytes", RO, "memory", default=0)
+    cpus: float = vic("CPUs", RO, "cpus", default=0.0)
+    cpu_mhz: int = vic("CPUMhz", RO, "cpumhz", default=0)
+    pids: int = vic("Pids", RO, "pids", default=0)
+
+    def any(self) -> bool:
+        return bool(self.memory_bytes > 0 or self.cpus > 0 or self.cpu_mhz > 0
+                    or self.pids > 0)
+
+
+@dataclasses.dataclass
+class Hook:
+    """One program the agent runs at a lifecycle point, the OCI state JSON on its stdin.
+    `args` is the full argv (args[0] included, as in OCI); `timeout` in seconds, 0 for
+    the default."""
+    path: str = vic("Path", RO, "path", default="")
+    args: Optional[list[str]] = vic("Args", RO, "args", default=None)
+    env: Optional[list[str]] = vic("Env", RO, "env", default=None)
+    timeout: int = vic("Timeout", RO, "timeout", default=0)
+
+
+@dataclasses.dataclass
+class Hooks:
+    """Seed 004's hook points (libcontainer's `Hooks`), keyed by their seed names."""
+    prestart: Optional[list[Hook]] = vic("Prestart", RO, "prestart", default=None)
+    create_runtime: Optional[list[Hook]] = vic("CreateRuntime", RO, "createRuntime",
+                                               default=None)
+    create_container: Optional[list[Hook]] = vic("CreateContainer", RO, "createContainer",
+                                                 default=None)
+    start_container: Optional[list[Hook]] = vic("StartContainer", RO, "startContainer",
+                                                default=None)
+    poststart: Optional[list[Hook]] = vic("Poststart", RO, "poststart", default=None)
+    poststop: Optional[list[Hook]] = vic("Poststop", RO, "poststop", default=None)
+
+    def at(self, point: str) -> list[Hook]:
+        return list(getattr(self, point) or [])
+
+    def any(self) -> bool:
+        return any(getattr(self, point) for point in HOOK_POINTS)
+
+
+@dataclasses.dataclass
+class ExitRecord:
+    """How one run of a session ended. `exit_code` is the exit status, or 128+N when
+    signal N killed it; `signal` is N (0 when it exited); `reason` is `exited`,
+    `signalled`, `stopped` (the agent stopped it) or `oom` (the kernel's OOM killer);
+    `oom_killed` says an OOM kill happened in the session's group during the run;
+    `message` carries failures of the poststart/poststop hooks."""
+    time: GoTime = vic("Time", RW, "time", default_factory=GoTime)
+    exit_code: int = vic("ExitCode", RW, "exitcode", default=0)
+    signal: int = vic("Signal", RW, "signal", default=0)
+    oom_killed: bool = vic("OOMKilled", RW, "oomkilled", default=False)
+    reason: str = vic("Reason", RW, "reason", default="")
+    message: str = vic("Message", RW, "message", default="")
 
 
 @dataclasses.dataclass

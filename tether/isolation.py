@@ -2,11 +2,12 @@
 privileges, the lifecycle hooks, and the structured exit record.
 
 `Session` calls, in order: `prepare` (before the fork: make the group, apply the limits,
-decide the privileges; a problem is a LaunchError), the child-side `child_join`,
-`child_wait`, `privileges.before_setuid`/`after_setuid` (in the forked child),
-`before_release` (the process exists and waits: the launch hooks), then `launched` or
-`launch_failed`, and at the end `exited` (the exit record, poststop hooks, the group
-removed). Everything runs on the loop thread.
+decide the privileges; a problem is a LaunchError), then, in the forked child, the
+`ChildSetup`'s `join`, `wait`, `before_setuid` and `after_setuid`; `before_release` (the
+process exists and waits: the launch hooks), then `launched` or `launch_failed`, and at
+the end `exited` (the exit record, poststop hooks, the group removed). The session knows
+these only as methods of the objects it is given: it imports nothing from here.
+Everything runs on the loop thread.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import signal
 
 from tether import hooks as hook_runner
 from tether import privileges
-from tether.extension import EXITED, OOM, SIGNALLED, STOPPED, ExitRecord
+from tether.config import EXITED, OOM, SIGNALLED, STOPPED, ExitRecord
 
 log = logging.getLogger("tether.isolation")
 
@@ -40,20 +41,25 @@ class ChildSetup:
             os.close(fd)
         self.procs_fds = []
 
+    # -- in the forked child: os-level calls only ------------------------------------------
+    def join(self) -> None:
+        """First thing in the child: into the session's cgroup, before anything is charged."""
+        for fd in self.procs_fds:
+            os.write(fd, b"0")
 
-# -- the child side: os-level calls only ------------------------------------------------------
-def child_join(setup: ChildSetup) -> None:
-    """First thing in the child: into the session's cgroup, before anything is charged."""
-    for fd in setup.procs_fds:
-        os.write(fd, b"0")
+    @staticmethod
+    def wait(sync_fd: int) -> None:
+        """Tell the agent the process is set up, and wait until its launch hooks have run.
+        EOF instead of the go-ahead: the launch was called off."""
+        os.write(sync_fd, READY)
+        if os.read(sync_fd, 1) != GO:
+            os._exit(127)
 
+    def before_setuid(self) -> None:
+        privileges.before_setuid(self.plan)
 
-def child_wait(sync_fd: int) -> None:
-    """Tell the agent the process is set up, and wait until its launch hooks have run.
-    EOF instead of the go-ahead: the launch was called off."""
-    os.write(sync_fd, READY)
-    if os.read(sync_fd, 1) != GO:
-        os._exit(127)
+    def after_setuid(self) -> None:
+        privileges.after_setuid(self.plan)
 
 
 class Isolation:

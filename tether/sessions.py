@@ -313,13 +313,12 @@ _ERRNO = struct.Struct("<i")   # the failure report: errno, then the `started` t
 
 def _child_exec(spec: LaunchSpec, errw: int) -> None:
     """Runs in the forked child; never returns. Only os-level calls, no logging."""
-    from tether import isolation, privileges
-    setup = spec.setup
+    setup = spec.setup   # the agent's isolation: cgroup, launch hooks, privileges
     step = "join the session's cgroup"
     code = 0
     try:
         if setup is not None:
-            isolation.child_join(setup)
+            setup.join()
         step = "setsid"
         os.setsid()
         if spec.tty:
@@ -337,11 +336,11 @@ def _child_exec(spec: LaunchSpec, errw: int) -> None:
         os.chdir(directory)
         if spec.sync_fd is not None:
             step = "wait for the launch hooks"
-            isolation.child_wait(spec.sync_fd)
+            setup.wait(spec.sync_fd)
         creds = spec.creds
         if setup is not None:
             step = "set capabilities"
-            privileges.before_setuid(setup.plan)
+            setup.before_setuid()
         step = f"set groups {creds.groups}"
         os.setgroups(creds.groups)
         step = f"setgid {creds.gid}"
@@ -350,7 +349,7 @@ def _child_exec(spec: LaunchSpec, errw: int) -> None:
         os.setuid(creds.uid)
         if setup is not None:
             step = "set capabilities"
-            privileges.after_setuid(setup.plan)
+            setup.after_setuid()
         try:
             path = lookup_path(spec.path, spec.env, directory)
         except LaunchError as err:
