@@ -377,3 +377,31 @@ def test_groups_of_a_killed_sandbox_are_removed_by_the_next_one(limited):
         time.sleep(0.05)
     limited.run(config(session(["/bin/true"])))
     assert sandbox_groups_left(box.pid) == []
+
+
+def test_pid1_without_a_cgroup_namespace_leaves_the_hosts_cgroups_alone(tmp_path):
+    """`tether agent` as PID 1 of a PID namespace only: the cgroups it sees are the
+    host's, so it makes no groups there (the session stays in the agent's own)."""
+    from conftest import namespaces_unavailable
+    reason = namespaces_unavailable() or (None if shutil.which("unshare") else "no unshare(1)")
+    if reason:
+        pytest.skip(reason)
+    from tether import cgroups
+    if cgroups.not_at_root() is None:
+        pytest.skip("this test process is at the root of every hierarchy: nothing to tell apart")
+    path = tmp_path / "config.json"
+    cfg = config(session(["/bin/cat", "/proc/self/cgroup"]))
+    cfg["diagnostics"] = {"debug_level": 1}   # the session's output echoed on the log
+    path.write_text(json.dumps(cfg))
+    vmx = tmp_path / "guestinfo.vmx"
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    encode = subprocess.run([PY, "-m", "tether", "config", "encode", str(path)], cwd=REPO,
+                            env=env, capture_output=True, text=True, timeout=120, check=True)
+    vmx.write_text(encode.stdout)
+    run = subprocess.run(["unshare", "--pid", "--fork", "--mount", "--uts", "--ipc",
+                          "--mount-proc", PY, "-m", "tether", "agent", "--guestinfo-file",
+                          str(vmx), "--no-attach"], cwd=REPO, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert "leaves the host's cgroups alone" in run.stderr, run.stderr
+    assert re.search(r"^\d+:[^:]*:/", run.stderr, re.M), run.stderr   # cat's output
+    assert "session-" not in run.stderr, run.stderr
