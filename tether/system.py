@@ -36,6 +36,38 @@ PR_SET_PDEATHSIG = 1
 
 RB_POWER_OFF = 0x4321FEDC
 
+# openat2(2)'s resolve flags (linux/openat2.h)
+RESOLVE_NO_XDEV = 0x01
+RESOLVE_NO_MAGICLINKS = 0x02
+RESOLVE_NO_SYMLINKS = 0x04
+RESOLVE_BENEATH = 0x08
+RESOLVE_IN_ROOT = 0x10
+# Syscalls added after the unified table (5.1) have one number on every architecture but
+# these, which offset it.
+SYS_OPENAT2 = 437
+_OFFSET_SYSCALL_ARCHES = ("alpha", "ia64", "mips")
+
+# pty ioctls (asm-generic/ioctls.h): unlock the slave, open it from the master
+TIOCSPTLCK = 0x40045431
+TIOCGPTPEER = 0x5441
+
+# renameat2(2) flags
+RENAME_NOREPLACE = 1
+RENAME_EXCHANGE = 2
+
+# statfs(2) f_type (linux/magic.h), and the kernel's own filesystems
+PROC_SUPER_MAGIC = 0x9FA0
+TMPFS_MAGIC = 0x01021994
+DEVPTS_MAGIC = 0x1CD1
+KERNEL_FILESYSTEMS = {
+    PROC_SUPER_MAGIC: "proc", 0x62656572: "sysfs", 0x1CD1: "devpts",
+    0x64626720: "debugfs", 0x74726163: "tracefs", 0x73636673: "securityfs",
+    0x27E0EB: "cgroup", 0x63677270: "cgroup2", 0x62656570: "configfs",
+    0xCAFE4A11: "bpf", 0xDE5E81E4: "efivarfs", 0x6165676C: "pstore",
+    0x65735543: "fusectl", 0x42494E4D: "binfmt_misc", 0x19800202: "mqueue",
+    0x6E736673: "nsfs", 0x73727279: "btrfs_test", 0x67596969: "rpc_pipefs",
+}
+
 _libc = None
 
 
@@ -59,6 +91,74 @@ def _check(result: int, what: str) -> None:
 
 def _path(text: str | None) -> bytes | None:
     return None if text is None else os.fsencode(text)
+
+
+def _raise_errno(*args) -> None:
+    import ctypes
+    err = ctypes.get_errno()
+    raise OSError(err, os.strerror(err), *args)
+
+
+_openat2_state: bool | None = None
+
+
+def have_openat2() -> bool:
+    """Whether this kernel has openat2(2) (Linux 5.6+); probed once."""
+    global _openat2_state
+    if _openat2_state is None:
+        if os.uname().machine.startswith(_OFFSET_SYSCALL_ARCHES):
+            _openat2_state = False
+        else:
+            try:
+                os.close(openat2(-100, "/", os.O_PATH | os.O_CLOEXEC, 0, RESOLVE_IN_ROOT))
+                _openat2_state = True
+            except OSError:   # ENOSYS: an older kernel; EPERM: a seccomp filter
+                _openat2_state = False
+    return _openat2_state
+
+
+def openat2(dirfd: int, path: str, flags: int, mode: int, resolve: int) -> int:
+    """openat2(2): `path` opened from `dirfd` under the RESOLVE_* rules; returns the fd.
+    Raises OSError with the errno and the path."""
+    import ctypes
+
+    class OpenHow(ctypes.Structure):
+        _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64),
+                    ("resolve", ctypes.c_uint64)]
+    tmpfile = getattr(os, "O_TMPFILE", 0)   # O_DIRECTORY is one of its bits
+    creates = flags & os.O_CREAT or (tmpfile and flags & tmpfile == tmpfile)
+    how = OpenHow(flags, mode if creates else 0, resolve)   # else a mode is EINVAL
+    fd = libc().syscall(ctypes.c_long(SYS_OPENAT2), ctypes.c_int(dirfd),
+                        ctypes.c_char_p(os.fsencode(path)), ctypes.byref(how),
+                        ctypes.c_size_t(ctypes.sizeof(how)))
+    if fd < 0:
+        _raise_errno(path)
+    return fd
+
+
+def renameat2(old_dirfd: int, old: str, new_dirfd: int, new: str, flags: int) -> None:
+    """renameat2(2): RENAME_EXCHANGE swaps two entries, RENAME_NOREPLACE never replaces.
+    Raises OSError with the errno and both names."""
+    import ctypes
+    if libc().renameat2(ctypes.c_int(old_dirfd), ctypes.c_char_p(os.fsencode(old)),
+                        ctypes.c_int(new_dirfd), ctypes.c_char_p(os.fsencode(new)),
+                        ctypes.c_uint(flags)) != 0:
+        _raise_errno(old, None, new)
+
+
+def filesystem_type(fd: int) -> int:
+    """fstatfs(2)'s f_type: which filesystem `fd` is on (compare KERNEL_FILESYSTEMS)."""
+    import ctypes
+    buf = ctypes.create_string_buffer(256)   # struct statfs is 120 bytes on 64-bit
+    if libc().fstatfs(ctypes.c_int(fd), buf) != 0:
+        _raise_errno()
+    return ctypes.c_long.from_buffer(buf).value & 0xFFFFFFFF
+
+
+def fd_path(fd: int) -> str:
+    """A path naming the open file `fd` itself (the /proc magic link): for calls that
+    take only a path, such as mount(2), and act on what the fd holds, not on a name."""
+    return f"/proc/self/fd/{fd}"
 
 
 def mount(source: str | None, target: str, fstype: str | None = None, flags: int = 0,
