@@ -1,25 +1,38 @@
 """Paths inside the container root, resolved the way a process chrooted there sees them.
 
 An image's `/etc/resolv.conf -> /run/resolvconf/resolv.conf` must resolve inside the image,
-never into the agent's own root: every caller that turns a container path into a host
-path (the /etc files, volume mount points, copy in and out) goes through here.
+never into the agent's own root. Two forms:
 
-The result is a path string: a process inside the container that swaps a component for a
-symlink after we resolved it can still redirect a later call on that string. Callers that
-face a hostile container must open what they resolve without following symlinks.
+* `open_in_root`, `open_parent_in_root`, `makedirs_in_root`: the walk runs on directory
+  fds and ends in an open fd, so a process in the container that swaps a path component
+  for a symlink while we walk cannot lead us out of the root. The kernel walks with
+  openat2(RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS) where it has it (Linux 5.6+); else we
+  go component by component with O_NOFOLLOW and read each symlink ourselves. Everything
+  after the walk goes through the fd (fstat, read, write, renameat, mount on the fd).
+  Use these for anything a running container can race: copy in and out, mount targets.
+* `resolve_in_root`: the same rules, returning a path string, for setup before anything
+  runs in the root (the /etc files, volume mount points). A later call on the string
+  follows whatever is there by then.
 """
 from __future__ import annotations
 
 import errno
 import os
+import stat
+
+from tether import system
+
 
 MAX_SYMLINKS = 40   # as the kernel's path walk (ELOOP after 40 links)
+O_PATH_DIR = os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC
+_EAGAIN_RETRIES = 64   # openat2 says EAGAIN when a rename raced a `..`; we walk again
 
 
 def resolve_in_root(root: str, path: str, follow_last: bool = True) -> str:
     """`root` joined with `path`, every symlink on the way followed as if `root` were `/`
     (`..` stops at the root). With `follow_last` false, a symlink in the last component is
-    left as it is (to act on the link itself). Raises OSError(ELOOP) past 40 links."""
+    left as it is (to act on the link itself). Raises OSError(ELOOP) past 40 links.
+    A path string: only for setup before anything runs in the root (see above)."""
     root = os.path.abspath(root)
     parts = [p for p in path.split("/") if p not in ("", ".")]
     resolved: list[str] = []
@@ -42,3 +55,201 @@ def resolve_in_root(root: str, path: str, follow_last: bool = True) -> str:
             continue
         resolved.append(part)
     return os.path.join(root, *resolved)
+
+
+# -- through directory fds --------------------------------------------------------------------
+def open_root(root: str) -> int:
+    """An O_PATH fd of the container root, for the calls below."""
+    return os.open(root, O_PATH_DIR)
+
+
+def _split(path: str) -> list[str]:
+    return [p for p in path.split("/") if p not in ("", ".")]
+
+
+def open_in_root(root_fd: int, path: str, flags: int = os.O_RDONLY, mode: int = 0o600, *,
+                 follow_last: bool = True, no_symlinks: bool = False,
+                 use_openat2: bool | None = None) -> int:
+    """Open `path` as a process chrooted at `root_fd` would, never leaving the root:
+    `..` stops at the root, absolute symlinks start again from it, magic links (/proc's
+    fd and root links) are refused with ELOOP. `follow_last` false: a symlink as the last
+    component is not followed (O_NOFOLLOW: ELOOP, or the link itself with O_PATH).
+    `no_symlinks`: any symlink on the way is refused with ELOOP. The fd is close-on-exec.
+    `use_openat2` picks the walk (None: openat2 where the kernel has it)."""
+    if use_openat2 is None:
+        use_openat2 = system.have_openat2()
+    flags |= os.O_CLOEXEC
+    if use_openat2:
+        return _open_openat2(root_fd, path, flags, mode, follow_last, no_symlinks)
+    return _open_walk(root_fd, path, flags, mode, follow_last, no_symlinks)
+
+
+def _open_openat2(root_fd, path, flags, mode, follow_last, no_symlinks) -> int:
+    resolve = system.RESOLVE_IN_ROOT | system.RESOLVE_NO_MAGICLINKS
+    if no_symlinks:
+        resolve |= system.RESOLVE_NO_SYMLINKS
+    if not follow_last:
+        flags |= os.O_NOFOLLOW
+    for _ in range(_EAGAIN_RETRIES):
+        try:
+            return system.openat2(root_fd, path or "/", flags, mode, resolve)
+        except BlockingIOError:
+            continue
+        except OSError as err:
+            raise OSError(err.errno, err.strerror, path) from None
+    raise OSError(errno.EAGAIN, "the path kept changing while it was resolved", path)
+
+
+def _is_proc(fd: int) -> bool:
+    try:
+        return system.filesystem_type(fd) == system.PROC_SUPER_MAGIC
+    except OSError:
+        return False
+
+
+def _readlink(name: str, dir_fd: int) -> str | None:
+    """The symlink's target, or None when `name` is not a symlink (or not there)."""
+    try:
+        return os.readlink(name, dir_fd=dir_fd)
+    except OSError as err:
+        if err.errno in (errno.EINVAL, errno.ENOENT):
+            return None
+        raise
+
+
+def _open_walk(root_fd, path, flags, mode, follow_last, no_symlinks) -> int:
+    """One component at a time: each directory opened O_NOFOLLOW from the one before,
+    each symlink read and its target walked from here (or from the root)."""
+    def loop_error() -> OSError:
+        return OSError(errno.ELOOP, os.strerror(errno.ELOOP), path)
+
+    parts = _split(path)
+    stack = [root_fd]            # the directories walked; stack[0] is the caller's
+    links = 0
+
+    def follow(target: str) -> None:
+        nonlocal links, parts
+        links += 1
+        if no_symlinks or links > MAX_SYMLINKS or _is_proc(stack[-1]):
+            raise loop_error()   # on /proc a link may be a magic one: refused as openat2 does
+        if target.startswith("/"):
+            while len(stack) > 1:
+                os.close(stack.pop())
+        parts = _split(target) + parts
+
+    try:
+        while parts:
+            name = parts.pop(0)
+            if name == "..":
+                if len(stack) > 1:
+                    os.close(stack.pop())
+                continue
+            last = not parts
+            if not last or follow_last:
+                target = _readlink(name, stack[-1])
+                if target is not None:
+                    follow(target)
+                    continue
+            try:
+                if last:
+                    fd = os.open(name, flags | os.O_NOFOLLOW, mode, dir_fd=stack[-1])
+                else:
+                    fd = os.open(name, O_PATH_DIR | os.O_NOFOLLOW, dir_fd=stack[-1])
+            except OSError as err:
+                # A symlink swapped in since we looked: follow it like any other.
+                if err.errno in (errno.ELOOP, errno.ENOTDIR) and (not last or follow_last):
+                    target = _readlink(name, stack[-1])
+                    if target is not None:
+                        parts.insert(0, name)
+                        links += 1
+                        if links > MAX_SYMLINKS:
+                            raise loop_error() from None
+                        continue
+                raise OSError(err.errno, err.strerror, path) from None
+            if last and follow_last and flags & os.O_PATH and stat.S_ISLNK(os.fstat(fd).st_mode):
+                os.close(fd)    # O_PATH opened a link swapped in since we looked
+                parts.insert(0, name)
+                links += 1
+                if links > MAX_SYMLINKS:
+                    raise loop_error()
+                continue
+            if last:
+                return fd
+            stack.append(fd)
+        # The path ended on the root, a `..` or a `.`: open that directory itself.
+        try:
+            return os.open(".", flags, mode, dir_fd=stack[-1])
+        except OSError as err:
+            raise OSError(err.errno, err.strerror, path) from None
+    finally:
+        for fd in stack[1:]:
+            os.close(fd)
+
+
+def open_parent_in_root(root_fd: int, path: str, *, follow_last: bool = True,
+                        use_openat2: bool | None = None) -> tuple[int, str]:
+    """The directory that holds `path`'s last component (an O_PATH fd) and that name,
+    for calls relative to the directory (openat with O_EXCL, renameat, mkdirat,
+    symlinkat). With `follow_last`, a symlink as the last component is followed, inside
+    the root, to the entry it names (which need not exist). A path that ends on a
+    directory by name (`/`, `..`) raises IsADirectoryError."""
+    parts = _split(path)
+    for _ in range(MAX_SYMLINKS + 1):
+        if not parts or parts[-1] == "..":
+            raise IsADirectoryError(errno.EISDIR, "is a directory", path)
+        parent, name = parts[:-1], parts[-1]
+        dir_fd = open_in_root(root_fd, "/" + "/".join(parent), O_PATH_DIR,
+                              use_openat2=use_openat2)
+        if not follow_last:
+            return dir_fd, name
+        try:
+            target = _readlink(name, dir_fd)
+            if target is not None and _is_proc(dir_fd):
+                raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), path)
+        except BaseException:
+            os.close(dir_fd)
+            raise
+        if target is None:
+            return dir_fd, name
+        os.close(dir_fd)
+        parts = _split(target) if target.startswith("/") else parent + _split(target)
+    raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), path)
+
+
+def makedirs_in_root(root_fd: int, path: str, mode: int = 0o755) -> int:
+    """`mkdir -p` inside the root, symlinks followed inside it; the directory's O_PATH fd."""
+    try:
+        return open_in_root(root_fd, path, O_PATH_DIR)
+    except FileNotFoundError:
+        pass
+    parts = _split(path)
+    for i, name in enumerate(parts):
+        prefix = "/" + "/".join(parts[:i + 1])
+        try:
+            os.close(open_in_root(root_fd, prefix, O_PATH_DIR))
+            continue
+        except FileNotFoundError:
+            pass
+        dir_fd, entry = open_parent_in_root(root_fd, prefix)
+        try:
+            os.mkdir(entry, mode, dir_fd=dir_fd)
+        except FileExistsError:
+            pass
+        finally:
+            os.close(dir_fd)
+    return open_in_root(root_fd, path, O_PATH_DIR)
+
+
+def container_path(root_fd: int, fd: int) -> str | None:
+    """Where the open file `fd` is, as a path inside the root (None when the agent has
+    no /proc to tell, or the file is not under the root)."""
+    try:
+        top = os.readlink(system.fd_path(root_fd))
+        where = os.readlink(system.fd_path(fd))
+    except OSError:
+        return None
+    if where == top:
+        return "/"
+    if top == "/":
+        return where if where.startswith("/") else None
+    return where[len(top):] if where.startswith(top + "/") else None
