@@ -13,6 +13,9 @@ never into the agent's own root. Two forms:
 * `resolve_in_root`: the same rules, returning a path string, for setup before anything
   runs in the root (the /etc files, volume mount points). A later call on the string
   follows whatever is there by then.
+
+`bind_system_dirs` puts the agent's /proc, /sys and /dev (or a fresh minimal /dev) into
+the root through such fds.
 """
 from __future__ import annotations
 
@@ -253,3 +256,152 @@ def container_path(root_fd: int, fd: int) -> str | None:
     if top == "/":
         return where if where.startswith("/") else None
     return where[len(top):] if where.startswith(top + "/") else None
+
+
+# -- the system directories in the root -----------------------------------------------------
+SYSTEM_DIRS = ("/proc", "/sys", "/dev", "/dev/pts")
+# A fresh /dev: (name, major, minor) of the character devices every container expects.
+DEV_NODES = (("null", 1, 3), ("zero", 1, 5), ("full", 1, 7), ("random", 1, 8),
+             ("urandom", 1, 9), ("tty", 5, 0))
+DEV_LINKS = (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"),
+             ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2"),
+             ("ptmx", "pts/ptmx"))
+
+
+def _mount_point(root_fd: int, path: str) -> int:
+    """The directory `path` in the root as an O_PATH fd, created if missing; a symlink
+    anywhere on the way is refused (ELOOP): a mount must land where it says."""
+    try:
+        return open_in_root(root_fd, path, O_PATH_DIR, no_symlinks=True)
+    except FileNotFoundError:
+        pass
+    parent = os.path.dirname(path)
+    parent_fd = open_in_root(root_fd, parent, O_PATH_DIR, no_symlinks=True)
+    try:
+        os.mkdir(os.path.basename(path), 0o755, dir_fd=parent_fd)
+    except FileExistsError:
+        pass
+    finally:
+        os.close(parent_fd)
+    return open_in_root(root_fd, path, O_PATH_DIR, no_symlinks=True)
+
+
+def bind_system_dirs(root: str, *, fresh_dev: bool = False) -> None:
+    """Bind the agent's /proc, /sys, /dev and /dev/pts into the container root; with
+    `fresh_dev` the root gets a minimal /dev of its own instead (`mount_fresh_dev`).
+    Each mount point is resolved inside the root with no symlink allowed on its way, and
+    the mount goes onto that fd: an image whose `sys` is a symlink (`sys -> /elsewhere`)
+    gets no /sys rather than a mount over a path of the agent's. A refused or failed
+    mount does not stop the others; at the end OSError names them."""
+    present = system.mounted_paths()
+    failures = []
+    root_fd = open_root(root)
+    try:
+        for path in SYSTEM_DIRS:
+            if fresh_dev and path == "/dev/pts":
+                continue      # part of the fresh /dev
+            shown = os.path.join(os.path.abspath(root), path.lstrip("/"))
+            if shown in present:
+                continue
+            try:
+                fd = _mount_point(root_fd, path)
+            except OSError as err:
+                reason = ("a symlink is on its way" if err.errno == errno.ELOOP
+                          else err.strerror)
+                failures.append(f"refusing to mount over {path} in {root}: {reason}")
+                continue
+            try:
+                if fresh_dev and path == "/dev":
+                    mount_fresh_dev(root_fd, fd)
+                else:
+                    system.bind_mount(path, system.fd_path(fd))
+            except OSError as err:
+                failures.append(f"mounting {path} in {root}: {err.strerror or err}")
+            finally:
+                os.close(fd)
+    finally:
+        os.close(root_fd)
+    if failures:
+        raise OSError(errno.EPERM, "; ".join(failures))
+
+
+def mount_fresh_dev(root_fd: int, dev_fd: int) -> None:
+    """A tmpfs on the root's /dev (`dev_fd`) with the usual character devices, the
+    fd/stdin/stdout/stderr links, a devpts instance of its own on pts (ptmx a link into
+    it) and a tmpfs on shm: none of the host's devices, ptys or shared memory."""
+    system.mount("tmpfs", system.fd_path(dev_fd), "tmpfs",
+                 system.MS_NOSUID | system.MS_NOEXEC, "mode=755,size=64k")
+    # The fd still names the directory under the new mount: walk to the mount itself.
+    dev = open_in_root(root_fd, "/dev", O_PATH_DIR, no_symlinks=True)
+    try:
+        if system.filesystem_type(dev) != system.TMPFS_MAGIC:
+            raise OSError(errno.EXDEV, "the new /dev is not the tmpfs just mounted")
+        for name, major, minor in DEV_NODES:
+            os.mknod(name, stat.S_IFCHR | 0o666, os.makedev(major, minor), dir_fd=dev)
+            os.chmod(name, 0o666, dir_fd=dev, follow_symlinks=False)
+        for name, target in DEV_LINKS:
+            os.symlink(target, name, dir_fd=dev)
+        for name, mode in (("pts", 0o755), ("shm", 0o1777)):
+            os.mkdir(name, mode, dir_fd=dev)
+            os.chmod(name, mode, dir_fd=dev, follow_symlinks=False)
+        pts = os.open("pts", O_PATH_DIR | os.O_NOFOLLOW, dir_fd=dev)
+        try:
+            system.mount("devpts", system.fd_path(pts), "devpts",
+                         system.MS_NOSUID | system.MS_NOEXEC,
+                         "newinstance,ptmxmode=0666,mode=0620,gid=5")
+        finally:
+            os.close(pts)
+        shm = os.open("shm", O_PATH_DIR | os.O_NOFOLLOW, dir_fd=dev)
+        try:
+            system.mount("shm", system.fd_path(shm), "tmpfs",
+                         system.MS_NOSUID | system.MS_NODEV, "mode=1777")
+        finally:
+            os.close(shm)
+    finally:
+        os.close(dev)
+
+
+def open_pty(root: str) -> tuple[int, int]:
+    """A pty pair (master, slave) for a session in `root`: from the root's own devpts
+    when it has one (the sandbox's fresh /dev), so the session finds its tty under its
+    /dev/pts; else from the agent's."""
+    if root not in ("", "/"):
+        pair = _open_pty_in(root)
+        if pair is not None:
+            return pair
+    return os.openpty()
+
+
+def _open_pty_in(root: str) -> tuple[int, int] | None:
+    import fcntl
+    try:
+        root_fd = open_root(root)
+    except OSError:
+        return None
+    try:
+        pts = open_in_root(root_fd, "/dev/pts", O_PATH_DIR, no_symlinks=True)
+    except OSError:
+        return None
+    finally:
+        os.close(root_fd)
+    try:
+        if system.filesystem_type(pts) != system.DEVPTS_MAGIC:
+            return None
+        agent_pts = os.stat("/dev/pts")
+        if os.fstat(pts).st_dev == agent_pts.st_dev:
+            return None   # the agent's own instance: os.openpty() gives the same
+        master = os.open("ptmx", os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK | os.O_CLOEXEC
+                         | os.O_NOFOLLOW, dir_fd=pts)
+    except OSError:
+        return None
+    finally:
+        os.close(pts)
+    try:
+        fcntl.ioctl(master, system.TIOCSPTLCK, b"\0\0\0\0")
+        slave = fcntl.ioctl(master, system.TIOCGPTPEER,
+                            os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
+        os.set_blocking(master, True)
+        return master, slave
+    except OSError:
+        os.close(master)
+        return None

@@ -32,6 +32,7 @@ from typing import Callable
 
 from tether.iolog import STDERR, STDOUT, LineFramer
 from tether.reaper import describe_status
+from tether.rootfs import open_pty
 
 log = logging.getLogger("tether.sessions")
 
@@ -512,7 +513,7 @@ class Session:
         setup = None
         try:
             if cfg.tty:
-                master, slave = os.openpty()
+                master, slave = open_pty(self.root)
                 parent_fds.append(master)
                 child_fds.append(slave)
                 stdio = (slave, slave, slave)

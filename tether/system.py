@@ -239,17 +239,6 @@ def mount_missing(specs=PID1_MOUNTS) -> list[str]:
     return done
 
 
-def bind_system_dirs(root: str, dirs=("/proc", "/sys", "/dev", "/dev/pts")) -> None:
-    """Bind the agent's /proc, /sys, /dev and /dev/pts into the container root."""
-    present = mounted_paths()
-    for path in dirs:
-        target = os.path.join(root, path.lstrip("/"))
-        if target in present:
-            continue
-        os.makedirs(target, exist_ok=True)
-        bind_mount(path, target, recursive=False)
-
-
 def link_mtab(root: str = "/") -> None:
     path = os.path.join(root, "etc/mtab")
     try:
