@@ -130,6 +130,8 @@ class Connection:
         self._writing = False
         self._retry = None
         self._held: set = set()           # sessions whose output waits for us to drain
+        self._pumps_due = False
+        self._read_pauses: set = set()    # channels that asked us to stop reading for now
         self._hold_timer = None
         self.closed = False
         self.loop.add_reader(self.fd, self._on_readable)
@@ -189,7 +191,21 @@ class Connection:
 
     def _resume(self) -> None:
         self._retry = None
-        if not self.closed:
+        if not self.closed and not self._read_pauses:
+            self.loop.add_reader(self.fd, self._on_readable)
+
+    def pause_reading(self, holder) -> None:
+        """Stop reading this client until every holder has resumed: a copy-to whose
+        writes lag behind what the client sends."""
+        if not self._read_pauses and not self.closed and self._retry is None:
+            self.loop.remove_reader(self.fd)
+        self._read_pauses.add(holder)
+
+    def resume_reading(self, holder) -> None:
+        if holder not in self._read_pauses:
+            return
+        self._read_pauses.discard(holder)
+        if not self._read_pauses and not self.closed and self._retry is None:
             self.loop.add_reader(self.fd, self._on_readable)
 
     def _refuse(self, reason: str, channel) -> None:
@@ -308,9 +324,23 @@ class Connection:
             return
         if self._held and self._out_size < LOW_WATER:
             self._release()
+        self._schedule_pumps()
+
+    def _schedule_pumps(self) -> None:
+        """Producers (copy-from) refill on the loop's next round, never from inside a
+        flush: called from here they recursed, pump -> send -> flush -> pump, once per
+        frame, until RecursionError."""
+        if self._pumps_due or not self.has_room():
+            return
+        if any(hasattr(channel, "pump") for channel in self.channels.values()):
+            self._pumps_due = True
+            self.loop.call_soon(self._run_pumps)
+
+    def _run_pumps(self) -> None:
+        self._pumps_due = False
         for channel in list(self.channels.values()):
             pump = getattr(channel, "pump", None)
-            if pump is not None and self.has_room():
+            if pump is not None and self.has_room() and not self.closed:
                 pump()
 
     # -- flow control: a client that keeps up may pause a session for a moment ---------
