@@ -121,6 +121,8 @@ def openat2(dirfd: int, path: str, flags: int, mode: int, resolve: int) -> int:
     """openat2(2): `path` opened from `dirfd` under the RESOLVE_* rules; returns the fd.
     Raises OSError with the errno and the path."""
     import ctypes
+    if "\0" in path:   # c_char_p would cut the path there
+        raise ValueError("embedded null byte")
 
     class OpenHow(ctypes.Structure):
         _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64),
@@ -140,6 +142,8 @@ def renameat2(old_dirfd: int, old: str, new_dirfd: int, new: str, flags: int) ->
     """renameat2(2): RENAME_EXCHANGE swaps two entries, RENAME_NOREPLACE never replaces.
     Raises OSError with the errno and both names."""
     import ctypes
+    if "\0" in old or "\0" in new:
+        raise ValueError("embedded null byte")
     if libc().renameat2(ctypes.c_int(old_dirfd), ctypes.c_char_p(os.fsencode(old)),
                         ctypes.c_int(new_dirfd), ctypes.c_char_p(os.fsencode(new)),
                         ctypes.c_uint(flags)) != 0:

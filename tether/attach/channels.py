@@ -7,21 +7,31 @@ A channel belongs to one `Connection` (tether/attach/server.py), which gives it 
 session's output while this client's backlog is high, `has_room()` says whether a
 producer may queue more. The connection calls a channel's `on_data(bytes)`, `on_eof()`
 and `on_detach()` with what the client sends, and `pump()` (when the channel has one)
-when its backlog drains.
+when its backlog drains. A copy-to that writes slower than the client sends stops the
+connection's reading for a while (`pause_reading(holder)` / `resume_reading(holder)`).
+
+A copy's file work blocks (a slow disk, a hung filesystem), so it runs on a worker
+thread of its own (`copyfiles.py` holds that half), never on the loop: bytes go between
+the two through bounded queues, and the worker posts its results to the loop.
 """
 from __future__ import annotations
 
-import hashlib
-import os
-import stat
+import logging
 import tarfile
-import tempfile
+import threading
+from collections import deque
 
+from tether.attach import copyfiles
 from tether.attach import protocol as p
-from tether.rootfs import resolve_in_root
 from tether.sessions import Phase
 
-TAR_SPOOL = 8 << 20           # a tar stream is spooled in memory up to this, then on disk
+log = logging.getLogger("tether.attach")
+
+MAX_COPIES = 16               # copies running at once, each on a worker thread
+OUTBOX_LIMIT = 4 << 20        # copy-from: read ahead of the connection at most this much
+INBOX_HIGH = 8 << 20          # copy-to: the client's bytes not yet written: over this,
+INBOX_LOW = 2 << 20           # stop reading the client until down to this
+_copy_slots = threading.BoundedSemaphore(MAX_COPIES)
 
 
 def describe_error(err: Exception) -> str:
@@ -31,7 +41,6 @@ def describe_error(err: Exception) -> str:
     if isinstance(err, OSError) and err.filename:
         return f"{err.filename}: {err.strerror}"
     return str(err)
-
 
 
 class AttachChannel:
@@ -97,119 +106,301 @@ class AttachChannel:
             self.attached = False
 
 
+# -- copies: the loop side, and the bridge to the worker thread ---------------------------------
+class Cancelled(Exception):
+    """The channel went away: the worker stops where it is."""
+
+
+class CopyWorker:
+    """Runs `work()` on a daemon thread. `post(callback)` runs callback on the loop unless
+    the copy was cancelled; an exception in `work` reaches `on_error(text)` on the loop.
+    At most MAX_COPIES run at once (a worker stuck in a hung filesystem keeps its slot)."""
+
+    def __init__(self, loop, name: str, work, on_error):
+        if not _copy_slots.acquire(blocking=False):
+            raise copyfiles.CopyError(f"{MAX_COPIES} copies are already running; try again "
+                                      "when one has finished")
+        self.loop = loop
+        self.on_error = on_error
+        self.cancelled = False
+        self._lock = threading.Lock()
+        self.thread = threading.Thread(target=self._run, args=(work,), name=name, daemon=True)
+
+    def start(self) -> None:
+        try:
+            self.thread.start()
+        except BaseException:
+            _copy_slots.release()
+            raise
+
+    def post(self, callback) -> None:
+        with self._lock:
+            if not self.cancelled:
+                self.loop.call_soon_threadsafe(callback)
+
+    def cancel(self) -> None:
+        with self._lock:
+            self.cancelled = True
+
+    def _run(self, work) -> None:
+        try:
+            work()
+        except Cancelled:
+            pass
+        except (ValueError, OSError, tarfile.TarError, EOFError) as err:   # CopyError too
+            text = describe_error(err)
+            self.post(lambda: self.on_error(text))
+        except Exception as err:   # noqa: BLE001 - a bug costs this copy, never the agent
+            log.exception("attach: %s failed", self.thread.name)
+            text = f"internal error: {type(err).__name__}: {err}"
+            self.post(lambda: self.on_error(text))
+        finally:
+            _copy_slots.release()
+
+
+class Outbox:
+    """copy-from's bytes, worker to loop: `write` (worker) waits while OUTBOX_LIMIT bytes
+    are queued; `take` (loop) hands one chunk to the connection."""
+
+    def __init__(self, wake, limit: int = OUTBOX_LIMIT):
+        self._wake = wake             # worker side: have the loop pump
+        self._limit = limit
+        self._cond = threading.Condition()
+        self._chunks: deque[bytes] = deque()
+        self._size = 0
+        self._closed = False
+        self._cancelled = False
+
+    def write(self, data: bytes) -> None:
+        with self._cond:
+            while self._size >= self._limit and not self._cancelled:
+                self._cond.wait()
+            if self._cancelled:
+                raise Cancelled()
+            first = not self._chunks
+            self._chunks.append(data)
+            self._size += len(data)
+        if first:
+            self._wake()
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+        self._wake()
+
+    def take(self) -> tuple[bytes | None, bool]:
+        """(a chunk or None, whether everything has been taken)."""
+        with self._cond:
+            if not self._chunks:
+                return None, self._closed
+            chunk = self._chunks.popleft()
+            self._size -= len(chunk)
+            self._cond.notify()
+            return chunk, False
+
+    def cancel(self) -> None:
+        with self._cond:
+            self._cancelled = True
+            self._chunks.clear()
+            self._cond.notify_all()
+
+
+class Inbox:
+    """copy-to's bytes, loop to worker: `put` (loop) never waits and returns what is
+    queued; `read` (worker) waits for bytes, and calls `drained()` when the queue falls
+    to INBOX_LOW from above."""
+
+    def __init__(self, drained):
+        self._drained = drained
+        self._cond = threading.Condition()
+        self._chunks: deque[bytes] = deque()
+        self._size = 0
+        self._eof = False
+        self._cancelled = False
+
+    def put(self, data: bytes) -> int:
+        with self._cond:
+            self._chunks.append(data)
+            self._size += len(data)
+            self._cond.notify()
+            return self._size
+
+    def close(self) -> None:
+        with self._cond:
+            self._eof = True
+            self._cond.notify()
+
+    def cancel(self) -> None:
+        with self._cond:
+            self._cancelled = True
+            self._chunks.clear()
+            self._cond.notify()
+
+    def read(self, size: int = -1) -> bytes:
+        with self._cond:
+            while not self._chunks and not self._eof and not self._cancelled:
+                self._cond.wait()
+            if self._cancelled:
+                raise Cancelled()
+            if not self._chunks:
+                return b""
+            chunk = self._chunks[0]
+            if 0 <= size < len(chunk):
+                self._chunks[0] = chunk[size:]
+                chunk = chunk[:size]
+            else:
+                self._chunks.popleft()
+            before = self._size
+            self._size -= len(chunk)
+            crossed = before > INBOX_LOW >= self._size
+        if crossed:
+            self._drained()
+        return chunk
+
+
 class CopyToChannel:
-    """Data in, a file (written to a temporary name, renamed at the end) or a tar stream
-    extracted under a directory."""
+    """Data in, a file (written to a temporary name, put in place at the end) or a tar
+    stream extracted under a directory; the file work on a worker thread."""
 
     def __init__(self, connection, channel: int, root: str, path: str, *,
                  mode, as_tar: bool):
         self.connection = connection
         self.channel = channel
-        self.as_tar = as_tar
-        self.digest = hashlib.sha256()
-        self.size = 0
-        self.target = resolve_in_root(root, path, follow_last=not as_tar)
-        if as_tar:
-            if not os.path.isdir(self.target):
-                raise NotADirectoryError(20, "not a directory", path)
-            self.file = tempfile.SpooledTemporaryFile(TAR_SPOOL)
-        else:
-            if os.path.isdir(self.target):
-                raise IsADirectoryError(21, "is a directory (copy a tar stream into it)", path)
-            directory = os.path.dirname(self.target)
-            fd, self.temp = tempfile.mkstemp(prefix=".tether-copy-", dir=directory)
-            self.file = os.fdopen(fd, "wb")
-            self.mode = mode if isinstance(mode, int) and not isinstance(mode, bool) else 0o644
-        connection.send({"t": p.OK, "ch": channel})
+        self.paused = False
+        self.inbox = Inbox(drained=lambda: self.worker.post(self._drained))
+        mode = mode if isinstance(mode, int) and not isinstance(mode, bool) else 0o644
+        self.worker = CopyWorker(connection.loop, f"copy-to {path}",
+                                 lambda: self._work(root, path, mode, as_tar), self._failed)
+        self.worker.start()
+
+    def _ours(self) -> bool:
+        return self.connection.channels.get(self.channel) is self
+
+    # on the worker thread
+    def _work(self, root: str, path: str, mode: int, as_tar: bool) -> None:
+        guard = copyfiles.Guard(root)
+        try:
+            target = (copyfiles.TarTarget(guard, path) if as_tar
+                      else copyfiles.FileTarget(guard, path, mode))
+            self.worker.post(self._opened)
+            source = copyfiles.Digesting(self.inbox)
+            if as_tar:
+                target.extract(source)
+                while source.read(copyfiles.CHUNK):
+                    pass   # what follows the end of the archive: read to the client's eof
+            else:
+                try:
+                    while chunk := source.read(copyfiles.CHUNK):
+                        target.write(chunk)
+                    target.commit()
+                except BaseException:
+                    target.discard()
+                    raise
+            size, digest = source.size, source.digest.hexdigest()
+            self.worker.post(lambda: self._done(size, digest))
+        finally:
+            guard.close()
+
+    # on the loop
+    def _opened(self) -> None:
+        if self._ours():
+            self.connection.send({"t": p.OK, "ch": self.channel})
+
+    def _done(self, size: int, digest: str) -> None:
+        if self._ours():
+            self.connection.ok(self.channel, size=size, sha256=digest)
+            self.connection.finish(self.channel)
+        self._resume()
+
+    def _failed(self, reason: str) -> None:
+        if self._ours():
+            self.connection.send({"t": p.ERROR, "ch": self.channel, "msg": reason})
+            self.connection.channels.pop(self.channel, None)
+        self.inbox.cancel()
+        self._resume()
+
+    def _drained(self) -> None:
+        self._resume()
+
+    def _resume(self) -> None:
+        if self.paused:
+            self.paused = False
+            self.connection.resume_reading(self)
 
     def on_data(self, data: bytes) -> None:
-        if self.file is None:
-            return
-        try:
-            self.file.write(data)
-        except OSError as err:
-            self._fail(f"writing {self.target}: {err.strerror}")
-            return
-        self.digest.update(data)
-        self.size += len(data)
+        if self.inbox.put(data) > INBOX_HIGH and not self.paused:
+            self.paused = True
+            self.connection.pause_reading(self)
 
     def on_eof(self) -> None:
-        if self.file is None:
-            return
-        try:
-            if self.as_tar:
-                self.file.seek(0)
-                with tarfile.open(fileobj=self.file, mode="r|*") as archive:
-                    archive.extractall(self.target, filter="data")
-                self.file.close()
-            else:
-                self.file.flush()
-                os.fchmod(self.file.fileno(), self.mode & 0o7777)
-                self.file.close()
-                os.rename(self.temp, self.target)
-        except (OSError, tarfile.TarError) as err:
-            self._fail(f"copy to {self.target}: {describe_error(err) if isinstance(err, OSError) else err}")
-            return
-        self.file = None
-        self.connection.ok(self.channel, size=self.size, sha256=self.digest.hexdigest())
-        self.connection.finish(self.channel)
-
-    def _fail(self, reason: str) -> None:
-        self._discard()
-        self.connection.send({"t": p.ERROR, "ch": self.channel, "msg": reason})
-        self.connection.channels.pop(self.channel, None)
-
-    def _discard(self) -> None:
-        if self.file is not None:
-            self.file.close()
-            self.file = None
-            if not self.as_tar:
-                try:
-                    os.unlink(self.temp)
-                except FileNotFoundError:
-                    pass
+        self.inbox.close()
 
     def on_detach(self) -> None:
-        self._discard()
+        self.worker.cancel()
+        self.inbox.cancel()
+        self._resume()
 
 
 class CopyFromChannel:
-    """A file, or a directory as a tar stream, out to the client as the client keeps up."""
+    """A file, or a directory as a tar stream made as it goes, out to the client as the
+    client keeps up; read on a worker thread."""
 
     def __init__(self, connection, channel: int, root: str, path: str, *, as_tar):
         self.connection = connection
         self.channel = channel
-        target = resolve_in_root(root, path)
-        info = os.stat(target)
-        as_tar = stat.S_ISDIR(info.st_mode) if as_tar is None else bool(as_tar)
-        if as_tar:
-            self.file = tempfile.SpooledTemporaryFile(TAR_SPOOL)
-            with tarfile.open(fileobj=self.file, mode="w") as archive:
-                archive.add(target, arcname=os.path.basename(target.rstrip("/")) or ".")
-            size = self.file.tell()
-            self.file.seek(0)
-        else:
-            if not stat.S_ISREG(info.st_mode):
-                raise ValueError(f"{path} is not a regular file or directory")
-            self.file = open(target, "rb")
-            size = info.st_size
-        connection.ok(channel, kind="tar" if as_tar else "file", size=size,
-                       mode=stat.S_IMODE(info.st_mode))
-        connection.loop.call_soon(self.pump)
+        self.sending = False
+        self.outbox = Outbox(wake=lambda: self.worker.post(self.pump))
+        self.worker = CopyWorker(connection.loop, f"copy-from {path}",
+                                 lambda: self._work(root, path, as_tar), self._failed)
+        self.worker.start()
+
+    def _ours(self) -> bool:
+        return self.connection.channels.get(self.channel) is self
+
+    # on the worker thread
+    def _work(self, root: str, path: str, as_tar) -> None:
+        guard = copyfiles.Guard(root)
+        try:
+            source = copyfiles.Source(guard, path, as_tar)
+            try:
+                info = {"kind": source.kind, "size": source.size, "mode": source.mode}
+                self.worker.post(lambda: self._opened(info))
+                source.send(self.outbox.write)
+            finally:
+                source.close()
+            self.outbox.close()
+        finally:
+            guard.close()
+
+    # on the loop
+    def _opened(self, info: dict) -> None:
+        if self._ours():
+            self.connection.ok(self.channel, **info)
+            self.sending = True
+            self.pump()
+
+    def _failed(self, reason: str) -> None:
+        self.sending = False
+        if self._ours():
+            self.connection.send({"t": p.ERROR, "ch": self.channel, "msg": reason})
+            self.connection.channels.pop(self.channel, None)
 
     def pump(self) -> None:
         connection = self.connection
-        while self.file is not None and connection.has_room():
-            if connection.channels.get(self.channel) is not self:
-                return self.on_detach()
-            chunk = self.file.read(p.DATA_CHUNK)
-            if not chunk:
-                self.on_detach()
-                connection.send({"t": p.EOF, "ch": self.channel})
-                connection.finish(self.channel)
+        if not self.sending:
+            return
+        if not self._ours():
+            return self.on_detach()
+        while connection.has_room():
+            chunk, finished = self.outbox.take()
+            if chunk is None:
+                if finished:
+                    self.sending = False
+                    connection.send({"t": p.EOF, "ch": self.channel})
+                    connection.finish(self.channel)
                 return
-            frames = p.encode_data(self.channel, chunk, "stdout", connection.checked)
-            if not connection.send_bytes(frames[0]):
+            parts, size = p.data_parts(self.channel, chunk, "stdout", connection.checked)
+            if not connection.send_parts(parts, size):
                 return
 
     def on_data(self, data: bytes) -> None:
@@ -219,6 +410,6 @@ class CopyFromChannel:
         pass
 
     def on_detach(self) -> None:
-        if self.file is not None:
-            self.file.close()
-            self.file = None
+        self.sending = False
+        self.worker.cancel()
+        self.outbox.cancel()

@@ -305,7 +305,8 @@ class Client:
                     raise ClientError(f"copy-from {path}: {message.get('msg')}")
                 elif kind in (p.EOF, p.CLOSE):
                     break
-            if received != info.get("size"):
+            # A tar stream is made as it is sent: its size is not known up front (nil).
+            if info.get("size") is not None and received != info.get("size"):
                 raise ClientError(f"copy-from {path}: got {received} of {info.get('size')} "
                                   "bytes")
             return {"kind": info.get("kind"), "size": received, "mode": info.get("mode"),
