@@ -149,7 +149,7 @@ def test_a_fifo_swapped_in_for_the_file_does_not_hang_the_agent(agent, rootfs, s
     for name in ("f", "pipe"):
         os.chown(data / name, USER, USER)
     box, endpoint = agent(rootfs)
-    swapper(rootfs, "/data/f", "/data/pipe")
+    racing = swapper(rootfs, "/data/f", "/data/pipe")
     refused = 0
     with Client.connect(endpoint, KEY, timeout=10) as client:
         for _ in range(200):
@@ -165,6 +165,9 @@ def test_a_fifo_swapped_in_for_the_file_does_not_hang_the_agent(agent, rootfs, s
                 assert "regular file" in str(err), err
         assert client.ping()
     assert refused, "the FIFO was never seen: the race did not run"
+    racing.stop()
+    fifos = [stat.S_ISFIFO(os.lstat(data / name).st_mode) for name in ("f", "pipe")]
+    assert sorted(fifos) == [False, True], "a copy-to replaced the FIFO"
     stops_on_sigterm(box)
 
 
