@@ -380,9 +380,12 @@ def test_a_hostile_image_cannot_point_the_system_mounts_elsewhere(agent, rootfs,
     (elsewhere / "keep").write_text("host data")
     (rootfs / "sys").rmdir()
     os.symlink(str(elsewhere), rootfs / "sys")
+    inside = rootfs / str(elsewhere).lstrip("/")     # where the link leads inside the root
+    inside.mkdir(parents=True)
     box, endpoint = agent(rootfs)
     mounts = mount_points(box)
-    assert not [m for m in mounts if m == str(elsewhere) or m.startswith(f"{elsewhere}/")]
+    assert not [m for m in mounts if m in (str(elsewhere), str(inside))
+                or m.startswith((f"{elsewhere}/", f"{inside}/"))], mounts
     assert mounts.get(f"{rootfs}/proc") == "proc"
     assert os.listdir(in_agent(box, str(elsewhere))) == ["keep"]
     assert "refusing to mount over /sys" in box.log_text(), box.log_text()
