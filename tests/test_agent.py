@@ -202,6 +202,21 @@ def test_debug_level_dumps_config_redacted(sandbox):
     assert "hunter2" in result.log
 
 
+def test_session_started_line_shows_argv_only_from_the_secrets_level(sandbox):
+    """Below debug 3 (where the config dump shows args, env and key) the "started" line
+    names the path and counts the arguments; the arguments themselves (a password on the
+    command line) appear only from there."""
+    primary = session_config(sid(), ["/bin/true", "--password=hunter2", "x"])
+    pid_line = r"session \S+ started: pid \d+, "
+    for debug in (0, 2):
+        result = sandbox.run(executor_config(primary, debug=debug))
+        assert result.returncode == 0, result.log
+        assert re.search(pid_line + r"/bin/true \(3 arguments\)", result.log), result.log
+        assert "hunter2" not in result.log
+    result = sandbox.run(executor_config(primary, debug=3))
+    assert re.search(pid_line + r"/bin/true --password=hunter2 x$", result.log, re.M), result.log
+
+
 def test_sandbox_json_config_exit_status(sandbox, tmp_path):
     config = {"common": {"id": "seven"},
               "sessions": {"seven": {"cmd": {"path": "/bin/sh",

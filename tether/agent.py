@@ -19,7 +19,7 @@ import os
 import signal
 import sys
 
-from tether.console import env_debug_level, write_console
+from tether.console import SECRETS_DEBUG_LEVEL, env_debug_level, write_console
 
 log = logging.getLogger("tether.agent")
 
@@ -276,13 +276,18 @@ class Agent:
         """The log level, and the debug check that only the loop thread changes the config
         (on at debug level 1 and above, and under `python -X dev`)."""
         from tether.config import enforce_loop_ownership
-        level = max(self.config.diagnostics.debug_level, env_debug_level())
+        level = self.debug_level()
         logging.getLogger("tether").setLevel(logging.DEBUG if level >= 1 else logging.INFO)
         checked = level >= 1 or sys.flags.dev_mode
         enforce_loop_ownership(self.loop.thread_id if checked else None)
         if level >= 1:
-            for line in dump_config(self.config, redact=level < 3):
+            for line in dump_config(self.config, redact=level < SECRETS_DEBUG_LEVEL):
                 log.debug("config %s", line)
+
+    def debug_level(self) -> int:
+        """diagnostics.debug, with the kernel's tether.debug as a floor."""
+        configured = self.config.diagnostics.debug_level if self.config is not None else 0
+        return max(configured, env_debug_level())
 
     def set_hostname(self) -> None:
         from tether import system
@@ -437,12 +442,11 @@ class Agent:
         self.isolation.root = self.root
         echo = self.options.echo_output
         if echo is None:
-            echo = self.mode is RunMode.SANDBOX or max(self.config.diagnostics.debug_level,
-                                                       env_debug_level()) >= 1
+            echo = self.mode is RunMode.SANDBOX or self.debug_level() >= 1
         return Session(cfg, loop=self.loop, reaper=self.reaper, root=self.root,
                        log_port=self._log_port, primary=cfg.common.id == self.config.id,
                        echo=write_console if echo else None, on_change=on_change,
-                       isolation=self.isolation)
+                       isolation=self.isolation, debug_level=self.debug_level)
 
     def exec_session(self, cfg):
         """Start a new session (the attach server's exec)."""

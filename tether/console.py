@@ -26,6 +26,7 @@ def configure_logging(stream=None, level: int = logging.INFO) -> logging.Handler
 
 
 DEBUG_ENV = "TETHER_DEBUG"
+SECRETS_DEBUG_LEVEL = 3      # below it no secret (args, env, key) reaches the log
 
 
 def env_debug_level() -> int:

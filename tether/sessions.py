@@ -30,6 +30,7 @@ import time
 from collections import deque
 from typing import Callable
 
+from tether.console import SECRETS_DEBUG_LEVEL
 from tether.iolog import STDERR, STDOUT, LineFramer
 from tether.reaper import describe_status
 from tether.rootfs import open_pty
@@ -375,6 +376,16 @@ def _child_exec(spec: LaunchSpec, errw: int) -> None:
         os._exit(127)
 
 
+def describe_command(cmd, full: bool) -> str:
+    """A command line for the log: the whole argv when `full`, else the path and the
+    number of arguments (arguments may carry secrets, as the environment does)."""
+    args = list(cmd.args or [])
+    if full:
+        return " ".join(args or [cmd.path])
+    return f"{cmd.path or (args[0] if args else '')} ({len(args)} argument" \
+           f"{'' if len(args) == 1 else 's'})"
+
+
 # -- the session -----------------------------------------------------------------------
 class Session:
     """One configured process: its phase, launch, I/O and exit (see architecture.md)."""
@@ -382,7 +393,7 @@ class Session:
     def __init__(self, config, *, loop, reaper, root: str = "/", log_port=None,
                  primary: bool = False, echo: Callable[[bytes], object] | None = None,
                  on_change: Callable[["Session", Phase, Phase], object] | None = None,
-                 isolation=None):
+                 isolation=None, debug_level: Callable[[], int] = lambda: 0):
         self.id: str = config.common.id
         self.config = config
         self.loop = loop
@@ -408,6 +419,7 @@ class Session:
         self.isolation = isolation          # tether.isolation.Isolation: cgroup, privileges, hooks
         self.cgroup = None                  # this run's tether.cgroups.Group, if any
         self.stop_requested = False         # the agent asked it to stop (exit record reason)
+        self._debug_level = debug_level     # the agent's, read at each launch
 
     # -- the phase ----------------------------------------------------------------------
     @property
@@ -487,8 +499,9 @@ class Session:
         cfg.started = "true"
         self.launch_errno = 0
         self.launches += 1
-        # the path only: arguments may carry secrets (the config dump shows them at debug 3)
-        log.info("session %s started: pid %d, %s", self.id, self.pid, cfg.cmd.path)
+        # arguments may carry secrets: whole only from the config dump's level (console.py)
+        log.info("session %s started: pid %d, %s", self.id, self.pid,
+                 describe_command(cfg.cmd, full=self._debug_level() >= SECRETS_DEBUG_LEVEL))
         self._change(Event.LAUNCHED)
         if self.isolation is not None:
             self.isolation.launched(self)
