@@ -80,6 +80,25 @@ def test_cli_output_serves_as_a_guest_vmx_file(tmp_path):
     assert cfg.sessions["hello"].started == ""
 
 
+def test_cli_decode_reads_a_json_map_of_keys(tmp_path):
+    """A JSON object of guestinfo keys (what a script or an older `tether vm --out` keeps)
+    decodes like VMX lines; the format is told by the content, not the file name."""
+    cfg = config_from_json({"common": {"id": "x"}, "sessions": {"x": {"cmd": {
+        "path": "/bin/true", "args": ["/bin/true"]}}}})
+    cfg.sessions["x"].started = "true"
+    keys = {k: (v if v != "" else "<nil>") for k, v in encode(cfg).items()}
+    src = tmp_path / "final.vmx"            # the name says VMX; the content is JSON
+    src.write_text(json.dumps(keys, indent=1))
+    decoded = tether("config", "decode", str(src))
+    assert decoded.returncode == 0, decoded.stderr
+    out = json.loads(decoded.stdout)
+    assert out["sessions"]["x"]["started"] == "true"
+    assert out == config_to_json(decode(encode(cfg), ExecutorConfig))
+    bad = tether("config", "decode", "-", stdin='{"guestinfo.vice./common/id": 5}')
+    assert bad.returncode == 1
+    assert "JSON map" in bad.stderr and "guestinfo.vice./common/id" in bad.stderr
+
+
 def test_cli_errors_are_actionable(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text('{"sessions": {"a": {"cmd": {"argv": []}}}}')

@@ -319,15 +319,20 @@ def test_tether_vm_command_line(image_dir, tmp_path):
     import json
     config = tmp_path / "c.json"
     config.write_text(json.dumps(single("cli", session("/bin/sh", "-c", "echo from cli; exit 5"))))
-    out = tmp_path / "map.json"
+    out = tmp_path / "map.vmx"
     proc = subprocess.run([sys.executable, "-m", "tether", "vm", str(config), "--image",
                            str(image_dir), "--out", str(out), "--timeout", str(BOOT_TIMEOUT)],
                           capture_output=True, text=True, timeout=BOOT_TIMEOUT + 60, cwd=REPO)
     assert proc.returncode == 5, proc.stderr
     assert "from cli" in proc.stdout
-    final = json.loads(out.read_text())
+    from extraconfig.transport import parse_vmx
+    final = parse_vmx(out.read_text())                 # VMX lines, as the sandbox's --out
     assert final["guestinfo.vice..sessions|cli.started"] == "true"
     assert final["guestinfo.vice..sessions|cli.status"] == "5"
+    decoded = subprocess.run([sys.executable, "-m", "tether", "config", "decode", str(out)],
+                             capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert decoded.returncode == 0, decoded.stderr
+    assert json.loads(decoded.stdout)["sessions"]["cli"]["started"] == "true"
 
 
 def test_debug_image_gives_a_shell_when_guestinfo_asks(image_dir):

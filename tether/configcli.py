@@ -1,10 +1,11 @@
 """`tether config`: JSON config <-> VMX guestinfo lines.
 
     tether config encode FILE.json     print `key = "value"` lines (VMX escapes, "" as <nil>)
-    tether config decode FILE.vmx      print the JSON form ("-" reads stdin)
+    tether config decode FILE          print the JSON form ("-" reads stdin)
 
 The lines are what vSphere keeps in a VM's .vmx: empty values are stored as `<nil>`
-(an empty option value would delete the key), and read back as empty.
+(an empty option value would delete the key), and read back as empty. `decode` also
+reads a JSON object mapping keys to values, told apart from VMX lines by its content.
 """
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ import json
 import sys
 
 USAGE = """usage: tether config encode FILE.json   print the guestinfo keys as VMX lines
-       tether config decode FILE.vmx    print the JSON form of VMX lines ('-': stdin)"""
+       tether config decode FILE        print the JSON form of VMX lines or of a JSON map
+                                        of keys ('-': stdin)"""
 
 
 def _read(path: str) -> str:
@@ -41,14 +43,33 @@ def encode_command(path: str) -> int:
     return 0
 
 
+def parse_keys(text: str) -> dict[str, str]:
+    """Guestinfo entries from VMX lines or from a JSON object of keys to string values;
+    a text whose first character (past blanks) is `{` is the JSON one."""
+    from extraconfig.transport import parse_vmx
+    if not text.lstrip().startswith("{"):
+        return parse_vmx(text)
+    try:
+        entries = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+    if not isinstance(entries, dict):
+        raise ValueError("expected VMX lines or a JSON map of keys to strings")
+    for key, value in entries.items():
+        if not isinstance(value, str):
+            raise ValueError(f"a JSON map of keys to strings was expected: {key} is "
+                             f"{type(value).__name__} {json.dumps(value)[:40]}")
+    return entries
+
+
 def decode_command(path: str) -> int:
-    from extraconfig.transport import NIL, parse_vmx
+    from extraconfig.transport import NIL
 
     from .extension import decode_config
     from .jsonform import config_to_json
 
     try:
-        entries = parse_vmx(_read(path))
+        entries = parse_keys(_read(path))
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from None
     # the host's reading of a VMX (vmomi.OptionValueMap): "<nil>" is the empty string

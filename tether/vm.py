@@ -679,8 +679,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         "tap:IFNAME, or raw -netdev options")
     parser.add_argument("--netns", help="run QEMU in this network namespace (for tap backends)")
     parser.add_argument("--attach", action="store_true", help="attach stdin/stdout to the primary")
-    parser.add_argument("--out", help="write the final guestinfo map here as JSON (default: "
-                        "VMX lines on stdout)")
+    parser.add_argument("--out", help="write the final guestinfo map here as VMX lines "
+                        "(default: stdout); `tether config decode FILE` reads it")
     parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT,
                         help=f"kill the VM after this many seconds (default {DEFAULT_TIMEOUT:g})")
     parser.add_argument("--guestinfo", action="append", default=[], metavar="KEY=VALUE",
@@ -799,14 +799,14 @@ def _forward_stdin_to_console(machine: Machine) -> None:
 
 
 def report(result: VmResult, out: str | None, show_console: bool = True) -> None:
+    """The final map as VMX lines (as `tether sandbox` writes it) to `out` or stdout."""
+    from extraconfig.transport import format_vmx
+    text = format_vmx(result.guestinfo)
     if out:
-        import json
         with open(out, "w") as f:
-            json.dump(result.guestinfo, f, indent=1, sort_keys=True)
-            f.write("\n")
+            f.write(text)
     else:
-        from extraconfig.transport import format_vmx
-        sys.stdout.write(format_vmx(result.guestinfo))
+        sys.stdout.write(text)
     sys.stdout.flush()
     if result.message:
         print(f"tether vm: {result.message}", file=sys.stderr)
