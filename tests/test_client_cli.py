@@ -23,14 +23,15 @@ def cli(sandbox, tmp_path):
     key_file.write_bytes(KEY)
     env = dict(os.environ, PYTHONPATH=str(REPO), TETHER_KEY_FILE=str(key_file))
 
-    def start(*argv):
-        session = session_config(sid(), list(argv) or ["cat"], open_stdin=True)
+    def start(*argv, **fields):
+        session = session_config(sid(), list(argv) or ["cat"], open_stdin=True, **fields)
         cfg = executor_config(session)
         cfg.key = KEY
         sock = f"/tmp/tether-cli-{unique()}.sock"
         sockets.append(sock)
         box = sandbox.start(cfg, attach_socket=sock)
         box.wait_for_log(r"serving \d+ session")
+        run.box = box
         return "unix:" + sock, session.id
 
     def run(*args, input=None, extra_env=None, timeout=120):
@@ -83,6 +84,36 @@ def test_ps_and_kill_and_attach_exit_code(cli):
             attached.wait()
     assert out == b"term-trapped\n"
     assert attached.returncode == 3, err
+
+
+def test_attach_releases_a_runblock_session_after_attaching(cli):
+    """`docker start -a`: attach, then release RunBlock, so no output is missed."""
+    endpoint, primary = cli.start("cat", run_block=True)
+    box = cli.box
+    box.wait_for_log(r"waits for an attach to release RunBlock")
+    attached = cli("attach", endpoint, primary, input=b"ping\n", timeout=60)
+    assert (attached.returncode, attached.stdout) == (0, b"ping\n"), attached.stderr
+    result = box.wait(60)
+    assert result.returncode == 0, result.log
+    assert result.session(primary).started == "true"
+
+
+def test_attach_no_unblock_only_watches(cli):
+    endpoint, primary = cli.start("sh", "-c", "echo released", run_block=True)
+    watcher = cli.popen("attach", endpoint, primary, "--no-unblock", "--no-stdin")
+    try:
+        cli.box.wait_for_log(r"attach: .* authenticated")
+        listing = cli("ps", endpoint, "--json")
+        (state,) = json.loads(listing.stdout)
+        assert state["blocked"] and not state["running"], state
+        releaser = cli("attach", endpoint, primary, "--no-stdin", timeout=60)
+        assert (releaser.returncode, releaser.stdout) == (0, b"released\n"), releaser.stderr
+        out, err = watcher.communicate(timeout=60)      # the watcher saw it all too
+        assert (watcher.returncode, out) == (0, b"released\n"), err
+    finally:
+        if watcher.poll() is None:
+            watcher.kill()
+            watcher.communicate()
 
 
 def test_kill_by_number_gives_128_plus_n(cli):

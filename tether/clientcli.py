@@ -60,6 +60,9 @@ def attach_main(argv: list[str]) -> int:
     parser.add_argument("endpoint")
     parser.add_argument("session", nargs="?" if "--vic" in argv else None)
     parser.add_argument("--no-stdin", action="store_true", help="do not send our input")
+    parser.add_argument("--no-unblock", action="store_true",
+                        help="only watch: leave a RunBlock session waiting (by default it "
+                        "is released once attached, like docker start -a)")
     parser.add_argument("--replay", action="store_true",
                         help="first print the session's last 64 KiB of output")
     parser.add_argument("--vic", action="store_true",
@@ -77,7 +80,10 @@ def attach_main(argv: list[str]) -> int:
     def body() -> int:
         with _connect(args.endpoint, args) as client:
             stream = client.attach(args.session, replay=args.replay,
-                                   stdin=not args.no_stdin)
+                                   stdin=not args.no_stdin, unblock=not args.no_unblock)
+            if args.no_unblock and not stream.running:
+                print(f"tether attach: session {args.session} is not running; watching "
+                      "(--no-unblock)", file=sys.stderr)
             return _ended(interact(client, stream, stdin_fd=None if args.no_stdin else 0))
     return _guard("attach", body)
 

@@ -627,15 +627,14 @@ def attach_primary(run: VmRun, deadline: float, stdin=None, stdout=None,
         client.handshake()
         primary = run.config.id
         while True:
-            try:
-                stream = client.attach(primary, replay=True)
+            try:   # attached first, then RunBlock released: no output is missed
+                stream = client.attach(primary, replay=True,
+                                       unblock=run.config.sessions[primary].run_block)
                 break
             except ClientError:
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.2)
-        if run.config.sessions[primary].run_block:
-            client.unblock(primary)
         # Input is for the process: hold it until the agent reports the primary started
         # (a RunBlock session starts only after the unblock), showing output meanwhile.
         while not run.started.is_set() and not stream.closed and time.monotonic() < deadline:

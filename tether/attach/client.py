@@ -221,7 +221,11 @@ class Client:
     def unblock(self, session: str) -> None:
         self.request(p.UNBLOCK, session=session)
 
-    def attach(self, session: str, *, replay: bool = False, stdin: bool = True) -> "Stream":
+    def attach(self, session: str, *, replay: bool = False, stdin: bool = True,
+               unblock: bool = False) -> "Stream":
+        """Attach to a session's output (and input). With `unblock`, then release its
+        RunBlock, as `docker start -a` does: attached first, so no output is missed
+        (a session that is not blocked is left as it is)."""
         channel = self.open_channel()
         self.send({"t": p.ATTACH, "ch": channel, "session": session, "replay": replay,
                    "stdin": stdin})
@@ -230,7 +234,14 @@ class Client:
         except BaseException:
             self.release_channel(channel)
             raise
-        return Stream(self, channel, session, reply)
+        stream = Stream(self, channel, session, reply)
+        if unblock:
+            try:
+                self.unblock(session)
+            except BaseException:
+                stream.detach()
+                raise
+        return stream
 
     def exec(self, args: list[str], *, tty: bool = False, env: list[str] | None = None,
              dir: str = "", user: str = "", id: str | None = None,
@@ -324,6 +335,7 @@ class Stream:
         self.session = session
         self.tty = bool(reply.get("tty"))
         self.pid = reply.get("pid")
+        self.running = bool(reply.get("running"))   # when the attach was answered
         self.exit: dict | None = None       # the exit message, once it came
         self.closed = False
 
