@@ -26,6 +26,10 @@ log = logging.getLogger("tether.agent")
 FAILPOINTS_ENV = "TETHER_FAILPOINTS"
 STEPS = ("signals", "system", "cgroups", "config", "rootfs", "hostname", "networks", "volumes",
          "attach", "vic-attach", "toolbox", "sessions", "reload", "shutdown")
+# What the sessions cannot run without: at boot, a failure in one of these steps is the
+# launch error (every session's `started` carries it, none runs, exit 125). After the
+# launch (a reload) the same failure is logged and the sessions go on.
+PREREQUISITE_STEPS = ("networks", "volumes")
 DEFAULT_STOP_GRACE = 10.0
 EXIT_LAUNCH_ERROR = 125   # the agent could not set the container up (docker run's 125)
 CONTAINERFS_LABEL = "containerfs"
@@ -116,6 +120,7 @@ class Agent:
         self._network = None
         self._firewall = None
         self.launch_error = ""   # set before launch: every session fails with this text
+        self.launched = False    # launch_sessions ran: prerequisites no longer gate it
         self._etc = None
         self._mounted_volumes: set[str] = set()
         self.mode = options.mode
@@ -147,8 +152,18 @@ class Agent:
             return True
         except Exception as err:   # noqa: BLE001 - PID 1 must not die of one step
             self.errors.append(f"{step}: {err}")
-            log.error("step %s failed: %s; carrying on", step, err, exc_info=True)
+            if step in PREREQUISITE_STEPS and not self.launched:
+                log.error("step %s failed: %s; nothing will be launched", step, err)
+                log.debug("step %s failed", step, exc_info=True)
+                self.refuse_launch(str(err))
+            else:
+                log.error("step %s failed: %s; carrying on", step, err, exc_info=True)
             return False
+
+    def refuse_launch(self, reason: str) -> None:
+        """The launch gate: once any reason is given before the launch, no session runs;
+        each session's `started` carries every reason, in order."""
+        self.launch_error = f"{self.launch_error}; {reason}" if self.launch_error else reason
 
     # -- the lifecycle -----------------------------------------------------------------
     def run(self) -> int:
@@ -355,9 +370,7 @@ class Agent:
         try:
             apply_networks(self._firewall, self._network, networks)
         except FirewallError as err:
-            if not self.sessions:   # at boot a ruleset that cannot be applied stops the launch
-                self.launch_error = f"firewall: {err}"
-            raise
+            raise FirewallError(f"firewall: {err}") from None
 
     def mount_volumes(self) -> None:
         mounts = self.config.mounts
@@ -412,12 +425,16 @@ class Agent:
 
     # -- sessions ------------------------------------------------------------------------
     def launch_sessions(self) -> None:
+        self.launched = True
         if self.launch_error:
+            log.error("nothing launched: %s", self.launch_error)
             for cfg in (self.config.sessions or {}).values():
                 if cfg is not None:
+                    self._fresh(cfg)
                     cfg.started = self.launch_error
             self.publish_all()
-            raise RuntimeError(self.launch_error)
+            self.request_stop("launch error")
+            return
         for sid, cfg in sorted((self.config.sessions or {}).items()):
             if cfg is None or sid in self.sessions:
                 continue

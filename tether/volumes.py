@@ -5,6 +5,7 @@ every child). Filesystem types are found by reading superblocks, so no blkid is 
 """
 from __future__ import annotations
 
+import errno
 import os
 import socket
 import stat
@@ -185,7 +186,10 @@ def _mount_label(name: str, spec, target: str, flags: int, data: list[str],
     label = spec.source.path.lstrip("/") or spec.source.host or spec.source.opaque
     if not label:
         raise VolumeError(f"volume {name}: label:// without a label")
-    device = find_device_by_label(label, label_timeout)
+    try:
+        device = find_device_by_label(label, label_timeout)
+    except VolumeError as exc:
+        raise _cannot(name, f"label {label}", spec.path, str(exc)) from None
     found = probe(device)
     fstypes = [found[0]] if found else _block_fstypes()
     staging = os.path.join(staging_dir, label)
@@ -198,15 +202,14 @@ def _mount_label(name: str, spec, target: str, flags: int, data: list[str],
         except OSError as exc:
             errors.append(f"{fstype}: {exc.strerror}")
     else:
-        raise VolumeError(f"volume {name}: cannot mount {device} (label {label}) on "
-                          f"{target}: {'; '.join(errors) or 'no filesystem type to try'}")
+        raise _cannot(name, f"{device} (label {label})", spec.path,
+                      "; ".join(errors) or "no filesystem type to try")
     data_dir = os.path.join(staging, DATA_SUBDIR)
     source = data_dir if os.path.isdir(data_dir) else staging
     try:
         bind_mount(source, target, flags)
     except OSError as exc:
-        raise VolumeError(f"volume {name}: cannot bind {device} (label {label}) to "
-                          f"{target}: {exc.strerror}") from exc
+        raise _cannot(name, f"{device} (label {label})", spec.path, exc.strerror) from exc
 
 
 def _block_fstypes() -> list[str]:
@@ -236,13 +239,24 @@ def _mount_nfs(name: str, spec, target: str, mode: str) -> None:
             return
         except OSError as exc:
             errors.append(f"{address}: {exc.strerror}")
-    raise VolumeError(f"volume {name}: cannot mount {device} on {target}: {'; '.join(errors)}")
+    raise _cannot(name, device, spec.path, "; ".join(errors))
+
+
+def _cannot(name: str, source: str, path: str, error: str) -> VolumeError:
+    """The one form of a mount failure: the volume, its source, its destination in the
+    container (as configured) and the error, e.g. `volume data: cannot mount /srv/data
+    on /data: No such file or directory`."""
+    return VolumeError(f"volume {name}: cannot mount {source} on {path}: {error}")
+
+
+def _bind_source(spec) -> str:
+    return "/" + "/".join(p for p in (spec.source.host, spec.source.path) if p).lstrip("/")
 
 
 def mount_volumes(mounts: dict | None, root: str, label_timeout: float = 30.0,
                   staging_dir: str = STAGING_DIR) -> None:
     """Mount every MountSpec into `root`, parents first. Raises VolumeError on the first
-    failure, naming the volume, the device and the error."""
+    failure, naming the volume, its source, its destination and the error."""
     if not mounts:
         return
     order = sorted(mounts.items(), key=lambda kv: [p for p in kv[1].path.split("/") if p])
@@ -250,11 +264,19 @@ def mount_volumes(mounts: dict | None, root: str, label_timeout: float = 30.0,
         if not spec.path:
             raise VolumeError(f"volume {name}: no destination path")
         scheme = spec.source.scheme
+        if scheme not in ("label", "nfs", "tmpfs", "bind"):
+            raise VolumeError(f"unsupported volume mount type for {name}: {scheme}")
+        if scheme == "bind" and not os.path.exists(_bind_source(spec)):
+            # before the mount point is made: nothing is left behind for a mount that
+            # cannot happen
+            raise _cannot(name, _bind_source(spec), spec.path, os.strerror(errno.ENOENT))
         target = resolve_in_root(root, spec.path)
         try:
             prepared = _prepare_target(target)
+        except VolumeError as exc:
+            raise VolumeError(f"volume {name}: {exc}") from None
         except OSError as exc:
-            raise VolumeError(f"volume {name}: cannot create mount point {target}: "
+            raise VolumeError(f"volume {name}: cannot create mount point {spec.path}: "
                               f"{exc.strerror}") from exc
         flags, data = parse_mode(spec.mode)
         try:
@@ -265,16 +287,9 @@ def mount_volumes(mounts: dict | None, root: str, label_timeout: float = 30.0,
                 _mount_nfs(name, spec, target, spec.mode)
             elif scheme == "tmpfs":
                 mount("tmpfs", target, "tmpfs", flags, ",".join(data) or None)
-            elif scheme == "bind":
-                source = "/" + "/".join(p for p in (spec.source.host, spec.source.path)
-                                        if p).lstrip("/")
-                if not os.path.exists(source):
-                    raise VolumeError(f"volume {name}: bind source {source} does not exist")
-                bind_mount(source, target, flags)
             else:
-                raise VolumeError(f"unsupported volume mount type for {name}: {scheme}")
+                bind_mount(_bind_source(spec), target, flags)
         except OSError as exc:
-            device = {"tmpfs": "tmpfs", "bind": spec.source.path}.get(scheme, str(spec.source))
-            raise VolumeError(f"volume {name}: cannot mount {device} on {target}: "
-                              f"{exc.strerror or exc}") from exc
+            source = {"tmpfs": "tmpfs", "bind": _bind_source(spec)}.get(scheme, str(spec.source))
+            raise _cannot(name, source, spec.path, exc.strerror or str(exc)) from exc
         _restore_owner(prepared, flags)

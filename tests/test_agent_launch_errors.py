@@ -1,0 +1,94 @@
+"""Launch errors: what the sessions cannot run without (their volumes, their networks, the
+firewall) failing at boot stops the launch. Every session's `started` carries the error,
+none runs, the agent writes back and exits 125 (docs/agent.md, "Fatal at boot")."""
+from __future__ import annotations
+
+import secrets
+import signal
+
+from conftest import DEFAULT_TIMEOUT
+
+SHELL_ENV = ["PATH=/usr/sbin:/usr/bin:/sbin:/bin"]
+EXIT_LAUNCH_ERROR = 125
+
+
+def config(tmp_path, **more) -> dict:
+    """Two sessions, each of which would say so in the log if it ran."""
+    def session(word):
+        return {"cmd": {"path": "/bin/sh", "args": ["/bin/sh", "-c", f"echo {word}-ran"],
+                        "env": SHELL_ENV}}
+    return {"common": {"id": "main", "name": "main"},
+            "sessions": {"main": session("main"), "side": session("side")}, **more}
+
+
+def assert_refused(result, text: str) -> None:
+    assert result.returncode == EXIT_LAUNCH_ERROR, result
+    for sid in ("main", "side"):
+        assert result.session(sid).started == text, result
+        assert not result.session(sid).diagnostics.exit_logs    # never ran, never exited
+    assert "main-ran" not in result.log and "side-ran" not in result.log
+    assert "session main started" not in result.log
+
+
+def test_missing_bind_source_is_a_launch_error(sandbox, tmp_path):
+    source = tmp_path / "not-there"
+    dest = tmp_path / "mnt" / "x"     # an absolute path in the root, "/": keep it in tmp
+    cfg = config(tmp_path, mounts={"gone": {"source": f"bind://{source}", "path": str(dest),
+                                            "mode": "ro"}})
+    result = sandbox.run(cfg)
+    assert_refused(result, f"volume gone: cannot mount {source} on {dest}: "
+                           "No such file or directory")
+    assert not dest.exists()          # no mount point made for a mount that cannot be
+
+
+def test_label_that_never_appears_is_a_launch_error(sandbox, tmp_path):
+    """Waits out the label timeout (30 s) before it fails."""
+    label = "tvnever" + secrets.token_hex(3)
+    dest = tmp_path / "data"
+    cfg = config(tmp_path, mounts={"data": {"source": f"label://{label}", "path": str(dest)}})
+    result = sandbox.run(cfg, timeout=DEFAULT_TIMEOUT)
+    assert_refused(result, f"volume data: cannot mount label {label} on {dest}: no disk "
+                           f"labelled {label!r} appeared within 30s (looked in "
+                           "/dev/disk/by-label and the superblocks of /sys/class/block)")
+
+
+def test_static_address_on_a_missing_nic_is_a_launch_error(sandbox, tmp_path):
+    """The sandbox's private namespace has no NIC at that PCI address."""
+    cfg = config(tmp_path, networks={"public": {
+        "common": {"id": "0000:00:09.0"}, "static": True, "ip": "10.99.0.2/24"}})
+    result = sandbox.run(cfg)
+    text = result.session("main").started
+    assert text.startswith("network public: no network interface at PCI address "
+                           "0000:00:09.0"), result
+    assert_refused(result, text)
+
+
+def test_a_volume_that_mounts_is_not_a_launch_error(sandbox, tmp_path):
+    """The gate is not a blanket refusal: with the source there, the sessions run."""
+    source = tmp_path / "share"
+    source.mkdir()
+    dest = tmp_path / "mnt" / "x"
+    cfg = config(tmp_path, mounts={"share": {"source": f"bind://{source}", "path": str(dest)}})
+    result = sandbox.run(cfg)
+    assert result.returncode == 0, result
+    assert result.session("main").started == "true"
+    assert "main-ran" in result.log
+
+
+def test_reload_with_a_bad_volume_keeps_the_sessions_running(sandbox, tmp_path):
+    """After launch, a volume that cannot be mounted is logged; nothing stops."""
+    cfg = config(tmp_path)
+    cfg["sessions"]["main"]["cmd"]["args"] = ["/bin/sh", "-c", "echo main-up; exec sleep 1000"]
+    box = sandbox.start(cfg)
+    box.wait_for_log(r"main-up")
+    source = tmp_path / "not-there"
+    cfg["mounts"] = {"late": {"source": f"bind://{source}", "path": str(tmp_path / "late")}}
+    import json
+    with open(box.config_path, "w") as f:
+        json.dump(cfg, f)
+    box.signal(signal.SIGHUP)
+    box.wait_for_log(r"step volumes failed: volume late")
+    box.signal(signal.SIGTERM)
+    result = box.wait()
+    assert result.returncode == 128 + signal.SIGTERM, result
+    assert result.session("main").started == "true"
