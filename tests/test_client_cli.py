@@ -169,3 +169,49 @@ def test_key_sources_and_a_wrong_key(cli, tmp_path):
     assert by_env.returncode == 0, by_env.stderr
     missing = cli("ps", "unix:/nonexistent/sock")
     assert missing.returncode == 1 and b"tether ps:" in missing.stderr
+
+
+def test_attach_replay_is_inert_on_a_terminal(cli, tmp_path):
+    """This test plays the terminal (a pty): the replayed query never reaches it, and an
+    answer it sends while the replay is shown is dropped; what is typed later is read."""
+    import pty
+    import select
+    import time
+    seen = tmp_path / "seen"
+    endpoint, primary = cli.start(
+        "sh", "-c", f"printf 'asks\\033[6n\\n'; IFS= read -r line; printf %s \"$line\" > {seen}",
+        tty=True)
+    master, slave = pty.openpty()
+    attached = subprocess.Popen(
+        [sys.executable, "-m", "tether", "attach", endpoint, primary, "--replay"],
+        stdin=slave, stdout=slave, stderr=subprocess.PIPE, cwd=REPO,
+        env=dict(os.environ, PYTHONPATH=str(REPO),
+                 TETHER_KEY_FILE=str(tmp_path / "key")))
+    os.close(slave)
+    shown = b""
+    try:
+        deadline = time.monotonic() + 60
+        while b"asks" not in shown and time.monotonic() < deadline:
+            if select.select([master], [], [], 1)[0]:
+                try:
+                    shown += os.read(master, 4096)
+                except OSError:            # EIO: the attach ended, its tty closed
+                    break
+        assert b"asks" in shown, (shown, attached.wait(10), attached.stderr.read())
+        os.write(master, b"\x1b[12;1R")        # a terminal's answer, during the replay
+        time.sleep(1.5)
+        os.write(master, b"echo ok\r")
+        attached.wait(60)
+        while select.select([master], [], [], 0.2)[0]:
+            try:
+                shown += os.read(master, 4096)
+            except OSError:
+                break
+    finally:
+        if attached.poll() is None:
+            attached.kill()
+            attached.wait()
+        os.close(master)
+    assert b"\x1b[6n" not in shown, shown           # the query was not replayed
+    assert seen.read_bytes() == b"echo ok"
+    assert attached.returncode == 0, attached.stderr.read()

@@ -70,16 +70,22 @@ def tmux_attach(sandbox, tmp_path):
         sock = f"/tmp/tether-tmux-{unique()}.sock"
         box = sandbox.start(cfg, attach_socket=sock)
         box.wait_for_log(r"serving \d+ session")
+        tmux = attach(sock, shell.id)
+        return tmux, "unix:" + sock, shell.id
+
+    def attach(sock: str, session: str, *options: str):
+        """`tether attach` in a new tmux, on a session already running."""
         key_file = tmp_path / "key"
         key_file.write_bytes(KEY)
         env = dict(os.environ, PYTHONPATH=str(REPO), TERM="xterm")
         env.pop("TMUX", None)
-        cli = (f"cd {REPO} && {sys.executable} -m tether attach unix:{sock} {shell.id} "
-               f"--key-file {key_file}; echo cli-exited-$?; sleep 600")
+        cli = (f"cd {REPO} && {sys.executable} -m tether attach unix:{sock} {session} "
+               f"--key-file {key_file} {' '.join(options)}; echo cli-exited-$?; sleep 600")
         tmux = Tmux(f"sh -c '{cli}'", env)
         made.append((tmux, sock))
-        return tmux, "unix:" + sock, shell.id
+        return tmux
 
+    start.attach = attach
     yield start
     for tmux, sock in made:
         tmux.kill()
@@ -132,3 +138,36 @@ def test_attach_cli_in_tmux(tmux_attach, tmp_path):
         stream = client.attach(session)
         stream.write(b"echo still-$((40+2))\r")
         stream.read_until(b"still-42")
+
+
+def test_replay_is_inert(tmux_attach, tmp_path):
+    """vi's terminal queries (cursor position, device attributes, colours) are in the
+    replay; the outer terminal (tmux) would answer them into the shell. Replayed, they
+    are not answered, and what arrives while the replay is shown is dropped: the shell
+    reads exactly what is typed."""
+    if shutil.which("vi") is None:
+        pytest.fail("no vi: apt-get install vim-tiny (.ci/run installs it)")
+    tmux, endpoint, session = tmux_attach()
+    tmux.key("Enter")
+    tmux.wait_for(r"^\$")
+    name = unique("vi-file-")
+    tmux.keys(f"vi /tmp/{name}")
+    tmux.key("Enter")
+    tmux.wait_for(r"^~", count=5)
+    tmux.keys(":q!")
+    tmux.key("Enter")
+    tmux.wait_for(rf"vi /tmp/{name}\s*\n\$\s*$")
+    seen = tmp_path / "seen"
+    tmux.keys(f"IFS= read -r line; printf %s \"$line\" > {seen}; echo read-done")
+    tmux.key("Enter")                         # the shell now waits in read
+    tmux.key("C-p", "C-q")
+    tmux.wait_for(r"cli-exited-0")
+    tmux.kill()
+
+    again = tmux_attach.attach(endpoint[len("unix:"):], session, "--replay")
+    again.wait_for(r"read -r line")           # the replay is on the screen
+    time.sleep(1.0)                           # time for any answer to reach the shell
+    again.keys("echo ok")
+    again.key("Enter")
+    again.wait_for(r"^read-done$")
+    assert seen.read_bytes() == b"echo ok"

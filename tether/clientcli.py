@@ -14,7 +14,7 @@ import sys
 import tarfile
 import tempfile
 
-from tether.attach.terminal import interact
+from tether.attach.terminal import REPLAY_SETTLE, interact
 
 
 def _parser(prog: str, description: str) -> argparse.ArgumentParser:
@@ -84,7 +84,8 @@ def attach_main(argv: list[str]) -> int:
             if args.no_unblock and not stream.running:
                 print(f"tether attach: session {args.session} is not running; watching "
                       "(--no-unblock)", file=sys.stderr)
-            return _ended(interact(client, stream, stdin_fd=None if args.no_stdin else 0))
+            return _ended(interact(client, stream, stdin_fd=None if args.no_stdin else 0,
+                                   replay_settle=REPLAY_SETTLE if args.replay else None))
     return _guard("attach", body)
 
 

@@ -4,6 +4,13 @@ it exits or we detach. `tether attach`, `tether exec` and `tether vm --attach` a
 A terminal on a tty session is put in raw mode (keys go through as typed) and the
 session's window follows ours (SIGWINCH). The detach keys (ctrl-p ctrl-q, as docker
 attach) are looked for only when our stdin is a terminal.
+
+Replay is inert (`replay_settle`): output that comes in a burst at the start, until the
+session has been quiet for `replay_settle` seconds (at most REPLAY_MAX), is the replay.
+Terminal queries are taken out of it (tether/attach/termquery.py), and whatever our
+terminal sends meanwhile (its answers to anything that got through) is dropped, with
+the terminal's input queue flushed at the end, so only what is typed afterwards reaches
+the session.
 """
 from __future__ import annotations
 
@@ -15,6 +22,8 @@ import time
 from typing import Callable
 
 DETACH_KEYS = b"\x10\x11"   # ctrl-p ctrl-q, as docker attach
+REPLAY_SETTLE = 0.4         # seconds of quiet after which the replay is taken as shown
+REPLAY_MAX = 3.0            # the longest the replay's inert phase lasts
 
 Writer = Callable[[bytes], object]
 
@@ -63,26 +72,64 @@ def file_writer(stream) -> Writer:
 
 
 def _terminal_size(fd: int) -> tuple[int, int] | None:
+    """(rows, columns), or None when unknown (a pty nobody sized says 0x0)."""
     try:
         size = os.get_terminal_size(fd)
     except OSError:
         return None
+    if not size.lines or not size.columns:
+        return None
     return size.lines, size.columns
+
+
+class ReplayPhase:
+    """The inert start of a replaying attach: when it ends, and the query filter on the
+    output meanwhile."""
+
+    def __init__(self, settle: float, now: float):
+        from tether.attach.termquery import QueryFilter
+        self.settle = settle
+        self.quiet_at = now + settle
+        self.ends_at = now + REPLAY_MAX
+        self.filter = QueryFilter()
+
+    def output(self, data: bytes, now: float) -> bytes:
+        self.quiet_at = now + self.settle
+        return self.filter.feed(data)
+
+    def over(self, now: float) -> bool:
+        return now >= min(self.quiet_at, self.ends_at)
+
+    def timeout(self, now: float) -> float:
+        return max(0.0, min(self.quiet_at, self.ends_at) - now)
 
 
 def interact(client, stream, *, stdin_fd: int | None = 0, stdout: Writer | None = None,
              stderr: Writer | None = None, detach_keys: bytes | None = DETACH_KEYS,
-             deadline: float | None = None) -> int | None:
+             deadline: float | None = None,
+             replay_settle: float | None = None) -> int | None:
     """Pump `stdin_fd` (None: no input) to the session and its output to `stdout` and
     `stderr` (default: fds 1 and 2). Returns the session's exit code, 0 after a detach,
     None when the agent ended the attach without an exit or `deadline` (monotonic) passed.
-    At the end of our input the session's stdin is closed, and output goes on."""
+    At the end of our input the session's stdin is closed, and output goes on. With
+    `replay_settle` (the attach asked for a replay) the replay is inert (module doc)."""
     import termios
     import tty
     stdout = stdout or fd_writer(1)
     stderr = stderr or fd_writer(2)
-    raw_saved = None
+    replay = ReplayPhase(replay_settle, time.monotonic()) if replay_settle else None
     tty_in = stdin_fd is not None and os.isatty(stdin_fd)
+
+    def end_replay() -> None:
+        nonlocal replay
+        held = replay.filter.flush()
+        if held:
+            stdout(held)
+        if tty_in:
+            termios.tcflush(stdin_fd, termios.TCIFLUSH)   # answers still queued
+        replay = None
+
+    raw_saved = None
     tty_fd = stdin_fd
     wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     old_winch = None
@@ -112,18 +159,23 @@ def interact(client, stream, *, stdin_fd: int | None = 0, stdout: Writer | None 
         while True:
             for kind, value in stream.pending():
                 if kind == "stdout":
-                    stdout(value)
+                    stdout(value if replay is None else replay.output(value, time.monotonic()))
                 elif kind == "stderr":
                     stderr(value)
                 elif kind == "exit":
                     return int(value or 0)
             if stream.closed:
                 return None
+            if replay is not None and replay.over(time.monotonic()):
+                end_replay()
             timeout = None
             if deadline is not None:
                 timeout = deadline - time.monotonic()
                 if timeout <= 0:
                     return None
+            if replay is not None:
+                wait = replay.timeout(time.monotonic())
+                timeout = wait if timeout is None else min(timeout, wait)
             watch = [client.fileno(), wake_r] + ([stdin_fd] if stdin_fd is not None else [])
             try:
                 ready, _, _ = select.select(watch, [], [], timeout)
@@ -136,6 +188,8 @@ def interact(client, stream, *, stdin_fd: int | None = 0, stdout: Writer | None 
                     stream.resize(*size)
             if stdin_fd is not None and stdin_fd in ready:
                 data = os.read(stdin_fd, 64 << 10)
+                if data and replay is not None and tty_in:
+                    continue   # the terminal's answers to the replay, or keys typed during it
                 if not data:
                     stdin_fd = None
                     stream.close_stdin()
