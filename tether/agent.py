@@ -193,7 +193,8 @@ class Agent:
         return self.exit_code()
 
     def install_handlers(self) -> None:
-        """The reaper and our signals: SIGTERM/SIGINT/SIGPWR stop, SIGHUP reloads."""
+        """The reaper and our signals: SIGTERM/SIGINT/SIGPWR stop, SIGHUP reloads. In a
+        VM, SIGINT is also ctrl-alt-del (setup_system) and SIGPWR the power-fail signal."""
         self.reaper.start()
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGPWR):
             self.loop.add_signal_handler(
@@ -206,6 +207,10 @@ class Agent:
             mounted = system.mount_missing()
             if mounted:
                 log.info("mounted %s", ", ".join(mounted))
+            try:   # ctrl-alt-del (tether vm's graceful stop) becomes SIGINT: a stop
+                system.disable_ctrl_alt_del()
+            except OSError as err:
+                log.warning("%s: ctrl-alt-del still resets the machine", err)
         else:
             system.set_child_subreaper()
         try:

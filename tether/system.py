@@ -35,6 +35,7 @@ PR_SET_CHILD_SUBREAPER = 36
 PR_SET_PDEATHSIG = 1
 
 RB_POWER_OFF = 0x4321FEDC
+RB_DISABLE_CAD = 0            # ctrl-alt-del sends SIGINT to PID 1 instead of rebooting
 
 # openat2(2)'s resolve flags (linux/openat2.h)
 RESOLVE_NO_XDEV = 0x01
@@ -301,6 +302,12 @@ def set_hostname(name: str) -> None:
 
 def sync() -> None:
     os.sync()
+
+
+def disable_ctrl_alt_del() -> None:
+    """reboot(RB_DISABLE_CAD): the kernel turns ctrl-alt-del into SIGINT for PID 1 (of
+    the first PID namespace; in another one the call fails with EINVAL)."""
+    _check(libc().reboot(RB_DISABLE_CAD), "reboot(CAD_OFF)")
 
 
 def power_off() -> None:

@@ -15,8 +15,9 @@ process listens on before QEMU starts (a guest write on an unconnected port bloc
 It waits for the primary's `started`, optionally attaches to the primary, waits for the
 guest to power off, prints the final guestinfo map (VMX lines, `<nil>` read back as
 empty) and exits with the primary's status. A VM still running at --timeout is killed
-and the end of its serial console is shown. Every run has its own temporary directory,
-so several VMs can run at once.
+and the end of its serial console is shown. SIGTERM or ctrl-c stops it gracefully:
+ctrl-alt-del over QMP, which the agent takes as a stop; killed after --stop-timeout.
+Every run has its own temporary directory, so several VMs can run at once.
 
 PCI layout (root bus): 03 virtio-rng, 04 virtio-serial, 05-0f NICs (endpoints in name
 order unless their ID names a slot), 10 the containerfs disk, 11-1f further disks.
@@ -47,11 +48,13 @@ CONTAINERFS_SLOT = 0x10
 FIRST_DISK_SLOT, LAST_DISK_SLOT = 0x11, 0x1F
 NIL = "<nil>"
 DEFAULT_TIMEOUT = 120.0
+DEFAULT_STOP_TIMEOUT = 30.0    # ctrl-alt-del to power-off: the agent's 10 s grace and more
 EXIT_TIMEOUT = 124
 EXIT_NOT_STARTED = 127
 
-# The ISO's own kernel arguments besides the console (init/build, FAST_BOOT_ARGS).
-FAST_BOOT_ARGS = ("i8042.noaux=1 i8042.nokbd=1 i8042.nopnp=1 cryptomgr.notests no_timer_check "
+# The ISO's own kernel arguments besides the console (init/build, FAST_BOOT_ARGS). The
+# keyboard stays: ctrl-alt-del on it is how `tether vm` asks the agent to stop.
+FAST_BOOT_ARGS = ("i8042.noaux=1 i8042.nopnp=1 cryptomgr.notests no_timer_check "
                   "tsc=reliable rcupdate.rcu_expedited=1")
 
 _PCI_ADDRESS = re.compile(r"^(?:0000:)?00:([0-9a-fA-F]{2})\.0$")
@@ -208,6 +211,8 @@ def qemu_argv(spec: MachineSpec, sockets: dict[str, str]) -> list[str]:
     for index, nic in enumerate(spec.nics):
         argv += ["-netdev", f"{nic.backend},id=net{index}",
                  "-device", f"virtio-net-pci,netdev=net{index},addr={nic.slot:#x},mac={nic.mac},romfile="]
+    if sockets.get("qmp"):       # QMP: how a stop request reaches the machine
+        argv += ["-qmp", f"unix:{sockets['qmp']},server=on,wait=off"]
     argv += spec.extra_args
     if spec.netns:
         argv = ["ip", "netns", "exec", spec.netns] + argv
@@ -270,6 +275,7 @@ class Machine:
         self.sockets = {name: os.path.join(workdir, f"{name}.sock") for name in names}
         # VIC's layout: QEMU listens here for the host's side of COM1 (handshake + SSH)
         self.com1_socket = os.path.join(workdir, "com1.sock") if spec.vic_serial else None
+        self.qmp_socket = os.path.join(workdir, "qmp.sock")
         self.console_log = os.path.join(workdir, "console.log")
         self.output_log = os.path.join(workdir, "output.log")
         self.process: subprocess.Popen | None = None
@@ -300,7 +306,8 @@ class Machine:
             listener.setblocking(False)
             self._listeners[name] = listener
             self._selector.register(listener, selectors.EVENT_READ, ("accept", name))
-        argv = qemu_argv(self.spec, dict(self.sockets, com1=self.com1_socket or ""))
+        argv = qemu_argv(self.spec, dict(self.sockets, com1=self.com1_socket or "",
+                                         qmp=self.qmp_socket))
         with open(os.path.join(self.workdir, "qemu.argv"), "w") as f:
             f.write(" ".join(argv) + "\n")
         self.marks["qemu_start"] = time.monotonic()
@@ -330,6 +337,13 @@ class Machine:
             except ProcessLookupError:
                 pass
             self.process.wait()
+
+    def send_ctrl_alt_del(self, timeout: float = 10.0) -> None:
+        """Press ctrl-alt-del on the guest's keyboard (QMP send-key): the agent, PID 1,
+        gets SIGINT and stops gracefully. Raises VmError when QMP cannot do it."""
+        qmp_command(self.qmp_socket, "send-key", {"keys": [
+            {"type": "qcode", "data": "ctrl"}, {"type": "qcode", "data": "alt"},
+            {"type": "qcode", "data": "delete"}]}, timeout=timeout)
 
     def close(self) -> None:
         self.kill()
@@ -462,6 +476,40 @@ class Machine:
             self._output_reader.skip()     # not iolog framing: drop it, keep running
 
 
+def qmp_command(path: str, command: str, arguments: dict | None = None,
+                timeout: float = 10.0) -> dict:
+    """One QMP command on QEMU's monitor socket: greeting, capabilities, the command;
+    its `return` value (events on the way are skipped). Raises VmError."""
+    import json
+    deadline = time.monotonic() + timeout
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(timeout)
+            sock.connect(path)
+            lines = sock.makefile("rb")
+
+            def reply() -> dict:
+                while time.monotonic() < deadline:
+                    line = lines.readline()
+                    if not line:
+                        raise VmError("QMP closed the connection")
+                    message = json.loads(line)
+                    if "error" in message:
+                        raise VmError(f"QMP {command}: {message['error'].get('desc')}")
+                    if "return" in message or "QMP" in message:
+                        return message
+                raise VmError(f"QMP {command}: no answer within {timeout:g}s")
+
+            reply()                                   # the greeting
+            sock.sendall(b'{"execute": "qmp_capabilities"}\n')
+            reply()
+            request = {"execute": command, **({"arguments": arguments} if arguments else {})}
+            sock.sendall(json.dumps(request).encode() + b"\n")
+            return reply().get("return", {})
+    except (OSError, ValueError) as err:
+        raise VmError(f"QMP {command} on {path}: {err}") from None
+
+
 # --------------------------------------------------------------------------- a whole run
 
 @dataclasses.dataclass
@@ -530,6 +578,8 @@ class VmRun:
         keys.update(extra_guestinfo or {})
         self.started_key = primary_started_key(config) if config.id in (config.sessions or {}) else None
         self.started = threading.Event()
+        self._stop_requested = threading.Event()
+        self._stop_killed = False
         self.guestinfo = VmxGuestinfo(keys, on_set=self._on_set)
         self.machine = Machine(self.spec, self.guestinfo, self.workdir,
                                echo_console=echo_console, on_output=on_output)
@@ -548,11 +598,37 @@ class VmRun:
             return self.guestinfo.final_map().get(self.started_key)
         return None
 
+    def stop(self, timeout: float = DEFAULT_STOP_TIMEOUT) -> None:
+        """A graceful stop, from any thread: ctrl-alt-del to the guest (the agent stops
+        its sessions, writes back and powers off); QEMU is killed if it still runs after
+        `timeout` seconds, or at once when the key cannot be sent. A second call kills."""
+        if self._stop_requested.is_set():
+            self._stop_killed = True
+            self.machine.kill()
+            return
+        self._stop_requested.set()
+
+        def stop_it() -> None:
+            try:
+                self.machine.send_ctrl_alt_del()
+            except VmError as err:
+                print(f"tether vm: cannot ask the guest to stop ({err}); killing it",
+                      file=sys.stderr)
+                self._stop_killed = True
+                self.machine.kill()
+                return
+            if self.machine.wait(timeout) is None:
+                self._stop_killed = True
+                self.machine.kill()
+        threading.Thread(target=stop_it, name="tether-vm-stop", daemon=True).start()
+
     def finish(self, timeout: float) -> VmResult:
         """Wait for the guest to power off (kill it at the timeout) and collect."""
         qemu_status = self.machine.wait(timeout)
         message = ""
-        if qemu_status is None:
+        if self._stop_killed:
+            message = "the VM did not power off after ctrl-alt-del; killed"
+        elif qemu_status is None:
             self.machine.kill()
             message = f"the VM did not power off within the timeout; killed"
         elif qemu_status != 0:
@@ -589,7 +665,7 @@ class VmRun:
 
 
 def _signal_of(session) -> int:
-    for log in reversed(session.exit_logs or []):
+    for log in reversed(session.diagnostics.exit_logs or []):
         match = re.search(r"signal (\d+)|SIG([A-Z]+)", getattr(log, "message", "") or "")
         if match and match.group(1):
             return int(match.group(1))
@@ -682,6 +758,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         "(default: stdout); `tether config decode FILE` reads it")
     parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT,
                         help=f"kill the VM after this many seconds (default {DEFAULT_TIMEOUT:g})")
+    parser.add_argument("--stop-timeout", type=float, default=DEFAULT_STOP_TIMEOUT,
+                        help="on SIGTERM or ctrl-c the guest gets ctrl-alt-del (a graceful "
+                        "stop); kill it if it has not powered off after this many seconds "
+                        f"(default {DEFAULT_STOP_TIMEOUT:g}); a second signal kills at once")
     parser.add_argument("--guestinfo", action="append", default=[], metavar="KEY=VALUE",
                         help="an extra guestinfo key, e.g. guestinfo.bootstrap-shell=true")
     parser.add_argument("--debug-image", action="store_true",
@@ -755,6 +835,8 @@ def main(argv: list[str]) -> int:
         print(f"tether vm: {err}", file=sys.stderr)
         return 2
     deadline = time.monotonic() + args.timeout
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda _s, _f: run.stop(args.stop_timeout))
     try:
         run.start()
         if args.console and not args.attach:
