@@ -502,6 +502,48 @@ def test_dhcp_lease_writeback_renewal_and_server_restart(netpair, dnsmasq, child
 
 
 @pytest.mark.root
+@pytest.mark.slow
+def test_dhcp_lease_loss_clears_the_writeback_and_the_next_lease_is_published(
+        netpair, dnsmasq, child_factory):
+    """SLOW, about 3 minutes: dnsmasq's shortest lease is 2 minutes, and this test lets
+    one run out. With the server gone the lease expires: the address goes, `assigned`,
+    the assigned gateway and DNS are cleared and published at once, and /etc/hosts and
+    resolv.conf lose them. The client keeps asking; when a server answers again the new
+    lease is applied and published."""
+    dnsmasq.start(dns="10.77.0.53", t1=60)
+    child = child_factory(netpair, [
+        {"key": "public", "id": "eth0", "name": "public", "default": True}], hold=600)
+    first = child.wait_for(lambda e: e["event"] in ("publish", "error"))
+    assert first["event"] == "publish", first
+    ip = first["endpoints"]["public"]["assigned"].split("/")[0]
+    assert ip.startswith("10.77.0."), first
+    child.wait_for(lambda e: e["event"] == "applied")
+    dnsmasq.stop()
+
+    lost = child.wait_for(lambda e: e["event"] == "publish"
+                          and e["endpoints"]["public"]["assigned"] != first["endpoints"][
+                              "public"]["assigned"], timeout=240)
+    assert lost["endpoints"]["public"] == {"assigned": "", "gateway": "", "dns": []}, lost
+    hosts = lost["files"]["hosts"].splitlines()
+    assert not any("public.localhost" in line or line.startswith(ip) for line in hosts), hosts
+    assert "c0ffee123456" in lost["files"]["hosts"]         # the rest of the file stays
+    assert "10.77.0.53" not in lost["files"]["resolv.conf"], lost["files"]["resolv.conf"]
+    assert addresses(netpair, "public") == []
+    assert not any(r["dst"] == "default" for r in netpair.agent_json("route", "show"))
+
+    dnsmasq.start(dns="10.77.0.54", t1=60)
+    again = child.wait_for(lambda e: e["event"] == "publish"
+                           and e["endpoints"]["public"]["assigned"] != "", timeout=180)
+    ep = again["endpoints"]["public"]
+    assert ep["assigned"].startswith("10.77.0.") and ep["gateway"] == "10.77.0.1/24", again
+    assert ep["dns"] == ["10.77.0.54"], again
+    new_ip = ep["assigned"].split("/")[0]
+    assert f"{new_ip}\tpublic.localhost" in again["files"]["hosts"].splitlines()
+    assert again["files"]["resolv.conf"].splitlines()[0] == "nameserver 10.77.0.54"
+    assert addresses(netpair, "public") == [ep["assigned"]]
+
+
+@pytest.mark.root
 def test_dhcp_renewals_racing_write_backs_never_show_a_half_updated_endpoint(
         netpair, dnsmasq, child_factory):
     """The config belongs to the loop: renewals delivered on DHCP's worker thread are

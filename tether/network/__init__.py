@@ -199,6 +199,21 @@ class NetworkManager:
             except OSError as exc:
                 self.log.warning("gratuitous ARP for %s on %s: %s", iface.ip, ifname, exc)
 
+    def _drop_address(self, ipr, index: int, name: str, endpoint) -> None:
+        """The lease is gone: the address leaves the NIC (the kernel drops the routes that
+        needed it), and the write-back, /etc/hosts and resolv.conf stop naming it, its
+        gateway and its DNS servers until a new lease comes."""
+        from . import link
+        network = endpoint.network
+        old = _cidr(endpoint.assigned)
+        endpoint.assigned = IPNet()
+        network.assigned.gateway = IPNet()
+        network.assigned.nameservers = None
+        self.etc.set_network_host(network.common.name or name, None)
+        self.etc.set_nameservers(name, [], [], None)
+        if old and not self._shared_address(name, endpoint, old):
+            link.del_address(ipr, index, old)
+
     def _shared_address(self, name: str, endpoint, cidr: str) -> bool:
         """Another configured endpoint on the same NIC still uses this address."""
         for other_name, other in (self.config.networks or {}).items():
@@ -254,10 +269,10 @@ class NetworkManager:
         self.post(lambda: self._on_lease(ifname, lease, event))
 
     def _on_lease(self, ifname: str, lease, event: str) -> None:
-        """A lease arrived, was renewed, or expired: re-apply every dynamic endpoint on
-        that NIC, then write the files and publish. Runs on the loop thread."""
+        """A lease arrived, was renewed, or was lost (expired, refused): apply it to every
+        dynamic endpoint on that NIC, or take the lost one away, then write the files and
+        publish. Runs on the loop thread."""
         from pyroute2 import IPRoute
-        from . import link
         if self._dhcp is None:
             return   # stopped: a late event
         with IPRoute() as ipr:
@@ -272,11 +287,13 @@ class NetworkManager:
                 if self._nic_index.get(endpoint.common.id) != index:
                     continue
                 if lease is None:
-                    old = _cidr(endpoint.assigned)
-                    if old:
-                        link.del_address(ipr, index, old)
-                    self.log.warning("network %s: DHCP lease on %s expired; asking again",
-                                     name, ifname)
+                    try:
+                        self._drop_address(ipr, index, name, endpoint)
+                    except Exception as exc:
+                        self.log.error("network %s: removing the lost lease's address: %s",
+                                       name, _describe(exc))
+                    self.log.warning("network %s: DHCP lease on %s %s; address removed, "
+                                     "asking for a new lease", name, ifname, event)
                     continue
                 try:
                     self._apply_address(ipr, index, ifname, name, endpoint, lease)

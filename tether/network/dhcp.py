@@ -170,21 +170,36 @@ class DhcpService:
         @hook(Trigger.BOUND, Trigger.RENEWED, Trigger.REBOUND)
         async def got_lease(lease: Lease):
             info = LeaseInfo.from_lease(lease)
-            handle.lease = info
+            lost, handle.lease = handle.lease is None, info
             if not handle.first_lease.done():
                 # the first lease is applied by whoever waits for it (NetworkManager.apply)
                 handle.first_lease.set_result(info)
                 return
             await asyncio.get_running_loop().run_in_executor(
-                service._pool, service._deliver, handle, info, "renewed")
+                service._pool, service._deliver, handle, info, "bound" if lost else "renewed")
 
+        # The lease is gone: it ran out (EXPIRED), or it ended otherwise (UNBOUND: the
+        # server refused a renewal with a NAK, or the client died and is restarted).
+        # pyroute2 then starts over with a DISCOVER, retransmitted with backoff until a
+        # server answers (got_lease again).
         @hook(Trigger.EXPIRED)
-        async def lost_lease(lease: Lease):
+        async def expired(lease: Lease):
+            await lost_lease("expired")
+
+        @hook(Trigger.UNBOUND)
+        async def unbound(lease: Lease):
+            if handle.stop_event is not None and handle.stop_event.is_set():
+                return   # our own RELEASE on the way out
+            await lost_lease("lost")
+
+        async def lost_lease(event: str):
+            if handle.lease is None:
+                return
             handle.lease = None
             await asyncio.get_running_loop().run_in_executor(
-                service._pool, service._deliver, handle, None, "expired")
+                service._pool, service._deliver, handle, None, event)
 
-        return (got_lease, lost_lease)
+        return (got_lease, expired, unbound)
 
     def _deliver(self, handle: DhcpHandle, info: Optional[LeaseInfo], event: str) -> None:
         try:
