@@ -392,7 +392,7 @@ def test_attach_a_terminal_to_a_tty_session(image_dir, tmp_path):
     config = tmp_path / "term.json"
     config.write_text(json.dumps(single("term", session("/bin/sh", tty=True, attach=True,
                                                         open_stdin=True))))
-    rc_file, out = tmp_path / "rc", tmp_path / "map.json"
+    rc_file, out = tmp_path / "rc", tmp_path / "map.vmx"
     server = f"tvm{uuid.uuid4().hex[:8]}"
     command = (f"cd {REPO} && {sys.executable} -m tether vm {config} --image {image_dir} "
                f"--attach --out {out} --timeout {BOOT_TIMEOUT:g}; echo $? > {rc_file}")
@@ -421,4 +421,5 @@ def test_attach_a_terminal_to_a_tty_session(image_dir, tmp_path):
     finally:
         tmux("kill-server")
     assert rc_file.read_text().strip() == "0"
-    assert json.loads(out.read_text())["guestinfo.vice..sessions|term.started"] == "true"
+    from extraconfig.transport import parse_vmx
+    assert parse_vmx(out.read_text())["guestinfo.vice..sessions|term.started"] == "true"

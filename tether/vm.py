@@ -485,7 +485,14 @@ def qmp_command(path: str, command: str, arguments: dict | None = None,
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
             sock.settimeout(timeout)
-            sock.connect(path)
+            while True:   # QEMU makes the socket as it starts
+                try:
+                    sock.connect(path)
+                    break
+                except (FileNotFoundError, ConnectionRefusedError):
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.05)
             lines = sock.makefile("rb")
 
             def reply() -> dict:
@@ -609,6 +616,11 @@ class VmRun:
         self._stop_requested.set()
 
         def stop_it() -> None:
+            started_by = time.monotonic() + timeout
+            while self.machine.process is None:     # a signal before QEMU started
+                if time.monotonic() > started_by:
+                    return
+                time.sleep(0.05)
             try:
                 self.machine.send_ctrl_alt_del()
             except VmError as err:
