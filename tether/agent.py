@@ -19,7 +19,7 @@ import os
 import signal
 import sys
 
-from tether.console import SECRETS_DEBUG_LEVEL, env_debug_level, write_console
+from tether.console import SECRETS_DEBUG_LEVEL, console, env_debug_level, write_console
 
 log = logging.getLogger("tether.agent")
 
@@ -35,6 +35,7 @@ EXIT_LAUNCH_ERROR = 125   # the agent could not set the container up (docker run
 CONTAINERFS_LABEL = "containerfs"
 CONTAINERFS_MOUNT = "/mnt/containerfs"
 STATE_DIR = "/run/tether"
+CONSOLE_DRAIN = 2.0       # seconds the last log lines get to reach a slow console
 
 
 class InjectedFailure(RuntimeError):
@@ -99,6 +100,7 @@ class Agent:
         self.transport = transport
         self.options = options
         self.loop = Loop()
+        console().attach_loop(self.loop)   # the console is flushed when it can take more
         self.reaper = Reaper(self.loop)
         self.supervisor = Supervisor(self.loop, create=self._new_session,
                                      publish=self._publish_session,
@@ -557,6 +559,8 @@ class Agent:
                         "; ".join(self.errors))
         log.info("stopped (%s); orphans reaped: %d", self.stop_reason or "no sessions",
                  self.reaper.orphans_reaped)
+        console().detach_loop()
+        console().drain(CONSOLE_DRAIN)
         os.sync()
 
     def exit_code(self) -> int:

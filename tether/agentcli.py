@@ -9,7 +9,7 @@ import sys
 from types import SimpleNamespace
 
 from tether.agent import DEFAULT_STOP_GRACE, Agent, Options, RunMode
-from tether.console import configure_logging, env_debug_level, redirect_log
+from tether.console import configure_logging, console, env_debug_level, redirect_log
 
 log = logging.getLogger("tether.agent")
 
@@ -117,6 +117,7 @@ def main(argv: list[str]) -> int:
         log.critical("the agent failed; stopping cleanly", exc_info=True)
     if power_off:
         log.info("powering off")
+        console().drain(1.0)
         logging.shutdown()
         try:
             from tether import system
