@@ -22,6 +22,8 @@ from typing import Iterator
 
 import msgpack
 
+from tether.console import clip
+
 VERSION = 1
 MAGIC = b"\xd7TtR"                 # checked: the CRC field is the payload's CRC32
 MAGIC_UNCHECKED = b"\xd7TtU"       # the CRC field is 0 and not checked (sockets only)
@@ -29,6 +31,7 @@ _MAGIC_PREFIX = MAGIC[:3]
 HEADER = struct.Struct(">4sIII")
 HEADER_SIZE = HEADER.size          # 16
 MAX_PAYLOAD = 1 << 20              # a frame body above this is garbage
+PREAUTH_MAX_PAYLOAD = 1 << 10      # ... and above this before the peer authenticated
 DATA_CHUNK = 64 << 10              # data frames carry at most this much
 CHALLENGE_SIZE = 32
 HMAC_CONTEXT = b"tether-attach-v1\0"
@@ -117,24 +120,42 @@ def encode_data(channel: int, data: bytes, stream: str = "stdout",
 
 
 class FrameDecoder:
-    """Bytes in, messages out. Garbage between frames is skipped and counted."""
+    """Bytes in, messages out. Garbage between frames is skipped and counted.
+
+    `max_payload` may change between messages (a server lowers it until its peer has
+    authenticated): a candidate header claiming more is dropped at once, before its body
+    is waited for or checked, so what a peer can make the decoder hold or checksum is
+    bounded by it."""
 
     def __init__(self, max_payload: int = MAX_PAYLOAD, accept_unchecked: bool = False):
         self._buf = bytearray()
-        self._max = max_payload
+        self.max_payload = max_payload
         self._accept_unchecked = accept_unchecked
         self.garbage_bytes = 0
         self.bad_frames = 0
+        self._generation = 0          # bumped by reset: a parse in progress keeps nothing
 
     def feed(self, data: bytes) -> list[dict]:
+        return list(self.iter_feed(data))
+
+    def iter_feed(self, data: bytes) -> Iterator[dict]:
+        """Like `feed`, lazily: each message is parsed only when asked for, so a change
+        of `max_payload` made while handling one applies to the next."""
         if self._buf:
             self._buf += data
-            return list(self._frames(self._buf))
+            return self._frames(self._buf)
         # Nothing pending: parse `data` where it is and keep only its unparsed tail.
-        return list(self._frames(data))
+        return self._frames(data)
+
+    def reset(self) -> None:
+        """Forget any partial frame (a line starts over), also what a parse still in
+        progress (an unfinished `iter_feed`) has not consumed."""
+        self._buf = bytearray()
+        self._generation += 1
 
     def _frames(self, buf) -> Iterator[dict]:
         pos = 0
+        generation = self._generation
         try:
             while True:
                 start = buf.find(_MAGIC_PREFIX, pos)
@@ -150,7 +171,7 @@ class FrameDecoder:
                     return
                 magic, length, check, crc = HEADER.unpack_from(buf, pos)
                 checked = magic == MAGIC
-                if length ^ check != 0xFFFFFFFF or length > self._max or not (
+                if length ^ check != 0xFFFFFFFF or length > self.max_payload or not (
                         checked or magic == MAGIC_UNCHECKED and self._accept_unchecked):
                     self.bad_frames += 1
                     pos += 1
@@ -177,7 +198,9 @@ class FrameDecoder:
                 pos = end
                 yield message
         finally:
-            if buf is self._buf:
+            if generation != self._generation:
+                pass                      # reset meanwhile: the rest is forgotten
+            elif buf is self._buf:
                 del buf[:pos]
             elif pos < len(buf):
                 self._buf = bytearray(buf[pos:])
@@ -223,7 +246,7 @@ class ServerHandshake:
                 raise ProtocolError("authentication failed: wrong HMAC for the challenge")
             self.authenticated = True
             return [{"t": WELCOME, "v": VERSION}]
-        raise ProtocolError(f"{kind!r} before authentication")
+        raise ProtocolError(f"{clip(kind)} before authentication")
 
 
 class ClientHandshake:
@@ -260,7 +283,7 @@ class ClientHandshake:
 def require(message: dict, field: str, kind: type | tuple[type, ...]):
     value = message.get(field)
     if not isinstance(value, kind) or isinstance(value, bool) and kind is int:
-        raise ProtocolError(f"{message.get('t')}: field {field!r} must be "
+        raise ProtocolError(f"{clip(message.get('t'))}: field {field!r} must be "
                             f"{getattr(kind, '__name__', kind)}, got {type(value).__name__}")
     return value
 
