@@ -319,7 +319,10 @@ def test_random_bytes_and_truncated_frames_do_not_harm_the_agent(agent):
     pid = agent_pid(box)
     for _ in range(5):
         with _raw(endpoint) as sock:
-            sock.sendall(os.urandom(256 << 10))
+            try:
+                sock.sendall(os.urandom(256 << 10))
+            except (BrokenPipeError, ConnectionResetError):
+                pass   # dropped: past the budget of a client that has not authenticated
     with _raw(endpoint) as sock:   # a truncated frame, then hang up
         frame = p.encode({"t": "connect", "v": 1, "pad": b"x" * 5000})
         sock.sendall(frame[:len(frame) // 2])

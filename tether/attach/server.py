@@ -7,6 +7,11 @@ writable. A client that falls behind pauses the sessions it watches for a moment
 is dropped with a logged reason, so a stuck client never holds up a session or another
 client. The server sees the agent only through the `Host` interface (tether/host.py).
 The wire format lives in `protocol.py` and docs/attach-protocol.md.
+
+Before a client has authenticated it gets little: a few KiB in and out, frames of at
+most 1 KiB, one hello (on a socket), a few bad frames, and one of a handful of
+unauthenticated places per listener (a newer client takes the oldest one's place), so
+neither memory nor CPU nor connections can be run up by someone without the Key.
 """
 from __future__ import annotations
 
@@ -20,9 +25,11 @@ from typing import TYPE_CHECKING
 
 from tether.attach import protocol as p
 from tether.attach import transports
+from tether.attach.accepting import MAX_CONNECTIONS, Acceptor
 from tether.attach.channels import (AttachChannel, CopyFromChannel, CopyToChannel,
                                     describe_error)
 from tether.attach.stats import collect_stats, process_run_state
+from tether.console import RateLimit, clip
 from tether.sessions import Phase
 
 if TYPE_CHECKING:
@@ -39,6 +46,15 @@ LINE_RETRY = 0.5              # seconds before re-polling a serial line that hun
 AUTH_TIMEOUT = 30.0           # seconds a socket client has to answer the hello
 CLOSE_GRACE = 2.0             # seconds for queued output to leave when the agent stops
 WRITE_BATCH = 256             # pieces per gathering write (IOV_MAX is 1024)
+# Before authentication (docs/attach-protocol.md, "Limits"):
+# MAX_CONNECTIONS (accepting.py): clients per listener
+MAX_UNAUTHENTICATED = 8       # of them not authenticated yet; a newer one displaces the oldest
+PREAUTH_INPUT = 4 << 10       # bytes a socket client may send before it has authenticated
+PREAUTH_OUTPUT = 4 << 10      # bytes queued for a peer that has not authenticated
+PREAUTH_READ = 4 << 10        # bytes read at once from a peer that has not authenticated
+PREAUTH_BAD_FRAMES = 8        # bad frames before authentication: a socket is dropped, a line reset
+MAX_BAD_FRAMES = 64           # bad frames from an authenticated socket client: dropped
+REASON_LIMIT = 240            # characters of a refusal's text in the log and the reply
 
 
 def start_attach_server(host: "Host", endpoints: list[str]) -> "AttachServer":
@@ -51,8 +67,12 @@ class AttachServer:
         self.host = host
         self.loop = host.loop
         self.listeners: list[transports.Listener] = []
+        self.acceptors: list[Acceptor] = []
         self.connections: set[Connection] = set()
         self.failed: dict[str, str] = {}
+        # what unauthenticated peers cause in the log is rate limited (a flood of them
+        # must not become a flood of log lines)
+        self.preauth_log = RateLimit(burst=10, interval=10.0)
         for endpoint in endpoints:
             try:
                 opened = transports.listen(endpoint)
@@ -62,26 +82,32 @@ class AttachServer:
                 continue
             if isinstance(opened, transports.Listener):
                 self.listeners.append(opened)
-                self.loop.add_reader(opened.fileno(), lambda lst=opened: self._accept(lst))
+                self.acceptors.append(Acceptor(
+                    self.loop, opened.fileno(), opened.name, opened.accept,
+                    on_accept=lambda conn, lst=opened: self._add(conn, lst),
+                    admit=lambda conn, lst=opened: self._admit(lst)))
             else:
                 self._add(opened)
         if endpoints and not self.listeners and not self.connections:
             raise RuntimeError("no attach endpoint could be opened: " + "; ".join(
                 f"{e}: {m}" for e, m in self.failed.items()))
 
-    def _accept(self, listener: transports.Listener) -> None:
-        for _ in range(16):
-            try:
-                conn = listener.accept()
-            except OSError as err:   # EMFILE and friends: log, keep serving the others
-                log.warning("attach: accept on %s failed: %s", listener.name, err)
-                return
-            if conn is None:
-                return
-            self._add(conn)
+    def _admit(self, listener: transports.Listener) -> str | None:
+        """Room for one more client of `listener`? At MAX_CONNECTIONS, or with
+        MAX_UNAUTHENTICATED clients that have not authenticated, the oldest of those makes
+        room (so idle connections cannot lock the host out); else the new one is refused."""
+        mine = [c for c in self.connections if c.listener is listener]
+        waiting = [c for c in mine if not c.handshake.authenticated]
+        if len(mine) < MAX_CONNECTIONS and len(waiting) < MAX_UNAUTHENTICATED:
+            return None
+        if waiting:
+            min(waiting, key=lambda c: c.serial).close(
+                "a newer client took its place before it authenticated")
+            return None
+        return f"{MAX_CONNECTIONS} authenticated connections already"
 
-    def _add(self, conn: transports.Conn) -> "Connection":
-        connection = Connection(self, conn)
+    def _add(self, conn: transports.Conn, listener=None) -> "Connection":
+        connection = Connection(self, conn, listener)
         self.connections.add(connection)
         return connection
 
@@ -89,8 +115,10 @@ class AttachServer:
         """Stop listening; give queued output (a session's last words, its exit status)
         up to `grace` seconds to reach the clients, then close them. The agent calls this
         after its loop has stopped, so it waits with its own select."""
+        for acceptor in self.acceptors:
+            acceptor.close()
+        self.acceptors.clear()
         for listener in self.listeners:
-            self.loop.remove_reader(listener.fileno())
             listener.close()
         self.listeners.clear()
         deadline = time.monotonic() + grace
@@ -111,18 +139,27 @@ class AttachServer:
             connection.close("the attach server is shutting down")
 
 
+_serials = itertools.count()
+
+
 class Connection:
     """One client's conversation: handshake, channels, bounded output."""
 
-    def __init__(self, server: AttachServer, conn: transports.Conn):
+    def __init__(self, server: AttachServer, conn: transports.Conn,
+                 listener: transports.Listener | None = None):
         self.server = server
         self.host = server.host
         self.loop = server.loop
         self.conn = conn
+        self.listener = listener          # None for a line
+        self.serial = next(_serials)      # order of arrival
         self.fd = conn.fileno()
         # Sockets are reliable: data frames skip the CRC there (lines keep it).
         self.checked = conn.persistent
-        self.decoder = p.FrameDecoder(accept_unchecked=not conn.persistent)
+        self.decoder = p.FrameDecoder(p.PREAUTH_MAX_PAYLOAD, accept_unchecked=not conn.persistent)
+        self._preauth_in = 0              # bytes read since the conversation began
+        self._bad_base = 0                # decoder.bad_frames when it began
+        self._hellos = 0                  # hellos sent in this conversation
         self.handshake = self._new_handshake()
         self.channels: dict[int, object] = {}
         self._out: deque[bytes] = deque()
@@ -140,6 +177,11 @@ class Connection:
             AUTH_TIMEOUT, self._auth_expired)
 
     def _new_handshake(self) -> p.ServerHandshake:
+        """A new conversation: not authenticated, so small frames and a small budget."""
+        self.decoder.max_payload = p.PREAUTH_MAX_PAYLOAD
+        self._preauth_in = 0
+        self._bad_base = self.decoder.bad_frames
+        self._hellos = 0
         return p.ServerHandshake(self.host.key, allow_unchecked=not self.conn.persistent)
 
     def _auth_expired(self) -> None:
@@ -149,8 +191,14 @@ class Connection:
 
     # -- input --------------------------------------------------------------------------
     def _on_readable(self) -> None:
+        size = READ_SIZE
+        if not self.handshake.authenticated:
+            # little at a time, and on a socket little in all, until it authenticates
+            size = PREAUTH_READ
+            if not self.conn.persistent:
+                size = max(1, min(size, PREAUTH_INPUT - self._preauth_in))
         try:
-            data = self.conn.read(READ_SIZE)
+            data = self.conn.read(size)
         except OSError as err:
             self.close(f"read failed: {err}")
             return
@@ -159,26 +207,59 @@ class Connection:
         if not data:
             self._hung_up()
             return
+        if not self.handshake.authenticated:
+            self._preauth_in += len(data)
+        messages = self.decoder.iter_feed(data)
         try:
-            messages = self.decoder.feed(data)
-        except Exception as err:   # the decoder never should; never let it reach PID 1
-            log.exception("attach: decoder failed on %s", self.conn.name)
-            self._reset(f"decoder failed: {err}")
+            while not self.closed and not self._close_after_flush:
+                try:
+                    message = next(messages, None)
+                except Exception as err:   # the decoder never should; never reach PID 1
+                    log.exception("attach: decoder failed on %s", self.conn.name)
+                    self._reset(f"decoder failed: {err}")
+                    return
+                if message is None:
+                    break
+                self._dispatch(message)
+        finally:
+            messages.close()
+        if not self.closed:
+            self._check_input_limits()
+
+    def _dispatch(self, message: dict) -> None:
+        try:
+            self._handle(message)
+        except p.ProtocolError as err:
+            self._refuse(str(err), message.get("ch"))
+        except Exception as err:   # a bug must cost one request, never the agent
+            log.exception("attach: %s: %s failed", self.conn.name, clip(message.get("t")))
+            channel = message.get("ch")
+            if isinstance(channel, int) and self.handshake.authenticated:
+                self.channels.pop(channel, None)
+                self.send({"t": p.ERROR, "ch": channel, "msg": clip(
+                    f"internal error: {type(err).__name__}: {err}", REASON_LIMIT)})
+
+    def _check_input_limits(self) -> None:
+        """After a read: a peer that has not authenticated and keeps sending bad frames or
+        more than its budget loses the conversation (a socket is closed, a line starts
+        over with what it buffered forgotten); an authenticated socket client sending bad
+        frames (a reliable stream does not corrupt) is dropped."""
+        bad = self.decoder.bad_frames - self._bad_base
+        if self.handshake.authenticated:
+            if bad > MAX_BAD_FRAMES and not self.conn.persistent:
+                self.close(f"{bad} bad frames")
             return
-        for message in messages:
-            if self.closed:
+        if bad > PREAUTH_BAD_FRAMES:
+            reason = f"{bad} bad frames before authenticating"
+            if not self.conn.persistent:
+                self.close(reason)
                 return
-            try:
-                self._handle(message)
-            except p.ProtocolError as err:
-                self._refuse(str(err), message.get("ch"))
-            except Exception as err:   # a bug must cost one request, never the agent
-                log.exception("attach: %s: %r failed", self.conn.name, message.get("t"))
-                channel = message.get("ch")
-                if isinstance(channel, int) and self.handshake.authenticated:
-                    self.channels.pop(channel, None)
-                    self.send({"t": p.ERROR, "ch": channel,
-                               "msg": f"internal error: {type(err).__name__}: {err}"})
+            self.server.preauth_log.log(log, logging.WARNING, "attach: %s: %s; starting over",
+                                        self.conn.name, reason)
+            self.decoder.reset()
+            self._reset(reason)
+        elif not self.conn.persistent and self._preauth_in >= PREAUTH_INPUT:
+            self.close(f"sent {self._preauth_in} bytes without authenticating")
 
     def _hung_up(self) -> None:
         if not self.conn.persistent:
@@ -209,34 +290,64 @@ class Connection:
             self.loop.add_reader(self.fd, self._on_readable)
 
     def _refuse(self, reason: str, channel) -> None:
-        log.warning("attach: %s: %s", self.conn.name, reason)
+        reason = _printable(reason)
         authenticated = self.handshake.authenticated
-        self.send({"t": p.ERROR, "ch": channel if authenticated else None, "msg": reason})
-        if not authenticated:
-            if self.conn.persistent:
-                self._reset(reason)
-            else:
-                self._close_after_flush = True
-                self._flush()
+        if authenticated:
+            log.warning("attach: %s: %s", self.conn.name, reason)
+            self.send({"t": p.ERROR, "ch": channel, "msg": reason})
+            return
+        self.server.preauth_log.log(log, logging.WARNING, "attach: %s: %s", self.conn.name,
+                                    reason)
+        self._send_preauth({"t": p.ERROR, "ch": None, "msg": reason})
+        if self.closed:
+            return
+        if self.conn.persistent:
+            self._reset(reason)
+        else:
+            self._close_after_flush = True
+            self.loop.remove_reader(self.fd)   # nothing more is read from it
+            self._flush()
 
     _close_after_flush = False
+
+    def _send_preauth(self, message: dict) -> None:
+        """Send to a peer that has not authenticated, within PREAUTH_OUTPUT: one that does
+        not read what it is sent loses the conversation (a line's queue is dropped)."""
+        frame = p.encode(message)
+        if self._out_size + len(frame) > PREAUTH_OUTPUT:
+            reason = (f"{self._out_size} bytes queued before authentication (the peer "
+                      "does not read)")
+            if not self.conn.persistent:
+                self.close(reason)
+                return
+            self.server.preauth_log.log(log, logging.WARNING, "attach: %s: %s; dropped",
+                                        self.conn.name, reason)
+            self._reset(reason)
+        self.send_bytes(frame)
 
     def _handle(self, message: dict) -> None:
         kind = message["t"]
         if kind == p.CONNECT:
             if self.handshake.authenticated or self.channels:
                 self._reset("the client started a new conversation")
-            self.send(self.handshake.start())
+            elif self._hellos and not self.conn.persistent:
+                # A socket has one peer: one hello before it authenticates. (A line may
+                # get a new host at any time, which starts with its own connect.)
+                raise p.ProtocolError("connect again before authenticating")
+            self._hellos += 1
+            self._send_preauth(self.handshake.start())
             return
         if not self.handshake.authenticated:
             for reply in self.handshake.receive(message):
-                self.send(reply)
+                self._send_preauth(reply)
             if self.handshake.authenticated:
+                self.decoder.max_payload = p.MAX_PAYLOAD
+                self._bad_base = self.decoder.bad_frames
                 log.info("attach: %s authenticated", self.conn.name)
             return
         channel = message.get("ch")
         if not isinstance(channel, int) or isinstance(channel, bool):
-            raise p.ProtocolError(f"{kind}: field 'ch' must be int")
+            raise p.ProtocolError(f"{clip(kind)}: field 'ch' must be int")
         if kind in p.REQUESTS:
             if channel in self.channels:
                 raise p.ProtocolError(f"channel {channel} is already open")
@@ -253,7 +364,7 @@ class Connection:
         if target is None:
             if kind in (p.DATA, p.EOF, p.CLOSE):
                 return   # late traffic for a channel that just ended
-            raise p.ProtocolError(f"unknown message type {kind!r}")
+            raise p.ProtocolError(f"unknown message type {clip(kind)}")
         if kind == p.DATA:
             target.on_data(p.require(message, "d", bytes))
         elif kind == p.EOF:
@@ -262,7 +373,7 @@ class Connection:
             self.channels.pop(channel, None)
             target.on_detach()
         else:
-            raise p.ProtocolError(f"unknown message type {kind!r}")
+            raise p.ProtocolError(f"unknown message type {clip(kind)}")
 
     # -- output -------------------------------------------------------------------------
     def send(self, message: dict) -> None:
@@ -400,7 +511,11 @@ class Connection:
     def close(self, reason: str) -> None:
         if self.closed:
             return
-        log.info("attach: %s closed: %s", self.conn.name, reason)
+        if self.handshake.authenticated or self.channels:
+            log.info("attach: %s closed: %s", self.conn.name, reason)
+        else:
+            self.server.preauth_log.log(log, logging.INFO, "attach: %s closed: %s",
+                                        self.conn.name, reason)
         self._reset(reason)
         self.closed = True
         for timer in (self._retry, self._auth_timer):
@@ -421,7 +536,7 @@ class Connection:
         sid = p.require(message, "session", str)
         session = self.host.sessions.get(sid)
         if session is None:
-            raise KeyError(f"session {sid} is invalid: no such session")
+            raise KeyError(f"session {clip(sid)} is invalid: no such session")
         return session
 
     def ok(self, channel: int, **fields) -> None:
@@ -515,6 +630,15 @@ class Connection:
 
     def _req_stats(self, channel: int, message: dict) -> None:
         self.ok(channel, **collect_stats(self.host.sessions))
+
+
+def _printable(text: str) -> str:
+    """A refusal's text for the log and the reply: at most REASON_LIMIT characters, with
+    control characters escaped (peer text inside it is clipped where it is quoted)."""
+    cut = text[:REASON_LIMIT]
+    if not cut.isprintable():
+        cut = "".join(c if c.isprintable() else repr(c)[1:-1] for c in cut)
+    return cut + "..." if len(text) > REASON_LIMIT else cut
 
 
 def _exec_config(message: dict):

@@ -15,6 +15,7 @@ refusal rules, stdin EOF bookkeeping, flow control and RunBlock release.
 from __future__ import annotations
 
 import errno
+import itertools
 import logging
 import os
 import select
@@ -22,8 +23,10 @@ import socket
 import stat
 import time
 
+from tether.attach.accepting import MAX_CONNECTIONS, Acceptor
 from tether.attach.vic import handshake as hs
 from tether.attach.vic import wire
+from tether.console import RateLimit
 from tether.sessions import Phase
 
 log = logging.getLogger("tether.attach.vic")
@@ -184,11 +187,17 @@ class VicService:
 HOLD_CHECK = 5.0
 
 
+_serials = itertools.count()
+_preauth_log = RateLimit(burst=10, interval=10.0)
+
+
 class Link:
     """One byte stream from the host: a serial line (persistent) or a socket client."""
 
     def __init__(self, server: "VicAttachServer", fd: int, name: str, *, persistent: bool,
                  sock: socket.socket | None = None):
+        self.serial = next(_serials)     # order of arrival
+        self.reached_ssh = False
         self.server = server
         self.service = server.service
         self.loop = server.loop
@@ -310,6 +319,7 @@ class Link:
 
     # -- SSH over a socketpair ------------------------------------------------------------
     def _start_ssh(self, leftover: bytes) -> None:
+        self.reached_ssh = True
         try:
             self._start_ssh_on_pair(leftover)
         except Exception as err:   # noqa: BLE001 - e.g. a bad Key: say so, keep the agent
@@ -500,7 +510,10 @@ class Link:
         if self.closed:
             return
         self.closed = True
-        log.info("VIC attach: %s closed: %s", self.name, reason)
+        if self.reached_ssh or self.persistent:
+            log.info("VIC attach: %s closed: %s", self.name, reason)
+        else:   # a flood of clients that never got in must not flood the log
+            _preauth_log.log(log, logging.INFO, "VIC attach: %s closed: %s", self.name, reason)
         for timer in (self._retry_timer, self._line_timer, self._deadline_timer):
             if timer is not None:
                 timer.cancel()
@@ -525,6 +538,7 @@ class VicAttachServer:
                                   runblock_sink=runblock_sink)
         self.links: set[Link] = set()
         self.listeners: list[socket.socket] = []
+        self.acceptors: list[Acceptor] = []
         self.failed: dict[str, str] = {}
         for endpoint in endpoints:
             try:
@@ -550,7 +564,9 @@ class VicAttachServer:
             listener.listen(8)
             listener.setblocking(False)
             self.listeners.append(listener)
-            self.loop.add_reader(listener.fileno(), lambda lst=listener: self._accept(lst))
+            self.acceptors.append(Acceptor(
+                self.loop, listener.fileno(), endpoint, lambda lst=listener: _accept(lst),
+                on_accept=self._add_client, admit=self._admit))
             log.info("VIC attach listening on %s", endpoint)
             return
         device = rest if kind == "serial" else endpoint
@@ -565,25 +581,32 @@ class VicAttachServer:
         self.links.add(Link(self, fd, device, persistent=True))
         log.info("VIC attach on the line %s (%s handshake)", device, self.service.variant)
 
-    def _accept(self, listener: socket.socket) -> None:
-        for _ in range(16):
-            try:
-                sock, _ = listener.accept()
-            except BlockingIOError:
-                return
-            except OSError as err:
-                log.warning("VIC attach: accept failed: %s", err)
-                return
-            sock.setblocking(False)
-            self.links.add(Link(self, sock.fileno(), "VIC attach client", persistent=False,
-                                sock=sock))
+    def _admit(self, sock) -> str | None:
+        """MAX_CONNECTIONS clients at most; at the cap the oldest still in its handshake
+        makes room, so idle connections cannot lock the port layer out."""
+        clients = [link for link in self.links if not link.persistent]
+        if len(clients) < MAX_CONNECTIONS:
+            return None
+        waiting = [link for link in clients if link._pair is None]
+        if waiting:
+            min(waiting, key=lambda link: link.serial).close(
+                "a newer client took its place before its handshake")
+            return None
+        return f"{MAX_CONNECTIONS} connections already"
+
+    def _add_client(self, sock: socket.socket) -> None:
+        sock.setblocking(False)
+        self.links.add(Link(self, sock.fileno(), "VIC attach client", persistent=False,
+                            sock=sock))
 
     def close(self, grace: float = CLOSE_GRACE) -> None:
         """Stop serving. The agent calls this after its loop has stopped: the last output
         of a session (and the channel's EOF and close) is still on its way through
         asyncssh and the relay, so pump both here until they go quiet, at most `grace`."""
+        for acceptor in self.acceptors:
+            acceptor.close()
+        self.acceptors.clear()
         for listener in self.listeners:
-            self.loop.remove_reader(listener.fileno())
             listener.close()
         self.listeners.clear()
         bridge = self.service.bridge
@@ -600,3 +623,10 @@ class VicAttachServer:
         for link in list(self.links):
             link.close("the agent is stopping")
         self.service.close()
+
+
+def _accept(listener: socket.socket) -> socket.socket | None:
+    try:
+        return listener.accept()[0]
+    except (BlockingIOError, InterruptedError):
+        return None

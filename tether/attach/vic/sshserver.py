@@ -25,6 +25,7 @@ from asyncssh.constants import (MSG_CHANNEL_OPEN, MSG_GLOBAL_REQUEST, MSG_REQUES
 from asyncssh.misc import ChannelOpenError, ProtocolError
 
 from tether.attach.vic import wire
+from tether.console import clip
 from tether.sessions import Phase
 
 log = logging.getLogger("tether.attach.vic")
@@ -83,7 +84,7 @@ class VicSSHServer(asyncssh.SSHServer):
 
     def begin_auth(self, username: str) -> bool:
         if username != wire.SSH_USER:
-            log.warning("VIC attach: refusing user %r (only %s)", username, wire.SSH_USER)
+            log.warning("VIC attach: refusing user %s (only %s)", clip(username), wire.SSH_USER)
             return True      # auth required, and nothing will do
         return self.require_key
 
@@ -107,7 +108,7 @@ class VicServerConnection(SSHServerConnection):
         payload = packet.get_remaining_payload()
         handler = {wire.CONTAINER_IDS: self._vic_container_ids,
                    wire.VERSION: self._vic_version}.get(kind)
-        log.info("VIC attach: global request %s", kind)
+        log.info("VIC attach: global request %s", clip(kind))
         if handler is None:
             ok, reply = False, wire.unknown_global_request(kind).encode()
         else:
@@ -139,7 +140,7 @@ class VicServerConnection(SSHServerConnection):
             chan.process_open(send_chan, send_window, send_pktsize,
                               Attachment(self.vic, session, chan))
         except ChannelOpenError as exc:
-            log.warning("VIC attach: %s", exc.reason)
+            log.warning("VIC attach: %s", clip(exc.reason, 240))
             self.send_channel_open_failure(send_chan, exc.code, exc.reason, exc.lang)
 
     _packet_handlers = {**SSHServerConnection._packet_handlers,
