@@ -382,3 +382,70 @@ def test_the_vic_attach_socket_has_the_same_connection_cap(tmp_path):
             sock.close()
         server.close(grace=0)
         loop.close()
+
+
+class _FakePeer:
+    def __init__(self, cid):
+        self.cid = cid
+        self.closed = False
+        self._pair = socket.socketpair()
+
+    def setblocking(self, flag):
+        pass
+
+    def setsockopt(self, *args):
+        pass
+
+    def fileno(self):
+        return self._pair[0].fileno()
+
+    def close(self):
+        self.closed = True
+        for s in self._pair:
+            s.close()
+
+
+class _FakeVsockListener:
+    """What a vsock listener's accept() returns: peers from the VM itself (CID 1, 3)
+    and from the host (CID 2). (This kernel has no vsock loopback to make real ones.)"""
+
+    def __init__(self, cids):
+        self.peers = [_FakePeer(cid) for cid in cids]
+        self._waiting = list(self.peers)
+
+    def accept(self):
+        if not self._waiting:
+            raise BlockingIOError
+        peer = self._waiting.pop(0)
+        return peer, (peer.cid, 40000)
+
+    def setblocking(self, flag):
+        pass
+
+    def close(self):
+        pass
+
+
+@pytest.mark.parametrize("endpoint, taken", [("vsock:52377", [2]),
+                                             ("vsock:3:52377", [3]),
+                                             ("vsock:*:52377", [1, 3, 2])])
+def test_the_vsock_listener_takes_only_the_host_unless_told(endpoint, taken):
+    from tether.attach import transports
+    try:
+        listener = transports.listen(endpoint)
+    except OSError as err:
+        pytest.skip(f"no AF_VSOCK here: {err}")
+    listener.sock.close()
+    fake = listener.sock = _FakeVsockListener([1, 3, 2])
+    try:
+        got = []
+        while True:
+            conn = listener.accept()
+            if conn is None:
+                break
+            got.append(next(p.cid for p in fake.peers if p.fileno() == conn.fileno()))
+        assert got == taken
+        assert all(peer.closed for peer in fake.peers if peer.cid not in taken)
+    finally:
+        for peer in fake.peers:
+            peer.close()

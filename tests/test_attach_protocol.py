@@ -191,9 +191,10 @@ def test_parse_endpoint():
     assert parse_endpoint("unix:/a/b") == ("unix", ("/a/b",))
     assert parse_endpoint("vsock:3:2377") == ("vsock", (3, 2377))
     assert parse_endpoint("vsock:2377") == ("vsock", (2377,))
+    assert parse_endpoint("vsock:*:2377") == ("vsock", ("*", 2377))
     assert parse_endpoint("tcp:[::1]:80") == ("tcp", ("::1", 80))
     assert parse_endpoint("serial:/dev/ttyS1") == ("serial", ("/dev/ttyS1",))
-    for bad in ("nothing", "ftp:x", "tcp:host", "vsock:a:b"):
+    for bad in ("nothing", "ftp:x", "tcp:host", "vsock:a:b", "vsock:*"):
         with pytest.raises(EndpointError):
             parse_endpoint(bad)
 

@@ -2,7 +2,8 @@
 
 Endpoints are strings. Server side (what the agent listens on):
   unix:PATH     a unix stream socket (the sandbox's --attach-socket)
-  vsock:PORT    AF_VSOCK, any CID (2377 in a VM)
+  vsock:PORT    AF_VSOCK (2377 in a VM), clients from the host (CID 2) only;
+                vsock:CID:PORT takes clients from that CID, vsock:*:PORT from any
   tcp:HOST:PORT a TCP listener (tests, or a guest network)
   port:NAME     a virtio-serial port found by name under /sys/class/virtio-ports
   serial:DEV    a serial tty (raw mode, 115200 baud)
@@ -15,12 +16,18 @@ A server transport is either a listener (`accept()` gives a `Conn` per client) o
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import socket
 
+from tether.console import RateLimit
 from tether.system import set_raw_tty
 
+log = logging.getLogger("tether.attach")
+
 SOCKET_BUFFER = 1 << 20
+VSOCK_HOST_CID = 2          # VMADDR_CID_HOST: the hypervisor's side
+_peer_log = RateLimit(burst=3, interval=30.0)
 
 
 class EndpointError(ValueError):
@@ -104,9 +111,10 @@ def parse_endpoint(endpoint: str) -> tuple[str, tuple]:
         return kind, _split_host_port(rest, endpoint)
     if kind == "vsock":
         parts = rest.split(":")
-        if not all(p.isdigit() for p in parts) or len(parts) > 2:
+        if len(parts) > 2 or not parts[-1].isdigit() or not (
+                len(parts) == 1 or parts[0].isdigit() or parts[0] == "*"):
             raise EndpointError(f"endpoint {endpoint!r}: expected vsock:CID:PORT or vsock:PORT")
-        return kind, tuple(int(p) for p in parts)
+        return kind, tuple(p if p == "*" else int(p) for p in parts)
     raise EndpointError(f"endpoint {endpoint!r}: unknown kind {kind!r}")
 
 
@@ -148,21 +156,34 @@ def _widen_buffers(sock: socket.socket) -> None:
 
 # -- server side -----------------------------------------------------------------------------
 class Listener:
-    """A listening socket; `accept()` gives a non-blocking Conn or None."""
+    """A listening socket; `accept()` gives a non-blocking Conn or None. With `peer`, a
+    client whose address `peer(address)` refuses is closed at once (and logged)."""
 
-    def __init__(self, sock: socket.socket, name: str, unlink: str | None = None):
+    def __init__(self, sock: socket.socket, name: str, unlink: str | None = None,
+                 peer=None):
         self.sock = sock
         self.name = name
         self._unlink = unlink
+        self._peer = peer
+        self.refused_peers = 0
         sock.setblocking(False)
 
     def fileno(self) -> int:
         return self.sock.fileno()
 
     def accept(self) -> Conn | None:
-        try:
-            sock, _ = self.sock.accept()
-        except (BlockingIOError, InterruptedError):
+        for _ in range(16):
+            try:
+                sock, address = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return None
+            if self._peer is None or self._peer(address):
+                break
+            sock.close()
+            self.refused_peers += 1
+            _peer_log.log(log, logging.WARNING, "attach: %s: refused a client from %s",
+                          self.name, address)
+        else:
             return None
         sock.setblocking(False)
         _widen_buffers(sock)
@@ -199,6 +220,9 @@ def listen(endpoint: str) -> Listener | Conn:
         return Listener(sock, endpoint, unlink=path)
     if kind == "vsock":
         port = addr[-1]
+        # Only the host may attach unless the endpoint says otherwise: a process in the
+        # VM (CID 1, or the VM's own CID) must not reach the agent this way.
+        cid = addr[0] if len(addr) == 2 else VSOCK_HOST_CID
         sock = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
             sock.bind((socket.VMADDR_CID_ANY, port))
@@ -206,7 +230,8 @@ def listen(endpoint: str) -> Listener | Conn:
         except BaseException:
             sock.close()
             raise
-        return Listener(sock, endpoint)
+        return Listener(sock, endpoint,
+                        peer=None if cid == "*" else lambda address: address[0] == cid)
     host, port = addr
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET,
                          socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
@@ -232,7 +257,7 @@ def connect(endpoint: str, timeout: float = 10.0) -> Conn:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         target = addr[0]
     elif kind == "vsock":
-        if len(addr) != 2:
+        if len(addr) != 2 or addr[0] == "*":
             raise EndpointError(f"endpoint {endpoint!r}: a client needs vsock:CID:PORT")
         sock = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         target = addr
