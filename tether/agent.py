@@ -20,6 +20,7 @@ import signal
 import sys
 
 from tether.console import SECRETS_DEBUG_LEVEL, console, env_debug_level, write_console
+from tether.writeback import CONFIG_ERROR_KEY
 
 log = logging.getLogger("tether.agent")
 
@@ -40,6 +41,11 @@ CONSOLE_DRAIN = 2.0       # seconds the last log lines get to reach a slow conso
 
 class InjectedFailure(RuntimeError):
     pass
+
+
+class StepFailed(RuntimeError):
+    """A step failed for a reason its message gives in full (and which was reported
+    where the host reads it): logged without a traceback."""
 
 
 class RunMode(enum.Enum):
@@ -159,7 +165,8 @@ class Agent:
                 log.debug("step %s failed", step, exc_info=True)
                 self.refuse_launch(str(err))
             else:
-                log.error("step %s failed: %s; carrying on", step, err, exc_info=True)
+                log.error("step %s failed: %s; carrying on", step, err,
+                          exc_info=not isinstance(err, StepFailed))
             return False
 
     def refuse_launch(self, reason: str) -> None:
@@ -274,13 +281,9 @@ class Agent:
         log.info("session output log: %s", path)
 
     def load_config(self) -> None:
-        from extraconfig.transport import GuestSource
-        from tether.config import name_sessions
-        from tether.extension import decode_config
         from tether.writeback import WriteBack
         self._writeback = WriteBack(self.transport)
-        self.config = decode_config(GuestSource(self.transport))
-        name_sessions(self.config)
+        self.config = self._decode()
         self.key = self.config.key
         self.set_log_level()
         self.scrub_secrets(self.config)
@@ -293,6 +296,25 @@ class Agent:
         from tether.scrub import scrub_secrets, should_scrub
         if should_scrub(config, self.transport):
             scrub_secrets(self.transport, config)
+
+    def _decode(self, known=()):
+        """The config from guestinfo (ours and VIC's keys), its sessions named. A
+        DecodeError is answered before it is raised: in `started` of every session the
+        key list names (but those in `known`, already running) and in our
+        executor-level error key."""
+        from extraconfig.codec import DecodeError
+        from extraconfig.transport import GuestSource
+        from tether.config import name_sessions
+        from tether.extension import decode_config
+        try:
+            config = decode_config(GuestSource(self.transport))
+        except DecodeError as err:
+            answered = self._writeback.config_error(f"configuration error: {err}", known)
+            raise StepFailed(f"the configuration cannot be decoded: {err} (answered in "
+                             f"{len(answered)} session(s) and {CONFIG_ERROR_KEY})") from None
+        name_sessions(config)
+        self._writeback.clear_config_error()
+        return config
 
     def set_log_level(self) -> None:
         """The log level, and the debug check that only the loop thread changes the config
@@ -503,14 +525,12 @@ class Agent:
         """The reload rule (tether/config.py): read-only fields from the host, read-write
         fields ours. Then apply what it changed: networks, new volumes, new sessions, and
         Restart sessions that are down."""
-        from extraconfig.transport import GuestSource
-        from tether.config import name_sessions, take_host_fields
-        from tether.extension import decode_config, take_host_extension
+        from tether.config import take_host_fields
+        from tether.extension import take_host_extension
         if self.options.before_reload is not None:
             self.options.before_reload()
-        fresh = decode_config(GuestSource(self.transport))
+        fresh = self._decode(known=set(self.sessions))
         self.scrub_secrets(fresh)
-        name_sessions(fresh)
         take_host_fields(self.config, fresh)
         take_host_extension(self.config, fresh)
         self.set_log_level()

@@ -188,10 +188,13 @@ def setup_netns(seed: dict[str, str], private: bool) -> None:
     system.mount("sysfs", "/sys", "sysfs", system.MS_NOSUID | system.MS_NODEV | system.MS_NOEXEC)
     if not private:
         return
-    from extraconfig.codec import decode
+    from extraconfig.codec import DecodeError, decode
     from tether.config import ExecutorConfig
     from tether.network.nic import classify
-    networks = decode(dict(seed), ExecutorConfig).networks or {}
+    try:
+        networks = decode(dict(seed), ExecutorConfig).networks or {}
+    except DecodeError:
+        networks = {}    # the agent says what is wrong with the config
     wanted = {ep.common.id for ep in networks.values()
               if ep is not None and classify(ep.common.id) in ("name", "mac")}
     loopback_up()

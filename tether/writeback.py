@@ -8,12 +8,23 @@ not do it: the model keeps Go's field order (`vmware/vic
 lib/config/executor/container_vm.go`), where `diagnostics` (resurrections, exit logs)
 follows `started`, so the `started` keys are held back and written after everything else.
 A failed write is logged, never fatal: the process goes on and the next write retries.
+
+A config that does not decode is answered too (`config_error`): `started` of every
+session the key list still names, and our executor-level key CONFIG_ERROR_KEY.
 """
 from __future__ import annotations
 
 import logging
 
+from extraconfig.keys import ROOT
+
 log = logging.getLogger("tether.writeback")
+
+# Our own read-write key (the reference has none for this), under our prefix `tether`
+# spliced after guestinfo.vice. as read-write keys are: why the config could not be used.
+CONFIG_ERROR_KEY = ROOT + ".tether.configerror"
+MAX_ANSWERED = 1024          # sessions answered at most on a config error
+MESSAGE_LIMIT = 1024         # characters of the error text written back
 
 
 STARTED_SUFFIX = ".started"
@@ -44,14 +55,14 @@ class WriteBack:
         self.sink = GuestSink(transport)
         self.failures = 0
 
-    def session(self, config, session_config) -> None:
-        """The subtree of one session: detail times, status, resurrections, exit logs,
-        then `started`."""
+    def session(self, config, session_config, sid: str | None = None) -> None:
+        """The subtree of one session (the map entry `sid`, its common.id by default):
+        detail times, status, resurrections, exit logs, then `started`."""
         from extraconfig.codec import calculate_keys, encode_into
         from tether.extension import encode_session_into
-        sid = session_config.common.id
+        sid = session_config.common.id if sid is None else sid
         try:
-            prefix = calculate_keys(config, f"Sessions.{sid}")[0]
+            prefix = calculate_keys(config, ["Sessions", sid])[0]
             write, flush = started_last(self.sink)
             encode_into(write, session_config, prefix=prefix)
             encode_session_into(write, config, session_config)   # our exit records
@@ -74,3 +85,45 @@ class WriteBack:
             self.failures += 1
             log.error("could not publish the configuration to guestinfo: %s", err,
                       exc_info=log.isEnabledFor(logging.DEBUG))
+
+    def config_error(self, message: str, skip=()) -> list[str]:
+        """The config could not be decoded: say so in CONFIG_ERROR_KEY, and in `started` of
+        every session its key list names (but those in `skip`, at most MAX_ANSWERED),
+        so a host waiting on a session learns why. The names answered are returned."""
+        from extraconfig.codec import DecodeError, calculate_key, read_map_names
+        from extraconfig.transport import GuestSource
+        from tether.config import ExecutorConfig
+        message = " ".join(message.split())[:MESSAGE_LIMIT]
+        self._write(CONFIG_ERROR_KEY, message)
+        try:
+            names = read_map_names(GuestSource(self.transport), ExecutorConfig, "Sessions")
+        except DecodeError as err:
+            log.error("the sessions cannot be named either (%s): only %s says why",
+                      err, CONFIG_ERROR_KEY)
+            return []
+        answered = []
+        for name in names:
+            if name in skip:
+                continue
+            if len(answered) >= MAX_ANSWERED:
+                log.warning("%d more sessions not answered (at most %d are)",
+                            len(names) - len(answered), MAX_ANSWERED)
+                break
+            if "/" in name:   # a read-write key cannot hold it: the guest never writes it
+                continue
+            self._write(calculate_key(ExecutorConfig, ["Sessions", name, "Started"]), message)
+            answered.append(name)
+        return answered
+
+    def clear_config_error(self) -> None:
+        """The config decoded: an error an earlier boot or reload left is withdrawn."""
+        from extraconfig.transport import GuestSource
+        if GuestSource(self.transport).get(CONFIG_ERROR_KEY):
+            self._write(CONFIG_ERROR_KEY, "")
+
+    def _write(self, key: str, value: str) -> None:
+        try:
+            self.sink(key, value)
+        except Exception as err:   # noqa: BLE001
+            self.failures += 1
+            log.error("could not write %s to guestinfo: %s", key, err)
