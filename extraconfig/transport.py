@@ -26,6 +26,8 @@ NIL = "<nil>"
 class Transport(Protocol):
     def info_get(self, key: str) -> str | None: ...
     def info_set(self, key: str, value: str) -> None: ...
+    # optional: `info_delete(key)` removes a key (where the medium can; the guest side
+    # of the VMware backdoor cannot)
 
 
 class MapTransport:
@@ -39,6 +41,9 @@ class MapTransport:
 
     def info_set(self, key: str, value: str) -> None:
         self.data[key] = value
+
+    def info_delete(self, key: str) -> None:
+        self.data.pop(key, None)
 
 
 # ---------------------------------------------------------------------- VMX files
@@ -129,6 +134,14 @@ class VmxFileTransport:
     def info_set(self, key: str, value: str) -> None:
         data = dict(self._load())
         data[key] = value
+        self._store(data)
+
+    def info_delete(self, key: str) -> None:
+        data = dict(self._load())
+        if data.pop(key, None) is not None:
+            self._store(data)
+
+    def _store(self, data: dict[str, str]) -> None:
         directory = os.path.dirname(self.path) or "."
         fd, tmp = tempfile.mkstemp(prefix=".vmx-", dir=directory)
         try:

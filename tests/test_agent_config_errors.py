@@ -103,3 +103,52 @@ def test_a_reload_that_does_not_decode_answers_the_new_sessions_and_keeps_the_ol
     assert result.guestinfo[started_key(primary.id)] == "true"     # still its own
     assert result.guestinfo[CONFIG_ERROR].startswith("configuration error: ")
     assert result.returncode == 128 + signal.SIGTERM
+
+
+# -- session IDs -------------------------------------------------------------------------------
+def test_a_session_id_with_a_dot_is_written_back(vmx_sandbox):
+    primary = session_config("web.1", ["/bin/sh", "-c", "exit 4"])
+    code, guestinfo, log = vmx_sandbox(encode(executor_config(primary, executor_id="web.1")))
+    assert code == 4, log
+    assert guestinfo[started_key("web.1")] == "true"
+    assert guestinfo["guestinfo.vice..sessions|web.1.status"] == "4"
+    assert "could not publish" not in log
+
+
+def test_the_session_under_the_executor_id_is_the_primary_whatever_its_common_id(vmx_sandbox):
+    executor = sid()
+    primary = session_config(executor, ["/bin/sh", "-c", "exit 5"])
+    entries = encode(executor_config(primary))
+    entries[f"guestinfo.vice./sessions|{executor}/common/id"] = "something-else"
+    code, guestinfo, log = vmx_sandbox(entries, timeout=60)
+    assert code == 5, log                     # it ran as the primary, and the agent stopped
+    assert guestinfo[started_key(executor)] == "true"
+    assert "differs from its map key" in log
+
+
+def test_two_sessions_with_the_same_common_id_are_both_run(vmx_sandbox, tmp_path):
+    primary = session_config(sid(), ["/bin/sleep", "2"])
+    a = session_config("a", ["/bin/true"])
+    b = session_config("b", ["/bin/true"])
+    entries = encode(executor_config(primary, a, b))
+    entries["guestinfo.vice./sessions|a/common/id"] = "same"
+    entries["guestinfo.vice./sessions|b/common/id"] = "same"
+    code, guestinfo, log = vmx_sandbox(entries)
+    assert code == 0, log
+    assert guestinfo[started_key("a")] == "true" and guestinfo[started_key("b")] == "true"
+    assert guestinfo["guestinfo.vice..sessions|a.status"] == "0"
+    assert guestinfo["guestinfo.vice..sessions|b.status"] == "0"
+    # ... written when each ran, not only in the final write at the stop
+    assert "could not publish" not in log
+
+
+def test_a_session_name_that_cannot_be_an_id_is_refused_with_a_clear_error(vmx_sandbox):
+    primary = session_config(sid(), ["/bin/true"])
+    bad = session_config("two words", ["/bin/true"])
+    entries = encode(executor_config(primary, bad))
+    code, guestinfo, log = vmx_sandbox(entries)
+    assert code == 0, log                      # the rest runs
+    assert "session ID 'two words' is invalid: whitespace" in log
+    assert "whitespace" in guestinfo[CONFIG_ERROR]
+    assert not guestinfo.get(started_key("two words"))     # never written (nor run)
+    assert guestinfo[started_key(primary.id)] == "true"

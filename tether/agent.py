@@ -80,7 +80,8 @@ class Options:
                  state_dir: str = STATE_DIR,
                  stop_grace: float = DEFAULT_STOP_GRACE, echo_output: bool | None = None,
                  before_reload=None, vic_attach: list[str] | None = None,
-                 vic_options: dict | None = None, cgroups: bool | None = None):
+                 vic_options: dict | None = None, cgroups: bool | None = None,
+                 keep_execs: int | None = None):
         self.mode = mode or RunMode.detect()
         self.rootfs = rootfs
         self.output_log = output_log
@@ -92,6 +93,7 @@ class Options:
         self.vic_attach = vic_attach        # VIC attach endpoints; None: VIC's serial layout
         self.vic_options = vic_options      # {"handshake": ..., "auth": ...}
         self.cgroups = cgroups              # None: as PID 1 of a VM; the sandbox says
+        self.keep_execs = keep_execs        # finished exec'd sessions kept (None: default)
 
 
 class Agent:
@@ -102,7 +104,7 @@ class Agent:
     def __init__(self, transport, options: Options):
         from tether.loop import Loop
         from tether.reaper import Reaper
-        from tether.supervisor import Supervisor
+        from tether.supervisor import KEEP_EXECS, Supervisor
         self.transport = transport
         self.options = options
         self.loop = Loop()
@@ -111,7 +113,10 @@ class Agent:
         self.supervisor = Supervisor(self.loop, create=self._new_session,
                                      publish=self._publish_session,
                                      request_stop=self.request_stop,
-                                     stop_grace=options.stop_grace)
+                                     stop_grace=options.stop_grace,
+                                     remove=self._remove_session,
+                                     keep_execs=KEEP_EXECS if options.keep_execs is None
+                                     else options.keep_execs)
         self.config = None
         self.root = options.rootfs or "/"
         self.key: bytes | None = None
@@ -129,6 +134,7 @@ class Agent:
         self._firewall = None
         self.launch_error = ""   # set before launch: every session fails with this text
         self.launched = False    # launch_sessions ran: prerequisites no longer gate it
+        self._invalid_ids: dict[str, str] = {}   # session names that cannot be IDs: why
         self._etc = None
         self._mounted_volumes: set[str] = set()
         self.mode = options.mode
@@ -285,6 +291,8 @@ class Agent:
         self._writeback = WriteBack(self.transport)
         self.config = self._decode()
         self.key = self.config.key
+        if self.config.id in self._invalid_ids:   # the primary cannot be run
+            self.refuse_launch(self._invalid_ids[self.config.id])
         self.set_log_level()
         self.scrub_secrets(self.config)
         log.info("configuration for %s: %d session(s)", self.config.common.id or "(no ID)",
@@ -298,10 +306,11 @@ class Agent:
             scrub_secrets(self.transport, config)
 
     def _decode(self, known=()):
-        """The config from guestinfo (ours and VIC's keys), its sessions named. A
-        DecodeError is answered before it is raised: in `started` of every session the
-        key list names (but those in `known`, already running) and in our
-        executor-level error key."""
+        """The config from guestinfo (ours and VIC's keys), its sessions named
+        (`name_sessions`). A DecodeError is answered before it is raised: in `started` of
+        every session the key list names (but those in `known`, already running) and in
+        our executor-level error key. Sessions whose names cannot be IDs are left out,
+        logged, and named in that key."""
         from extraconfig.codec import DecodeError
         from extraconfig.transport import GuestSource
         from tether.config import name_sessions
@@ -312,8 +321,12 @@ class Agent:
             answered = self._writeback.config_error(f"configuration error: {err}", known)
             raise StepFailed(f"the configuration cannot be decoded: {err} (answered in "
                              f"{len(answered)} session(s) and {CONFIG_ERROR_KEY})") from None
-        name_sessions(config)
-        self._writeback.clear_config_error()
+        invalid = name_sessions(config)
+        for why in invalid.values():
+            log.error("%s: the session is not run", why)
+        self._invalid_ids.update(invalid)
+        self._writeback.set_config_error(
+            "; ".join(f"configuration error: {why}" for why in invalid.values()))
         return config
 
     def set_log_level(self) -> None:
@@ -502,7 +515,14 @@ class Agent:
             self.config.sessions = {}
         self.config.sessions[cfg.common.id] = cfg
         self._fresh(cfg)
-        return self.supervisor.launch(cfg)
+        return self.supervisor.launch(cfg, exec_=True)
+
+    def _remove_session(self, session) -> None:
+        """The supervisor let an old exec'd session go: out of the config and guestinfo."""
+        if self.config.sessions is not None:
+            self.config.sessions.pop(session.id, None)
+        if self._writeback is not None:
+            self._writeback.forget_session(session.config, session.id)
 
     def _publish_session(self, session) -> None:
         if self._writeback is not None:

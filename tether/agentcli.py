@@ -36,13 +36,15 @@ options:
   --log-port DEVICE      write the agent log there (raw, 115200 when a tty)
   --no-power-off         exit with the primary's status instead of powering off
   --stop-grace SECONDS   between the stop signal and SIGKILL (default 10)
+  --keep-execs N         finished exec'd sessions kept (default 32); older ones are
+                         removed with their guestinfo keys
 """
 
 _VALUED = {"--guestinfo-file": "guestinfo_file", "--rootfs": "rootfs",
            "--output-log": "output_log", "--attach": "attach_endpoints",
            "--log-port": "log_port", "--stop-grace": "stop_grace",
            "--vic-attach": "vic_attach", "--vic-handshake": "vic_handshake",
-           "--vic-auth": "vic_auth"}
+           "--vic-auth": "vic_auth", "--keep-execs": "keep_execs"}
 _FLAGS = {"--no-attach": "no_attach", "--no-power-off": "no_power_off"}
 
 
@@ -55,7 +57,7 @@ def parse_args(argv: list[str]) -> SimpleNamespace:
     args = SimpleNamespace(guestinfo_file=None, rootfs=None, output_log=None,
                            attach_endpoints=None, log_port=None, stop_grace=DEFAULT_STOP_GRACE,
                            no_attach=False, no_power_off=False, help=False, vic_attach=None,
-                           vic_handshake=None, vic_auth=None)
+                           vic_handshake=None, vic_auth=None, keep_execs=None)
     items = list(argv)
     while items:
         item = items.pop(0)
@@ -79,6 +81,10 @@ def parse_args(argv: list[str]) -> SimpleNamespace:
                     args.stop_grace = float(value)
                 except ValueError:
                     raise UsageError(f"--stop-grace: not a number: {value!r}") from None
+            elif dest == "keep_execs":
+                if not value.isdigit():
+                    raise UsageError(f"--keep-execs: not a count: {value!r}")
+                args.keep_execs = int(value)
             else:
                 setattr(args, dest, value)
         else:
@@ -111,7 +117,8 @@ def main(argv: list[str]) -> int:
                           attach_endpoints=[] if args.no_attach else args.attach_endpoints,
                           stop_grace=args.stop_grace,
                           vic_attach=[] if args.no_attach else args.vic_attach,
-                          vic_options={"handshake": args.vic_handshake, "auth": args.vic_auth})
+                          vic_options={"handshake": args.vic_handshake, "auth": args.vic_auth},
+                          keep_execs=args.keep_execs)
         code = Agent(transport, options).run()
     except BaseException:   # noqa: BLE001 - the last guard of PID 1
         log.critical("the agent failed; stopping cleanly", exc_info=True)

@@ -278,11 +278,67 @@ def take_host_fields(ours, fresh, inherited: int = READ_ONLY) -> None:
             setattr(ours, field.name, theirs)
 
 
-def name_sessions(config) -> None:
-    """A session without an ID takes its map key (the host may leave common.id empty)."""
-    for key, session in (config.sessions or {}).items():
-        if session is not None and not session.common.id:
-            session.common.id = key
+# -- IDs ------------------------------------------------------------------------------------
+ID_LIMIT = 255     # bytes: an output-log entry carries at most 255 bytes of its session's ID
+
+_BAD_IN_IDS = {
+    "|": "'|' separates the names in the key list",
+    "/": "'/' in a read-write key stops the guest from writing it back",
+    "@": "'@' starts a key suffix (@secret, @non-persistent)",
+}
+
+
+class InvalidID(ValueError):
+    """A session ID (or a network or mount name) that guestinfo keys cannot carry."""
+
+
+def check_id(name, what: str = "session ID") -> str:
+    """`name` if it can be a session ID (or a network or mount name), else InvalidID
+    saying why. The one check of IDs: the JSON form, the agent (the config's session
+    names) and exec use it. IDs become parts of guestinfo keys: not empty, none of
+    `|`, `/`, `@`, no whitespace or control characters (they split the guest's info-set
+    request), at most ID_LIMIT bytes. A `.` is fine."""
+    from tether.console import clip
+    if not isinstance(name, str):
+        raise InvalidID(f"{what} must be a string, not {type(name).__name__}")
+    if not name:
+        raise InvalidID(f"{what} is empty (an empty name cannot be stored: the key list "
+                        "drops it)")
+    for ch, why in _BAD_IN_IDS.items():
+        if ch in name:
+            raise InvalidID(f"{what} {clip(name)} is invalid: {why}")
+    if not name.isprintable() or any(c.isspace() for c in name):
+        raise InvalidID(f"{what} {clip(name)} is invalid: whitespace or control characters "
+                        "split the guest's info-set request")
+    if len(name.encode()) > ID_LIMIT:
+        raise InvalidID(f"{what} {clip(name)} is invalid: longer than {ID_LIMIT} bytes")
+    return name
+
+
+def name_sessions(config) -> dict[str, str]:
+    """Settle every session's identity on its map key: that is where the host wrote it
+    and where its results go. A session without a common.id takes its key (the host may
+    leave it empty); one whose common.id differs is known by its key too (so it is the
+    primary when its key is the executor's ID, and two sessions with the same common.id
+    are two sessions), with a warning. A key that cannot be an ID (check_id) takes the
+    session out of the config: the returned {key: why} says which."""
+    import logging
+    log = logging.getLogger("tether.config")
+    invalid: dict[str, str] = {}
+    for key, session in list((config.sessions or {}).items()):
+        if session is None:
+            continue
+        try:
+            check_id(key)
+        except InvalidID as err:
+            invalid[key] = str(err)
+            del config.sessions[key]
+            continue
+        if session.common.id and session.common.id != key:
+            log.warning("session %s: its common.id %r differs from its map key; the "
+                        "session is %s (its keys are there)", key, session.common.id, key)
+        session.common.id = key
+    return invalid
 
 
 # -- who may change the config ----------------------------------------------------------------

@@ -285,24 +285,19 @@ def config_from_json(obj: dict) -> ExecutorConfig:
     return cfg
 
 
-_BAD_IN_NAMES = {
-    "|": "'|' separates the names in the key list",
-    "/": "'/' in a read-write key stops the guest from writing it back",
-    "@": "'@' starts a key suffix (@secret, @non-persistent)",
-}
-
-
 def _check_name(section: str, name: str) -> None:
-    """IDs and names become parts of guestinfo keys; refuse those the format breaks on."""
-    if name == "":
-        raise ConfigError(f"{section}: an empty name cannot be stored (the key list drops it)")
-    bad = "|" if section == "annotations" else "|/@"
-    for ch in bad:
-        if ch in name:
-            raise ConfigError(f"{section}.{name}: invalid name: {_BAD_IN_NAMES[ch]}")
-    if section != "annotations" and any(c.isspace() for c in name):
-        raise ConfigError(f"{section}.{name}: invalid name: whitespace splits the guest's "
-                          "info-set request")
+    """IDs and names become parts of guestinfo keys; refuse those the format breaks on
+    (tether.config.check_id; annotation keys may hold anything but '|')."""
+    from tether.config import InvalidID, check_id
+    if section == "annotations":
+        if name == "" or "|" in name:
+            raise ConfigError(f"annotations: key {name!r} is invalid: empty, or '|' "
+                              "(which separates the names in the key list)")
+        return
+    try:
+        check_id(name, "the name")
+    except InvalidID as err:
+        raise ConfigError(f"{section}.{name}: {err}" if name else f"{section}: {err}") from None
 
 
 def config_to_json(cfg: ExecutorConfig) -> dict:

@@ -49,6 +49,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         "new private one")
     parser.add_argument("--stop-grace", type=float, default=10.0,
                         help="seconds between the stop signal and SIGKILL (default 10)")
+    parser.add_argument("--keep-execs", type=int, default=None, metavar="N",
+                        help="finished exec'd sessions kept (default 32); older ones are "
+                        "removed with their guestinfo keys")
     return parser.parse_args(argv)
 
 
@@ -282,7 +285,7 @@ def run_inside(args: argparse.Namespace, seed: dict[str, str],
                       before_reload=refresh_from_json,
                       vic_attach=[f"unix:{args.vic_attach}"] if args.vic_attach else [],
                       vic_options={"handshake": args.vic_handshake, "auth": args.vic_auth},
-                      cgroups=with_cgroups)
+                      cgroups=with_cgroups, keep_execs=args.keep_execs)
     try:
         code = Agent(transport, options).run()
     finally:

@@ -11,6 +11,11 @@ then, KILL_WAIT later, give up on it: a process stuck in the kernel must not hol
 shutdown for ever. The agent stops every session this way; the toolbox's OS_Halt stops
 the primary this way before it asks the agent to stop.
 
+Exec'd sessions: the last `keep_execs` that finished are kept (for `list`, `attach`
+with replay, and their keys in guestinfo); an older finished one is removed with its
+keys (`remove`), so a container that runs many execs does not grow without bound.
+Sessions the host configured are never removed.
+
 Everything here runs on the loop thread; sessions report their phase changes to
 `Supervisor.on_change`.
 """
@@ -19,6 +24,7 @@ from __future__ import annotations
 import logging
 import signal
 import time
+from collections import deque
 from typing import Callable
 
 from tether.sessions import Phase, Session, launch_failure_code, parse_signal
@@ -29,6 +35,7 @@ RESTART_BASE = 0.25         # first restart delay, doubled on each quick exit
 RESTART_MAX = 30.0
 STABLE_RUN = 10.0           # a run this long resets the backoff
 KILL_WAIT = 10.0            # after SIGKILL, how long a stuck process may hold a stop
+KEEP_EXECS = 32             # finished exec'd sessions kept; older ones are removed
 
 
 def stop_signal_of(session) -> int:
@@ -100,12 +107,15 @@ class Supervisor:
 
     `create(config, on_change)` builds a Session for a SessionConfig (the agent knows the
     root, the output log and the console); `publish(session)` writes a session back;
-    `request_stop(reason)` asks the agent to stop (a primary that exited or did not start).
+    `request_stop(reason)` asks the agent to stop (a primary that exited or did not start);
+    `remove(session)` takes a finished exec'd session out of the config and guestinfo.
     """
 
     def __init__(self, loop, *, create: Callable, publish: Callable[[Session], object],
                  request_stop: Callable[[str], object], stop_grace: float,
-                 kill_wait: float = KILL_WAIT):
+                 kill_wait: float = KILL_WAIT,
+                 remove: Callable[[Session], object] | None = None,
+                 keep_execs: int = KEEP_EXECS):
         self.loop = loop
         self.sessions: dict[str, Session] = {}
         self.stopping = False
@@ -118,6 +128,10 @@ class Supervisor:
         self._backoff: dict[str, float] = {}          # session ID -> its next delay
         self._started_at: dict[str, float] = {}       # session ID -> monotonic launch time
         self._stops: dict[str, StopSequence] = {}     # session ID -> its stop in progress
+        self._remove = remove
+        self.keep_execs = max(0, keep_execs)
+        self._execs: set[str] = set()                 # IDs of exec'd sessions
+        self._finished_execs: deque[str] = deque()    # of those, the finished, oldest first
 
     # -- sessions ------------------------------------------------------------------------
     def add(self, config) -> Session:
@@ -125,10 +139,13 @@ class Supervisor:
         self.sessions[session.id] = session
         return session
 
-    def launch(self, config) -> Session:
+    def launch(self, config, *, exec_: bool = False) -> Session:
         """A new session, started (or waiting for RunBlock). Once the agent is stopping
-        it is not launched (it would escape the stop): it fails with a reason instead."""
+        it is not launched (it would escape the stop): it fails with a reason instead.
+        `exec_`: a session a client exec'd, removed some time after it finishes."""
         session = self.add(config)
+        if exec_:
+            self._execs.add(session.id)
         if self.stopping:
             session.refuse("not launched: the agent is stopping")
         else:
@@ -157,9 +174,33 @@ class Supervisor:
         elif new is Phase.FAILED:
             self._publish(session)
             self._launch_failed(session)
+            self._exec_finished(session)
         elif new is Phase.EXITED:
             self._publish(session)
             self._exited(session)
+            self._exec_finished(session)
+
+    def _exec_finished(self, session) -> None:
+        """An exec'd session ended: keep the last `keep_execs`, remove older ones."""
+        if session.id not in self._execs or session.config.restart \
+                or session.id in self._finished_execs:
+            return
+        self._finished_execs.append(session.id)
+        while len(self._finished_execs) > self.keep_execs:
+            self._forget(self._finished_execs.popleft())
+
+    def _forget(self, sid: str) -> None:
+        session = self.sessions.get(sid)
+        if session is None or session.phase not in (Phase.EXITED, Phase.FAILED):
+            return
+        del self.sessions[sid]
+        self._execs.discard(sid)
+        for table in (self._timers, self._backoff, self._started_at, self._stops):
+            table.pop(sid, None)
+        log.info("session %s: removed (an exec that finished; the last %d are kept)",
+                 sid, self.keep_execs)
+        if self._remove is not None:
+            self._remove(session)
 
     def _launch_failed(self, session) -> None:
         if self.stopping:

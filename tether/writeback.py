@@ -72,6 +72,30 @@ class WriteBack:
             log.error("could not publish session %s to guestinfo: %s", sid, err,
                       exc_info=log.isEnabledFor(logging.DEBUG))
 
+    def forget_session(self, session_config, sid: str) -> None:
+        """Take the keys `session` (`sid` in the map) wrote out of guestinfo: deleted
+        where the transport can delete (`info_delete`: the map and VMX-file transports),
+        else emptied, which a reader takes as absent (the VMware backdoor and virtio
+        guestinfo have no delete)."""
+        from extraconfig.codec import calculate_keys, encode_into
+        from extraconfig.transport import NIL
+        from tether.config import ExecutorConfig
+        try:
+            prefix = calculate_keys(ExecutorConfig, ["Sessions", sid])[0]
+            keys: list[str] = []
+            encode_into(lambda key, _value: keys.append(key), session_config, prefix=prefix)
+            delete = getattr(self.transport, "info_delete", None)
+            for key in keys:
+                if "/" in key:
+                    continue          # read-only: the guest never wrote it
+                if delete is not None:
+                    delete(key)
+                else:
+                    self.transport.info_set(key, NIL)
+        except Exception as err:   # noqa: BLE001
+            self.failures += 1
+            log.error("could not remove session %s from guestinfo: %s", sid, err)
+
     def everything(self, config) -> None:
         """Every read-write key of the executor (network assignments, all sessions)."""
         from extraconfig.codec import encode_into
@@ -94,7 +118,7 @@ class WriteBack:
         from extraconfig.transport import GuestSource
         from tether.config import ExecutorConfig
         message = " ".join(message.split())[:MESSAGE_LIMIT]
-        self._write(CONFIG_ERROR_KEY, message)
+        self.set_config_error(message)
         try:
             names = read_map_names(GuestSource(self.transport), ExecutorConfig, "Sessions")
         except DecodeError as err:
@@ -115,11 +139,13 @@ class WriteBack:
             answered.append(name)
         return answered
 
-    def clear_config_error(self) -> None:
-        """The config decoded: an error an earlier boot or reload left is withdrawn."""
+    def set_config_error(self, message: str) -> None:
+        """What is wrong with the config, in CONFIG_ERROR_KEY; "" withdraws an error an
+        earlier boot or reload left (nothing is written when there is none)."""
         from extraconfig.transport import GuestSource
-        if GuestSource(self.transport).get(CONFIG_ERROR_KEY):
-            self._write(CONFIG_ERROR_KEY, "")
+        message = " ".join(message.split())[:MESSAGE_LIMIT]
+        if message or GuestSource(self.transport).get(CONFIG_ERROR_KEY):
+            self._write(CONFIG_ERROR_KEY, message)
 
     def _write(self, key: str, value: str) -> None:
         try:

@@ -608,7 +608,7 @@ class Connection:
             raise ValueError(f"session {cfg.common.id} already exists")
         session = self.host.exec_session(cfg)
         if session.phase is not Phase.RUNNING:
-            raise ValueError(f"exec {cfg.cmd.path}: "
+            raise ValueError(f"exec {clip(cfg.cmd.path)}: "
                              f"{cfg.started if session.phase is Phase.FAILED else 'did not start'}")
         if message.get("attach", True) is False:
             self.ok(channel, id=session.id, pid=session.pid, tty=cfg.tty)
@@ -618,18 +618,34 @@ class Connection:
                           extra={"id": session.id, "pid": session.pid})
 
     def _req_copy_to(self, channel: int, message: dict) -> None:
-        path = p.require(message, "path", str)
+        path = _request_path(message)
         self.channels[channel] = CopyToChannel(self, channel, self.host.root, path,
                                                mode=message.get("mode"),
                                                as_tar=bool(message.get("tar")))
 
     def _req_copy_from(self, channel: int, message: dict) -> None:
-        path = p.require(message, "path", str)
+        path = _request_path(message)
         self.channels[channel] = CopyFromChannel(self, channel, self.host.root, path,
                                                  as_tar=message.get("tar"))
 
     def _req_stats(self, channel: int, message: dict) -> None:
         self.ok(channel, **collect_stats(self.host.sessions))
+
+
+PATH_LIMIT = 4096             # bytes of a copy path (PATH_MAX)
+
+
+def _request_path(message: dict) -> str:
+    """A copy request's path, checked before anything is opened or created: a NUL (which
+    no system call takes) or a path over PATH_MAX is refused with a clear error."""
+    path = p.require(message, "path", str)
+    if not path:
+        raise ValueError(f"{message['t']}: the path is empty")
+    if "\0" in path:
+        raise ValueError(f"{message['t']}: the path {clip(path)} contains a NUL byte")
+    if len(path.encode(errors="surrogateescape")) > PATH_LIMIT:
+        raise ValueError(f"{message['t']}: the path is longer than {PATH_LIMIT} bytes")
+    return path
 
 
 def _printable(text: str) -> str:
@@ -643,7 +659,7 @@ def _printable(text: str) -> str:
 
 def _exec_config(message: dict):
     import secrets
-    from tether.config import Cmd, Common, SessionConfig
+    from tether.config import Cmd, Common, SessionConfig, check_id
     args = p.require(message, "args", list)
     if not args or not all(isinstance(a, str) for a in args):
         raise ValueError("exec: args must be a non-empty list of strings")
@@ -652,9 +668,7 @@ def _exec_config(message: dict):
         env = ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"]
     if not isinstance(env, list) or not all(isinstance(e, str) for e in env):
         raise ValueError("exec: env must be a list of NAME=VALUE strings")
-    sid = message.get("id") or secrets.token_hex(16)
-    if not isinstance(sid, str):
-        raise ValueError("exec: id must be a string")
+    sid = check_id(message.get("id") or secrets.token_hex(16), "exec: id")
     tty = bool(message.get("tty"))
     return SessionConfig(
         common=Common(id=sid, name=str(message.get("name") or sid)),
