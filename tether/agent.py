@@ -81,7 +81,7 @@ class Options:
                  stop_grace: float = DEFAULT_STOP_GRACE, echo_output: bool | None = None,
                  before_reload=None, vic_attach: list[str] | None = None,
                  vic_options: dict | None = None, cgroups: bool | None = None,
-                 keep_execs: int | None = None):
+                 keep_execs: int | None = None, output_log_max: int | None = None):
         self.mode = mode or RunMode.detect()
         self.rootfs = rootfs
         self.output_log = output_log
@@ -94,6 +94,7 @@ class Options:
         self.vic_options = vic_options      # {"handshake": ..., "auth": ...}
         self.cgroups = cgroups              # None: as PID 1 of a VM; the sandbox says
         self.keep_execs = keep_execs        # finished exec'd sessions kept (None: default)
+        self.output_log_max = output_log_max  # a file output log rotates past it (bytes)
 
 
 class Agent:
@@ -283,7 +284,9 @@ class Agent:
                 system.set_raw_tty(fd)
             except OSError as err:
                 log.warning("output log %s: %s; leaving the line as it is", path, err.strerror)
-        self._log_port = LogPort(fd, self.loop)
+        from tether.iolog import OUTPUT_LOG_MAX
+        limit = self.options.output_log_max or OUTPUT_LOG_MAX
+        self._log_port = LogPort(fd, self.loop, path=path, max_bytes=limit)
         log.info("session output log: %s", path)
 
     def load_config(self) -> None:
@@ -594,6 +597,9 @@ class Agent:
         self.publish_all()
         if self._log_port is not None:
             self._log_port.drain()
+            if self._log_port.dropped:
+                log.warning("session output log: %d bytes of output dropped",
+                            self._log_port.dropped)
         if self.errors:
             log.warning("finished with %d error(s): %s", len(self.errors),
                         "; ".join(self.errors))

@@ -38,13 +38,16 @@ options:
   --stop-grace SECONDS   between the stop signal and SIGKILL (default 10)
   --keep-execs N         finished exec'd sessions kept (default 32); older ones are
                          removed with their guestinfo keys
+  --output-log-max BYTES a file output log is rotated to PATH.1 past this size
+                         (default 64 MiB)
 """
 
 _VALUED = {"--guestinfo-file": "guestinfo_file", "--rootfs": "rootfs",
            "--output-log": "output_log", "--attach": "attach_endpoints",
            "--log-port": "log_port", "--stop-grace": "stop_grace",
            "--vic-attach": "vic_attach", "--vic-handshake": "vic_handshake",
-           "--vic-auth": "vic_auth", "--keep-execs": "keep_execs"}
+           "--vic-auth": "vic_auth", "--keep-execs": "keep_execs",
+           "--output-log-max": "output_log_max"}
 _FLAGS = {"--no-attach": "no_attach", "--no-power-off": "no_power_off"}
 
 
@@ -57,7 +60,8 @@ def parse_args(argv: list[str]) -> SimpleNamespace:
     args = SimpleNamespace(guestinfo_file=None, rootfs=None, output_log=None,
                            attach_endpoints=None, log_port=None, stop_grace=DEFAULT_STOP_GRACE,
                            no_attach=False, no_power_off=False, help=False, vic_attach=None,
-                           vic_handshake=None, vic_auth=None, keep_execs=None)
+                           vic_handshake=None, vic_auth=None, keep_execs=None,
+                           output_log_max=None)
     items = list(argv)
     while items:
         item = items.pop(0)
@@ -81,10 +85,10 @@ def parse_args(argv: list[str]) -> SimpleNamespace:
                     args.stop_grace = float(value)
                 except ValueError:
                     raise UsageError(f"--stop-grace: not a number: {value!r}") from None
-            elif dest == "keep_execs":
+            elif dest in ("keep_execs", "output_log_max"):
                 if not value.isdigit():
-                    raise UsageError(f"--keep-execs: not a count: {value!r}")
-                args.keep_execs = int(value)
+                    raise UsageError(f"{name}: not a count: {value!r}")
+                setattr(args, dest, int(value))
             else:
                 setattr(args, dest, value)
         else:
@@ -118,7 +122,7 @@ def main(argv: list[str]) -> int:
                           stop_grace=args.stop_grace,
                           vic_attach=[] if args.no_attach else args.vic_attach,
                           vic_options={"handshake": args.vic_handshake, "auth": args.vic_auth},
-                          keep_execs=args.keep_execs)
+                          keep_execs=args.keep_execs, output_log_max=args.output_log_max)
         code = Agent(transport, options).run()
     except BaseException:   # noqa: BLE001 - the last guard of PID 1
         log.critical("the agent failed; stopping cleanly", exc_info=True)

@@ -159,6 +159,9 @@ def format_time(when_ns: int) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(secs)) + f".{nanos:09d}Z"
 
 
+OUTPUT_LOG_MAX = 64 << 20      # a regular-file output log is rotated past this size
+
+
 class LogPort:
     """Bytes to the output-log port without blocking the loop when the port is slow.
 
@@ -166,12 +169,18 @@ class LogPort:
     made non-blocking and fed from a bounded buffer on the loop; past `limit` bytes the
     oldest pending output is dropped and counted, rather than stalling every session.
 
+    A regular file given with its `path` is capped: once a write would take it past
+    `max_bytes`, it is renamed to PATH.1 (replacing the previous one) and a new PATH is
+    started, so the log holds at most about twice `max_bytes`. Writes are whole entries,
+    so each file reads on its own (`tether logs`).
+
     A write error (the host closed the port, a full disk) closes the port for good: the
-    fd is taken off the loop and closed, and later output is dropped quietly. The error
-    is logged once.
+    fd is taken off the loop and closed, and later output is dropped and counted. The
+    error is logged once.
     """
 
-    def __init__(self, fd: int, loop=None, limit: int = 8 << 20):
+    def __init__(self, fd: int, loop=None, limit: int = 8 << 20, *, path: str | None = None,
+                 max_bytes: int = OUTPUT_LOG_MAX):
         import os
         import stat
         self.fd = fd
@@ -179,9 +188,14 @@ class LogPort:
         self.limit = limit
         self.dropped = 0
         self.closed = False
+        self.rotations = 0
         self._pending = bytearray()
         self._waiting = False        # a writer callback is registered on the loop
-        self._direct = loop is None or stat.S_ISREG(os.fstat(fd).st_mode)
+        st = os.fstat(fd)
+        self._direct = loop is None or stat.S_ISREG(st.st_mode)
+        self._path = path if stat.S_ISREG(st.st_mode) and max_bytes > 0 else None
+        self._max = max_bytes
+        self._size = st.st_size
         if not self._direct:
             os.set_blocking(fd, False)
 
@@ -192,12 +206,23 @@ class LogPort:
     def write(self, data: bytes) -> None:
         import os
         if not data or self.closed:
+            if data:
+                self.dropped += len(data)
             return
         if self._direct:
+            if self._path is not None and self._size and self._size + len(data) > self._max:
+                self._rotate()
+                if self.closed:
+                    self.dropped += len(data)
+                    return
             try:
-                while data:
-                    data = data[os.write(self.fd, data):]
+                view = memoryview(data)
+                while view:
+                    n = os.write(self.fd, view)
+                    self._size += n
+                    view = view[n:]
             except OSError as err:
+                self.dropped += len(view)
                 self.close(err)
             return
         self._pending += data
@@ -207,6 +232,21 @@ class LogPort:
             self.dropped += extra
         if not self._waiting:
             self._flush()
+
+    def _rotate(self) -> None:
+        """PATH -> PATH.1, and a fresh PATH (see the class)."""
+        import os
+        try:
+            os.replace(self._path, self._path + ".1")
+            fd = os.open(self._path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC
+                         | os.O_NOCTTY, 0o644)
+        except OSError as err:
+            self.close(err)
+            return
+        os.close(self.fd)
+        self.fd = fd
+        self._size = 0
+        self.rotations += 1
 
     def _flush(self) -> None:
         import os

@@ -41,6 +41,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="none (as the reference) or key: a client must sign with "
                         "ExecutorConfig.Key")
     parser.add_argument("--output-log", help="write session output (iolog framing) here")
+    parser.add_argument("--output-log-max", type=int, default=None, metavar="BYTES",
+                        help="rotate the output log to OUTPUT_LOG.1 past this size "
+                        "(default 64 MiB)")
     parser.add_argument("--backdoor-sim", metavar="SOCKET",
                         help="take guestinfo (and TCLO) from a simulated VMware hypervisor "
                         "serving the backdoor's port calls on this unix socket")
@@ -285,7 +288,8 @@ def run_inside(args: argparse.Namespace, seed: dict[str, str],
                       before_reload=refresh_from_json,
                       vic_attach=[f"unix:{args.vic_attach}"] if args.vic_attach else [],
                       vic_options={"handshake": args.vic_handshake, "auth": args.vic_auth},
-                      cgroups=with_cgroups, keep_execs=args.keep_execs)
+                      cgroups=with_cgroups, keep_execs=args.keep_execs,
+                      output_log_max=args.output_log_max)
     try:
         code = Agent(transport, options).run()
     finally:
