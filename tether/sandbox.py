@@ -9,8 +9,9 @@ up): the agent configures the networks and the firewall there, and they stay aft
 
 The parent unshares, forks the agent (PID 1 inside), forwards SIGTERM/SIGINT/SIGHUP/
 SIGPWR to it and exits with its status. The agent writes the final guestinfo map (the
-keys it wrote included) as VMX lines to --out or stdout, and exits with the primary
-session's status (128+N when signal N killed it). On SIGHUP the JSON file is read again:
+keys it wrote included) as VMX lines to --out (mode 0600) or stdout (the executor Key
+redacted), and exits with the primary session's status (128+N when signal N killed it);
+a map that cannot be written is reported and the status kept. On SIGHUP the JSON file is read again:
 new sessions appear, read-only keys are refreshed, the agent's own keys are kept.
 """
 from __future__ import annotations
@@ -30,7 +31,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("config", help="the ExecutorConfig in JSON form (or VMX lines, "
                         "in a file named *.vmx)")
     parser.add_argument("--rootfs", help="container root directory (sessions chroot there)")
-    parser.add_argument("--out", help="write the final guestinfo map here (default: stdout)")
+    parser.add_argument("--out", help="write the final guestinfo map here, Key included "
+                        "(default: stdout, with the Key redacted)")
     parser.add_argument("--attach-socket", help="serve attach on this unix socket")
     parser.add_argument("--vic-attach", metavar="PATH",
                         help="serve VIC's attach (sync handshake, then SSH) on this unix "
@@ -88,6 +90,12 @@ def main(argv: list[str]) -> int:
     if args.rootfs and not os.path.isdir(args.rootfs):
         print(f"tether sandbox: --rootfs {args.rootfs}: not a directory", file=sys.stderr)
         return 2
+    if args.out:
+        try:   # find out now, not after the run, that the map cannot be written there
+            os.close(os.open(args.out, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
+        except OSError as err:
+            print(f"tether sandbox: --out {args.out}: {err.strerror}", file=sys.stderr)
+            return 2
     from tether import system
     flags = system.CLONE_NEWPID | system.CLONE_NEWNS | system.CLONE_NEWUTS | system.CLONE_NEWIPC
     try:
@@ -295,11 +303,29 @@ def run_inside(args: argparse.Namespace, seed: dict[str, str],
     finally:
         import shutil
         shutil.rmtree(state_dir, ignore_errors=True)
-    from extraconfig.transport import format_vmx
-    text = format_vmx(store)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text)
-    else:
-        sys.stdout.write(text)
+    write_guestinfo(store, args.out)
     return code
+
+
+def write_guestinfo(store: dict[str, str], out: str | None) -> None:
+    """The final map as VMX lines: to `out` in full (mode 0600: it holds the Key), or to
+    stdout with the executor Key redacted. A failure is reported, not raised: the exit
+    status stays the primary's."""
+    from extraconfig.codec import calculate_key
+    from extraconfig.transport import format_vmx
+    from tether.agent import REDACTED
+    from tether.config import ExecutorConfig
+    try:
+        if out:
+            fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            with open(fd, "w", encoding="utf-8", errors="surrogateescape") as f:
+                f.write(format_vmx(store))
+            return
+        key = calculate_key(ExecutorConfig, ["Key"])
+        shown = {k: REDACTED if k.partition("@")[0] == key and v else v
+                 for k, v in store.items()}
+        sys.stdout.write(format_vmx(shown))
+        sys.stdout.flush()
+    except OSError as err:
+        print(f"tether sandbox: cannot write the guestinfo map to {out or 'stdout'}: "
+              f"{err.strerror or err}", file=sys.stderr)
