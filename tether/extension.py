@@ -137,7 +137,7 @@ def encode_session_into(sink, config, session) -> None:
     """One session's extension subtree (its read-write keys are the exit records)."""
     from extraconfig.codec import calculate_keys, encode_into
     ext = Extension(sessions={session.common.id: session_extension(session)})
-    prefix = calculate_keys(ext, f"Sessions.{session.common.id}", prefix=ROOT)[0]
+    prefix = calculate_keys(ext, ["Sessions", session.common.id], prefix=ROOT)[0]
     encode_into(sink, ext.sessions[session.common.id], prefix=prefix)
 
 

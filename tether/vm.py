@@ -255,7 +255,7 @@ class VmxGuestinfo:
 
 def primary_started_key(config) -> str:
     from extraconfig import calculate_key
-    return calculate_key(config, f"Sessions.{config.id}.Started")
+    return calculate_key(config, ["Sessions", config.id, "Started"])
 
 
 # --------------------------------------------------------------------------- the machine

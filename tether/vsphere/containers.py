@@ -214,7 +214,7 @@ def create_vm(conn: Connection, placement: Placement, plan: S.VmPlan) -> vim.Vir
 def started_key(config) -> str:
     """The guestinfo key of the primary session's `started`, which the agent writes last."""
     from extraconfig import calculate_key
-    return calculate_key(config, f"Sessions.{config.id}.Started")
+    return calculate_key(config, ["Sessions", config.id, "Started"])
 
 
 def vm_state(conn: Connection, vm) -> tuple[str, dict[str, str]]:

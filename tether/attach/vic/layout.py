@@ -93,6 +93,6 @@ def write_runblock(sink, config, session_id: str) -> None:
     read-only, so the key is written directly."""
     from extraconfig import calculate_key
     from extraconfig.keys import ROOT
-    prefix = calculate_key(config, f"Sessions.{session_id}")
+    prefix = calculate_key(config, ["Sessions", session_id])
     body = prefix[len(ROOT):].replace("/", ".")
     sink(ROOT + body + ".runblock", "false")
