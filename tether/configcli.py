@@ -29,12 +29,11 @@ def encode_command(path: str) -> int:
 
     from .extension import encode_config
 
-    from .jsonform import ConfigError, config_from_json
+    from .jsonform import ConfigError, config_from_json, parse_json
 
+    obj = parse_json(_read(path), path)
     try:
-        cfg = config_from_json(json.loads(_read(path)))
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+        cfg = config_from_json(obj)
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
     # as vSphere stores them: an empty value would delete the key, so it is "<nil>"
@@ -90,4 +89,6 @@ def main(argv: list[str]) -> int:
         print(f"tether config: {e.filename or path}: {e.strerror}", file=sys.stderr)
     except ValueError as e:          # ConfigError, DecodeError, malformed VMX
         print(f"tether config {command}: {e}", file=sys.stderr)
+    except RecursionError:
+        print(f"tether config {command}: {path}: nested too deeply to read", file=sys.stderr)
     return 1

@@ -363,18 +363,27 @@ def _drop_default_id(entry: dict | None, key: str) -> None:
             del entry["common"]
 
 
+def parse_json(text: str, where: str):
+    """JSON text as Python values; ConfigError (naming `where`) for text that is not JSON
+    or is nested too deeply to read (Python's parser recurses)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{where}: invalid JSON at line {e.lineno} column {e.colno}: "
+                          f"{e.msg}") from None
+    except RecursionError:
+        raise ConfigError(f"{where}: the JSON is nested too deeply to read") from None
+
+
 def load_config(path: str) -> ExecutorConfig:
     """Read a JSON config file; errors name the file and the path inside it."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            obj = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+    with open(path, encoding="utf-8") as f:
+        obj = parse_json(f.read(), path)
     try:
         return config_from_json(obj)
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
 
 
-__all__ = ["ConfigError", "config_from_json", "config_to_json", "load_config",
+__all__ = ["ConfigError", "config_from_json", "config_to_json", "load_config", "parse_json",
            "ExecutorConfig", "SessionConfig", "NetworkEndpoint"]

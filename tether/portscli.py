@@ -9,7 +9,6 @@ container port it reaches). A bad spec is reported as the agent would, exit stat
 """
 from __future__ import annotations
 
-import json
 import sys
 
 USAGE = "usage: tether ports FILE [ENDPOINT]   (FILE: JSON config or VMX lines; '-': stdin)"
@@ -20,9 +19,9 @@ def load(text: str):
     from extraconfig.transport import NIL, parse_vmx
 
     from .config import ExecutorConfig
-    from .jsonform import config_from_json
+    from .jsonform import config_from_json, parse_json
     if text.lstrip().startswith("{"):
-        return config_from_json(json.loads(text))
+        return config_from_json(parse_json(text, "the config"))
     entries = parse_vmx(text)
     return decode({k: (v if v != NIL else "") for k, v in entries.items()}, ExecutorConfig)
 
