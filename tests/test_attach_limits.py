@@ -449,3 +449,36 @@ def test_the_vsock_listener_takes_only_the_host_unless_told(endpoint, taken):
     finally:
         for peer in fake.peers:
             peer.close()
+
+
+def test_the_client_library_works_on_an_fd_above_1023(unix_server):
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard < 2100:
+        pytest.skip(f"RLIMIT_NOFILE hard limit {hard} is below 2100")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 2100), hard))
+    filler = []
+    result = {}
+    try:
+        while True:    # push the client's socket past select()'s FD_SETSIZE
+            fd = os.open("/dev/null", os.O_RDONLY)
+            filler.append(fd)
+            if fd >= 1100:
+                break
+
+        def client():
+            try:
+                with Client.connect(f"unix:{unix_server.path}", KEY, timeout=20) as c:
+                    result["fd"] = c.fileno()
+                    result["ping"] = c.ping("high")["data"]
+            except Exception as err:   # noqa: BLE001 - reported below
+                result["error"] = repr(err)
+        thread = threading.Thread(target=client)
+        thread.start()
+        unix_server.run(lambda: not thread.is_alive(), timeout=30)
+        thread.join(5)
+    finally:
+        for fd in filler:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert result.get("fd", 0) > 1023 and result.get("ping") == "high", result

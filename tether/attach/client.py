@@ -13,6 +13,7 @@ without also reading, so a chatty agent cannot deadlock a client that is sending
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import select
 import time
@@ -28,6 +29,20 @@ READ_SIZE = 1 << 20
 
 class ClientError(Exception):
     """The agent refused a request or the connection failed; the text says why."""
+
+
+def wait_fd(fd: int, timeout: float | None, *, write: bool = False) -> tuple[bool, bool]:
+    """(readable, writable) of `fd` within `timeout` seconds (None: no limit), by poll(2):
+    select(2) cannot take an fd above 1023, which a program with many files open has.
+    A hang-up or an error counts as readable (the read then says what happened)."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN | (select.POLLOUT if write else 0))
+    events = poller.poll(None if timeout is None else math.ceil(max(0.0, timeout) * 1000))
+    mask = 0
+    for _, event in events:
+        mask |= event
+    readable = bool(mask & (select.POLLIN | select.POLLHUP | select.POLLERR | select.POLLNVAL))
+    return readable, bool(mask & select.POLLOUT)
 
 
 class Client:
@@ -95,7 +110,7 @@ class Client:
             raise ClientError(self._closed_error)
         while True:
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            ready, _, _ = select.select([self.conn.fd], [], [], left)
+            ready, _ = wait_fd(self.conn.fd, left)
             if not ready:
                 if left is not None and time.monotonic() >= deadline:
                     raise TimeoutError(f"no answer from the agent for {waiting_for} "
@@ -143,7 +158,7 @@ class Client:
             if left <= 0:
                 raise TimeoutError("the agent has not read what we sent for "
                                    f"{self.timeout:.0f}s")
-            readable, _, _ = select.select([fd], [fd], [], left)
+            readable, _ = wait_fd(fd, left, write=True)
             if readable:   # keep reading while we wait, so neither side can deadlock
                 data_in = self.conn.read(256 << 10)
                 if data_in == b"":
