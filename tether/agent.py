@@ -138,6 +138,8 @@ class Agent:
         self._invalid_ids: dict[str, str] = {}   # session names that cannot be IDs: why
         self._etc = None
         self._mounted_volumes: set[str] = set()
+        self._reload_worker = None   # a reload's volume mounts in progress
+        self._reload_again = False   # a SIGHUP came meanwhile
         self.mode = options.mode
         from tether.isolation import Isolation
         self.isolation = Isolation()   # cgroups (step "cgroups"), privileges, hooks
@@ -412,24 +414,68 @@ class Agent:
                 hostname=hostname_for(self.config.common.id),
                 post=self.loop.call_soon_threadsafe)
             self._firewall = Firewall()
+        # at boot the sessions wait for the leases; later (a reload) the loop must not
+        self._network.wait_for_leases = not self.sessions
         try:
             apply_networks(self._firewall, self._network, networks)
         except FirewallError as err:
             raise FirewallError(f"firewall: {err}") from None
 
     def mount_volumes(self) -> None:
-        mounts = self.config.mounts
-        if not mounts:
-            return
-        if not self.mode.owns_namespaces:
-            log.warning("not PID 1: the configured volumes are not mounted")
-            return
-        new = {k: v for k, v in mounts.items() if k not in self._mounted_volumes}
+        """At boot: mount the volumes, in place (nothing runs yet)."""
+        new = self._new_volumes()
         if not new:
             return
         from tether.volumes import mount_volumes
         mount_volumes(new, self.root)
         self._mounted_volumes.update(new)
+
+    def _new_volumes(self) -> dict:
+        mounts = self.config.mounts
+        if not mounts:
+            return {}
+        if not self.mode.owns_namespaces:
+            log.warning("not PID 1: the configured volumes are not mounted")
+            return {}
+        return {k: v for k, v in mounts.items() if k not in self._mounted_volumes}
+
+    def _mount_off_loop(self, then) -> None:
+        """On reload: mount the new volumes on a worker thread (a disk that is slow to
+        appear, an NFS server that does not answer, must not hold the loop), then
+        `then()` on the loop. The worker gets copies of the specs and touches nothing
+        else; the loop records what it mounted."""
+        new = self._new_volumes()
+        if not new:
+            then()
+            return
+        import copy
+        import threading
+        from tether.volumes import mount_volumes
+        specs, root = copy.deepcopy(new), self.root
+        log.info("reload: mounting %s", ", ".join(sorted(specs)))
+
+        def work() -> None:
+            error = None
+            try:
+                mount_volumes(specs, root)
+            except Exception as err:   # noqa: BLE001 - reported on the loop
+                error = err
+            self.loop.call_soon_threadsafe(lambda: self._volumes_mounted(specs, error, then))
+        self._reload_worker = threading.Thread(target=work, name="reload-volumes",
+                                               daemon=True)
+        self._reload_worker.start()
+
+    def _volumes_mounted(self, specs: dict, error, then) -> None:
+        self._reload_worker = None
+        if error is None:
+            self._mounted_volumes.update(specs)
+        else:
+            self.errors.append(f"volumes: {error}")
+            log.error("step volumes failed: %s; carrying on", error)
+        then()
+        if self._reload_again and not self.stopping:
+            self._reload_again = False
+            self.reload()
 
     def start_attach(self) -> None:
         endpoints = self.options.attach_endpoints
@@ -541,13 +587,19 @@ class Agent:
         if self.stopping or self.config is None:
             log.info("reload ignored: %s", "stopping" if self.stopping else "no config yet")
             return
+        if self._reload_worker is not None:
+            self._reload_again = True
+            log.info("reload: the last one is still mounting volumes; this one follows it")
+            return
         log.info("reloading the configuration")
         self.guarded("reload", self._reload)
 
     def _reload(self) -> None:
         """The reload rule (tether/config.py): read-only fields from the host, read-write
         fields ours. Then apply what it changed: networks, new volumes, new sessions, and
-        Restart sessions that are down."""
+        Restart sessions that are down. Nothing here holds the loop: a new DHCP endpoint's
+        lease is applied when it comes, new volumes are mounted on a worker thread, and
+        the sessions are launched once they are."""
         from tether.config import take_host_fields
         from tether.extension import take_host_extension
         if self.options.before_reload is not None:
@@ -558,7 +610,14 @@ class Agent:
         take_host_extension(self.config, fresh)
         self.set_log_level()
         self.guarded("networks", self.apply_networks)
-        self.guarded("volumes", self.mount_volumes)
+        if not self.guarded("volumes", self._mount_off_loop, self._after_reload_mounts):
+            self._after_reload_mounts()
+
+    def _after_reload_mounts(self) -> None:
+        self.guarded("reload", self._reload_sessions)
+
+    def _reload_sessions(self) -> None:
+        """New sessions launched, `Restart` ones that are down relaunched."""
         for sid, cfg in sorted((self.config.sessions or {}).items()):
             if cfg is None:
                 continue

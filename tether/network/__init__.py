@@ -65,6 +65,10 @@ class NetworkManager:
         self.dhcp_timeout = dhcp_timeout
         self._configured: dict[str, str] = {}     # endpoint name -> config it was applied from
         self._nic_index: dict[str, int] = {}      # endpoint id -> link index (names change)
+        # At boot apply() waits for a new endpoint's first DHCP lease (the sessions need
+        # the network); after that (a reload) it must not hold the loop: the lease is
+        # applied on the loop when it comes, as a renewal is.
+        self.wait_for_leases = True
         self.interfaces: dict[str, str] = {}      # endpoint name -> its NIC's name (firewall)
         self._dhcp = None                          # DhcpService, started on first need
 
@@ -121,6 +125,9 @@ class NetworkManager:
             self._apply_address(ipr, index, ifname, name, endpoint, lease=None)
             return
         handle = self._dhcp_for(ipr, index, ifname, endpoint)
+        if handle.lease is None and not self.wait_for_leases:
+            self._first_lease_later(name, ifname, handle)
+            return
         try:
             lease = handle.lease or handle.wait_first(self.dhcp_timeout)
         except Exception:
@@ -129,6 +136,26 @@ class NetworkManager:
                 f"network {name}: no DHCP lease on {ifname} within {self.dhcp_timeout:g}s; "
                 "is a DHCP server reachable on that network?") from None
         self._apply_address(ipr, index, ifname, name, endpoint, lease=lease)
+
+    def _first_lease_later(self, name: str, ifname: str, handle) -> None:
+        """Do not wait for the first lease: when it comes, it goes to the loop like a
+        renewal (`_on_lease`); if it has not come in dhcp_timeout, say so."""
+        import threading
+        self.log.info("network %s: asking for a DHCP lease on %s (applied when it comes)",
+                      name, ifname)
+
+        def arrived(future) -> None:     # on the DHCP thread, or at once
+            if not future.cancelled() and future.exception() is None:
+                self._lease_event(ifname, future.result(), "bound")
+
+        def late() -> None:              # on the loop
+            if self._dhcp is not None and handle.lease is None:
+                self.log.error("network %s: no DHCP lease on %s within %gs; still asking",
+                               name, ifname, self.dhcp_timeout)
+        handle.first_lease.add_done_callback(arrived)
+        timer = threading.Timer(self.dhcp_timeout, lambda: self.post(late))
+        timer.daemon = True
+        timer.start()
 
     def _find_nic(self, ipr, name: str, endpoint) -> tuple[str, int]:
         from . import link
