@@ -236,8 +236,8 @@ class Connection:
             channel = message.get("ch")
             if isinstance(channel, int) and self.handshake.authenticated:
                 self.channels.pop(channel, None)
-                self.send({"t": p.ERROR, "ch": channel, "msg": clip(
-                    f"internal error: {type(err).__name__}: {err}", REASON_LIMIT)})
+                self.send({"t": p.ERROR, "ch": channel, "msg": _printable(
+                    f"internal error: {type(err).__name__}: {err}")})
 
     def _check_input_limits(self) -> None:
         """After a read: a peer that has not authenticated and keeps sending bad frames or
