@@ -80,10 +80,13 @@ class WriteBack:
         from extraconfig.codec import calculate_keys, encode_into
         from extraconfig.transport import NIL
         from tether.config import ExecutorConfig
+        from tether.extension import encode_session_into
         try:
             prefix = calculate_keys(ExecutorConfig, ["Sessions", sid])[0]
             keys: list[str] = []
-            encode_into(lambda key, _value: keys.append(key), session_config, prefix=prefix)
+            collect = lambda key, _value: keys.append(key)   # noqa: E731
+            encode_into(collect, session_config, prefix=prefix)
+            encode_session_into(collect, None, session_config)   # our exit records
             delete = getattr(self.transport, "info_delete", None)
             for key in keys:
                 if "/" in key:
