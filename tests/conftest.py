@@ -29,7 +29,6 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-VECTORS = REPO.parent / "shared" / "vectors"
 DEFAULT_TIMEOUT = 120.0
 
 

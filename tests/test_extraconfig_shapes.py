@@ -30,7 +30,7 @@ def codec_path(request, monkeypatch):
     return request.param
 
 
-VECTORS = Path(__file__).resolve().parents[1].parent / "shared" / "vectors"
+VECTORS = Path(__file__).resolve().parent / "data"   # see data/README.md
 RO, RW, HID = "read-only", "read-write", "hidden"
 
 

@@ -88,7 +88,7 @@ def assert_only_pipe_deviation(ours: dict, theirs: dict) -> None:
 
 def without_deviation_probe(lookups: list[str]) -> list[str]:
     """Drop the one extra probe our decoder makes for the indexed form: `K|0` right after
-    a missing `K~` (see the deviation in DESIGN.md)."""
+    a missing `K~` (the `|` deviation in docs/config.md)."""
     out: list[str] = []
     for entry in lookups:
         if out and entry.endswith(" -> MISSING") and out[-1].endswith(" -> MISSING"):
