@@ -1,4 +1,4 @@
-"""The output-log framing (reference §8.3) and `tether logs`."""
+"""The output-log framing (VIC's `lib/iolog`) and `tether logs`."""
 from __future__ import annotations
 
 import base64

@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 CHILD = REPO / "tests" / "test_network_child.py"
 
 
-# -- pure: the slot table of reference §6.1 ----------------------------------------------------
+# -- pure: the reference's PCI slot table ------------------------------------------------------
 @pytest.mark.parametrize("slot,numbering,path", [
     (0, "old", "0000:00:00.0"),
     (32, "old", "0000:00:11.0/0000:*:00.0"),
