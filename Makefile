@@ -5,7 +5,7 @@
 # `make test-strict` fails, rather than skips, tests whose tool, root or kernel facility is
 # missing (as CI does, with CI=true), apart from the allow-list in tests/helpers.py.
 PY := .venv/bin/python
-PYTEST := $(PY) -m pytest -q -rs
+PYTEST := $(PY) -m pytest -q -rfEs
 
 .PHONY: deps setup run sandbox image test test-strict
 deps:

@@ -1,235 +1,24 @@
-"""Shared fixtures: run the real agent as PID 1 of new namespaces (`tether sandbox`).
+"""Fixtures and hooks only; what tests share otherwise is in tests/helpers.py.
 
-    result = run_sandbox(config)                  # config: ExecutorConfig or JSON dict
-    result.returncode, result.log, result.guestinfo, result.config.sessions[id].started
-
-    with running_sandbox(config) as box:          # leaves it running
-        box.wait_for_log(r"serving")
-        box.signal(signal.SIGTERM)
-        result = box.wait()
-
-The `sandbox` fixture gives the same two as `sandbox.run(...)` / `sandbox.start(...)`
-with a per-test directory, and tears down anything still running. Tests that use it are
-skipped (with the reason) where namespaces cannot be created.
+Fixtures: `sandbox` (the agent as PID 1 of new namespaces, torn down after the test) and
+`image_dir` (the bootstrap image, built once per run). Hooks: under strict mode (CI=true,
+`make test-strict`) a skip fails unless it is an allowed missing facility or a test that
+does not apply here; every run ends with one line counting the skips by reason.
 """
 from __future__ import annotations
 
-import contextlib
-import json
-import os
-import re
-import signal
-import subprocess
-import sys
-import tempfile
-import time
-import uuid
+from collections import Counter
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_TIMEOUT = 120.0
-
-
-def unique(prefix: str = "t") -> str:
-    return f"{prefix}{uuid.uuid4().hex[:8]}"
-
-
-def sid() -> str:
-    """A session/container ID shaped like VIC's (64 hex)."""
-    return uuid.uuid4().hex + uuid.uuid4().hex
-
-
-_NAMESPACE_PROBE: str | None = None
-
-
-def namespaces_unavailable() -> str | None:
-    """None if PID/mount/UTS/IPC namespaces can be created here, else the reason."""
-    global _NAMESPACE_PROBE
-    if _NAMESPACE_PROBE is None:
-        if os.geteuid() != 0:
-            _NAMESPACE_PROBE = "needs root for PID/mount/UTS/IPC namespaces"
-        else:
-            probe = ("from tether import system; system.unshare(system.CLONE_NEWPID | "
-                     "system.CLONE_NEWNS | system.CLONE_NEWUTS | system.CLONE_NEWIPC)")
-            run = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
-                                 cwd=REPO, timeout=60)
-            _NAMESPACE_PROBE = "" if run.returncode == 0 else (
-                "cannot create namespaces here: " + run.stderr.strip().splitlines()[-1])
-    return _NAMESPACE_PROBE or None
-
-
-class SandboxResult:
-    def __init__(self, returncode: int, guestinfo: dict[str, str], log: str,
-                 output_log: bytes | None):
-        self.returncode = returncode
-        self.guestinfo = guestinfo
-        self.log = log
-        self.output_log = output_log
-
-    @property
-    def config(self):
-        """The final guestinfo decoded as the host would: an ExecutorConfig."""
-        from extraconfig.codec import decode
-        from extraconfig.transport import GuestSource, MapTransport
-        from tether.config import ExecutorConfig
-        return decode(GuestSource(MapTransport(dict(self.guestinfo))), ExecutorConfig)
-
-    def session(self, session_id: str):
-        return self.config.sessions[session_id]
-
-    def __repr__(self) -> str:
-        return f"SandboxResult(returncode={self.returncode}, log=...{self.log[-2000:]!r})"
-
-
-def write_config(config, directory: str) -> str:
-    """An ExecutorConfig goes in as VMX lines; a dict as the JSON form."""
-    if isinstance(config, dict):
-        path = os.path.join(directory, "config.json")
-        with open(path, "w") as f:
-            json.dump(config, f)
-        return path
-    from extraconfig.codec import encode
-    from extraconfig.transport import format_vmx
-    path = os.path.join(directory, "config.vmx")
-    with open(path, "w") as f:
-        f.write(format_vmx(encode(config)))
-    return path
-
-
-class SandboxProcess:
-    """A running `tether sandbox`; its log is collected in a file you can poll."""
-
-    def __init__(self, config, *, rootfs=None, attach_socket=None, output_log=False,
-                 extra_args=(), env=None, directory=None, stop_grace=5.0):
-        self.dir = directory or tempfile.mkdtemp(prefix="tether-test-")
-        self.config_path = write_config(config, self.dir)
-        self.out_path = os.path.join(self.dir, "guestinfo.out")
-        self.log_path = os.path.join(self.dir, "agent.log")
-        self.output_log_path = os.path.join(self.dir, "output.log") if output_log else None
-        argv = [sys.executable, "-m", "tether", "sandbox", self.config_path,
-                "--out", self.out_path, "--stop-grace", str(stop_grace)]
-        if rootfs is not None:
-            argv += ["--rootfs", str(rootfs)]
-        if attach_socket is not None:
-            argv += ["--attach-socket", str(attach_socket)]
-        if self.output_log_path:
-            argv += ["--output-log", self.output_log_path]
-        argv += list(extra_args)
-        full_env = dict(os.environ)
-        full_env["PYTHONPATH"] = str(REPO) + os.pathsep + full_env.get("PYTHONPATH", "")
-        full_env.update(env or {})
-        self._log_file = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL,
-                                     stdout=subprocess.DEVNULL, stderr=self._log_file,
-                                     cwd=REPO, env=full_env)
-        self.pid = self.proc.pid
-
-    def log_text(self) -> str:
-        with open(self.log_path, "rb") as f:
-            return f.read().decode(errors="replace")
-
-    def wait_for_log(self, pattern: str, timeout: float = DEFAULT_TIMEOUT, count: int = 1):
-        """Wait until `pattern` (a regex) appears `count` times in the log."""
-        deadline = time.monotonic() + timeout
-        regex = re.compile(pattern)
-        while True:
-            found = regex.findall(self.log_text())
-            if len(found) >= count:
-                return found
-            if self.proc.poll() is not None:
-                raise AssertionError(f"sandbox exited ({self.proc.returncode}) before "
-                                     f"{pattern!r} appeared; log:\n{self.log_text()}")
-            if time.monotonic() > deadline:
-                raise AssertionError(f"{pattern!r} not in the log after {timeout}s; "
-                                     f"log:\n{self.log_text()}")
-            time.sleep(0.05)
-
-    def signal(self, signum: int) -> None:
-        self.proc.send_signal(signum)
-
-    def wait(self, timeout: float = DEFAULT_TIMEOUT) -> SandboxResult:
-        try:
-            code = self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.kill()
-            raise AssertionError(f"sandbox still running after {timeout}s; log:\n"
-                                 f"{self.log_text()}") from None
-        return self._result(code)
-
-    def _result(self, code: int) -> SandboxResult:
-        from extraconfig.transport import parse_vmx
-        self._log_file.close()
-        guestinfo = {}
-        if os.path.exists(self.out_path):
-            with open(self.out_path, encoding="utf-8", errors="surrogateescape") as f:
-                guestinfo = parse_vmx(f.read())
-        output = None
-        if self.output_log_path and os.path.exists(self.output_log_path):
-            with open(self.output_log_path, "rb") as f:
-                output = f.read()
-        return SandboxResult(code, guestinfo, self.log_text(), output)
-
-    def kill(self) -> None:
-        """SIGKILL the sandbox; its PID 1 dies with it (parent-death signal), and with
-        PID 1 the whole namespace."""
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(30)
-        if not self._log_file.closed:
-            self._log_file.close()
-
-
-def run_sandbox(config, rootfs=None, attach_socket=None, timeout: float = DEFAULT_TIMEOUT,
-                **kw) -> SandboxResult:
-    """Run the agent in a sandbox to the end: exit code, final guestinfo, log text."""
-    box = SandboxProcess(config, rootfs=rootfs, attach_socket=attach_socket, **kw)
-    try:
-        return box.wait(timeout)
-    finally:
-        box.kill()
-
-
-@contextlib.contextmanager
-def running_sandbox(config, rootfs=None, attach_socket=None, **kw):
-    """The agent left running in a sandbox; killed on the way out if still alive."""
-    box = SandboxProcess(config, rootfs=rootfs, attach_socket=attach_socket, **kw)
-    try:
-        yield box
-    finally:
-        box.kill()
-
-
-class SandboxRunner:
-    def __init__(self, directory: Path):
-        self.directory = directory
-        self._boxes: list[SandboxProcess] = []
-
-    def _dir(self) -> str:
-        path = self.directory / unique("box")
-        path.mkdir()
-        return str(path)
-
-    def run(self, config, timeout: float = DEFAULT_TIMEOUT, **kw) -> SandboxResult:
-        box = self.start(config, **kw)
-        return box.wait(timeout)
-
-    def start(self, config, **kw) -> SandboxProcess:
-        box = SandboxProcess(config, directory=self._dir(), **kw)
-        self._boxes.append(box)
-        return box
-
-    def close(self) -> None:
-        for box in self._boxes:
-            box.kill()
+from helpers import (ALLOWED_MISSING, REPO, MissingFacility, NotApplicable, SandboxRunner,
+                     build_image, require_namespaces, strict_mode)
 
 
 @pytest.fixture
 def sandbox(tmp_path):
-    reason = namespaces_unavailable()
-    if reason:
-        pytest.skip(reason)
+    require_namespaces()
     runner = SandboxRunner(tmp_path)
     try:
         yield runner
@@ -237,26 +26,64 @@ def sandbox(tmp_path):
         runner.close()
 
 
-# -- building configs ----------------------------------------------------------------------
-def session_config(session_id: str, argv: list[str], *, env=None, path=None, **fields):
-    """A SessionConfig running `argv` (path defaults to argv[0])."""
-    from tether.config import Cmd, Common, SessionConfig
-    cfg = SessionConfig(common=Common(id=session_id),
-                        cmd=Cmd(path=path or argv[0], args=list(argv),
-                                env=list(env) if env is not None
-                                else ["PATH=/usr/sbin:/usr/bin:/sbin:/bin"]))
-    for name, value in fields.items():
-        setattr(cfg, name, value)
-    return cfg
+@pytest.fixture(scope="session")
+def image_dir() -> Path:
+    return build_image(REPO / "build")
 
 
-def executor_config(primary=None, *others, executor_id: str | None = None, debug: int = 0):
-    """An ExecutorConfig whose primary session is `primary` (its ID is the executor's)."""
-    from tether.config import Common, Diagnostics, ExecutorConfig
-    sessions = {}
-    for s in (primary, *others):
-        if s is not None:
-            sessions[s.common.id] = s
-    ident = executor_id or (primary.common.id if primary is not None else sid())
-    return ExecutorConfig(common=Common(id=ident, name="test"),
-                          diagnostics=Diagnostics(debug_level=debug), sessions=sessions)
+# -- skips: strict mode and the closing count ---------------------------------------------
+def _skip_kind(exc) -> str:
+    """Why a test skipped, as the closing line counts it."""
+    if isinstance(exc, MissingFacility):
+        if exc.facility in ALLOWED_MISSING:
+            return f"{exc.facility} (allowed)"
+        return exc.facility
+    if isinstance(exc, NotApplicable):
+        return "not applicable here"
+    return "other"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if not report.skipped or call.excinfo is None or hasattr(report, "wasxfail"):
+        return
+    exc = call.excinfo.value
+    kind = _skip_kind(exc)
+    report.user_properties.append(("skip_kind", kind))
+    reason = getattr(exc, "msg", None) or str(exc)
+    if isinstance(exc, (MissingFacility, NotApplicable)):
+        path, line, _ = item.reportinfo()     # the test, not the helper that raised
+        report.longrepr = (str(path), (line or 0) + 1, f"{kind}: {reason}")
+    allowed = kind.endswith("(allowed)") or isinstance(exc, NotApplicable)
+    if strict_mode() and not allowed:
+        report.outcome = "failed"
+        report.longrepr = (
+            f"strict mode (CI=true or make test-strict): this test would have skipped: "
+            f"{reason}\nOnly these facilities may be missing: "
+            + "; ".join(f"{name} ({why})" for name, why in ALLOWED_MISSING.items()))
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector):
+    """A whole module skipped at import (e.g. a module-level importorskip)."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.skipped and strict_mode():
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr
+        report.outcome = "failed"
+        report.longrepr = (f"strict mode (CI=true or make test-strict): {collector.nodeid} "
+                           f"would have been skipped whole: {reason}")
+
+
+def pytest_terminal_summary(terminalreporter):
+    skipped = terminalreporter.stats.get("skipped", [])
+    if not skipped:
+        return
+    kinds = Counter(dict(getattr(r, "user_properties", ())).get("skip_kind", "other")
+                    for r in skipped)
+    parts = ", ".join(f"{count} {kind}" for kind, count in kinds.most_common())
+    terminalreporter.write_line(f"skipped {len(skipped)}: {parts}"
+                                + ("" if strict_mode() else
+                                   " (make test-strict or CI=true fails these, bar the allowed)"))

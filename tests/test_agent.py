@@ -8,7 +8,8 @@ import signal
 import subprocess
 import sys
 
-from conftest import REPO, executor_config, session_config, sid
+from helpers import (REPO, executor_config, require_namespaces, require_tool, session_config,
+                     sid, write_config)
 from tether import iolog
 
 SHELL_ENV = ["PATH=/usr/sbin:/usr/bin:/sbin:/bin"]
@@ -49,7 +50,6 @@ def test_sighup_launches_a_new_session(sandbox, tmp_path):
     box.wait_for_log(r"serving 1 session")
     added = session_config("added", ["/bin/sh", "-c", f"touch {flag}; echo added-ran"])
     config.sessions["added"] = added
-    from conftest import write_config
     write_config(config, box.dir)
     box.signal(signal.SIGHUP)
     result = box.wait()
@@ -229,11 +229,7 @@ def test_sandbox_json_config_exit_status(sandbox, tmp_path):
 
 
 def test_sandbox_hello_example(tmp_path):
-    from conftest import namespaces_unavailable
-    import pytest
-    reason = namespaces_unavailable()
-    if reason:
-        pytest.skip(reason)
+    require_namespaces()
     out = tmp_path / "out.vmx"
     run = subprocess.run([sys.executable, "-m", "tether", "sandbox", "examples/hello.json",
                           "--out", str(out)], cwd=REPO, capture_output=True, text=True,
@@ -251,12 +247,8 @@ def test_sandbox_hello_example(tmp_path):
 def test_pid1_of_a_vm_powers_off_through_reboot(tmp_path):
     """`tether agent` as PID 1 (not the sandbox) ends in reboot(RB_POWER_OFF). In a PID
     namespace the kernel turns that into SIGINT for the namespace's init."""
-    import shutil
-    import pytest
-    from conftest import namespaces_unavailable, write_config
-    reason = namespaces_unavailable() or (None if shutil.which("unshare") else "no unshare(1)")
-    if reason:
-        pytest.skip(reason)
+    require_namespaces()
+    require_tool("unshare")
     primary = session_config(sid(), ["/bin/sh", "-c", "echo vm-session; exit 5"])
     vmx = write_config(executor_config(primary), str(tmp_path))
     run = subprocess.run(["unshare", "--pid", "--fork", "--mount", "--uts", "--ipc",

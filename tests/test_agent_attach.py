@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import time
 
-import pytest
-
-from conftest import executor_config, session_config, sid
+from helpers import executor_config, session_config, sid
 
 
 def connect(endpoint: str, box, timeout: float = 120.0):
@@ -32,7 +30,6 @@ def collect(stream, timeout: float = 60.0) -> tuple[bytes, object]:
 
 
 def test_runblock_waits_for_attach_then_stdin_round_trips(sandbox, tmp_path):
-    pytest.importorskip("tether.attach.server")
     socket_path = tmp_path / "attach.sock"
     primary = session_config(sid(), ["/bin/sh", "-c", "echo hello; read line; echo got:$line"],
                              run_block=True, open_stdin=True, attach=True)
@@ -52,7 +49,6 @@ def test_runblock_waits_for_attach_then_stdin_round_trips(sandbox, tmp_path):
 
 
 def test_exec_starts_a_new_session(sandbox, tmp_path):
-    pytest.importorskip("tether.attach.server")
     socket_path = tmp_path / "attach.sock"
     primary = session_config(sid(), ["/bin/sleep", "1000"])
     box = sandbox.start(executor_config(primary), attach_socket=socket_path, stop_grace=2)

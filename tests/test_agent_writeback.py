@@ -7,7 +7,7 @@ from extraconfig.gotime import GoTime
 from tether.config import ExitLog
 from tether.writeback import WriteBack
 
-from conftest import executor_config, session_config
+from helpers import executor_config, session_config
 
 
 class RecordingTransport:

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from conftest import executor_config, session_config, sid, unique
+from helpers import executor_config, session_config, sid, unique
 from tether.attach import protocol as p
 from tether.attach.client import Client, ClientError
 

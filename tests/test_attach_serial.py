@@ -15,7 +15,7 @@ import textwrap
 
 import pytest
 
-from conftest import REPO
+from helpers import REPO, missing
 from tether.attach.client import Client, ClientError
 from tether.attach.transports import Conn, EndpointError, find_virtio_port
 from tether.system import set_raw_tty
@@ -188,7 +188,7 @@ def _vsock_loopback_problem() -> str | None:
 def test_vsock_endpoint_serves_the_same_protocol():
     problem = _vsock_loopback_problem()
     if problem:
-        pytest.skip(problem)
+        missing("vsock-loopback", problem)
     port = 20000 + os.getpid() % 20000
     env = dict(os.environ, PYTHONPATH=str(REPO))
     proc = subprocess.Popen([sys.executable, "-c", SERVER, f"vsock:{port}", KEY.decode()],

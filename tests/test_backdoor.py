@@ -21,6 +21,7 @@ from extraconfig.backdoor.protocol import (
 from extraconfig.backdoor.rpci import RpciTransport, RpcToolTransport
 from extraconfig.backdoor.simulator import MAX_CHANNELS, SimulatedHypervisor
 from extraconfig.transport import GuestSink, GuestSource
+from helpers import missing, not_applicable
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -294,8 +295,9 @@ def on_vmware() -> bool:
     return native.hypervisor_vendor() == "VMwareVMware"
 
 
-@pytest.mark.skipif(on_vmware(), reason="this is a VMware guest: the backdoor is real here")
 def test_probing_this_machine_never_faults_and_falls_back():
+    if on_vmware():
+        not_applicable("this is a VMware guest: the backdoor is real here")
     run = run_probe()
     # A fault would kill the interpreter with SIGSEGV (returncode -11).
     assert run.returncode == 0, run.stderr
@@ -304,8 +306,9 @@ def test_probing_this_machine_never_faults_and_falls_back():
     assert "no VMware backdoor" in run.stdout
 
 
-@pytest.mark.skipif(on_vmware(), reason="this is a VMware guest: the backdoor is real here")
 def test_without_the_extension_import_and_probe_still_work():
+    if on_vmware():
+        not_applicable("this is a VMware guest: the backdoor is real here")
     prelude = textwrap.dedent("""\
         import sys
         class NoPortIO:
@@ -325,7 +328,8 @@ def test_extension_refuses_port_io_without_permission():
     """The C layer itself refuses (no instruction runs) in a thread never granted access."""
     from extraconfig.backdoor import native
     if native._portio is None:
-        pytest.skip("the port I/O extension is not built here")
+        missing("portio extension", "the port I/O extension is not built here (make setup "
+                "builds it with gcc and python3-dev)")
     run = subprocess.run([sys.executable, "-c", textwrap.dedent("""\
         import threading
         from extraconfig.backdoor import _portio

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, executor_config, session_config, sid, unique
+from helpers import REPO, executor_config, session_config, sid, unique
 
 KEY = b"cli-key"
 

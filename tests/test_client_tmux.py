@@ -3,20 +3,16 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import subprocess
 import sys
 import time
 
 import pytest
 
-from conftest import REPO, executor_config, session_config, sid, unique
+from helpers import REPO, executor_config, require_tool, session_config, sid, unique
 from tether.attach.client import Client
 
 KEY = b"tmux-test-key"
-
-pytestmark = pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed")
-
 
 class Tmux:
     """A private tmux server (its own -L socket) with one window."""
@@ -59,6 +55,7 @@ class Tmux:
 
 @pytest.fixture
 def tmux_attach(sandbox, tmp_path):
+    require_tool("tmux")
     made = []
 
     def start():
@@ -115,8 +112,7 @@ def test_attach_cli_in_tmux(tmux_attach, tmp_path):
     tmux.wait_for(r"^30 100$[\s\S]*^40 120$")
 
     # A full-screen program opens and quits.
-    if shutil.which("vi") is None:
-        pytest.skip("no vi on this machine")
+    require_tool("vi")
     name = unique("vi-file-")
     tmux.keys(f"vi /tmp/{name}")
     tmux.key("Enter")
@@ -145,8 +141,7 @@ def test_replay_is_inert(tmux_attach, tmp_path):
     replay; the outer terminal (tmux) would answer them into the shell. Replayed, they
     are not answered, and what arrives while the replay is shown is dropped: the shell
     reads exactly what is typed."""
-    if shutil.which("vi") is None:
-        pytest.fail("no vi: apt-get install vim-tiny (.ci/run installs it)")
+    require_tool("vi")
     tmux, endpoint, session = tmux_attach()
     tmux.key("Enter")
     tmux.wait_for(r"^\$")

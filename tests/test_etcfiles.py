@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import textwrap
 
 import pytest
 
+from helpers import require_root, require_tool
 from tether.etcfiles import EtcFiles
 from tether.rootfs import resolve_in_root
 
@@ -105,8 +105,8 @@ SCRIPT = textwrap.dedent("""
 
 @pytest.mark.root
 def test_flush_binds_generated_files_and_leaves_image_untouched(tmp_path):
-    if os.geteuid() != 0 or not shutil.which("unshare"):
-        pytest.skip("needs root and unshare(1) for a private mount namespace")
+    require_root("a private mount namespace")
+    require_tool("unshare")
     root, state = tmp_path / "root", tmp_path / "state"
     (root / "etc").mkdir(parents=True)
     (root / "etc" / "hosts").write_text(IMAGE_HOSTS)

@@ -18,6 +18,7 @@ from extraconfig.transport import (GuestSink, GuestSource, MapTransport, ScopeFi
                                    VmxFileTransport, format_vmx, parse_vmx, vmx_escape,
                                    vmx_unescape)
 from extraconfig.types import IPNet
+from helpers import require_module
 from test_extraconfig_shapes import codec_path  # noqa: F401 - autouse: both paths
 from test_extraconfig_shapes import Inner, KArr, KF32, Kinds, KStrOnly, KVersion, Build
 from tether.config import Cmd, ExecutorConfig, MountSpec, SessionConfig
@@ -292,7 +293,7 @@ def test_vmx_file_writes_are_atomic_under_concurrent_readers(tmp_path):
 # ------------------------------------------------------------------ secrets
 
 def test_secret_scope_through_the_guest_source():
-    pytest.importorskip("nacl")
+    require_module("nacl")
     from extraconfig.secret import SecretKey
     from test_extraconfig_shapes import SecretOnly
     key = SecretKey()

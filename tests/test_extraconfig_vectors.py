@@ -8,6 +8,7 @@ import pytest
 from test_extraconfig_shapes import ExecutorConfigD1 as ExecutorConfig  # the vectors' shape
 from extraconfig import DecodeError, calculate_keys, decode, encode, encode_into
 from extraconfig.transport import GuestSink, GuestSource, MapTransport, ScopeFilterSink
+from helpers import require_module
 from test_extraconfig_shapes import codec_path  # noqa: F401 - autouse: both paths
 from test_extraconfig_shapes import (TYPES, from_raw, load_vectors, normalise, to_raw,
                                      with_unnamed_zones)
@@ -281,7 +282,7 @@ def test_scope_filter_vector(vec):
 
 @pytest.mark.parametrize("vec", by_kind("secret_decode"))
 def test_secret_decode_vector(vec):
-    pytest.importorskip("nacl")
+    require_module("nacl")
     from extraconfig.secret import SecretSource
     cls = TYPES[vec["type"]]
     inner = RecordingSource(vec["encoded"], missing="key not found")
@@ -296,7 +297,7 @@ def test_secret_decode_vector(vec):
 
 @pytest.mark.parametrize("vec", by_kind("secret_encode_shape"))
 def test_secret_encode_shape_vector(vec):
-    pytest.importorskip("nacl")
+    require_module("nacl")
     from extraconfig.secret import SecretKey, SecretSource
     cls = TYPES[vec["type"]]
     value = from_raw(cls, vec["roundtrip"])

@@ -4,9 +4,7 @@ in the peer namespace, the agent side run by tests/test_network_child.py under `
 from __future__ import annotations
 
 import json
-import os
 import secrets
-import shutil
 import signal
 import subprocess
 import sys
@@ -15,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers import require_root, require_tool
 from tether.network.nic import classify, find_interface_name, slot_to_pci_path, NicNotFound
 
 REPO = Path(__file__).resolve().parents[1]
@@ -95,10 +94,8 @@ def test_client_id_pieces():
 
 # -- namespaces --------------------------------------------------------------------------------
 def _need_root_netns():
-    if os.geteuid() != 0:
-        pytest.skip("needs root for network namespaces")
-    if not shutil.which("ip"):
-        pytest.skip("needs iproute2's ip command")
+    require_root("network namespaces")
+    require_tool("ip")
 
 
 def sh(*argv, check=True, timeout=60):
@@ -398,8 +395,7 @@ def test_gratuitous_arp_sent_on_apply(netpair, child_factory):
 # -- DHCP --------------------------------------------------------------------------------------
 class Dnsmasq:
     def __init__(self, pair: NetPair, tmp_path: Path):
-        if not shutil.which("dnsmasq"):
-            pytest.skip("dnsmasq (dnsmasq-base) is not installed")
+        require_tool("dnsmasq")
         self.pair = pair
         self.leases = tmp_path / "dnsmasq.leases"
         self.log = tmp_path / "dnsmasq.log"

@@ -10,7 +10,7 @@ import subprocess
 import sys
 import textwrap
 
-from conftest import REPO
+from helpers import REPO
 
 PRELUDE = """
 import json, os, subprocess, sys, threading, time

@@ -8,7 +8,7 @@ import stat
 
 import pytest
 
-from conftest import executor_config, session_config, sid
+from helpers import executor_config, require_tool, session_config, sid
 
 BUSYBOX = shutil.which("busybox") or "/bin/busybox"
 
@@ -143,8 +143,7 @@ def test_environment_is_exactly_the_configured_one(sandbox):
 # -- users and groups, in a container root made here ---------------------------------------
 @pytest.fixture
 def rootfs(tmp_path):
-    if not os.path.exists(BUSYBOX):
-        pytest.skip("busybox-static is not installed")
+    require_tool("busybox")
     root = tmp_path / "rootfs"
     for d in ("bin", "etc", "proc", "sys", "dev", "tmp", "home/alice", "out"):
         (root / d).mkdir(parents=True)

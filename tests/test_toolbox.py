@@ -15,6 +15,7 @@ import time
 import pytest
 
 from extraconfig.backdoor.rpci import RpciTransport
+from helpers import missing
 from extraconfig.backdoor.simulator import SimulatedHypervisor
 from tether.config import Common, ExecutorConfig, SessionConfig
 from tether.loop import Loop
@@ -142,7 +143,7 @@ def test_broadcast_ip_publishes_guestinfo_ip(rig):
     sim, *_ = rig
     address = first_ipv4()
     if address is None:
-        pytest.skip("no interface here has a non-loopback IPv4 address")
+        missing("ipv4 address", "no interface here has a non-loopback IPv4 address")
     ip_out = subprocess.run(["ip", "-4", "-o", "addr", "show"], capture_output=True,
                             text=True, check=True).stdout
     assert f" {address}/" in ip_out and not address.startswith("127.")

@@ -11,7 +11,7 @@ import uuid
 
 import pytest
 
-from conftest import REPO, executor_config, session_config, sid
+from helpers import REPO, executor_config, session_config, sid
 from extraconfig.backdoor.simulator import SimulatedHypervisor
 
 TIMEOUT = 120.0

@@ -1,9 +1,10 @@
 """End to end: the real bootstrap ISO booted under QEMU (TCG), driven by `tether vm`'s code.
 
-The image is built once per session by `init/build` (cached under /var/cache/tether).
+The image is built once per run by the `image_dir` fixture (`init/build`, cached under
+/var/cache/tether).
 Each test boots its own VM in its own temporary directory; network tests create their
 own namespace, bridge, tap and dnsmasq with unique names and tear them down always.
-Marker `vm`; needs root, QEMU and the image build tools (see .ci/run).
+Marker `vm`; needs root, QEMU and the image build tools (scripts/install-deps).
 """
 from __future__ import annotations
 
@@ -22,34 +23,12 @@ from pathlib import Path
 
 import pytest
 
+from helpers import REPO, require_tool
 from tether.jsonform import config_from_json
 from tether.vm import EXIT_NOT_STARTED, EXIT_TIMEOUT, VmRun, attach_primary
 
-REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.vm
 BOOT_TIMEOUT = 240.0     # TCG on a busy 2-core machine: generous, never asserted on
-
-
-def _missing_facility() -> str | None:
-    if os.geteuid() != 0:
-        return "VM tests need root (debootstrap, tap devices, network namespaces)"
-    for tool in ("qemu-system-x86_64", "debootstrap", "mksquashfs", "xorriso", "mke2fs"):
-        if shutil.which(tool) is None:
-            return f"{tool} is not installed (see the package list in .ci/run)"
-    return None
-
-
-@pytest.fixture(scope="session")
-def image_dir() -> Path:
-    reason = _missing_facility()
-    if reason:
-        pytest.skip(reason)
-    out = REPO / "build"
-    proc = subprocess.run([str(REPO / "init" / "build"), "--out", str(out)],
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=3000)
-    assert proc.returncode == 0, "init/build failed:\n" + proc.stdout.decode(errors="replace")[-4000:]
-    assert (out / "bootstrap.iso").is_file()
-    return out
 
 
 class Booted:
@@ -178,8 +157,7 @@ def test_static_network_on_a_fixed_pci_slot(image_dir):
 @pytest.fixture
 def dhcp_netns():
     """A private namespace with a bridge, a tap for QEMU and dnsmasq serving DHCP on it."""
-    if shutil.which("dnsmasq") is None:
-        pytest.skip("dnsmasq is not installed (dnsmasq-base)")
+    require_tool("dnsmasq", "ip")
     suffix = uuid.uuid4().hex[:8]
     ns, subnet = f"tvm{suffix}", 10 + int(suffix[:2], 16) % 200
     net = f"10.{subnet}.{int(suffix[2:4], 16) % 250}"
@@ -387,8 +365,7 @@ def test_image_contents_and_size(image_dir):
 def test_attach_a_terminal_to_a_tty_session(image_dir, tmp_path):
     """`tether vm --attach` in a real terminal (tmux): a shell in the container, typed into."""
     import json
-    if shutil.which("tmux") is None:
-        pytest.skip("tmux is not installed")
+    require_tool("tmux")
     config = tmp_path / "term.json"
     config.write_text(json.dumps(single("term", session("/bin/sh", tty=True, attach=True,
                                                         open_stdin=True))))

@@ -1,34 +1,28 @@
 """Under QEMU with the VMware backdoor port (`-machine vmport=on`) the agent's probe gets
 the VMware magic from GETVERSION, finds the RPC channel unusable (QEMU has no RPCI), and
 falls back to virtio-serial, saying so on the console. With `vmport=off` the probe finds
-no backdoor. Boots the real bootstrap image (init/build) under QEMU TCG."""
+no backdoor. Boots the bootstrap image (built first by the `image_dir` fixture, as in
+test_vm.py) under QEMU TCG."""
 
 from __future__ import annotations
 
-import os
-import shutil
 
 import pytest
 
-from conftest import REPO, executor_config, session_config, sid
+from helpers import executor_config, session_config, sid
 
 pytestmark = pytest.mark.vm
-IMAGE = os.environ.get("TETHER_IMAGE", str(REPO / "build"))
 TIMEOUT = 600.0
 
 
-def boot(qemu_args):
-    if shutil.which("qemu-system-x86_64") is None:
-        pytest.skip("qemu-system-x86_64 is not installed")
-    if not os.path.isfile(os.path.join(IMAGE, "bootstrap.iso")):
-        pytest.skip(f"no bootstrap image in {IMAGE}: run init/build first")
+def boot(image_dir, qemu_args):
     import inspect
     from tether.vm import VmRun
     if "qemu_args" not in inspect.signature(VmRun).parameters:
         pytest.fail("tether.vm.VmRun takes no qemu_args yet: the hook in docs/vsphere.md "
                     "(Integration hooks) is missing")
     config = executor_config(session_config(sid(), ["/bin/sh", "-c", "exit 3"]))
-    run = VmRun(config, IMAGE, qemu_args=qemu_args)
+    run = VmRun(config, str(image_dir), qemu_args=qemu_args)
     try:
         run.start()
         result = run.finish(TIMEOUT)
@@ -37,8 +31,8 @@ def boot(qemu_args):
     return result
 
 
-def test_vmport_on_getversion_magic_then_fallback_to_virtio():
-    result = boot(["-machine", "vmport=on"])
+def test_vmport_on_getversion_magic_then_fallback_to_virtio(image_dir):
+    result = boot(image_dir, ["-machine", "vmport=on"])
     console = result.console
     assert "port I/O extension is not available" not in console, (
         "the image has no extraconfig/backdoor/_portio: init/provision/project must build "
@@ -50,8 +44,8 @@ def test_vmport_on_getversion_magic_then_fallback_to_virtio():
     assert result.exit_code == 3, (result.message, console[-4000:])
 
 
-def test_vmport_off_no_backdoor_then_virtio():
-    result = boot(["-machine", "vmport=off"])
+def test_vmport_off_no_backdoor_then_virtio(image_dir):
+    result = boot(image_dir, ["-machine", "vmport=off"])
     console = result.console
     assert "did not answer GETVERSION with the VMware magic" in console, console[-4000:]
     assert "guestinfo: using extraconfig.virtio" in console, console[-4000:]

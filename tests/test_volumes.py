@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -14,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers import missing, require_root, require_tool
 from tether.system import MS_NOATIME, MS_NOEXEC, MS_RDONLY
 from tether.volumes import (VolumeError, find_device_by_label, nfs_device, nfs_options,
                             parse_mode, probe)
@@ -50,8 +50,8 @@ def _mkfs_ext4(path: Path, label: str, size_mb: int = 8) -> None:
                    capture_output=True, timeout=60)
 
 
-@pytest.mark.skipif(not shutil.which("mkfs.ext4"), reason="mkfs.ext4 (e2fsprogs) missing")
 def test_probe_reads_ext_labels_from_real_images(tmp_path):
+    require_tool("mkfs.ext4")
     _mkfs_ext4(tmp_path / "a.img", "vol-a")
     assert probe(str(tmp_path / "a.img")) == ("ext4", "vol-a")
     subprocess.run(["mkfs.ext2", "-q", "-F", "-L", "old", str(tmp_path / "a.img")], check=True,
@@ -61,8 +61,8 @@ def test_probe_reads_ext_labels_from_real_images(tmp_path):
     assert probe(str(tmp_path / "zero.img")) is None
 
 
-@pytest.mark.skipif(not shutil.which("xorriso"), reason="xorriso missing")
 def test_probe_reads_iso9660_volume_id(tmp_path):
+    require_tool("xorriso")
     (tmp_path / "src").mkdir()
     (tmp_path / "src" / "f").write_text("x")
     subprocess.run(["xorriso", "-as", "mkisofs", "-quiet", "-V", "CIDATA", "-o",
@@ -137,10 +137,10 @@ def run_in_mount_ns(tmp_path: Path, spec: dict) -> dict:
 @pytest.fixture
 def loopdisks(tmp_path):
     """make(label, populate=None) -> label; a loop device with a labelled ext4 on it."""
-    if os.geteuid() != 0 or not shutil.which("unshare") or not shutil.which("losetup"):
-        pytest.skip("needs root, unshare(1) and losetup(8)")
+    require_root("loop devices and mounts")
+    require_tool("unshare", "losetup")
     if not os.path.exists("/dev/loop-control"):
-        pytest.skip("the kernel offers no loop devices (/dev/loop-control missing)")
+        missing("loop devices", "the kernel offers no loop devices (/dev/loop-control missing)")
     attached = []
 
     def make(populate_data_dir=False):
@@ -240,8 +240,8 @@ def test_label_mount_waits_for_a_disk_that_appears_later(tmp_path, loopdisks):
 
 @pytest.mark.root
 def test_tmpfs_and_bind(tmp_path):
-    if os.geteuid() != 0 or not shutil.which("unshare"):
-        pytest.skip("needs root and unshare(1)")
+    require_root("a private mount namespace")
+    require_tool("unshare")
     source = tmp_path / "bootstrap-share"
     source.mkdir()
     (source / "hello").write_text("from the bootstrap root")
@@ -270,8 +270,8 @@ def test_tmpfs_and_bind(tmp_path):
 
 @pytest.mark.root
 def test_failures_name_the_device_and_the_error(tmp_path):
-    if os.geteuid() != 0 or not shutil.which("unshare"):
-        pytest.skip("needs root and unshare(1)")
+    require_root("a private mount namespace")
+    require_tool("unshare")
     result = run_in_mount_ns(tmp_path, {
         "root": str(tmp_path / "root"), "staging": str(tmp_path / "staging"),
         "mounts": {"gone": {"scheme": "bind", "path": "/nonexistent/share", "dest": "/x"}}})
@@ -290,8 +290,8 @@ def test_failures_name_the_device_and_the_error(tmp_path):
 
 @pytest.mark.root
 def test_nfs_errors_name_the_host_and_device(tmp_path):
-    if os.geteuid() != 0 or not shutil.which("unshare"):
-        pytest.skip("needs root and unshare(1)")
+    require_root("a private mount namespace")
+    require_tool("unshare")
     result = run_in_mount_ns(tmp_path, {
         "root": str(tmp_path / "root"), "staging": str(tmp_path / "staging"),
         "mounts": {"n": {"scheme": "nfs", "host": "no-such-host.invalid", "path": "/exp",
@@ -307,26 +307,24 @@ def test_nfs_errors_name_the_host_and_device(tmp_path):
         "volume n: cannot mount 127.0.0.1:/exp on /n: 127.0.0.1: "), result
 
 
-def _kernel_has_nfs() -> str | None:
-    try:
-        text = open("/proc/filesystems").read()
-    except OSError:
-        return "cannot read /proc/filesystems"
-    names = {line.split()[-1] for line in text.splitlines() if line.strip()}
+def _kernel_nfs_problem() -> tuple[str, str | None]:
+    """(facility, reason) when the kernel lacks the NFS server or client, else ("", None)."""
+    with open("/proc/filesystems") as f:
+        names = {line.split()[-1] for line in f if line.strip()}
     if "nfsd" not in names:
-        return "the kernel offers no NFS server: nfsd is not in /proc/filesystems"
+        return "nfsd", "the kernel offers no NFS server: nfsd is not in /proc/filesystems"
     if "nfs" not in names:
-        return "the kernel offers no NFS client: nfs is not in /proc/filesystems"
-    return None
+        return "nfs", "the kernel offers no NFS client: nfs is not in /proc/filesystems"
+    return "", None
 
 
 @pytest.mark.root
 def test_nfs_against_a_real_kernel_server(tmp_path):
-    reason = _kernel_has_nfs()
+    facility, reason = _kernel_nfs_problem()
     if reason:
-        pytest.skip(reason)
-    if os.geteuid() != 0 or not shutil.which("exportfs") or not shutil.which("rpc.nfsd"):
-        pytest.skip("needs root and nfs-kernel-server (exportfs, rpc.nfsd)")
+        missing(facility, reason)
+    require_root("the kernel's NFS server")
+    require_tool("exportfs", "rpc.nfsd")
     export = tmp_path / "export"
     export.mkdir()
     (export / "hello").write_text("over nfs")

@@ -1,0 +1,353 @@
+"""What tests share: the machine's facilities, the sandbox runner, config builders.
+
+Missing facilities. A test that cannot run because this machine lacks a tool, root or a
+kernel facility says so with `require_tool`, `require_root`, `require_namespaces` or
+`missing(facility, reason)`. Locally that is a skip with the reason; under CI (`CI=true`)
+or `make test-strict` the conftest turns it into a failure, except for the facilities in
+`ALLOWED_MISSING`, which the test machines' kernel really lacks. `not_applicable` is for
+a test that has no meaning on this kind of machine (not for anything missing). Any other
+skip also fails under strict mode.
+
+The sandbox: the real agent as PID 1 of new namespaces (`tether sandbox`).
+
+    result = run_sandbox(config)                  # config: ExecutorConfig or JSON dict
+    result.returncode, result.log, result.guestinfo, result.config.sessions[id].started
+
+    with running_sandbox(config) as box:          # leaves it running
+        box.wait_for_log(r"serving")
+        box.signal(signal.SIGTERM)
+        result = box.wait()
+
+The `sandbox` fixture (tests/conftest.py) gives the same two as `sandbox.run(...)` /
+`sandbox.start(...)` with a per-test directory, and tears down anything still running.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO / "tests" / "data"
+DEFAULT_TIMEOUT = 120.0
+
+
+def unique(prefix: str = "t") -> str:
+    return f"{prefix}{uuid.uuid4().hex[:8]}"
+
+
+def sid() -> str:
+    """A session/container ID shaped like VIC's (64 hex)."""
+    return uuid.uuid4().hex + uuid.uuid4().hex
+
+
+# -- missing facilities -----------------------------------------------------------------
+# The only facilities a strict run may lack, each with the reason. Nothing else may skip.
+ALLOWED_MISSING = {
+    "vsock-loopback": "the test machines' kernel has neither vsock_loopback nor vhost-vsock, "
+                      "and cannot load modules: a vsock listener on the host is unreachable",
+    "nfsd": "the test machines' kernel has no NFS server (nfsd is not in /proc/filesystems) "
+            "and cannot load modules",
+}
+
+# Where a tool comes from, for the message (scripts/install-deps installs them all).
+TOOL_PACKAGES = {
+    "tmux": "tmux", "vi": "vim-tiny", "ps": "procps", "ip": "iproute2",
+    "dnsmasq": "dnsmasq-base", "unshare": "util-linux", "losetup": "util-linux",
+    "mkfs.ext4": "e2fsprogs", "mke2fs": "e2fsprogs", "debugfs": "e2fsprogs",
+    "exportfs": "nfs-kernel-server", "rpc.nfsd": "nfs-kernel-server",
+    "qemu-system-x86_64": "qemu-system-x86", "debootstrap": "debootstrap",
+    "mksquashfs": "squashfs-tools", "unsquashfs": "squashfs-tools", "xorriso": "xorriso",
+    "busybox": "busybox-static",
+}
+
+
+def strict_mode() -> bool:
+    """CI, or `make test-strict`: a missing facility fails instead of skipping."""
+    return (os.environ.get("CI", "").lower() in ("1", "true", "yes")
+            or os.environ.get("TETHER_TEST_STRICT", "") not in ("", "0"))
+
+
+class MissingFacility(pytest.skip.Exception):
+    """A skip because this machine lacks `facility` (a tool, root, a kernel feature)."""
+
+    def __init__(self, facility: str, reason: str):
+        super().__init__(reason)
+        self.facility = facility
+
+
+class NotApplicable(pytest.skip.Exception):
+    """A skip because the test has no meaning on this kind of machine."""
+
+
+def missing(facility: str, reason: str):
+    """Skip (locally) or fail (strict mode) because `facility` is missing here."""
+    raise MissingFacility(facility, reason)
+
+
+def not_applicable(reason: str):
+    raise NotApplicable(reason)
+
+
+def require_root(why: str) -> None:
+    if os.geteuid() != 0:
+        missing("root", f"needs root ({why})")
+
+
+def require_tool(*names: str) -> None:
+    for name in names:
+        if shutil.which(name) is None:
+            package = TOOL_PACKAGES.get(name)
+            where = f" (Debian package {package}; scripts/install-deps installs it)" \
+                if package else ""
+            missing(f"tool {name}", f"{name} is not installed{where}")
+
+
+def require_module(name: str):
+    """The imported module, or a missing-facility skip when it is not installed."""
+    try:
+        return importlib.import_module(name)
+    except ImportError as err:
+        missing(f"python module {name}", f"the Python module {name} is not installed "
+                f"({err}); make setup installs the test dependencies")
+
+
+_NAMESPACE_PROBE: str | None = None
+
+
+def namespaces_unavailable() -> str | None:
+    """None if PID/mount/UTS/IPC namespaces can be created here, else the reason."""
+    global _NAMESPACE_PROBE
+    if _NAMESPACE_PROBE is None:
+        if os.geteuid() != 0:
+            _NAMESPACE_PROBE = "needs root (PID/mount/UTS/IPC namespaces)"
+        else:
+            probe = ("from tether import system; system.unshare(system.CLONE_NEWPID | "
+                     "system.CLONE_NEWNS | system.CLONE_NEWUTS | system.CLONE_NEWIPC)")
+            run = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                                 cwd=REPO, timeout=60)
+            _NAMESPACE_PROBE = "" if run.returncode == 0 else (
+                "cannot create namespaces here: " + run.stderr.strip().splitlines()[-1])
+    return _NAMESPACE_PROBE or None
+
+
+def require_namespaces() -> None:
+    require_root("PID/mount/UTS/IPC namespaces")
+    reason = namespaces_unavailable()
+    if reason:
+        missing("namespaces", reason)
+
+
+# -- the VM image ------------------------------------------------------------------------
+def build_image(out: Path = REPO / "build") -> Path:
+    """Build (or refresh from the cache) the bootstrap image with init/build."""
+    require_root("init/build: debootstrap, tap devices, network namespaces")
+    require_tool("qemu-system-x86_64", "debootstrap", "mksquashfs", "xorriso", "mke2fs")
+    proc = subprocess.run([str(REPO / "init" / "build"), "--out", str(out)],
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=3000)
+    assert proc.returncode == 0, \
+        "init/build failed:\n" + proc.stdout.decode(errors="replace")[-4000:]
+    assert (out / "bootstrap.iso").is_file()
+    return out
+
+
+# -- the sandbox -------------------------------------------------------------------------
+class SandboxResult:
+    def __init__(self, returncode: int, guestinfo: dict[str, str], log: str,
+                 output_log: bytes | None):
+        self.returncode = returncode
+        self.guestinfo = guestinfo
+        self.log = log
+        self.output_log = output_log
+
+    @property
+    def config(self):
+        """The final guestinfo decoded as the host would: an ExecutorConfig."""
+        from extraconfig.codec import decode
+        from extraconfig.transport import GuestSource, MapTransport
+        from tether.config import ExecutorConfig
+        return decode(GuestSource(MapTransport(dict(self.guestinfo))), ExecutorConfig)
+
+    def session(self, session_id: str):
+        return self.config.sessions[session_id]
+
+    def __repr__(self) -> str:
+        return f"SandboxResult(returncode={self.returncode}, log=...{self.log[-2000:]!r})"
+
+
+def write_config(config, directory: str) -> str:
+    """An ExecutorConfig goes in as VMX lines; a dict as the JSON form."""
+    if isinstance(config, dict):
+        path = os.path.join(directory, "config.json")
+        with open(path, "w") as f:
+            json.dump(config, f)
+        return path
+    from extraconfig.codec import encode
+    from extraconfig.transport import format_vmx
+    path = os.path.join(directory, "config.vmx")
+    with open(path, "w") as f:
+        f.write(format_vmx(encode(config)))
+    return path
+
+
+class SandboxProcess:
+    """A running `tether sandbox`; its log is collected in a file you can poll."""
+
+    def __init__(self, config, *, rootfs=None, attach_socket=None, output_log=False,
+                 extra_args=(), env=None, directory=None, stop_grace=5.0):
+        self.dir = directory or tempfile.mkdtemp(prefix="tether-test-")
+        self.config_path = write_config(config, self.dir)
+        self.out_path = os.path.join(self.dir, "guestinfo.out")
+        self.log_path = os.path.join(self.dir, "agent.log")
+        self.output_log_path = os.path.join(self.dir, "output.log") if output_log else None
+        argv = [sys.executable, "-m", "tether", "sandbox", self.config_path,
+                "--out", self.out_path, "--stop-grace", str(stop_grace)]
+        if rootfs is not None:
+            argv += ["--rootfs", str(rootfs)]
+        if attach_socket is not None:
+            argv += ["--attach-socket", str(attach_socket)]
+        if self.output_log_path:
+            argv += ["--output-log", self.output_log_path]
+        argv += list(extra_args)
+        full_env = dict(os.environ)
+        full_env["PYTHONPATH"] = str(REPO) + os.pathsep + full_env.get("PYTHONPATH", "")
+        full_env.update(env or {})
+        self._log_file = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL,
+                                     stdout=subprocess.DEVNULL, stderr=self._log_file,
+                                     cwd=REPO, env=full_env)
+        self.pid = self.proc.pid
+
+    def log_text(self) -> str:
+        with open(self.log_path, "rb") as f:
+            return f.read().decode(errors="replace")
+
+    def wait_for_log(self, pattern: str, timeout: float = DEFAULT_TIMEOUT, count: int = 1):
+        """Wait until `pattern` (a regex) appears `count` times in the log."""
+        deadline = time.monotonic() + timeout
+        regex = re.compile(pattern)
+        while True:
+            found = regex.findall(self.log_text())
+            if len(found) >= count:
+                return found
+            if self.proc.poll() is not None:
+                raise AssertionError(f"sandbox exited ({self.proc.returncode}) before "
+                                     f"{pattern!r} appeared; log:\n{self.log_text()}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{pattern!r} not in the log after {timeout}s; "
+                                     f"log:\n{self.log_text()}")
+            time.sleep(0.05)
+
+    def signal(self, signum: int) -> None:
+        self.proc.send_signal(signum)
+
+    def wait(self, timeout: float = DEFAULT_TIMEOUT) -> SandboxResult:
+        try:
+            code = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise AssertionError(f"sandbox still running after {timeout}s; log:\n"
+                                 f"{self.log_text()}") from None
+        return self._result(code)
+
+    def _result(self, code: int) -> SandboxResult:
+        from extraconfig.transport import parse_vmx
+        self._log_file.close()
+        guestinfo = {}
+        if os.path.exists(self.out_path):
+            with open(self.out_path, encoding="utf-8", errors="surrogateescape") as f:
+                guestinfo = parse_vmx(f.read())
+        output = None
+        if self.output_log_path and os.path.exists(self.output_log_path):
+            with open(self.output_log_path, "rb") as f:
+                output = f.read()
+        return SandboxResult(code, guestinfo, self.log_text(), output)
+
+    def kill(self) -> None:
+        """SIGKILL the sandbox; its PID 1 dies with it (parent-death signal), and with
+        PID 1 the whole namespace."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(30)
+        if not self._log_file.closed:
+            self._log_file.close()
+
+
+def run_sandbox(config, rootfs=None, attach_socket=None, timeout: float = DEFAULT_TIMEOUT,
+                **kw) -> SandboxResult:
+    """Run the agent in a sandbox to the end: exit code, final guestinfo, log text."""
+    box = SandboxProcess(config, rootfs=rootfs, attach_socket=attach_socket, **kw)
+    try:
+        return box.wait(timeout)
+    finally:
+        box.kill()
+
+
+@contextlib.contextmanager
+def running_sandbox(config, rootfs=None, attach_socket=None, **kw):
+    """The agent left running in a sandbox; killed on the way out if still alive."""
+    box = SandboxProcess(config, rootfs=rootfs, attach_socket=attach_socket, **kw)
+    try:
+        yield box
+    finally:
+        box.kill()
+
+
+class SandboxRunner:
+    def __init__(self, directory: Path):
+        self.directory = directory
+        self._boxes: list[SandboxProcess] = []
+
+    def _dir(self) -> str:
+        path = self.directory / unique("box")
+        path.mkdir()
+        return str(path)
+
+    def run(self, config, timeout: float = DEFAULT_TIMEOUT, **kw) -> SandboxResult:
+        box = self.start(config, **kw)
+        return box.wait(timeout)
+
+    def start(self, config, **kw) -> SandboxProcess:
+        box = SandboxProcess(config, directory=self._dir(), **kw)
+        self._boxes.append(box)
+        return box
+
+    def close(self) -> None:
+        for box in self._boxes:
+            box.kill()
+
+
+# -- building configs ----------------------------------------------------------------------
+def session_config(session_id: str, argv: list[str], *, env=None, path=None, **fields):
+    """A SessionConfig running `argv` (path defaults to argv[0])."""
+    from tether.config import Cmd, Common, SessionConfig
+    cfg = SessionConfig(common=Common(id=session_id),
+                        cmd=Cmd(path=path or argv[0], args=list(argv),
+                                env=list(env) if env is not None
+                                else ["PATH=/usr/sbin:/usr/bin:/sbin:/bin"]))
+    for name, value in fields.items():
+        setattr(cfg, name, value)
+    return cfg
+
+
+def executor_config(primary=None, *others, executor_id: str | None = None, debug: int = 0):
+    """An ExecutorConfig whose primary session is `primary` (its ID is the executor's)."""
+    from tether.config import Common, Diagnostics, ExecutorConfig
+    sessions = {}
+    for s in (primary, *others):
+        if s is not None:
+            sessions[s.common.id] = s
+    ident = executor_id or (primary.common.id if primary is not None else sid())
+    return ExecutorConfig(common=Common(id=ident, name="test"),
+                          diagnostics=Diagnostics(debug_level=debug), sessions=sessions)
