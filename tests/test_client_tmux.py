@@ -166,3 +166,35 @@ def test_replay_is_inert(tmux_attach, tmp_path):
     again.key("Enter")
     again.wait_for(r"^read-done$")
     assert seen.read_bytes() == b"echo ok"
+
+
+def test_job_control_in_an_interactive_shell(tmux_attach):
+    """The session's pty is its controlling terminal: `tty` and `ps` agree on it, a job
+    goes to the background and comes back with `fg`, and ctrl-c typed in the terminal
+    reaches the foreground job (not the shell). The shell is sh (dash): bash would take
+    the terminal as its controlling tty itself, by opening it, and so hide an agent that
+    does not make it one."""
+    require_tool("ps")
+    tmux, _, _ = tmux_attach()
+    tmux.key("Enter")
+    tmux.wait_for(r"^\$")
+    # Without a controlling tty, ps shows "?" for the shell.
+    tmux.keys("echo tty=$(tty) ps=$(ps -o tty= -p $$)")
+    tmux.key("Enter")
+    tmux.wait_for(r"^tty=/dev/(pts/\d+) ps=\1\s*$")
+
+    tmux.keys("sleep 1000 & echo job=$!")
+    tmux.key("Enter")
+    pid = re.search(r"^job=(\d+)\s*$", tmux.wait_for(r"^job=\d+\s*$"), re.M).group(1)
+    tmux.keys("jobs")
+    tmux.key("Enter")
+    tmux.wait_for(r"^\[1\]\s*\+?\s*Running\s+sleep 1000")
+    tmux.keys("fg")
+    tmux.key("Enter")
+    tmux.wait_for(r"\$ fg\s*\n\s*sleep 1000\s*$")     # the shell names the job it resumed
+    time.sleep(0.5)      # let the shell hand the terminal to the job before the ctrl-c
+    tmux.key("C-c")
+    # Typed ahead: if the ctrl-c did not end the job, this line goes to sleep's terminal.
+    tmux.keys(f"echo status=$? alive=$(kill -0 {pid} 2>/dev/null && echo yes || echo no)")
+    tmux.key("Enter")
+    tmux.wait_for(r"(^|\$ )status=130 alive=no\s*$")

@@ -3,6 +3,7 @@ exit statuses, file descriptors, tty. Results are read from the final guestinfo 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import stat
 
@@ -113,11 +114,12 @@ def test_only_fds_0_to_2_are_open(sandbox, tmp_path):
 
 
 def test_tty_session_has_a_controlling_terminal(sandbox):
-    cfg = session_config(sid(), ["/bin/sh", "-c", "tty; ps -o pid,pgid,sid,tty -p $$"],
+    cfg = session_config(sid(), ["/bin/sh", "-c", "echo tty=$(tty) ctty=$(ps -o tty= -p $$)"],
                          tty=True)
     result, s = run_one(sandbox, cfg)
     assert s.started == "true"
-    assert "/dev/pts/" in result.log, result.log
+    # ps names the controlling terminal ("?" for none); tty names stdin's terminal.
+    assert re.search(r"^tty=/dev/(pts/\d+) ctty=\1\s*$", result.log, re.M), result.log
 
 
 def test_every_session_is_its_own_process_group(sandbox, tmp_path):
