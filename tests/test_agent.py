@@ -61,16 +61,36 @@ def test_sighup_launches_a_new_session(sandbox, tmp_path):
 
 
 def test_sighup_relaunches_restart_sessions_and_survives_a_failing_reload(sandbox, tmp_path):
-    flag = tmp_path / "flag"
+    # A Restart session whose program deletes itself: its automatic relaunch fails to
+    # launch, and nothing retries it until a SIGHUP.
+    flag, runs, program = tmp_path / "flag", tmp_path / "runs", tmp_path / "program"
+    program.write_text(f"#!/bin/sh\necho first >> {runs}\nrm -f $0\n")
+    program.chmod(0o755)
     primary = session_config(sid(), wait_for_file(str(flag)))
-    box = sandbox.start(executor_config(primary), env={"TETHER_FAILPOINTS": "reload"})
-    box.wait_for_log(r"serving 1 session")
+    phoenix = session_config("phoenix", [str(program)], restart=True)
+    config = executor_config(primary, phoenix)
+    box = sandbox.start(config)
+    box.wait_for_log(r"session phoenix did not start: stat .*program: no such file")
+
+    # A reload that fails (the config file no longer parses) is reported, not fatal.
+    with open(box.config_path, "w") as f:
+        f.write("this is not a VMX line\n")
     box.signal(signal.SIGHUP)
-    box.wait_for_log(r"injected failure in step 'reload'")
-    flag.touch()
+    box.wait_for_log(r"step reload failed")
+    assert "reload: relaunching session phoenix" not in box.log_text()
+
+    # The next SIGHUP, with the config readable again, relaunches the Restart session.
+    program.write_text(f"#!/bin/sh\necho second >> {runs}\ntouch {flag}\nexec sleep 1000\n")
+    program.chmod(0o755)
+    write_config(config, box.dir)
+    box.signal(signal.SIGHUP)
+    box.wait_for_log(r"reload: relaunching session phoenix")
     result = box.wait()
     assert result.returncode == 0, result.log
-    assert "Traceback" in result.log      # reported with its traceback, not fatal
+    assert "Traceback" in result.log      # the failed reload, reported with its traceback
+    assert runs.read_text().split() == ["first", "second"]
+    assert result.session("phoenix").started == "true"
+    assert result.session("phoenix").diagnostics.resurrection_count == 2
 
 
 def test_sigterm_stops_everything_gracefully(sandbox):
