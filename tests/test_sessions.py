@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import stat
 
 import pytest
 
@@ -203,12 +202,18 @@ def test_unknown_user_fails_loudly_and_does_not_run(sandbox, rootfs):
 
 
 def test_sessions_are_chrooted_into_the_rootfs(sandbox, rootfs):
-    cfg = session_config(sid(), ["/bin/sh", "-c", "ls /; cat /etc/passwd"], env=["PATH=/bin"])
+    (rootfs / "only-in-the-rootfs").write_text("")
+    script = ("echo root: $(ls /); echo passwd: $(cut -d: -f1 /etc/passwd); "
+              "echo proc: $(cat /proc/$$/comm) $(ls /proc/1/ns | grep -c .)")
+    cfg = session_config(sid(), ["/bin/sh", "-c", script], env=["PATH=/bin"])
     result, s = run_one(sandbox, cfg, rootfs=rootfs)
     assert s.started == "true", result.log
-    assert "alice:x:1234" in result.log
-    assert "busybox" not in result.log.split("alice")[0] or True
-    assert stat.S_ISDIR(os.stat(rootfs / "proc").st_mode)
+    # / is the rootfs (the host's /usr is not there), with the rootfs's /etc/passwd
+    listing = re.search(r"^root: (.*)$", result.log, re.M).group(1).split()
+    assert "only-in-the-rootfs" in listing and "usr" not in listing, result.log
+    assert re.search(r"^passwd: root alice$", result.log, re.M), result.log
+    # and /proc inside it is a live proc (the agent bound it there), not the empty dir
+    assert re.search(r"^proc: sh [1-9]\d*$", result.log, re.M), result.log
 
 
 def test_hostname_and_etc_files_inside_the_rootfs(sandbox, rootfs):
