@@ -205,7 +205,7 @@ class SandboxProcess:
     """A running `tether sandbox`; its log is collected in a file you can poll."""
 
     def __init__(self, config, *, rootfs=None, attach_socket=None, output_log=False,
-                 extra_args=(), env=None, directory=None, stop_grace=5.0):
+                 extra_args=(), env=None, directory=None, stop_grace=5.0, pass_fds=()):
         self.dir = directory or tempfile.mkdtemp(prefix="tether-test-")
         self.config_path = write_config(config, self.dir)
         self.out_path = os.path.join(self.dir, "guestinfo.out")
@@ -226,8 +226,14 @@ class SandboxProcess:
         self._log_file = open(self.log_path, "wb")
         self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL,
                                      stdout=subprocess.DEVNULL, stderr=self._log_file,
-                                     cwd=REPO, env=full_env)
+                                     cwd=REPO, env=full_env, pass_fds=pass_fds)
         self.pid = self.proc.pid
+
+    def agent_pid(self) -> int:
+        """The host PID of the agent (PID 1 inside), the sandbox command's only child."""
+        with open(f"/proc/{self.pid}/task/{self.pid}/children") as f:
+            (pid,) = f.read().split()
+        return int(pid)
 
     def log_text(self) -> str:
         with open(self.log_path, "rb") as f:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import time
 
 import pytest
 
@@ -102,12 +103,28 @@ def test_only_fds_0_to_2_are_open(sandbox, tmp_path):
     # fstat probing opens nothing itself, unlike listing /proc/self/fd.
     python = "/usr/bin/python3"
     out = {name: tmp_path / name for name in ("plain", "stdin", "tty")}
+    release = tmp_path / "release"
     plain = session_config(sid(), [python, "-S", "-c", OPEN_FDS, str(out["plain"])])
     piped = session_config(sid(), [python, "-S", "-c", OPEN_FDS, str(out["stdin"])],
                            open_stdin=True)
     tty = session_config(sid(), [python, "-S", "-c", OPEN_FDS, str(out["tty"])], tty=True)
-    primary = session_config(sid(), wait_for_files(*out.values()))
-    result = sandbox.run(executor_config(primary, plain, piped, tty))
+    primary = session_config(sid(), wait_for_files(*out.values(), release))
+    # The agent holds an inheritable fd of its own (not close-on-exec, as a descriptor
+    # from whoever started it would be): sessions must not get it.
+    held = tmp_path / "held-by-the-agent"
+    fd = os.open(held, os.O_RDWR | os.O_CREAT)
+    try:
+        box = sandbox.start(executor_config(primary, plain, piped, tty), pass_fds=(fd,))
+        deadline = time.monotonic() + 120
+        while not all(path.exists() for path in out.values()):
+            assert time.monotonic() < deadline, box.log_text()
+            time.sleep(0.05)
+        assert os.readlink(f"/proc/{box.agent_pid()}/fd/{fd}") == str(held)
+        release.touch()
+        result = box.wait()
+    finally:
+        os.close(fd)
+    assert result.returncode == 0, result.log
     for name, path in out.items():
         assert path.read_text() == "[0, 1, 2]", (name, result.log)
 
