@@ -477,6 +477,7 @@ def test_dhcp_lease_writeback_renewal_and_server_restart(netpair, dnsmasq, child
     dnsmasq.stop()
     stopped_at = time.monotonic()
     time.sleep(8)
+    before_restart = len(dnsmasq.log.read_text())
     dnsmasq.start(dns="10.77.0.54")
     after = child.wait_for(
         lambda e: e["event"] == "publish" and e["endpoints"]["public"]["dns"] == ["10.77.0.54"],
@@ -485,8 +486,12 @@ def test_dhcp_lease_writeback_renewal_and_server_restart(netpair, dnsmasq, child
     assert after["endpoints"]["public"]["assigned"] == ep["assigned"]
     assert after["files"]["resolv.conf"].splitlines() == [
         "nameserver 10.77.0.54", "options timeout:15", "options attempts:5"]
-    log = dnsmasq.log.read_text()
-    assert "DHCPREQUEST(peer0)" in log
+    # what the restarted server saw: the client renewing its lease (a REQUEST for the
+    # same address, answered), not starting over with a DISCOVER
+    restarted = dnsmasq.log.read_text()[before_restart:]
+    assert f"DHCPREQUEST(peer0) {ip} " in restarted, restarted
+    assert f"DHCPACK(peer0) {ip} " in restarted, restarted
+    assert "DHCPDISCOVER" not in restarted, restarted
 
     # stop: the lease is released
     child.stop()
