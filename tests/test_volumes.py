@@ -2,6 +2,7 @@
 ext4 loop devices, tmpfs and bind mounts inside a private mount namespace."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -318,6 +319,35 @@ def _kernel_nfs_problem() -> tuple[str, str | None]:
     return "", None
 
 
+NFSD_FS = "/proc/fs/nfsd"
+
+
+def _nfsd_threads() -> int:
+    """How many kernel nfsd threads run (0 when the nfsd filesystem is not mounted)."""
+    try:
+        with open(f"{NFSD_FS}/threads") as f:
+            return int(f.read().strip() or 0)
+    except (OSError, ValueError):
+        return 0
+
+
+@contextlib.contextmanager
+def kernel_nfs_server():
+    """The kernel's NFS server, started for the test and stopped after it, unless it was
+    already serving (then it is the machine's, and left alone)."""
+    was_serving = _nfsd_threads() > 0
+    was_mounted = os.path.ismount(NFSD_FS)
+    if not was_serving:
+        subprocess.run(["rpc.nfsd", "8"], check=True, timeout=60)
+    try:
+        yield
+    finally:
+        if not was_serving:
+            subprocess.run(["rpc.nfsd", "0"], timeout=60)      # stops the kernel threads
+            if not was_mounted and os.path.ismount(NFSD_FS):   # rpc.nfsd mounted it
+                subprocess.run(["umount", NFSD_FS], timeout=60)
+
+
 @pytest.mark.root
 def test_nfs_against_a_real_kernel_server(tmp_path):
     facility, reason = _kernel_nfs_problem()
@@ -325,19 +355,21 @@ def test_nfs_against_a_real_kernel_server(tmp_path):
         missing(facility, reason)
     require_root("the kernel's NFS server")
     require_tool("exportfs", "rpc.nfsd")
+    serving_before = _nfsd_threads() > 0
     export = tmp_path / "export"
     export.mkdir()
     (export / "hello").write_text("over nfs")
     subprocess.run(["exportfs", "-o", "rw,no_root_squash,insecure,fsid=77",
                     f"127.0.0.1:{export}"], check=True, timeout=60)
     try:
-        subprocess.run(["rpc.nfsd", "8"], check=True, timeout=60)
-        result = run_in_mount_ns(tmp_path, {
-            "root": str(tmp_path / "root"), "staging": str(tmp_path / "staging"),
-            "mounts": {"n": {"scheme": "nfs", "host": "localhost", "path": str(export),
-                             "dest": "/n", "mode": "rw,vers=4.2,proto=tcp"}},
-            "read": ["n/hello"]})
+        with kernel_nfs_server():
+            result = run_in_mount_ns(tmp_path, {
+                "root": str(tmp_path / "root"), "staging": str(tmp_path / "staging"),
+                "mounts": {"n": {"scheme": "nfs", "host": "localhost", "path": str(export),
+                                 "dest": "/n", "mode": "rw,vers=4.2,proto=tcp"}},
+                "read": ["n/hello"]})
         assert "error" not in result, result
         assert result["read"]["n/hello"] == "over nfs"
+        assert serving_before or _nfsd_threads() == 0, "the test left nfsd running"
     finally:
         subprocess.run(["exportfs", "-u", f"127.0.0.1:{export}"], timeout=60)
