@@ -271,11 +271,17 @@ def test_pid1_of_a_vm_powers_off_through_reboot(tmp_path):
     require_tool("unshare")
     primary = session_config(sid(), ["/bin/sh", "-c", "echo vm-session; exit 5"])
     vmx = write_config(executor_config(primary), str(tmp_path))
+    # An output log of its own: as PID 1 the agent would otherwise take this host's
+    # /dev/ttyS2 for it (the port VIC's VMs have there) and set it raw.
+    output_log = tmp_path / "output.log"
     run = subprocess.run(["unshare", "--pid", "--fork", "--mount", "--uts", "--ipc",
                           "--mount-proc", sys.executable, "-m", "tether", "agent",
-                          "--guestinfo-file", vmx, "--no-attach"],
+                          "--guestinfo-file", vmx, "--no-attach",
+                          "--output-log", str(output_log)],
                          cwd=REPO, capture_output=True, text=True, timeout=300)
     assert "powering off" in run.stderr, run.stderr
+    assert f"session output log: {output_log}" in run.stderr, run.stderr
+    assert [e.data for e in iolog.parse(output_log.read_bytes())] == [b"vm-session\n"]
     assert run.returncode in (-signal.SIGINT, 128 + signal.SIGINT), run.stderr
     from extraconfig.transport import parse_vmx
     final = parse_vmx(open(vmx).read())
