@@ -248,6 +248,16 @@ def test_sandbox_json_config_exit_status(sandbox, tmp_path):
     assert result.guestinfo["guestinfo.vice..sessions|seven.started"] == "true"
 
 
+def test_a_killed_sandbox_leaves_no_files_behind(sandbox, tmp_path):
+    tmpdir = tmp_path / "tmpdir"
+    tmpdir.mkdir()
+    primary = session_config(sid(), ["/bin/sleep", "1000"])
+    box = sandbox.start(executor_config(primary), env={"TMPDIR": str(tmpdir)})
+    box.wait_for_log(r"serving 1 session")
+    box.kill()      # SIGKILL: no cleanup code of the sandbox runs
+    assert list(tmpdir.iterdir()) == []
+
+
 def test_sandbox_hello_example(tmp_path):
     require_namespaces()
     out = tmp_path / "out.vmx"

@@ -260,10 +260,25 @@ def _forward(pid: int, signum: int) -> None:
         pass
 
 
+def private_state_dir() -> str:
+    """A directory for the agent's generated files that nothing outside the sandbox sees
+    and that vanishes with its mount namespace, however the sandbox ends (a SIGKILL runs
+    no cleanup): a tmpfs of its own over /dev/shm, which its new IPC namespace makes the
+    right thing to have private anyway. Else a temporary directory, removed at exit."""
+    from tether import system
+    try:
+        system.mount("tmpfs", "/dev/shm", "tmpfs", system.MS_NOSUID | system.MS_NODEV,
+                     "mode=1777")
+    except OSError:
+        import tempfile
+        return tempfile.mkdtemp(prefix="tether-sandbox-")
+    os.mkdir("/dev/shm/tether", 0o755)
+    return "/dev/shm/tether"
+
+
 def run_inside(args: argparse.Namespace, seed: dict[str, str],
                cgroup_paths: list[str] | None = None) -> int:
     """PID 1 of the new namespaces: private mounts, a fresh /proc, then the agent."""
-    import tempfile
     from extraconfig.transport import MapTransport
     from tether import system
     from tether.agent import Agent, Options, RunMode
@@ -287,7 +302,7 @@ def run_inside(args: argparse.Namespace, seed: dict[str, str],
             if "/" in key or key not in store:   # read-only, or new: the host's word
                 store[key] = value
 
-    state_dir = tempfile.mkdtemp(prefix="tether-sandbox-")
+    state_dir = private_state_dir()
     options = Options(rootfs=os.path.abspath(args.rootfs) if args.rootfs else None,
                       output_log=args.output_log,
                       attach_endpoints=[f"unix:{args.attach_socket}"] if args.attach_socket
