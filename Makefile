@@ -5,6 +5,8 @@
 # `make test-strict` fails, rather than skips, tests whose tool, root or kernel facility is
 # missing (as CI does, with CI=true), apart from the allow-list in tests/helpers.py.
 PY := .venv/bin/python
+# Tools such as mkfs.ext4 live in sbin, which a non-root user's PATH lacks.
+export PATH := $(PATH):/usr/sbin:/sbin
 PYTEST := $(PY) -m pytest -q -rfEs
 
 .PHONY: deps setup run sandbox image test test-strict

@@ -15,7 +15,7 @@ import textwrap
 
 import pytest
 
-from helpers import REPO, missing
+from helpers import REPO, missing, require_root
 from tether.attach.client import Client, ClientError
 from tether.attach.transports import Conn, EndpointError, find_virtio_port
 from tether.system import set_raw_tty
@@ -55,10 +55,13 @@ SERVER = textwrap.dedent("""
     loop.run_forever()
     server.close()
 """)
+# The server's session runs as root, as the agent's do: launching it sets its groups.
+NEEDS_ROOT = "the server launches its session as root (setgroups, setuid)"
 
 
 @pytest.fixture
 def serial_line():
+    require_root(NEEDS_ROOT)
     master, slave = os.openpty()
     set_raw_tty(master, baud=None)
     device = os.ttyname(slave)
@@ -133,6 +136,7 @@ def test_a_socket_client_to_a_line_keeps_checked_frames(serial_line):
 
 
 def test_tcp_endpoint_serves_the_same_protocol():
+    require_root(NEEDS_ROOT)
     with socket.socket() as probe:   # a free port on loopback
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -189,6 +193,7 @@ def test_vsock_endpoint_serves_the_same_protocol():
     problem = _vsock_loopback_problem()
     if problem:
         missing("vsock-loopback", problem)
+    require_root(NEEDS_ROOT)
     port = 20000 + os.getpid() % 20000
     env = dict(os.environ, PYTHONPATH=str(REPO))
     proc = subprocess.Popen([sys.executable, "-c", SERVER, f"vsock:{port}", KEY.decode()],
