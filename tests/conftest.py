@@ -32,15 +32,15 @@ def image_dir() -> Path:
 
 
 # -- skips: strict mode and the closing count ---------------------------------------------
-def _skip_kind(exc) -> str:
-    """Why a test skipped, as the closing line counts it."""
+def _classify_skip(exc, reason: str) -> tuple[str, bool]:
+    """(what the closing line counts the skip as, whether strict mode lets it skip)."""
     if isinstance(exc, MissingFacility):
         if exc.facility in ALLOWED_MISSING:
-            return f"{exc.facility} (allowed)"
-        return exc.facility
+            return f"{exc.facility} (allowed)", True
+        return exc.facility, False
     if isinstance(exc, NotApplicable):
-        return "not applicable here"
-    return "other"
+        return "not applicable here", True
+    return f"undeclared skip ({reason})", False
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -50,13 +50,12 @@ def pytest_runtest_makereport(item, call):
     if not report.skipped or call.excinfo is None or hasattr(report, "wasxfail"):
         return
     exc = call.excinfo.value
-    kind = _skip_kind(exc)
-    report.user_properties.append(("skip_kind", kind))
     reason = getattr(exc, "msg", None) or str(exc)
+    kind, allowed = _classify_skip(exc, reason)
+    report.user_properties += [("skip_kind", kind), ("skip_allowed", allowed)]
     if isinstance(exc, (MissingFacility, NotApplicable)):
         path, line, _ = item.reportinfo()     # the test, not the helper that raised
         report.longrepr = (str(path), (line or 0) + 1, f"{kind}: {reason}")
-    allowed = kind.endswith("(allowed)") or isinstance(exc, NotApplicable)
     if strict_mode() and not allowed:
         report.outcome = "failed"
         report.longrepr = (
@@ -78,12 +77,13 @@ def pytest_make_collect_report(collector):
 
 
 def pytest_terminal_summary(terminalreporter):
-    skipped = terminalreporter.stats.get("skipped", [])
+    skipped = [dict(getattr(r, "user_properties", ()))
+               for r in terminalreporter.stats.get("skipped", [])]
     if not skipped:
         return
-    kinds = Counter(dict(getattr(r, "user_properties", ())).get("skip_kind", "other")
-                    for r in skipped)
+    kinds = Counter(props.get("skip_kind", "other") for props in skipped)
     parts = ", ".join(f"{count} {kind}" for kind, count in kinds.most_common())
+    strict_would_fail = not all(props.get("skip_allowed") for props in skipped)
     terminalreporter.write_line(f"skipped {len(skipped)}: {parts}"
-                                + ("" if strict_mode() else
-                                   " (make test-strict or CI=true fails these, bar the allowed)"))
+                                + (" (CI=true or make test-strict would fail the run)"
+                                   if strict_would_fail else ""))

@@ -39,7 +39,6 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-DATA = REPO / "tests" / "data"
 DEFAULT_TIMEOUT = 120.0
 
 
