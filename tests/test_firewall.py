@@ -7,10 +7,8 @@ a bounded timeout.
 from __future__ import annotations
 
 import json
-import os
 import re
 import secrets
-import shutil
 import signal
 import subprocess
 import sys
@@ -20,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers import require_root, require_tool
 from tether.network.firewall import (EndpointPolicy, FirewallError, lockdown_ruleset, policies,
                                      ruleset)
 from tether.network.ports import TrustLevel, parse_port
@@ -157,10 +156,8 @@ class FirewallNet:
 
 @pytest.fixture
 def fwnet():
-    if os.geteuid() != 0:
-        pytest.skip("needs root for network namespaces")
-    if not shutil.which("ip"):
-        pytest.skip("needs iproute2's ip command")
+    require_root("network namespaces")
+    require_tool("ip")
     net = FirewallNet()
     try:
         yield net

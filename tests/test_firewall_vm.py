@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from test_vm import boot, image_dir, session, single  # noqa: F401 - image_dir is a fixture
+from test_vm import boot, session, single
 
 pytestmark = pytest.mark.vm
 

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from helpers import REPO, require_root, require_tool
+
 pytestmark = pytest.mark.root
 
 
@@ -25,8 +26,8 @@ def sh(*argv, check=True, timeout=60):
 def outer_ns():
     """A namespace standing in for the user's machine: `eth0` (a veth) with an address and
     a default route, so there is something for a misbehaving sandbox to change."""
-    if os.geteuid() != 0 or not shutil.which("ip"):
-        pytest.skip("needs root and iproute2 for network namespaces")
+    require_root("network namespaces")
+    require_tool("ip")
     tag = secrets.token_hex(3)
     outer, far = f"tso-{tag}", f"tsf-{tag}"
     made = []
@@ -90,8 +91,8 @@ def test_static_network_applies_inside_and_leaves_the_outer_namespace_alone(oute
 def test_the_static_network_example_leaves_this_namespace_alone(tmp_path):
     """The acceptance check, literally: ip -j addr/route of the invoking namespace are the
     same before and after, and the session inside sees its static address."""
-    if os.geteuid() != 0 or not shutil.which("ip"):
-        pytest.skip("needs root and iproute2")
+    require_root("network namespaces")
+    require_tool("ip")
     before = state(None)
     result = run(sandbox_cmd(str(REPO / "examples" / "static-network.json"),
                              "--out", str(tmp_path / "out.vmx")), tmp_path)
@@ -101,8 +102,8 @@ def test_the_static_network_example_leaves_this_namespace_alone(tmp_path):
 
 
 def test_without_networks_only_loopback_is_up(tmp_path):
-    if os.geteuid() != 0 or not shutil.which("ip"):
-        pytest.skip("needs root and iproute2")
+    require_root("network namespaces")
+    require_tool("ip")
     ip = shutil.which("ip")
     config = {"common": {"id": "links"},
               "sessions": {"links": {"cmd": {"path": ip, "args": [ip, "-j", "link"]}}}}
