@@ -68,7 +68,7 @@ TOOL_PACKAGES = {
     "exportfs": "nfs-kernel-server", "rpc.nfsd": "nfs-kernel-server",
     "qemu-system-x86_64": "qemu-system-x86", "debootstrap": "debootstrap",
     "mksquashfs": "squashfs-tools", "unsquashfs": "squashfs-tools", "xorriso": "xorriso",
-    "busybox": "busybox-static",
+    "busybox": "busybox-static", "go": "golang-go",
 }
 
 

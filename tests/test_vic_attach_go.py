@@ -11,7 +11,7 @@ import subprocess
 
 import pytest
 
-from conftest import REPO, executor_config, session_config, sid, unique
+from helpers import REPO, executor_config, missing, require_tool, session_config, sid, unique
 from test_vic_attach_sandbox import port_layer_key
 
 GOPATH = "/usr/share/gocode"
@@ -19,14 +19,10 @@ GOPATH = "/usr/share/gocode"
 
 @pytest.fixture(scope="module")
 def vicgo(tmp_path_factory) -> str:
-    missing = [what for what, there in (
-        ("go (Debian package golang-go)", shutil.which("go")),
-        ("golang.org/x/crypto/ssh (golang-golang-x-crypto-dev)",
-         os.path.isdir(f"{GOPATH}/src/golang.org/x/crypto/ssh"))) if not there]
-    if missing:
-        if os.environ.get("CI"):
-            pytest.fail("missing under CI: " + ", ".join(missing) + " (see .ci/run)")
-        pytest.skip("missing: " + ", ".join(missing))
+    require_tool("go")
+    if not os.path.isdir(f"{GOPATH}/src/golang.org/x/crypto/ssh"):
+        missing("golang.org/x/crypto/ssh", "golang.org/x/crypto/ssh is not installed (Debian "
+                "package golang-golang-x-crypto-dev; scripts/install-deps installs it)")
     work = tmp_path_factory.mktemp("vicgo")
     shutil.copy(REPO / "tests" / "vicgo" / "main.go", work / "main.go")
     env = dict(os.environ, GO111MODULE="off", GOPATH=GOPATH, GOCACHE=str(work / "cache"),

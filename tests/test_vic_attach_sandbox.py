@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from conftest import executor_config, session_config, sid, unique
+from helpers import executor_config, session_config, sid, unique
 import vicssh_client as vc
 
 SH = ["/bin/sh", "-c"]
@@ -331,7 +331,7 @@ def test_client_key_auth_when_asked(vic, key, tmp_path):
 
 def test_tether_attach_vic_command(vic):
     import sys
-    from conftest import REPO
+    from helpers import REPO
     primary, other = cat_session(), cat_session()
     box, path = vic(primary, other)
     command = [sys.executable, "-m", "tether", "attach", "--vic", f"unix:{path}"]

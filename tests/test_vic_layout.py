@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import executor_config, session_config, sid
+from helpers import executor_config, session_config, sid
 from tether.attach.vic import layout, wire
 
 

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from test_vm import boot, image_dir, session, single  # noqa: F401 - image_dir is a fixture
+from test_vm import boot, session, single
 from test_vic_attach_sandbox import port_layer_key
 import vicssh_client as vc
 
