@@ -3,11 +3,11 @@ table, what it refuses, and the errno a failed launch carries."""
 from __future__ import annotations
 
 import errno
-import os
 import signal
 
 import pytest
 
+from helpers import require_root
 from tether.config import Cmd, Common, SessionConfig
 from tether.loop import Loop
 from tether.reaper import Reaper
@@ -19,8 +19,7 @@ TIMEOUT = 60.0
 
 @pytest.fixture
 def rig():
-    if os.geteuid() != 0:
-        pytest.skip("sessions set their groups: needs root")
+    require_root("sessions set their groups")
     loop = Loop()
     reaper = Reaper(loop)
     reaper.start()

@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import REPO, executor_config, session_config, write_config
+from helpers import REPO, executor_config, session_config, write_config
 
 PACKAGES = ("tether", "extraconfig")
 
