@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from conftest import REPO
+from helpers import REPO, missing, not_applicable, require_namespaces, require_tool
 
 PY = sys.executable
 PATH_ENV = ["PATH=/usr/sbin:/usr/bin:/sbin:/bin"]
@@ -43,7 +43,7 @@ def cgroups_missing() -> str | None:
 def limited(sandbox):
     reason = cgroups_missing()
     if reason:
-        pytest.skip(reason)
+        missing("cgroup controllers", reason)
     return sandbox
 
 
@@ -278,10 +278,7 @@ def test_the_parent_death_signal_is_armed_in_the_session(limited):
 def test_asking_for_a_capability_the_agent_lacks_fails_the_launch_clearly(tmp_path):
     """The sandbox runs with CAP_SYS_TIME out of its bounding set; a session asking for it
     gets a `started` that says so, and one asking for a made-up name too."""
-    from conftest import namespaces_unavailable
-    reason = namespaces_unavailable()
-    if reason:
-        pytest.skip(reason)
+    require_namespaces()
     import prctl
     path = tmp_path / "config.json"
     # launched in ID order, both before the primary (a failed primary stops the rest)
@@ -382,13 +379,12 @@ def test_groups_of_a_killed_sandbox_are_removed_by_the_next_one(limited):
 def test_pid1_without_a_cgroup_namespace_leaves_the_hosts_cgroups_alone(tmp_path):
     """`tether agent` as PID 1 of a PID namespace only: the cgroups it sees are the
     host's, so it makes no groups there (the session stays in the agent's own)."""
-    from conftest import namespaces_unavailable
-    reason = namespaces_unavailable() or (None if shutil.which("unshare") else "no unshare(1)")
-    if reason:
-        pytest.skip(reason)
+    require_namespaces()
+    require_tool("unshare")
     from tether import cgroups
     if cgroups.not_at_root() is None:
-        pytest.skip("this test process is at the root of every hierarchy: nothing to tell apart")
+        not_applicable("this test process is at the root of every hierarchy: nothing to tell "
+                       "apart")
     path = tmp_path / "config.json"
     cfg = config(session(["/bin/cat", "/proc/self/cgroup"]))
     cfg["diagnostics"] = {"debug_level": 1}   # the session's output echoed on the log

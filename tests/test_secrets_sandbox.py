@@ -8,7 +8,7 @@ import uuid
 
 import pytest
 
-from conftest import REPO
+from helpers import REPO
 from extraconfig.backdoor.simulator import SimulatedHypervisor
 from tether.jsonform import config_from_json
 
