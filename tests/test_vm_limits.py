@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from test_vm import boot, image_dir, session  # noqa: F401 - image_dir is a fixture
+from test_vm import boot, session
 
 pytestmark = pytest.mark.vm
 
