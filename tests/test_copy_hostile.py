@@ -22,7 +22,7 @@ import zlib
 
 import pytest
 
-from conftest import executor_config, session_config, sid, unique
+from helpers import executor_config, require_tool, session_config, sid, unique
 from tether.attach import protocol as p
 from tether.attach.client import Client, ClientError
 from swapper import USER, Swapper
@@ -33,8 +33,7 @@ BUSYBOX = shutil.which("busybox") or "/bin/busybox"
 @pytest.fixture
 def rootfs(tmp_path):
     """A busybox container root; /data belongs to the unprivileged user."""
-    if not os.path.exists(BUSYBOX):
-        pytest.skip("busybox-static is not installed")
+    require_tool("busybox")
     root = tmp_path / "rootfs"
     for d in ("bin", "etc", "proc", "sys", "dev", "tmp", "data"):
         (root / d).mkdir(parents=True)
