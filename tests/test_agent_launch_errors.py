@@ -6,7 +6,7 @@ from __future__ import annotations
 import secrets
 import signal
 
-from conftest import DEFAULT_TIMEOUT
+from helpers import DEFAULT_TIMEOUT
 
 SHELL_ENV = ["PATH=/usr/sbin:/usr/bin:/sbin:/bin"]
 EXIT_LAUNCH_ERROR = 125

@@ -12,7 +12,7 @@ import time
 import pytest
 
 from extraconfig.transport import parse_vmx
-from test_vm import BOOT_TIMEOUT, REPO, image_dir, session, single  # noqa: F401 - fixture
+from test_vm import BOOT_TIMEOUT, REPO, session, single
 
 pytestmark = pytest.mark.vm
 
