@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from conftest import (REPO, executor_config, namespaces_unavailable, session_config, sid)
+from helpers import (REPO, executor_config, namespaces_unavailable, session_config, sid)
 from extraconfig.codec import encode
 from extraconfig.transport import format_vmx, parse_vmx
 

@@ -21,7 +21,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from conftest import REPO
+from helpers import REPO
 from tether.attach import protocol as p
 from tether.attach import server as attach_server
 from tether.attach.client import Client

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from conftest import REPO
+from helpers import REPO
 
 
 DEEP_LIST = "[" * 100_000 + "]" * 100_000

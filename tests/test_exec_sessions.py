@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from conftest import executor_config, session_config, sid
+from helpers import executor_config, session_config, sid
 
 
 def connect(endpoint: str, box, timeout: float = 120.0):

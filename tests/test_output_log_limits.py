@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-from conftest import executor_config, session_config, sid
+from helpers import executor_config, session_config, sid
 from tether.iolog import LineFramer, LogPort, parse
 
 

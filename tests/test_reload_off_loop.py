@@ -6,7 +6,7 @@ from __future__ import annotations
 import signal
 import time
 
-from conftest import executor_config, session_config, sid, write_config
+from helpers import executor_config, session_config, sid, write_config
 
 
 def connect(endpoint: str, box, timeout: float = 120.0):

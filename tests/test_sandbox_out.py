@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, executor_config, namespaces_unavailable, session_config, sid, \
+from helpers import REPO, executor_config, namespaces_unavailable, session_config, sid, \
     write_config
 
 
