@@ -186,7 +186,10 @@ class SandboxResult:
 
 
 def write_config(config, directory: str) -> str:
-    """An ExecutorConfig goes in as VMX lines; a dict as the JSON form."""
+    """An ExecutorConfig goes in as VMX lines; a dict as the JSON form; a path (a `.vmx`
+    file of keys as a host wrote them, or the JSON form) as it is."""
+    if isinstance(config, os.PathLike):
+        return os.fspath(config)
     if isinstance(config, dict):
         path = os.path.join(directory, "config.json")
         with open(path, "w") as f:

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import time
 
+from extraconfig.transport import format_vmx
 from helpers import executor_config, session_config, sid
+from tether.config import run_block_write_key
+from tether.extension import encode_config
 
 
 def connect(endpoint: str, box, timeout: float = 120.0):
@@ -46,6 +49,28 @@ def test_runblock_waits_for_attach_then_stdin_round_trips(sandbox, tmp_path):
     assert out == b"hello\ngot:ping\n", result.log
     assert result.returncode == 0
     assert result.session(primary.common.id).started == "true"
+
+
+def test_a_head_shaped_map_whose_read_write_runblock_is_true_blocks_until_unblocked(
+        sandbox, tmp_path):
+    """A port layer of VIC v1.2+ writes RunBlock only as the read-write key."""
+    socket_path = tmp_path / "attach.sock"
+    primary = session_config(sid(), ["/bin/echo", "released"], attach=True)
+    keys = encode_config(executor_config(primary))
+    del keys[f"guestinfo.vice./sessions|{primary.id}/runblock"]     # "false" there
+    keys[run_block_write_key(primary.id)] = "true"
+    vmx = tmp_path / "head.vmx"
+    vmx.write_text(format_vmx(keys))
+    box = sandbox.start(vmx, attach_socket=socket_path)
+    box.wait_for_log(r"waits for an attach to release RunBlock")
+    assert "started: pid" not in box.log_text()     # held until released
+    with connect(f"unix:{socket_path}", box) as client:
+        stream = client.attach(primary.id)
+        client.unblock(primary.id)
+        out, code = collect(stream)
+    result = box.wait()
+    assert (out, code) == (b"released\n", 0), result.log
+    assert result.session(primary.id).started == "true"
 
 
 def test_exec_starts_a_new_session(sandbox, tmp_path):

@@ -9,7 +9,8 @@ import pytest
 
 from extraconfig.codec import decode, encode
 from extraconfig.transport import GuestSink, GuestSource, MapTransport
-from tether.config import ExecutorConfig, ExitRecord, Hook, Limits
+from helpers import executor_config, session_config
+from tether.config import ExecutorConfig, ExitRecord, Hook, Limits, run_block_write_key
 from tether.extension import decode_config, encode_config, encode_session_into
 from tether.jsonform import ConfigError, config_from_json, config_to_json
 
@@ -156,3 +157,27 @@ def test_a_reload_takes_the_hosts_extension_fields_and_keeps_our_records():
     assert session.capabilities == []
     assert [h.path for h in ours.hooks.poststop] == ["/bin/true"]
     assert [r.exit_code for r in session.exit_records] == [3]
+
+
+@pytest.mark.parametrize("read_only, read_write, blocks", [
+    ("true", None, True),        # a port layer before VIC v1.2: the read-only key
+    (None, "true", True),        # v1.2 and later (vmware/vic 5ce6ef1f4): the read-write key
+    ("true", "false", False),    # both: the read-write key wins (the agent writes it)
+    ("false", "true", True),
+    (None, None, False),
+])
+def test_run_block_is_read_from_either_key(read_only, read_write, blocks):
+    blocked = session_config("blocked", ["/bin/true"])
+    other = session_config("b", ["/bin/true"])
+    keys = encode_config(executor_config(blocked, other))
+    ro_key = "guestinfo.vice./sessions|blocked/runblock"
+    assert keys.pop(ro_key) == "false" and run_block_write_key("blocked") == \
+        "guestinfo.vice..sessions|blocked.runblock"
+    if read_only is not None:
+        keys[ro_key] = read_only
+    if read_write is not None:
+        keys[run_block_write_key("blocked")] = read_write
+    for source in (keys, GuestSource(MapTransport(dict(keys)))):
+        config = decode_config(source)
+        assert config.sessions["blocked"].run_block is blocks
+        assert config.sessions["b"].run_block is False

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from helpers import executor_config, session_config, sid
+from helpers import session_config, sid
 from tether.attach.vic import layout, wire
 
 
@@ -32,9 +32,8 @@ def test_settings_options_then_kernel_arguments():
 
 def test_runblock_is_written_as_heads_read_write_key():
     primary = session_config(sid(), ["/bin/true"], run_block=True)
-    config = executor_config(primary)
     written = {}
-    layout.write_runblock(lambda k, v: written.__setitem__(k, v), config, primary.id)
+    layout.write_runblock(lambda k, v: written.__setitem__(k, v), primary.id)
     assert written == {f"guestinfo.vice..sessions|{primary.id}.runblock": "false"}
 
 

@@ -505,7 +505,7 @@ class Agent:
             self, endpoints=self.options.vic_attach, options=self.options.vic_options,
             in_vm=self.mode.owns_machine,
             transport_module=type(self.transport).__module__,
-            runblock_sink=(lambda s: write_runblock(sink, self.config, s.id)) if sink else None)
+            runblock_sink=(lambda s: write_runblock(sink, s.id)) if sink else None)
 
     def start_toolbox(self) -> None:
         """The VMX's TCLO duties, when guestinfo comes over the VMware backdoor."""

@@ -243,6 +243,44 @@ class ExecutorConfig:
         return self.common.id
 
 
+# -- RunBlock's two keys ---------------------------------------------------------------------
+# `run_block` above carries the tag of VIC before v1.2: read-only, so a port layer of that
+# age writes guestinfo.vice./sessions|<id>/runblock. vmware/vic 5ce6ef1f4 ("reset
+# runblock in tether after process is launched") made SessionConfig.RunBlock read-write,
+# so a port layer of v1.2 or later writes guestinfo.vice..sessions|<id>.runblock instead,
+# and the agent clears it once the session is released. The agent reads both forms (the
+# read-write one wins where present, being the one the agent itself writes) and writes
+# the read-write one when an attach releases a session. These are the only two places
+# that know the read-write form.
+@dataclasses.dataclass
+class _ReadWriteRunBlock:
+    run_block: Optional[bool] = vic("RunBlock", RW, "runblock", default=None)   # None: absent
+
+
+@dataclasses.dataclass
+class _ReadWriteRunBlocks:
+    """The session map of ExecutorConfig, seen through HEAD's tag of RunBlock only."""
+    sessions: Optional[dict[str, Optional[_ReadWriteRunBlock]]] = vic(
+        "Sessions", RO, "sessions", default=None)
+
+
+def read_run_blocks(source, config) -> None:
+    """Take each session's RunBlock from the read-write key where `source` (anything the
+    codec decodes from) has it; sessions without it keep the read-only key's value."""
+    from extraconfig.codec import decode
+    found = decode(source, _ReadWriteRunBlocks()).sessions or {}
+    for name, entry in found.items():
+        session = (config.sessions or {}).get(name)
+        if session is not None and entry is not None and entry.run_block is not None:
+            session.run_block = entry.run_block
+
+
+def run_block_write_key(name: str) -> str:
+    """The read-write RunBlock key of the session named `name` in the session map."""
+    from extraconfig.codec import calculate_key
+    return calculate_key(_ReadWriteRunBlocks, ["Sessions", name, "RunBlock"])
+
+
 # -- the reload rule ------------------------------------------------------------------------
 def _is_struct(value) -> bool:
     return dataclasses.is_dataclass(value) and not isinstance(value, type)

@@ -120,9 +120,12 @@ def encode_config(config) -> dict[str, str]:
 
 def decode_config(source):
     """An ExecutorConfig with its extension fields from `source` (a mapping, a callable or
-    a GuestSource). The VIC part is decoded exactly as before; ours merges in."""
+    a GuestSource). The VIC part is decoded exactly as before, RunBlock from either of
+    its keys (tether/config.py read_run_blocks); ours merges in."""
     from extraconfig.codec import decode
+    from tether.config import read_run_blocks
     config = decode(source, ExecutorConfig)
+    read_run_blocks(source, config)
     decode_extension(source, config)
     return config
 

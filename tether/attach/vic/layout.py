@@ -87,12 +87,8 @@ def start_for_agent(host, *, endpoints: list[str] | None, options: dict | None,
     return server
 
 
-def write_runblock(sink, config, session_id: str) -> None:
-    """Write HEAD's read-write `runblock` key of a session as false (5ce6ef1f4: a released
-    RunBlock must not block a restart). Our config model is the E shape, where RunBlock is
-    read-only, so the key is written directly."""
-    from extraconfig import calculate_key
-    from extraconfig.keys import ROOT
-    prefix = calculate_key(config, ["Sessions", session_id])
-    body = prefix[len(ROOT):].replace("/", ".")
-    sink(ROOT + body + ".runblock", "false")
+def write_runblock(sink, session_id: str) -> None:
+    """Write the session's read-write `runblock` key as false (vmware/vic 5ce6ef1f4: a
+    released RunBlock must not block a restart); tether/config.py knows both keys."""
+    from tether.config import run_block_write_key
+    sink(run_block_write_key(session_id), "false")
