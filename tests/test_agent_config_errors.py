@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from helpers import (REPO, executor_config, namespaces_unavailable, session_config, sid)
+from helpers import REPO, executor_config, require_namespaces, session_config, sid
 from extraconfig.codec import encode
 from extraconfig.transport import format_vmx, parse_vmx
 
@@ -20,9 +20,7 @@ CONFIG_ERROR = "guestinfo.vice..tether.configerror"
 @pytest.fixture
 def vmx_sandbox(tmp_path):
     """Run `tether sandbox` on raw guestinfo keys (a host's keys may be anything)."""
-    reason = namespaces_unavailable()
-    if reason:
-        pytest.skip(reason)
+    require_namespaces()
 
     def run(entries: dict[str, str], env=None, args=(), timeout=120):
         path = tmp_path / "config.vmx"

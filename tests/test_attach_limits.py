@@ -21,7 +21,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from helpers import REPO
+from helpers import REPO, missing
 from tether.attach import protocol as p
 from tether.attach import server as attach_server
 from tether.attach.client import Client
@@ -434,7 +434,7 @@ def test_the_vsock_listener_takes_only_the_host_unless_told(endpoint, taken):
     try:
         listener = transports.listen(endpoint)
     except OSError as err:
-        pytest.skip(f"no AF_VSOCK here: {err}")
+        missing("AF_VSOCK", f"cannot listen on AF_VSOCK here: {err}")
     listener.sock.close()
     fake = listener.sock = _FakeVsockListener([1, 3, 2])
     try:
@@ -455,7 +455,8 @@ def test_the_client_library_works_on_an_fd_above_1023(unix_server):
     import resource
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard < 2100:
-        pytest.skip(f"RLIMIT_NOFILE hard limit {hard} is below 2100")
+        missing("RLIMIT_NOFILE", f"the open-file hard limit {hard} is below the 2100 "
+                "this test needs")
     resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 2100), hard))
     filler = []
     result = {}

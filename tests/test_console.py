@@ -12,7 +12,8 @@ import time
 
 import pytest
 
-from helpers import REPO, executor_config, session_config, sid, write_config
+from helpers import REPO, executor_config, require_namespaces, session_config, sid, \
+    write_config
 
 # The agent's console set up as `tether agent` does, on a pipe nobody reads: 100,000 log
 # lines and 8 MiB of echoed session output must not block.
@@ -94,10 +95,7 @@ def test_the_console_of_a_terminal_or_pipe_is_not_made_non_blocking_for_others()
 
 
 def test_sandbox_with_a_stderr_nobody_reads_still_stops_on_sigterm(tmp_path):
-    from helpers import namespaces_unavailable
-    reason = namespaces_unavailable()
-    if reason:
-        pytest.skip(reason)
+    require_namespaces()
     # The sandbox echoes session output onto its log (stderr): a chatty session fills a
     # pipe nobody reads at once. The agent must still serve, and stop on SIGTERM.
     primary = session_config(sid(), ["/bin/sh", "-c", "while :; do echo flooding the "

@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-from helpers import executor_config, session_config, sid
+from helpers import executor_config, require_root, session_config, sid
 from tether.iolog import LineFramer, LogPort, parse
 
 
@@ -43,8 +43,7 @@ def test_the_sandbox_output_log_is_capped(sandbox, tmp_path):
 
 @pytest.fixture
 def full_disk(tmp_path):
-    if os.geteuid() != 0:
-        pytest.skip("needs root to mount a small tmpfs")
+    require_root("mounts a small tmpfs")
     mountpoint = tmp_path / "small"
     mountpoint.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mountpoint)],

@@ -8,14 +8,18 @@ import stat
 
 import pytest
 
+from helpers import missing
 from swapper import USER, Swapper
 from tether import rootfs, system
 from tether.rootfs import (O_PATH_DIR, container_path, makedirs_in_root, open_in_root,
                            open_parent_in_root, open_root)
 
-WALKS = [pytest.param(False, id="walk"),
-         pytest.param(True, id="openat2", marks=pytest.mark.skipif(
-             not system.have_openat2(), reason="the kernel has no openat2 (before 5.6)"))]
+@pytest.fixture(params=[False, True], ids=["walk", "openat2"])
+def kernel(request) -> bool:
+    """Each walk in turn: ours (False), then the kernel's openat2 (True)."""
+    if request.param and not system.have_openat2():
+        missing("openat2", "the kernel has no openat2 (before 5.6)")
+    return request.param
 
 
 @pytest.fixture
@@ -43,7 +47,6 @@ def read(fd: int) -> str:
         os.close(fd)
 
 
-@pytest.mark.parametrize("kernel", WALKS)
 def test_symlinks_and_dotdot_resolve_inside_the_root(root, kernel):
     top, fd = root
     for path in ("/etc/hosts", "abs/hosts", "/run/rel/hosts", "/up/etc/hosts",
@@ -51,7 +54,6 @@ def test_symlinks_and_dotdot_resolve_inside_the_root(root, kernel):
         assert read(open_in_root(fd, path, use_openat2=kernel)) == "inside\n", path
 
 
-@pytest.mark.parametrize("kernel", WALKS)
 def test_loops_no_follow_and_no_symlinks(root, kernel):
     top, fd = root
     with pytest.raises(OSError) as err:
@@ -72,7 +74,6 @@ def test_loops_no_follow_and_no_symlinks(root, kernel):
     os.close(dir_fd)
 
 
-@pytest.mark.parametrize("kernel", WALKS)
 def test_magic_links_are_refused(kernel):
     """/proc/self/root followed as the kernel would lead to the agent's root."""
     fd = open_root("/")
@@ -84,7 +85,6 @@ def test_magic_links_are_refused(kernel):
         os.close(fd)
 
 
-@pytest.mark.parametrize("kernel", WALKS)
 def test_parent_follows_the_last_link_inside_the_root(root, kernel):
     top, fd = root
     os.symlink("/etc/new-name", top / "dangling")
@@ -138,7 +138,6 @@ def racing_root(tmp_path):
         os.close(fd)
 
 
-@pytest.mark.parametrize("kernel", WALKS)
 def test_a_swapped_component_never_leads_out(racing_root, kernel):
     fd, outside = racing_root
     host = os.stat(outside / "f")

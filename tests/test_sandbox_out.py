@@ -9,15 +9,13 @@ import sys
 
 import pytest
 
-from helpers import REPO, executor_config, namespaces_unavailable, session_config, sid, \
+from helpers import REPO, executor_config, require_namespaces, session_config, sid, \
     write_config
 
 
 @pytest.fixture
 def run(tmp_path):
-    reason = namespaces_unavailable()
-    if reason:
-        pytest.skip(reason)
+    require_namespaces()
 
     def run(config, *args):
         path = write_config(config, str(tmp_path))
