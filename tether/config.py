@@ -100,7 +100,8 @@ class Hook:
 
 @dataclasses.dataclass
 class Hooks:
-    """Seed 004's hook points (libcontainer's `Hooks`), keyed by their seed names."""
+    """The OCI runtime spec's hook points (config.json `hooks`), keyed by the spec's names;
+    docs/config.md."""
     prestart: Optional[list[Hook]] = vic("Prestart", RO, "prestart", default=None)
     create_runtime: Optional[list[Hook]] = vic("CreateRuntime", RO, "createRuntime",
                                                default=None)

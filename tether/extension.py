@@ -2,7 +2,8 @@
 
 Per session: resource `limits`, a capability keep-list, `no_new_privileges`, a parent
 death signal, and the structured exit records the agent writes back. Per executor: the
-lifecycle `hooks` (seed 004's names) and whether the agent scrubs secrets from guestinfo.
+lifecycle `hooks` (the OCI runtime spec's points and names, docs/config.md) and whether
+the agent scrubs secrets from guestinfo.
 
 In memory these are plain fields of `SessionConfig` and `ExecutorConfig` that the codec
 skips (they carry no `vic` tag), so `extraconfig.encode(config)` stays byte for byte what

@@ -1,4 +1,5 @@
-"""Lifecycle hooks: programs the agent runs at seed 004's points, the OCI state on stdin.
+"""Lifecycle hooks: programs the agent runs at the OCI runtime spec's hook points
+(docs/agent.md, "Hooks"), the OCI state on stdin.
 
 The container of OCI is the executor; its process is the primary session. Around each
 launch of the primary the agent runs, in order:
@@ -35,9 +36,10 @@ DEFAULT_TIMEOUT = 30
 OCI_VERSION = "1.0.2"
 OUTPUT_KEPT = 4096
 IN_CONTAINER = ("create_container", "start_container")
-SEED_NAMES = {"prestart": "prestart", "create_runtime": "createRuntime",
-              "create_container": "createContainer", "start_container": "startContainer",
-              "poststart": "poststart", "poststop": "poststop"}
+# our field names -> the OCI runtime spec's (config.json `hooks`)
+OCI_NAMES = {"prestart": "prestart", "create_runtime": "createRuntime",
+             "create_container": "createContainer", "start_container": "startContainer",
+             "poststart": "poststart", "poststop": "poststop"}
 LAUNCH_POINTS = ("prestart", "create_runtime", "create_container", "start_container")
 
 
@@ -75,7 +77,7 @@ def run_point(hooks, point: str, state_json: bytes, root: str = "/",
 
 
 def run_hook(point: str, index: int, hook, state_json: bytes, root: str = "/") -> None:
-    name = f"{SEED_NAMES.get(point, point)} hook {index} ({hook.path})"
+    name = f"{OCI_NAMES.get(point, point)} hook {index} ({hook.path})"
     if not hook.path:
         raise HookError(f"{name}: no path")
     timeout = hook.timeout if hook.timeout and hook.timeout > 0 else DEFAULT_TIMEOUT

@@ -123,7 +123,8 @@ class Isolation:
 
     # -- the process exists and waits --------------------------------------------------------
     def before_release(self, session, pid: int) -> None:
-        """The launch hooks, in the seed's order. Raises LaunchError at the first failure."""
+        """The launch hooks, in the OCI runtime spec's order. Raises LaunchError at the
+        first failure."""
         from tether.sessions import LaunchError
         doc = hook_runner.state(session.id, "created", pid, self.root,
                                 getattr(self.config, "annotations", None))
