@@ -261,6 +261,18 @@ class _Unit:
             self.ns[name] = value
         return name
 
+    def field_key(self, fp: C.FieldPlan, kind: str, ctx: _Ctx) -> _Key:
+        """The key of field `fp` in context `ctx`; `kind` is _field_kind's (not None).
+        Asking for a part of `ctx` makes the generated code compute it."""
+        if kind in ("ro", "rw"):
+            return _FieldKey(ctx, kind, fp.name)
+        if kind == "hid":
+            return _DynKey(f"{ctx['hid']} + {fp.name!r}")
+        if kind == "inh":
+            return _DynKey(f"{ctx['ub']} + {fp.name!r}")
+        return _DynKey(f"{self.const(C._field_key, 'FKEY')}({ctx['P']}, "
+                       f"{self.const(fp, 'FP')})")
+
     def entry(self, plan: C.StructNode, depth: int, follow: bool) -> str:
         key = (plan, _nd(depth), follow)
         name = self.entries.get(key)
@@ -350,15 +362,7 @@ class _Decoder(_Unit):
                 continue
             fdepth = dd if fp.depth is None else _nd(fp.depth)
             ffollow = follow if fp.follow is None else fp.follow
-            if kind in ("ro", "rw"):
-                key: _Key = _FieldKey(ctx, kind, fp.name)
-            elif kind == "hid":
-                key = _DynKey(f"{ctx['hid']} + {fp.name!r}")
-            elif kind == "inh":
-                key = _DynKey(f"{ctx['ub']} + {fp.name!r}")
-            else:
-                key = _DynKey(f"{self.const(C._field_key, 'FKEY')}({ctx['P']}, "
-                              f"{self.const(fp, 'FP')})")
+            key = self.field_key(fp, kind, ctx)
             attr = fp.attr
             store = (lambda e, a=attr: f"{o}.{a} = {e}")
             if kind == "slow" and type(fp.node) not in _LEAVES:
@@ -659,15 +663,7 @@ class _Encoder(_Unit):
                 continue
             fdepth = dd if fp.depth is None else _nd(fp.depth)
             ffollow = follow if fp.follow is None else fp.follow
-            if kind in ("ro", "rw"):
-                key: _Key = _FieldKey(ctx, kind, fp.name)
-            elif kind == "hid":
-                key = _DynKey(f"{ctx['hid']} + {fp.name!r}")
-            elif kind == "inh":
-                key = _DynKey(f"{ctx['ub']} + {fp.name!r}")
-            else:
-                key = _DynKey(f"{self.const(C._field_key, 'FKEY')}({ctx['P']}, "
-                              f"{self.const(fp, 'FP')})")
+            key = self.field_key(fp, kind, ctx)
             if kind == "slow" and type(fp.node) not in _LEAVES:
                 if fdepth != 0:       # an `@` suffix: the interpreter splices keys below it
                     out.append(f"{ind}{self.const(fp.node, 'N')}.enc({self.sink_expr()}, "
