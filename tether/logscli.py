@@ -22,19 +22,27 @@ def main(argv: list[str]) -> int:
         return 1
     out = sys.stdout.buffer
     try:
-        for entry in parse(blob):
-            label = entry.session if entry.session is not None else PRIMARY_LABEL
-            if args.session is not None and label != args.session:
-                continue
-            if args.raw:
-                out.write(entry.data)
-                continue
-            stream = "stderr" if entry.stream else "stdout"
-            out.write(f"{format_time(entry.when_ns)} {label} {stream} ".encode())
-            out.write(entry.data if entry.data.endswith(b"\n") else entry.data + b"\n")
+        write_entries(blob, out, args.session, args.raw)
     except FramingError as err:
         out.flush()
         print(f"tether logs: {args.file}: {err}", file=sys.stderr)
         return 1
     out.flush()
     return 0
+
+
+def write_entries(blob: bytes, out, session: str | None = None, raw: bool = False) -> None:
+    """Write the entries of output log `blob` to binary stream `out` as `tether logs` shows
+    them: `<time> <session> <stream> <line>`, or the payload alone with `raw`; only
+    `session`'s when given. FramingError at a damaged or truncated entry, after writing
+    those before it."""
+    for entry in parse(blob):
+        label = entry.session if entry.session is not None else PRIMARY_LABEL
+        if session is not None and label != session:
+            continue
+        if raw:
+            out.write(entry.data)
+            continue
+        stream = "stderr" if entry.stream else "stdout"
+        out.write(f"{format_time(entry.when_ns)} {label} {stream} ".encode())
+        out.write(entry.data if entry.data.endswith(b"\n") else entry.data + b"\n")

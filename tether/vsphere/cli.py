@@ -174,6 +174,7 @@ def ps_command(conn, args) -> int:
 
 def logs_command(conn, args) -> int:
     from tether import iolog
+    from tether.logscli import write_entries
     from . import containers, spec
     dc = conn.datacenter(args.datacenter)
     vm = containers.find_container(conn, dc, args.name)
@@ -193,16 +194,7 @@ def logs_command(conn, args) -> int:
         return 0
     running = containers.power_state(conn, vm) == containers.ON
     try:
-        for entry in iolog.parse(blob):
-            label = entry.session if entry.session is not None else iolog.PRIMARY_LABEL
-            if args.session is not None and label != args.session:
-                continue
-            if args.raw:
-                out.write(entry.data)
-                continue
-            stream = "stderr" if entry.stream else "stdout"
-            out.write(f"{iolog.format_time(entry.when_ns)} {label} {stream} ".encode())
-            out.write(entry.data if entry.data.endswith(b"\n") else entry.data + b"\n")
+        write_entries(blob, out, args.session, args.raw)
     except iolog.FramingError as err:
         out.flush()
         if not (running and str(err).startswith("truncated")):   # still being written
