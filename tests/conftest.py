@@ -1,9 +1,11 @@
 """Fixtures and hooks only; what tests share otherwise is in tests/helpers.py.
 
-Fixtures: `sandbox` (the agent as PID 1 of new namespaces, torn down after the test) and
-`image_dir` (the bootstrap image, built once per run). Hooks: under strict mode (CI=true,
-`make test-strict`) a skip fails unless it is an allowed missing facility or a test that
-does not apply here; every run ends with one line counting the skips by reason.
+Fixtures: `sandbox` (the agent as PID 1 of new namespaces, torn down after the test),
+`image_dir` (the bootstrap image, built once per run) and `hypervisor` (a simulated VMware
+hypervisor on a unix socket: (sim, path) for the agent's --backdoor-sim). Hooks: under
+strict mode (CI=true, `make test-strict`) a skip fails unless it is an allowed missing
+facility or a test that does not apply here; every run ends with one line counting the
+skips by reason.
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from helpers import (ALLOWED_MISSING, REPO, MissingFacility, NotApplicable, SandboxRunner,
-                     build_image, require_namespaces, strict_mode)
+                     build_image, require_namespaces, simulated_hypervisor, strict_mode)
 
 
 @pytest.fixture
@@ -29,6 +31,12 @@ def sandbox(tmp_path):
 @pytest.fixture(scope="session")
 def image_dir() -> Path:
     return build_image(REPO / "build")
+
+
+@pytest.fixture
+def hypervisor(tmp_path):
+    with simulated_hypervisor(tmp_path) as found:
+        yield found
 
 
 # -- skips: strict mode and the closing count ---------------------------------------------

@@ -336,6 +336,70 @@ class SandboxRunner:
             box.kill()
 
 
+@contextlib.contextmanager
+def socket_paths(prefix: str):
+    """Yields make() -> a fresh unix socket path under /tmp (a test's tmp_path can be
+    longer than sun_path allows); every path made is removed on the way out."""
+    made: list[str] = []
+
+    def make() -> str:
+        path = f"/tmp/{prefix}-{unique()}.sock"
+        made.append(path)
+        return path
+    try:
+        yield make
+    finally:
+        for path in made:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+
+
+def connect_client(endpoint: str, box: SandboxProcess, *, wait: float = DEFAULT_TIMEOUT,
+                   **connect_kw):
+    """An attach Client (tether.attach.client) of the agent in `box`, once its server
+    listens: retried for up to `wait` seconds, or until the sandbox exits.
+    `connect_kw` goes to Client.connect (key, timeout)."""
+    from tether.attach.client import Client
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            return Client.connect(endpoint, **connect_kw)
+        except OSError:
+            if time.monotonic() > deadline or box.proc.poll() is not None:
+                raise
+            time.sleep(0.1)
+
+
+# -- a simulated hypervisor and small mounts ------------------------------------------------
+@contextlib.contextmanager
+def simulated_hypervisor(directory, guestinfo: dict[str, str] | None = None):
+    """A simulated VMware hypervisor (extraconfig.backdoor.simulator) serving its backdoor
+    on a unix socket in `directory`, for the agent's --backdoor-sim: yields (sim, path).
+    Its guestinfo can be read while the agent runs."""
+    from extraconfig.backdoor.simulator import SimulatedHypervisor
+    sim = SimulatedHypervisor(guestinfo)
+    path = str(Path(directory) / f"vmx-{uuid.uuid4().hex[:8]}.sock")
+    server = sim.serve_unix(path)
+    try:
+        yield sim, path
+    finally:
+        server.close()
+
+
+@contextlib.contextmanager
+def small_tmpfs(path: Path, size: str):
+    """A tmpfs of `size` (mount's form: 256k, 32m) at `path`, made if needed: a disk that
+    fills up. Lazily unmounted on the way out."""
+    require_root(f"mounts a {size} tmpfs")
+    path.mkdir(exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tether-test", str(path)],
+                   check=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
 # -- building configs ----------------------------------------------------------------------
 def session_config(session_id: str, argv: list[str], *, env=None, path=None, **fields):
     """A SessionConfig running `argv` (path defaults to argv[0])."""

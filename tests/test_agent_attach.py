@@ -2,24 +2,10 @@
 stdin reaching a session, exec of a new session."""
 from __future__ import annotations
 
-import time
-
 from extraconfig.transport import format_vmx
-from helpers import executor_config, session_config, sid
+from helpers import connect_client, executor_config, session_config, sid
 from tether.config import run_block_write_key
 from tether.extension import encode_config
-
-
-def connect(endpoint: str, box, timeout: float = 120.0):
-    from tether.attach.client import Client
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            return Client.connect(endpoint)
-        except OSError:
-            if time.monotonic() > deadline or box.proc.poll() is not None:
-                raise
-            time.sleep(0.1)
 
 
 def collect(stream, timeout: float = 60.0) -> tuple[bytes, object]:
@@ -39,7 +25,7 @@ def test_runblock_waits_for_attach_then_stdin_round_trips(sandbox, tmp_path):
     box = sandbox.start(executor_config(primary), attach_socket=socket_path)
     box.wait_for_log(r"waits for an attach to release RunBlock")
     assert "started: pid" not in box.log_text()     # held until released
-    with connect(f"unix:{socket_path}", box) as client:
+    with connect_client(f"unix:{socket_path}", box) as client:
         stream = client.attach(primary.common.id)
         client.unblock(primary.common.id)
         box.wait_for_log(r"started: pid")
@@ -64,7 +50,7 @@ def test_a_head_shaped_map_whose_read_write_runblock_is_true_blocks_until_unbloc
     box = sandbox.start(vmx, attach_socket=socket_path)
     box.wait_for_log(r"waits for an attach to release RunBlock")
     assert "started: pid" not in box.log_text()     # held until released
-    with connect(f"unix:{socket_path}", box) as client:
+    with connect_client(f"unix:{socket_path}", box) as client:
         stream = client.attach(primary.id)
         client.unblock(primary.id)
         out, code = collect(stream)
@@ -78,7 +64,7 @@ def test_exec_starts_a_new_session(sandbox, tmp_path):
     primary = session_config(sid(), ["/bin/sleep", "1000"])
     box = sandbox.start(executor_config(primary), attach_socket=socket_path, stop_grace=2)
     box.wait_for_log(r"serving 1 session")
-    with connect(f"unix:{socket_path}", box) as client:
+    with connect_client(f"unix:{socket_path}", box) as client:
         stream = client.exec(["/bin/sh", "-c", "echo from-exec; exit 4"],
                              env=["PATH=/bin:/usr/bin"])
         out, code = collect(stream)

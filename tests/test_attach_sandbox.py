@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from helpers import executor_config, session_config, sid, unique
+from helpers import executor_config, session_config, sid, socket_paths
 from tether.attach import protocol as p
 from tether.attach.client import Client, ClientError
 
@@ -21,29 +21,15 @@ KEY = b"attach-test-key\x00\xff"
 @pytest.fixture
 def agent(sandbox):
     """start(primary, *others, key=KEY) -> (box, endpoint); sockets removed afterwards."""
-    paths = []
-
-    def start(primary, *others, key=KEY, **kw):
-        cfg = executor_config(primary, *others)
-        cfg.key = key
-        path = f"/tmp/tether-attach-{unique()}.sock"
-        paths.append(path)
-        box = sandbox.start(cfg, attach_socket=path, **kw)
-        box.wait_for_log(r"serving \d+ session")
-        return box, "unix:" + path
-
-    yield start
-    for path in paths:
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
-
-
-def agent_pid(box) -> int:
-    """The agent (PID 1 inside) as seen from here: the sandbox process's child."""
-    with open(f"/proc/{box.pid}/task/{box.pid}/children") as f:
-        return int(f.read().split()[0])
+    with socket_paths("tether-attach") as socket_path:
+        def start(primary, *others, key=KEY, **kw):
+            cfg = executor_config(primary, *others)
+            cfg.key = key
+            path = socket_path()
+            box = sandbox.start(cfg, attach_socket=path, **kw)
+            box.wait_for_log(r"serving \d+ session")
+            return box, "unix:" + path
+        yield start
 
 
 def fd_count(pid: int) -> int:
@@ -65,7 +51,7 @@ def cat_session(**fields):
 def test_echo_through_cat_and_1000_attach_detach_cycles_do_not_leak(agent):
     cat = cat_session()
     box, endpoint = agent(cat)
-    pid = agent_pid(box)
+    pid = box.agent_pid()
 
     def cycle(i: int) -> None:
         with Client.connect(endpoint, KEY) as client:
@@ -316,7 +302,7 @@ def _raw(endpoint: str) -> socket.socket:
 def test_random_bytes_and_truncated_frames_do_not_harm_the_agent(agent):
     cat = cat_session()
     box, endpoint = agent(cat)
-    pid = agent_pid(box)
+    pid = box.agent_pid()
     for _ in range(5):
         with _raw(endpoint) as sock:
             try:

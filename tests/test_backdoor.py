@@ -7,7 +7,6 @@ import os
 import subprocess
 import sys
 import textwrap
-import uuid
 from pathlib import Path
 
 import pytest
@@ -21,7 +20,7 @@ from extraconfig.backdoor.protocol import (
 from extraconfig.backdoor.rpci import RpciTransport, RpcToolTransport
 from extraconfig.backdoor.simulator import MAX_CHANNELS, SimulatedHypervisor
 from extraconfig.transport import GuestSink, GuestSource
-from helpers import missing, not_applicable
+from helpers import missing, not_applicable, simulated_hypervisor
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -215,13 +214,8 @@ def test_vmport_without_rpci_falls_back_with_a_clear_log_line():
 # -- another process through the unix-socket bridge -------------------------------------------
 @pytest.fixture
 def bridged(tmp_path):
-    sim = SimulatedHypervisor({"guestinfo.k": "over the socket"})
-    path = str(tmp_path / f"sim-{uuid.uuid4().hex[:8]}.sock")
-    server = sim.serve_unix(path)
-    try:
-        yield sim, path
-    finally:
-        server.close()
+    with simulated_hypervisor(tmp_path, {"guestinfo.k": "over the socket"}) as found:
+        yield found
 
 
 def test_socket_bridge_carries_both_paths(bridged):

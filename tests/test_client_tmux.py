@@ -53,6 +53,17 @@ class Tmux:
                        capture_output=True, timeout=60)
 
 
+def open_and_quit_vi(tmux: Tmux) -> None:
+    """vi opens full screen in the session, quits, and the shell's prompt is back."""
+    name = unique("vi-file-")
+    tmux.keys(f"vi /tmp/{name}")
+    tmux.key("Enter")
+    tmux.wait_for(r"^~", count=5)
+    tmux.keys(":q!")
+    tmux.key("Enter")
+    tmux.wait_for(rf"vi /tmp/{name}\s*\n\$\s*$")   # back at the prompt
+
+
 @pytest.fixture
 def tmux_attach(sandbox, tmp_path):
     require_tool("tmux")
@@ -113,13 +124,7 @@ def test_attach_cli_in_tmux(tmux_attach, tmp_path):
 
     # A full-screen program opens and quits.
     require_tool("vi")
-    name = unique("vi-file-")
-    tmux.keys(f"vi /tmp/{name}")
-    tmux.key("Enter")
-    tmux.wait_for(r"^~", count=5)
-    tmux.keys(":q!")
-    tmux.key("Enter")
-    tmux.wait_for(rf"vi /tmp/{name}\s*\n\$\s*$")   # back at the prompt
+    open_and_quit_vi(tmux)
     tmux.keys("echo after-vi")
     tmux.key("Enter")
     tmux.wait_for(r"^after-vi$")
@@ -145,13 +150,7 @@ def test_replay_is_inert(tmux_attach, tmp_path):
     tmux, endpoint, session = tmux_attach()
     tmux.key("Enter")
     tmux.wait_for(r"^\$")
-    name = unique("vi-file-")
-    tmux.keys(f"vi /tmp/{name}")
-    tmux.key("Enter")
-    tmux.wait_for(r"^~", count=5)
-    tmux.keys(":q!")
-    tmux.key("Enter")
-    tmux.wait_for(rf"vi /tmp/{name}\s*\n\$\s*$")
+    open_and_quit_vi(tmux)
     seen = tmp_path / "seen"
     tmux.keys(f"IFS= read -r line; printf %s \"$line\" > {seen}; echo read-done")
     tmux.key("Enter")                         # the shell now waits in read

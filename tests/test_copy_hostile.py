@@ -14,7 +14,6 @@ import select
 import shutil
 import signal
 import stat
-import subprocess
 import sys
 import tarfile
 import time
@@ -22,7 +21,8 @@ import zlib
 
 import pytest
 
-from helpers import executor_config, require_tool, session_config, sid, unique
+from helpers import (executor_config, require_tool, session_config, sid, small_tmpfs,
+                     socket_paths)
 from tether.attach import protocol as p
 from tether.attach.client import Client, ClientError
 from swapper import USER, Swapper
@@ -50,24 +50,16 @@ def rootfs(tmp_path):
 @pytest.fixture
 def agent(sandbox):
     """start(rootfs, **kw) -> (box, endpoint): the agent serving a long sleep in `rootfs`."""
-    paths = []
-
-    def start(rootfs, **kw):
-        primary = session_config(sid(), ["/bin/sleep", "1000"], env=["PATH=/bin"])
-        cfg = executor_config(primary)
-        cfg.key = KEY
-        path = f"/tmp/tether-copy-{unique()}.sock"
-        paths.append(path)
-        box = sandbox.start(cfg, rootfs=rootfs, attach_socket=path, **kw)
-        box.wait_for_log(r"serving \d+ session")
-        return box, "unix:" + path
-
-    yield start
-    for path in paths:
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
+    with socket_paths("tether-copy") as socket_path:
+        def start(rootfs, **kw):
+            primary = session_config(sid(), ["/bin/sleep", "1000"], env=["PATH=/bin"])
+            cfg = executor_config(primary)
+            cfg.key = KEY
+            path = socket_path()
+            box = sandbox.start(cfg, rootfs=rootfs, attach_socket=path, **kw)
+            box.wait_for_log(r"serving \d+ session")
+            return box, "unix:" + path
+        yield start
 
 
 @pytest.fixture
@@ -82,11 +74,6 @@ def swapper():
     yield start
     for s in started:
         s.stop()
-
-
-def agent_pid(box) -> int:
-    with open(f"/proc/{box.pid}/task/{box.pid}/children") as f:
-        return int(f.read().split()[0])
 
 
 def stops_on_sigterm(box, clean: bool = True) -> None:
@@ -230,14 +217,8 @@ def test_copy_64_mib_both_ways_with_checksums(agent, rootfs):
 @pytest.fixture
 def small_tmpdir(tmp_path):
     """A 32 MiB tmpfs the agent gets as TMPDIR: a spool of anything big fails there."""
-    path = tmp_path / "smalltmp"
-    path.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=32m", "tether-test", str(path)],
-                   check=True)
-    try:
+    with small_tmpfs(tmp_path / "smalltmp", "32m") as path:
         yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], check=False)
 
 
 class CountingSink:
@@ -332,12 +313,12 @@ def test_tar_copy_in_through_a_swapped_component_never_leaves_the_root(
 # -- 10. the container's /dev and non-regular targets ----------------------------------------
 def in_agent(box, path) -> str:
     """`path` as the agent sees it, through its mount namespace."""
-    return f"/proc/{agent_pid(box)}/root{path}"
+    return f"/proc/{box.agent_pid()}/root{path}"
 
 
 def mount_points(box) -> dict[str, str]:
     """mount point -> filesystem type, in the agent's mount namespace."""
-    with open(f"/proc/{agent_pid(box)}/mountinfo") as f:
+    with open(f"/proc/{box.agent_pid()}/mountinfo") as f:
         found = {}
         for line in f:
             fields = line.split()

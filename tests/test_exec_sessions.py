@@ -10,19 +10,7 @@ import time
 
 import pytest
 
-from helpers import executor_config, session_config, sid
-
-
-def connect(endpoint: str, box, timeout: float = 120.0):
-    from tether.attach.client import Client
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            return Client.connect(endpoint)
-        except OSError:
-            if time.monotonic() > deadline or box.proc.poll() is not None:
-                raise
-            time.sleep(0.1)
+from helpers import connect_client, executor_config, session_config, sid
 
 
 def finished(client, ids) -> bool:
@@ -38,7 +26,7 @@ def test_only_the_last_finished_execs_are_kept_with_their_keys(sandbox, tmp_path
                         extra_args=["--keep-execs", "3"])
     box.wait_for_log(r"serving 1 session")
     ids = [f"ex{i:02d}" for i in range(12)]
-    with connect(f"unix:{socket_path}", box) as client:
+    with connect_client(f"unix:{socket_path}", box) as client:
         client.exec(["/bin/sleep", "1000"], id="still-running", attach=False)
         for ident in ids:
             client.exec(["/bin/sh", "-c", "exit 3"], id=ident, attach=False)
@@ -63,7 +51,7 @@ def test_exec_ids_are_checked(sandbox, tmp_path):
     primary = session_config(sid(), ["/bin/sleep", "1000"])
     box = sandbox.start(executor_config(primary), attach_socket=socket_path, stop_grace=2)
     box.wait_for_log(r"serving 1 session")
-    with connect(f"unix:{socket_path}", box) as client:
+    with connect_client(f"unix:{socket_path}", box) as client:
         for bad, why in (("a/b", "'/'"), ("two words", "whitespace"), ("x|y", "'|'"),
                          ("n" * 300, "longer than 255")):
             with pytest.raises(ClientError, match=why):
@@ -81,7 +69,7 @@ def test_a_nul_in_a_copy_path_is_refused_before_anything_is_made(sandbox, tmp_pa
     primary = session_config(sid(), ["/bin/sleep", "1000"])
     box = sandbox.start(executor_config(primary), attach_socket=socket_path, stop_grace=2)
     box.wait_for_log(r"serving 1 session")
-    with connect(f"unix:{socket_path}", box) as client:
+    with connect_client(f"unix:{socket_path}", box) as client:
         with pytest.raises(ClientError, match="NUL"):
             client.copy_to(f"{target}/a\0b", b"data")
         with pytest.raises(ClientError, match="NUL"):

@@ -13,7 +13,8 @@ import time
 
 import pytest
 
-from helpers import REPO, missing, not_applicable, require_namespaces, require_tool
+from helpers import (REPO, connect_client, missing, not_applicable, require_namespaces,
+                     require_tool)
 
 PY = sys.executable
 PATH_ENV = ["PATH=/usr/sbin:/usr/bin:/sbin:/bin"]
@@ -67,20 +68,6 @@ def sandbox_groups_left(pid: int) -> list[str]:
 
 
 # -- memory --------------------------------------------------------------------------------
-@pytest.fixture
-def hypervisor(tmp_path):
-    """A simulated VMware hypervisor: its guestinfo can be read while the agent runs."""
-    import uuid
-    from extraconfig.backdoor.simulator import SimulatedHypervisor
-    sim = SimulatedHypervisor()
-    path = str(tmp_path / f"vmx-{uuid.uuid4().hex[:8]}.sock")
-    server = sim.serve_unix(path)
-    try:
-        yield sim, path
-    finally:
-        server.close()
-
-
 def test_a_session_over_its_memory_limit_is_oom_killed_and_recorded(limited, hypervisor):
     from extraconfig.transport import NIL
     from tether.extension import encode_config
@@ -156,24 +143,12 @@ def test_a_pids_limit_stops_a_fork_bomb(limited):
     assert "fork failed: Resource temporarily unavailable" in result.log
 
 
-def connect(endpoint: str, box, timeout: float = 60.0):
-    from tether.attach.client import Client
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            return Client.connect(endpoint)
-        except OSError:
-            if time.monotonic() > deadline or box.proc.poll() is not None:
-                raise
-            time.sleep(0.1)
-
-
 def test_a_cpu_limit_holds_a_busy_loop_to_a_fifth_of_a_cpu(limited, tmp_path):
     socket_path = tmp_path / "attach.sock"
     primary = session([PY, "-c", "while True: pass"], limits={"cpus": 0.2})
     box = limited.start(config(primary), attach_socket=socket_path, stop_grace=2)
     box.wait_for_log(r"session main started")
-    with connect(f"unix:{socket_path}", box) as client:
+    with connect_client(f"unix:{socket_path}", box, wait=60) as client:
         time.sleep(1)
         first = client.stats()
         time.sleep(5)

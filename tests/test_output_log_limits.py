@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import os
-import subprocess
 
 import pytest
 
-from helpers import executor_config, require_root, session_config, sid
+from helpers import executor_config, session_config, sid, small_tmpfs
 from tether.iolog import LineFramer, LogPort, parse
 
 
@@ -43,15 +42,8 @@ def test_the_sandbox_output_log_is_capped(sandbox, tmp_path):
 
 @pytest.fixture
 def full_disk(tmp_path):
-    require_root("mounts a small tmpfs")
-    mountpoint = tmp_path / "small"
-    mountpoint.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mountpoint)],
-                   check=True)
-    try:
+    with small_tmpfs(tmp_path / "small", "256k") as mountpoint:
         yield mountpoint
-    finally:
-        subprocess.run(["umount", "-l", str(mountpoint)], check=False)
 
 
 def test_a_full_disk_stops_the_log_once_and_says_so(full_disk, caplog):

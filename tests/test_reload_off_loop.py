@@ -6,26 +6,14 @@ from __future__ import annotations
 import signal
 import time
 
-from helpers import executor_config, session_config, sid, write_config
-
-
-def connect(endpoint: str, box, timeout: float = 120.0):
-    from tether.attach.client import Client
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            return Client.connect(endpoint, timeout=10)
-        except OSError:
-            if time.monotonic() > deadline or box.proc.poll() is not None:
-                raise
-            time.sleep(0.1)
+from helpers import connect_client, executor_config, session_config, sid, write_config
 
 
 def reload_and_ping(box, socket_path, config) -> dict:
     """Write `config` for the next reload, SIGHUP, and ping while the reload's slow part
     (30 s of waiting for a disk or a lease) is under way: the answer must come at once,
     not after it (the client gives up after 10 s)."""
-    with connect(f"unix:{socket_path}", box) as client:
+    with connect_client(f"unix:{socket_path}", box, timeout=10) as client:
         write_config(config, box.dir)
         box.signal(signal.SIGHUP)
         box.wait_for_log(r"reloading the configuration")

@@ -3,13 +3,10 @@ empties the Key after reading it, and logs no secret below debug level 3."""
 from __future__ import annotations
 
 import base64
-import os
 import uuid
 
 import pytest
 
-from helpers import REPO
-from extraconfig.backdoor.simulator import SimulatedHypervisor
 from tether.jsonform import config_from_json
 
 TIMEOUT = 120.0
@@ -24,17 +21,6 @@ def host_view(cfg) -> dict[str, str]:
     from tether.extension import encode_config
     return {k: ("<nil>" if v == "" else v) for k, v in encode_config(cfg).items()
             if k.startswith("guestinfo.")}
-
-
-@pytest.fixture
-def hypervisor(tmp_path):
-    sim = SimulatedHypervisor()
-    path = str(tmp_path / f"vmx-{uuid.uuid4().hex[:8]}.sock")
-    server = sim.serve_unix(path)
-    try:
-        yield sim, path
-    finally:
-        server.close()
 
 
 def the_config(tmp_path, debug: int = 0, **extra):

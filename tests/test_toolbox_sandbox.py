@@ -7,12 +7,10 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
-import uuid
 
 import pytest
 
-from helpers import REPO, executor_config, session_config, sid
-from extraconfig.backdoor.simulator import SimulatedHypervisor
+from helpers import REPO, executor_config, session_config, sid, simulated_hypervisor
 
 TIMEOUT = 120.0
 
@@ -31,13 +29,8 @@ def hypervisor(tmp_path):
     if "--backdoor-sim" not in help_text:
         pytest.fail("tether sandbox has no --backdoor-sim option yet: the hook in "
                     "tether/sandbox.py and tether/agent.py (docs/vsphere.md) is missing")
-    sim = SimulatedHypervisor()
-    path = str(tmp_path / f"vmx-{uuid.uuid4().hex[:8]}.sock")
-    server = sim.serve_unix(path)
-    try:
-        yield sim, path
-    finally:
-        server.close()
+    with simulated_hypervisor(tmp_path) as found:
+        yield found
 
 
 def ask(sim, command: str) -> str:

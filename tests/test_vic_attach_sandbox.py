@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from helpers import executor_config, session_config, sid, unique
+from helpers import executor_config, session_config, sid, socket_paths
 import vicssh_client as vc
 
 SH = ["/bin/sh", "-c"]
@@ -33,33 +33,20 @@ def key() -> bytes:
 @pytest.fixture
 def vic(sandbox, key):
     """start(primary, *others, extra=()) -> (box, socket path)."""
-    paths = []
-
-    def start(primary, *others, extra=(), with_key=True):
-        cfg = executor_config(primary, *others)
-        cfg.key = key if with_key else None
-        path = f"/tmp/tether-vic-{unique()}.sock"
-        paths.append(path)
-        box = sandbox.start(cfg, extra_args=["--vic-attach", path, *extra])
-        box_keys[box] = cfg.key or b""
-        box.wait_for_log(r"serving \d+ session")
-        return box, path
-
-    yield start
-    for path in paths:
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
+    with socket_paths("tether-vic") as socket_path:
+        def start(primary, *others, extra=(), with_key=True):
+            cfg = executor_config(primary, *others)
+            cfg.key = key if with_key else None
+            path = socket_path()
+            box = sandbox.start(cfg, extra_args=["--vic-attach", path, *extra])
+            box_keys[box] = cfg.key or b""
+            box.wait_for_log(r"serving \d+ session")
+            return box, path
+        yield start
 
 
 def cat_session(**fields):
     return session_config(sid(), ["/bin/cat"], attach=True, open_stdin=True, **fields)
-
-
-def agent_pid(box) -> int:
-    with open(f"/proc/{box.pid}/task/{box.pid}/children") as f:
-        return int(f.read().split()[0])
 
 
 def test_handshake_with_leading_garbage_version_and_ids(vic):
@@ -149,13 +136,11 @@ def test_eof_without_close_stdin_keeps_stdin_open(vic):
     client = vc.connect(path)
     try:
         chan = client.attach(primary.id)
-        chan.sendall(b"first\n")
-        vc.read_until(chan, lambda d: d == b"first\n")
+        vc.echoed(chan, b"first\n")
         chan.shutdown_write()       # a detaching reader, not the end of stdin
         chan.close()
         chan = client.attach(primary.id)
-        chan.sendall(b"second\n")
-        assert vc.read_until(chan, lambda d: d == b"second\n") == b"second\n"
+        vc.echoed(chan, b"second\n")
     finally:
         client.close()
 
@@ -175,8 +160,7 @@ def test_unblock_releases_runblock_and_writes_it_back(vic):
         assert client.request(chan, "unblock", b"Unblock") is True
         # attached before the launch: nothing the process says is lost
         assert vc.read_until(chan, lambda d: d.endswith(b"started\n")) == b"started\n"
-        chan.sendall(b"after\n")
-        vc.read_until(chan, lambda d: d == b"after\n")
+        vc.echoed(chan, b"after\n")
     finally:
         client.close()
     box.signal(15)
@@ -212,8 +196,7 @@ def test_refusals_carry_the_reference_texts(vic):
         assert finished.id not in client.container_ids()
         # and the connection still serves
         chan = client.attach(primary.id)
-        chan.sendall(b"still here\n")
-        vc.read_until(chan, lambda d: d == b"still here\n")
+        vc.echoed(chan, b"still here\n")
     finally:
         client.close()
 
@@ -221,7 +204,7 @@ def test_refusals_carry_the_reference_texts(vic):
 def test_101_attach_detach_cycles_and_two_channels(vic):
     primary = cat_session()
     box, path = vic(primary)
-    pid = agent_pid(box)
+    pid = box.agent_pid()
     client = vc.connect(path)
     try:
         watcher = client.attach(primary.id)      # sees everything the others type
@@ -230,8 +213,7 @@ def test_101_attach_detach_cycles_and_two_channels(vic):
         for i in range(101):
             chan = client.attach(primary.id)
             line = f"cycle {i}\n".encode()
-            chan.sendall(line)
-            assert vc.read_until(chan, lambda d: d == line) == line
+            vc.echoed(chan, line)
             chan.close()
             seen += line
         assert vc.read_until(watcher, lambda d: d == seen) == seen
@@ -244,8 +226,7 @@ def test_101_attach_detach_cycles_and_two_channels(vic):
         client = vc.connect(path)
         try:
             chan = client.attach(primary.id)
-            chan.sendall(b"again\n")
-            vc.read_until(chan, lambda d: d == b"again\n")
+            vc.echoed(chan, b"again\n")
         finally:
             client.close()
 
@@ -255,9 +236,9 @@ def test_vic_and_msgpack_clients_share_the_session(vic):
     process, its output reaches both."""
     from tether.attach.client import Client
     primary = cat_session()
-    msgpack_path = f"/tmp/tether-attach-{unique()}.sock"
-    box, path = vic(primary, extra=["--attach-socket", msgpack_path])
-    try:
+    with socket_paths("tether-attach") as socket_path:
+        msgpack_path = socket_path()
+        box, path = vic(primary, extra=["--attach-socket", msgpack_path])
         client = vc.connect(path)
         with Client.connect("unix:" + msgpack_path, primary_key(box)) as other:
             stream = other.attach(primary.id)
@@ -269,11 +250,6 @@ def test_vic_and_msgpack_clients_share_the_session(vic):
             vc.read_until(chan, lambda d: d == b"from msgpack\n")
             stream.read_until(b"from msgpack\n", timeout=20)
         client.close()
-    finally:
-        try:
-            os.unlink(msgpack_path)
-        except FileNotFoundError:
-            pass
 
 
 def primary_key(box) -> bytes:

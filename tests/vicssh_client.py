@@ -218,6 +218,12 @@ def read_until(chan: Channel, predicate, timeout: float = 20.0, stderr: bool = F
     return data
 
 
+def echoed(chan: Channel, line: bytes, timeout: float = 20.0) -> None:
+    """Send `line` on a channel of a `cat` session and read exactly it back."""
+    chan.sendall(line)
+    read_until(chan, lambda d: d == line, timeout)
+
+
 def read_all(chan: Channel, timeout: float = 20.0) -> bytes:
     """stdout until EOF."""
     data = b""
