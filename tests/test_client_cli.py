@@ -7,10 +7,11 @@ import json
 import os
 import subprocess
 import sys
+import textwrap
 
 import pytest
 
-from helpers import REPO, executor_config, session_config, sid, unique
+from helpers import REPO, executor_config, missing, session_config, sid, unique
 
 KEY = b"cli-key"
 
@@ -45,7 +46,7 @@ def cli(sandbox, tmp_path):
                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE)
 
-    run.start, run.popen = start, popen
+    run.start, run.popen, run.env = start, popen, env
     yield run
     for sock in sockets:
         try:
@@ -60,6 +61,28 @@ def test_exec_streams_and_exit_code(cli):
     assert (done.returncode, done.stdout, done.stderr) == (7, b"out\n", b"err\n")
     piped = cli("exec", endpoint, "--", "tr", "a-z", "A-Z", input=b"hello cli\n")
     assert piped.returncode == 0 and piped.stdout == b"HELLO CLI\n"
+
+
+def test_exec_works_when_every_fd_of_the_client_is_above_1023(cli):
+    """The interactive loop (tether/attach/terminal.py) waits with poll(2): select(2)
+    refuses an fd above 1023, which a program with many files open has."""
+    import resource
+    if resource.getrlimit(resource.RLIMIT_NOFILE)[1] < 2100:
+        missing("RLIMIT_NOFILE", "the open-file hard limit is below the 2100 this test needs")
+    endpoint, _ = cli.start()
+    crowded = textwrap.dedent("""
+        import os, resource, sys
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 2100), hard))
+        while os.open("/dev/null", os.O_RDONLY) < 1100:
+            pass
+        from tether.cli import main
+        sys.exit(main(sys.argv[1:]))
+    """)
+    done = subprocess.run([sys.executable, "-c", crowded, "exec", endpoint, "--", "sh", "-c",
+                           "echo out; echo err >&2; exit 7"], capture_output=True, cwd=REPO,
+                          env=cli.env, stdin=subprocess.DEVNULL, timeout=120)
+    assert (done.returncode, done.stdout, done.stderr) == (7, b"out\n", b"err\n")
 
 
 def test_ps_and_kill_and_attach_exit_code(cli):

@@ -14,6 +14,7 @@ the session.
 """
 from __future__ import annotations
 
+import math
 import os
 import select
 import signal
@@ -26,6 +27,10 @@ REPLAY_SETTLE = 0.4         # seconds of quiet after which the replay is taken a
 REPLAY_MAX = 3.0            # the longest the replay's inert phase lasts
 
 Writer = Callable[[bytes], object]
+
+# What select() would call readable: poll(2) reports a hang-up or an error apart from
+# POLLIN; the read then says what happened.
+_READABLE = select.POLLIN | select.POLLHUP | select.POLLERR | select.POLLNVAL
 
 
 class DetachScanner:
@@ -57,7 +62,9 @@ def fd_writer(fd: int) -> Writer:
             try:
                 n = os.write(fd, view)
             except BlockingIOError:
-                select.select([], [fd], [])
+                poller = select.poll()
+                poller.register(fd, select.POLLOUT)
+                poller.poll()
                 continue
             view = view[n:]
     return write
@@ -148,6 +155,11 @@ def interact(client, stream, *, stdin_fd: int | None = 0, stdout: Writer | None 
         if size:
             stream.resize(*size)
     scanner = DetachScanner(detach_keys) if detach_keys and tty_in else None
+    # poll(2), not select(2): select cannot take an fd above 1023, which a program with
+    # many files open has (the client library waits the same way).
+    poller = select.poll()
+    for fd in (client.fileno(), wake_r) + ((stdin_fd,) if stdin_fd is not None else ()):
+        poller.register(fd, select.POLLIN)
 
     def restore_terminal() -> None:
         nonlocal raw_saved
@@ -176,9 +188,9 @@ def interact(client, stream, *, stdin_fd: int | None = 0, stdout: Writer | None 
             if replay is not None:
                 wait = replay.timeout(time.monotonic())
                 timeout = wait if timeout is None else min(timeout, wait)
-            watch = [client.fileno(), wake_r] + ([stdin_fd] if stdin_fd is not None else [])
             try:
-                ready, _, _ = select.select(watch, [], [], timeout)
+                ready = {fd for fd, events in poller.poll(_poll_ms(timeout))
+                         if events & _READABLE}
             except InterruptedError:
                 continue
             if wake_r in ready:
@@ -191,6 +203,7 @@ def interact(client, stream, *, stdin_fd: int | None = 0, stdout: Writer | None 
                 if data and replay is not None and tty_in:
                     continue   # the terminal's answers to the replay, or keys typed during it
                 if not data:
+                    poller.unregister(stdin_fd)
                     stdin_fd = None
                     stream.close_stdin()
                     continue
@@ -213,6 +226,11 @@ def interact(client, stream, *, stdin_fd: int | None = 0, stdout: Writer | None 
             signal.signal(signal.SIGWINCH, old_winch)
         os.close(wake_r)
         os.close(wake_w)
+
+
+def _poll_ms(timeout: float | None) -> int | None:
+    """A timeout in seconds (None: none) as poll(2) takes it, rounded up."""
+    return None if timeout is None else math.ceil(max(0.0, timeout) * 1000)
 
 
 def threading_is_main() -> bool:
