@@ -11,7 +11,7 @@ import textwrap
 
 import pytest
 
-from helpers import REPO, executor_config, missing, session_config, sid, unique
+from helpers import REPO, executor_config, missing, session_config, sid, socket_paths
 
 KEY = b"cli-key"
 
@@ -19,40 +19,34 @@ KEY = b"cli-key"
 @pytest.fixture
 def cli(sandbox, tmp_path):
     """start() -> (endpoint, primary session ID); run(*args) -> CompletedProcess."""
-    sockets = []
     key_file = tmp_path / "key"
     key_file.write_bytes(KEY)
     env = dict(os.environ, PYTHONPATH=str(REPO), TETHER_KEY_FILE=str(key_file))
 
-    def start(*argv, **fields):
-        session = session_config(sid(), list(argv) or ["cat"], open_stdin=True, **fields)
-        cfg = executor_config(session)
-        cfg.key = KEY
-        sock = f"/tmp/tether-cli-{unique()}.sock"
-        sockets.append(sock)
-        box = sandbox.start(cfg, attach_socket=sock)
-        box.wait_for_log(r"serving \d+ session")
-        run.box = box
-        return "unix:" + sock, session.id
+    with socket_paths("tether-cli") as socket_path:
+        def start(*argv, **fields):
+            session = session_config(sid(), list(argv) or ["cat"], open_stdin=True, **fields)
+            cfg = executor_config(session)
+            cfg.key = KEY
+            sock = socket_path()
+            box = sandbox.start(cfg, attach_socket=sock)
+            box.wait_for_log(r"serving \d+ session")
+            run.box = box
+            return "unix:" + sock, session.id
 
-    def run(*args, input=None, extra_env=None, timeout=120):
-        return subprocess.run([sys.executable, "-m", "tether", *args], input=input,
-                              capture_output=True, cwd=REPO, env={**env, **(extra_env or {})},
-                              timeout=timeout, stdin=None if input is not None
-                              else subprocess.DEVNULL)
+        def run(*args, input=None, extra_env=None, timeout=120):
+            return subprocess.run([sys.executable, "-m", "tether", *args], input=input,
+                                  capture_output=True, cwd=REPO,
+                                  env={**env, **(extra_env or {})}, timeout=timeout,
+                                  stdin=None if input is not None else subprocess.DEVNULL)
 
-    def popen(*args):
-        return subprocess.Popen([sys.executable, "-m", "tether", *args], cwd=REPO, env=env,
-                                stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE)
+        def popen(*args):
+            return subprocess.Popen([sys.executable, "-m", "tether", *args], cwd=REPO, env=env,
+                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE)
 
-    run.start, run.popen, run.env = start, popen, env
-    yield run
-    for sock in sockets:
-        try:
-            os.unlink(sock)
-        except FileNotFoundError:
-            pass
+        run.start, run.popen, run.env = start, popen, env
+        yield run
 
 
 def test_exec_streams_and_exit_code(cli):
