@@ -369,6 +369,26 @@ def test_run_exits_with_the_primary_status(vcsim, api, image, status):
     assert vmx_lines(out.decode())["guestinfo.vice..sessions|hello.status"] == str(status)
 
 
+def test_run_out_writes_the_final_map_as_vmx_lines(vcsim, api, image, tmp_path):
+    """--out FILE: the same form as `tether vm --out` and `tether sandbox --out`."""
+    def guest(g):
+        config = g.start()
+        g.write_output((None, iolog.STDOUT, b"hello\n"))
+        g.exit(config, 3)
+        g.power_off()
+
+    seen = play(api, "hello-", guest)
+    out_file = tmp_path / "final.vmx"
+    code, out, err = finish(start_tool(vcsim, "run", "examples/hello.json", "--image",
+                                       str(image), "--out", str(out_file)))
+    seen()
+    assert code == 3, err
+    assert out == b"hello\n"          # the primary's output; the map went to the file
+    final = parse_vmx(out_file.read_text())
+    assert final["guestinfo.vice..sessions|hello.started"] == "true"
+    assert final["guestinfo.vice..sessions|hello.status"] == "3"
+
+
 def test_run_reports_a_primary_that_failed_to_start(vcsim, api, image):
     def guest(g):
         g.start("fork/exec /bin/echo: no such file or directory")

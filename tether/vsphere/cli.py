@@ -15,7 +15,6 @@ primary did not start), as `tether vm`.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 PROG = "tether vsphere"
@@ -69,8 +68,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     run.add_argument("--keep", action="store_true", help="keep the VM when it is done")
     run.add_argument("-d", "--detach", action="store_true",
                      help="return once the primary started, leaving the VM running")
-    run.add_argument("--out", help="write the final guestinfo map here as JSON "
-                     "(default: VMX lines on stdout)")
+    run.add_argument("--out", help="write the final guestinfo map here as VMX lines, as "
+                     "tether vm and tether sandbox do (default: stdout); `tether config "
+                     "decode FILE` reads it")
 
     commands.add_parser("ps", parents=[common], help="list the container VMs")
 
@@ -132,12 +132,11 @@ def run_command(conn, args) -> int:
     result = containers.run(conn, config, options, log=_say)
     if result.output:
         _echo_primary(result.output)
+    from extraconfig.transport import format_vmx
     if args.out:
         with open(args.out, "w") as f:
-            json.dump(result.guestinfo, f, indent=1, sort_keys=True)
-            f.write("\n")
+            f.write(format_vmx(result.guestinfo))
     else:
-        from extraconfig.transport import format_vmx
         sys.stdout.write(format_vmx(result.guestinfo))
         sys.stdout.flush()
     if result.message:
