@@ -16,7 +16,7 @@ from tether.jsonform import config_from_json
 from tether.network.nic import classify, slot_to_pci_path
 from tether.vsphere import spec as S
 from tether.vsphere.connection import VsphereError, parse_url, split_datastore_path
-from tether.vsphere.containers import exit_code
+from tether.outcome import primary_outcome
 from tether.vsphere.guestinfo import extra_config_values, guestinfo_view, host_map, raw_map
 
 REPO = Path(__file__).resolve().parents[1]
@@ -199,7 +199,7 @@ def _final(started="true", status=0, message=""):
     (_final(started="no such file"), 127), (_final(started=""), 127),
 ])
 def test_exit_code_of_the_primary(final, code):
-    assert exit_code(final)[0] == code
+    assert primary_outcome(final).exit_code == code
 
 
 # --------------------------------------------------------------------------- boot path

@@ -38,6 +38,8 @@ import tempfile
 import threading
 import time
 
+from tether.outcome import EXIT_NOT_STARTED, EXIT_TIMEOUT, primary_outcome
+
 GUESTINFO_PORT = "org.tether.guestinfo"
 OUTPUT_PORT = "org.tether.output"
 ATTACH_PORT = "org.tether.attach"
@@ -49,8 +51,6 @@ FIRST_DISK_SLOT, LAST_DISK_SLOT = 0x11, 0x1F
 NIL = "<nil>"
 DEFAULT_TIMEOUT = 120.0
 DEFAULT_STOP_TIMEOUT = 30.0    # ctrl-alt-del to power-off: the agent's 10 s grace and more
-EXIT_TIMEOUT = 124
-EXIT_NOT_STARTED = 127
 
 # The ISO's own kernel arguments besides the console (init/build, FAST_BOOT_ARGS). The
 # keyboard stays: ctrl-alt-del on it is how `tether vm` asks the agent to stop.
@@ -646,7 +646,7 @@ class VmRun:
         elif qemu_status != 0:
             message = f"QEMU exited with status {qemu_status}: {self.machine.qemu_errors().strip()}"
         final = self.guestinfo.final_map()
-        decoded, code, reason = self._exit_code(final)
+        decoded, code, reason = primary_outcome(final)
         if qemu_status is None:
             code = EXIT_TIMEOUT
         if reason and not message:
@@ -654,39 +654,10 @@ class VmRun:
         return VmResult(code, qemu_status, final, decoded, self.machine.console_text(),
                         dict(self.machine.marks), self.workdir, message)
 
-    def _exit_code(self, final: dict[str, str]):
-        from tether.extension import decode_config
-        try:
-            decoded = decode_config(final)
-        except Exception as err:   # noqa: BLE001 - report, don't crash the launcher
-            return None, 1, f"the final guestinfo does not decode: {err}"
-        primary = (decoded.sessions or {}).get(decoded.id)
-        if primary is None:
-            return decoded, 1, f"the config has no primary session (one with the ID {decoded.id!r})"
-        if primary.started != "true":
-            return decoded, EXIT_NOT_STARTED, (f"the primary did not start: {primary.started}"
-                                               if primary.started else "the primary never started")
-        if primary.exit_status == -1:
-            return decoded, 128 + _signal_of(primary), ""
-        return decoded, primary.exit_status & 0xFF, ""
-
     def close(self, keep: bool = False) -> None:
         self.machine.close()
         if not keep:
             shutil.rmtree(self.workdir, ignore_errors=True)
-
-
-def _signal_of(session) -> int:
-    for log in reversed(session.diagnostics.exit_logs or []):
-        match = re.search(r"signal (\d+)|SIG([A-Z]+)", getattr(log, "message", "") or "")
-        if match and match.group(1):
-            return int(match.group(1))
-        if match:
-            try:
-                return int(signal.Signals["SIG" + match.group(2)])
-            except KeyError:
-                pass
-    return signal.SIGKILL
 
 
 # --------------------------------------------------------------------------- attach

@@ -14,13 +14,13 @@ import dataclasses
 import hashlib
 import os
 import secrets
-import signal
 import time
 
 from pyVmomi import vim, vmodl
 
 from . import spec as S
 from .connection import Connection, VsphereError, fault_text, split_datastore_path
+from tether.outcome import EXIT_NOT_STARTED, EXIT_TIMEOUT, primary_outcome
 from .guestinfo import extra_config_values, guestinfo_view, host_map
 
 ISO_DIRECTORY = "tether"
@@ -28,8 +28,6 @@ IMAGE_DIRECTORY = "tether/images"
 DEFAULT_TIMEOUT = 300.0
 DEFAULT_STOP_TIMEOUT = 10.0
 POLL = 0.5
-EXIT_TIMEOUT = 124
-EXIT_NOT_STARTED = 127
 
 ON = vim.VirtualMachine.PowerState.poweredOn
 OFF = vim.VirtualMachine.PowerState.poweredOff
@@ -265,38 +263,6 @@ def destroy(conn: Connection, vm) -> None:
     conn.wait(vm.Destroy_Task(), f"removing VM {name}")
 
 
-def exit_code(final: dict[str, str]) -> tuple[int, str]:
-    """The primary's exit code (128+N for signal N) and what went wrong, if anything."""
-    from tether.extension import decode_config
-    try:
-        decoded = decode_config(final)
-    except Exception as err:   # noqa: BLE001 - report, don't crash
-        return 1, f"the final guestinfo does not decode: {err}"
-    primary = (decoded.sessions or {}).get(decoded.id)
-    if primary is None:
-        return 1, f"the config has no primary session (one with the ID {decoded.id!r})"
-    if primary.started != "true":
-        return EXIT_NOT_STARTED, (f"the primary did not start: {primary.started}"
-                                  if primary.started else "the primary never started")
-    if primary.exit_status == -1:
-        return 128 + _signal_of(primary), ""
-    return primary.exit_status & 0xFF, ""
-
-
-def _signal_of(session) -> int:
-    import re
-    for entry in reversed(session.diagnostics.exit_logs or []):
-        match = re.search(r"signal (\d+)|SIG([A-Z]+)", entry.message or "")
-        if match and match.group(1):
-            return int(match.group(1))
-        if match:
-            try:
-                return int(signal.Signals["SIG" + match.group(2)])
-            except KeyError:
-                pass
-    return int(signal.SIGKILL)
-
-
 def run(conn: Connection, config, options: RunOptions, log=None) -> RunResult:
     """The whole of `tether vsphere run`. `log(text)` is told of each step."""
     log = log or (lambda text: None)
@@ -329,7 +295,7 @@ def run(conn: Connection, config, options: RunOptions, log=None) -> RunResult:
         if timed_out:
             power_off(conn, vm)
         final = guestinfo_view(vm_state(conn, vm)[1], plan.extra_config)
-        code, reason = exit_code(final)
+        _, code, reason = primary_outcome(final)
         if timed_out:
             code = EXIT_TIMEOUT
         output = fetch_file(conn, placement.dc, vm, S.OUTPUT_LOG)
