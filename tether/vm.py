@@ -19,8 +19,13 @@ and the end of its serial console is shown. SIGTERM or ctrl-c stops it gracefull
 ctrl-alt-del over QMP, which the agent takes as a stop; killed after --stop-timeout.
 Every run has its own temporary directory, so several VMs can run at once.
 
-PCI layout (root bus): 03 virtio-rng, 04 virtio-serial, 05-0f NICs (endpoints in name
-order unless their ID names a slot), 10 the containerfs disk, 11-1f further disks.
+Boot: the image's kernel directly (PVH entry of `vmlinux`, else `vmlinuz`) with stage 0
+and the project layer as initrd and the root as ext4 on a virtio disk; `--vic-serial`
+boots the ISO through isolinux as ESX would.
+
+PCI layout (root bus): 02 the root disk (direct boot), 03 virtio-rng, 04 virtio-serial,
+05-0f NICs (endpoints in name order unless their ID names a slot), 10 the containerfs
+disk, 11-1f further disks.
 """
 from __future__ import annotations
 
@@ -43,6 +48,7 @@ from tether.outcome import EXIT_NOT_STARTED, EXIT_TIMEOUT, primary_outcome
 GUESTINFO_PORT = "org.tether.guestinfo"
 OUTPUT_PORT = "org.tether.output"
 ATTACH_PORT = "org.tether.attach"
+ROOT_SLOT = 0x02
 RNG_SLOT = 0x03
 SERIAL_SLOT = 0x04
 FIRST_NIC_SLOT, LAST_NIC_SLOT = 0x05, 0x0F
@@ -56,6 +62,9 @@ DEFAULT_STOP_TIMEOUT = 30.0    # ctrl-alt-del to power-off: the agent's 10 s gra
 # keyboard stays: ctrl-alt-del on it is how `tether vm` asks the agent to stop.
 FAST_BOOT_ARGS = ("i8042.noaux=1 i8042.nopnp=1 cryptomgr.notests no_timer_check "
                   "tsc=reliable rcupdate.rcu_expedited=1")
+# Added on a direct boot under QEMU: PCI interrupts routed by the BIOS's table instead of
+# ACPI's interrupt links, whose AML takes ~1 s of TCG time to evaluate for 4 devices.
+QEMU_BOOT_ARGS = "pci=noacpi"
 
 _PCI_ADDRESS = re.compile(r"^(?:0000:)?00:([0-9a-fA-F]{2})\.0$")
 _MAC = re.compile(r"^[0-9a-fA-F]{2}(?::[0-9a-fA-F]{2}){5}$")
@@ -89,7 +98,7 @@ class Disk:
 
 @dataclasses.dataclass
 class MachineSpec:
-    iso: str
+    iso: str | None                 # attached as a CD when booting it (no kernel given)
     disks: list[Disk]
     nics: list[Nic]
     memory_mb: int = 512
@@ -189,8 +198,9 @@ def qemu_argv(spec: MachineSpec, sockets: dict[str, str]) -> list[str]:
                  "-serial", "chardev:console"]
         ports = (GUESTINFO_PORT, OUTPUT_PORT, ATTACH_PORT)
         console = "ttyS0"
-    argv += ["-drive", f"file={spec.iso},media=cdrom,readonly=on,if=ide,index=2",
-            "-device", f"virtio-rng-pci,addr={RNG_SLOT:#x}",
+    if not spec.kernel:
+        argv += ["-drive", f"file={spec.iso},media=cdrom,readonly=on,if=ide,index=2"]
+    argv += ["-device", f"virtio-rng-pci,addr={RNG_SLOT:#x}",
             "-device", f"virtio-serial-pci,id=vser0,addr={SERIAL_SLOT:#x}"]
     if spec.kernel:
         argv += ["-kernel", spec.kernel, "-initrd", spec.initrd or "",
@@ -220,8 +230,10 @@ def qemu_argv(spec: MachineSpec, sockets: dict[str, str]) -> list[str]:
 
 
 def kernel_command_line(console: str, extra: str = "") -> str:
-    """A direct kernel boot's arguments: the ISO's (init/build) with our console."""
-    return f"console={console} panic=-1 quiet {FAST_BOOT_ARGS} {extra}".strip()
+    """A direct kernel boot's arguments: the ISO's (init/build) with our console, and
+    what only QEMU wants; stage 0 finds the root on the disk at ROOT_SLOT."""
+    return (f"console={console} panic=-1 quiet {FAST_BOOT_ARGS} {QEMU_BOOT_ARGS} "
+            f"tether.root=pci:0000:00:{ROOT_SLOT:02x}.0 {extra}").strip()
 
 
 # --------------------------------------------------------------------------- the VMX's part
@@ -542,14 +554,23 @@ class VmRun:
                  workdir: str | None = None, qemu_args: list[str] | None = None,
                  vic_serial: bool = False, cpus: int = 1):
         image_dir = os.path.abspath(image_dir)
+        # The ISO's command line puts the console on ttyS1 (VIC's layout). Our own layout
+        # keeps it on ttyS0, so it boots the image's kernel directly with our arguments;
+        # --vic-serial boots the ISO through isolinux as ESX would.
+        direct = bool(kernel_args) or not vic_serial
         iso = os.path.join(image_dir, "bootstrap-debug.iso" if debug_image else "bootstrap.iso")
-        if not os.path.isfile(iso):
-            raise VmError(f"no {iso}: build the image first (init/build, or make image)")
+        kernel = os.path.join(image_dir, "vmlinux")
+        if not os.path.isfile(kernel):        # no PVH kernel extracted: the bzImage
+            kernel = os.path.join(image_dir, "vmlinuz")
+        initrd, root = os.path.join(image_dir, "initrd.img"), os.path.join(image_dir, "root.ext4")
+        for part in (kernel, initrd, root) if direct else (iso,):
+            if not os.path.isfile(part):
+                raise VmError(f"no {part}: build the image first (init/build, or make image)")
         self.config = config
         self.nics = assign_nics(config, nets)
         self.workdir = workdir or tempfile.mkdtemp(prefix="tether-vm-")
         os.makedirs(self.workdir, exist_ok=True)
-        disk_list = []
+        disk_list = [Disk(root, ROOT_SLOT, readonly=True)] if direct else []
         if rootfs_disk is None:
             default = os.path.join(image_dir, "containerfs.img")
             if os.path.isfile(default):
@@ -564,20 +585,13 @@ class VmRun:
             if not os.path.isfile(path):
                 raise VmError(f"--disk {path}: no such file")
             disk_list.append(Disk(os.path.abspath(path), FIRST_DISK_SLOT + index))
-        # The ISO's command line puts the console on ttyS1 (VIC's layout). Our own layout
-        # keeps it on ttyS0, so it boots the image's kernel directly with our arguments
-        # (the root still comes from the ISO); --vic-serial boots the ISO as ESX would.
-        kernel = initrd = None
-        if kernel_args or not vic_serial:
-            kernel, initrd = os.path.join(image_dir, "vmlinuz"), os.path.join(image_dir, "stage0.cpio.gz")
-            for part in (kernel, initrd):
-                if not os.path.isfile(part):
-                    raise VmError(f"no {part}: build the image first (init/build, or make image)")
-            if debug_image:
-                # what bootstrap-debug.iso's own command line adds
-                kernel_args = f"loglevel=7 tether.image=debug tether.debug=1 {kernel_args}"
-        self.spec = MachineSpec(iso=iso, disks=disk_list, nics=self.nics, memory_mb=memory_mb,
-                                cpus=cpus,
+        if not direct:
+            kernel = initrd = None
+        elif debug_image:
+            # what bootstrap-debug.iso's own command line adds
+            kernel_args = f"loglevel=7 tether.image=debug tether.debug=1 {kernel_args}"
+        self.spec = MachineSpec(iso=None if direct else iso, disks=disk_list, nics=self.nics,
+                                memory_mb=memory_mb, cpus=cpus,
                                 kernel=kernel, initrd=initrd, kernel_args=kernel_args, netns=netns,
                                 extra_args=list(qemu_args or []), vic_serial=vic_serial)
         from tether.extension import encode_config
