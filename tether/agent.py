@@ -19,6 +19,7 @@ import os
 import signal
 import sys
 
+from tether import boottime
 from tether.console import SECRETS_DEBUG_LEVEL, console, env_debug_level, write_console
 from tether.writeback import CONFIG_ERROR_KEY
 
@@ -177,6 +178,8 @@ class Agent:
                 log.error("step %s failed: %s; carrying on", step, err,
                           exc_info=not isinstance(err, StepFailed))
             return False
+        finally:
+            boottime.mark(step)
 
     def refuse_launch(self, reason: str) -> None:
         """The launch gate: once any reason is given before the launch, no session runs;
@@ -574,8 +577,11 @@ class Agent:
             self._writeback.forget_session(session.config, session.id)
 
     def _publish_session(self, session) -> None:
+        boottime.mark(f"exec:{session.id}")     # the first one counts: launched, or failed
         if self._writeback is not None:
             self._writeback.session(self.config, session.config)
+        if session.primary:
+            boottime.write_back(self.transport, log)    # once, after the primary's started
 
     def publish_all(self) -> None:
         if self._writeback is not None and self.config is not None:
@@ -644,6 +650,7 @@ class Agent:
         self.loop.run_until(self._stopped)
 
     def shutdown(self) -> None:
+        boottime.write_back(self.transport, log)    # if the primary never launched
         if self._toolbox is not None:
             self.guarded("shutdown", self._toolbox.stop)
         if self._attach_server is not None:

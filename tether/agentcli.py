@@ -8,6 +8,7 @@ import signal
 import sys
 from types import SimpleNamespace
 
+from tether import boottime
 from tether.agent import DEFAULT_STOP_GRACE, Agent, Options, RunMode
 from tether.console import configure_logging, console, env_debug_level, redirect_log
 
@@ -98,6 +99,7 @@ def parse_args(argv: list[str]) -> SimpleNamespace:
 
 def main(argv: list[str]) -> int:
     """`tether agent`: the PID 1 entry. Never ends with a traceback."""
+    boottime.mark("imports")
     configure_logging(level=logging.DEBUG if env_debug_level() >= 1 else logging.INFO)
     code = 1
     power_off = False
@@ -117,6 +119,7 @@ def main(argv: list[str]) -> int:
                      and not os.path.basename(sys.argv[0]).endswith("-debug"))
         from tether.guestinfo import open_transport
         transport = open_transport(args.guestinfo_file)
+        boottime.mark("guestinfo")
         options = Options(mode=mode, rootfs=args.rootfs, output_log=args.output_log,
                           attach_endpoints=[] if args.no_attach else args.attach_endpoints,
                           stop_grace=args.stop_grace,
