@@ -17,6 +17,7 @@ COMMANDS = {
     "cp": ("tether.clientcli", "cp_main", "copy files into or out of the container"),
     "ports": ("tether.portscli", "main", "list the ports a config or guestinfo publishes"),
     "vm": ("tether.vm", "main", "boot a config in a QEMU VM, playing the port layer"),
+    "boot-timeline": ("tether.bootchart", "main", "show a VM's boot timeline from its guestinfo map"),
     "vsphere": ("tether.vsphere.cli", "main", "run|ps|logs|stop|rm container VMs on vSphere"),
 }
 

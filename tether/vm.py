@@ -43,6 +43,7 @@ import tempfile
 import threading
 import time
 
+from tether.boottime import CLOCK_KEY
 from tether.outcome import EXIT_NOT_STARTED, EXIT_TIMEOUT, primary_outcome
 
 GUESTINFO_PORT = "org.tether.guestinfo"
@@ -601,6 +602,7 @@ class VmRun:
         self.started = threading.Event()
         self._stop_requested = threading.Event()
         self._stop_killed = False
+        self.timeline_clock: tuple[float, str] | None = None
         self.guestinfo = VmxGuestinfo(keys, on_set=self._on_set)
         self.machine = Machine(self.spec, self.guestinfo, self.workdir,
                                echo_console=echo_console, on_output=on_output)
@@ -609,6 +611,8 @@ class VmRun:
         if key == self.started_key and value not in ("", NIL):
             self.machine.marks.setdefault("started", time.monotonic())
             self.started.set()
+        elif key == CLOCK_KEY:      # the guest's boot clock, as it wrote its timeline
+            self.timeline_clock = (time.monotonic(), value)
 
     def start(self) -> None:
         self.machine.start()
@@ -660,6 +664,7 @@ class VmRun:
         elif qemu_status != 0:
             message = f"QEMU exited with status {qemu_status}: {self.machine.qemu_errors().strip()}"
         final = self.guestinfo.final_map()
+        final.update(self._host_timeline())
         decoded, code, reason = primary_outcome(final)
         if qemu_status is None:
             code = EXIT_TIMEOUT
@@ -667,6 +672,18 @@ class VmRun:
             message = reason
         return VmResult(code, qemu_status, final, decoded, self.machine.console_text(),
                         dict(self.machine.marks), self.workdir, message)
+
+    def _host_timeline(self) -> dict[str, str]:
+        """Our marks (QEMU start, first console byte, first guestinfo request, started)
+        on the guest's boot clock, for the timeline the guest wrote back."""
+        if self.timeline_clock is None:
+            return {}
+        from tether.bootchart import host_keys
+        arrived, value = self.timeline_clock
+        try:
+            return host_keys(self.machine.marks, arrived, float(value))
+        except ValueError:
+            return {}
 
     def close(self, keep: bool = False) -> None:
         self.machine.close()
@@ -775,6 +792,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--console", action="store_true", help="show the serial console on "
                         "stderr and send stdin to it (without --attach)")
     parser.add_argument("--keep", action="store_true", help="keep the run directory (logs, sockets)")
+    parser.add_argument("--timeline", metavar="FILE.svg|-", help="draw the boot timeline (the "
+                        "guest's phases and ours) as an SVG chart, or '-' for a text table "
+                        "on stderr")
     parser.add_argument("--vic-serial", action="store_true",
                         help="VIC's serial layout: boot the ISO as is (console on ttyS1), COM1 "
                         "a unix socket for VIC's attach (tether attach --vic unix:PATH ID), "
@@ -855,6 +875,8 @@ def main(argv: list[str]) -> int:
         return 130
     try:
         report(result, args.out, show_console=not args.console)
+        if args.timeline:
+            show_timeline(result, args.timeline)
     finally:
         run.close(keep=args.keep)
         if args.keep:
@@ -874,6 +896,20 @@ def _forward_stdin_to_console(machine: Machine) -> None:
         except (OSError, VmError, ValueError):
             return
     threading.Thread(target=pump, name="tether-vm-console-in", daemon=True).start()
+
+
+def show_timeline(result: VmResult, target: str) -> None:
+    from tether import bootchart
+    phases = bootchart.read_phases(result.guestinfo)
+    if not phases:
+        print("tether vm: no boot timeline: the agent writes it once the primary has started",
+              file=sys.stderr)
+        return
+    if target == "-":       # stdout carries the map: the table goes with the messages
+        sys.stderr.write(bootchart.text_table(phases))
+        return
+    bootchart.write(phases, target, f"Boot timeline: {result.config.id if result.config else ''}")
+    print(f"tether vm: boot timeline in {target}", file=sys.stderr)
 
 
 def report(result: VmResult, out: str | None, show_console: bool = True) -> None:
