@@ -300,7 +300,9 @@ static int block_of_pci(const char *address, char *device, size_t size) {
     return 0;
 }
 
-/* Attach `file` to a free loop device; its path goes to `device`. */
+/* Attach `file` to a free loop device, whose path goes to `device`; returns the open
+ * loop device (-1 on failure). Close it only once the mount holds the device: the loop
+ * is set to detach itself when the last user lets go. */
 static int loop_attach(const char *file, char *device, size_t size) {
     int control = open("/dev/loop-control", O_RDWR | O_CLOEXEC);
     if (control < 0) return -1;
@@ -310,27 +312,30 @@ static int loop_attach(const char *file, char *device, size_t size) {
     snprintf(device, size, "/dev/loop%d", number);
     int backing = open(file, O_RDONLY | O_CLOEXEC);
     int loop = open(device, O_RDWR | O_CLOEXEC);
-    int result = -1;
     if (backing >= 0 && loop >= 0) {
         struct loop_config config;
         memset(&config, 0, sizeof config);
         config.fd = backing;
         config.info.lo_flags = LO_FLAGS_READ_ONLY | LO_FLAGS_AUTOCLEAR;
-        result = ioctl(loop, LOOP_CONFIGURE, &config);
+        if (ioctl(loop, LOOP_CONFIGURE, &config) == 0) {
+            close(backing);
+            return loop;
+        }
     }
     if (backing >= 0) close(backing);
     if (loop >= 0) close(loop);
-    return result;
+    return -1;
 }
 
 static void mount_image(const char *image, const char *target) {
     char device[64];
     const char *type = fs_type(image);
     if (!type) fail("%s holds no squashfs, erofs or ext4 image", image);
-    if (loop_attach(image, device, sizeof device) != 0)
-        fail("cannot attach %s to a loop device: %s", image, strerror(errno));
+    int loop = loop_attach(image, device, sizeof device);
+    if (loop < 0) fail("cannot attach %s to a loop device: %s", image, strerror(errno));
     if (mount_at(device, target, type, MS_RDONLY, NULL) != 0)
         fail("cannot mount %s (%s): %s", image, type, strerror(errno));
+    close(loop);
 }
 
 /* The boot CD: the first of sr0/sr1 that mounts, waiting up to 5 s for it. */
