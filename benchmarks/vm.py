@@ -225,7 +225,7 @@ def main() -> int:
             print(median_line(name.strip(), [1000 * v for v in values], "ms"))
     print("sizes:")
     for name in ("vmlinux", "vmlinuz", "initrd.img", "root.ext4", "bootstrap.iso", "root.sqfs",
-                 "tether.sqfs", "stage0.cpio.gz", "containerfs.img"):
+                 "tether.sqfs", "stage0.cpio.xz", "containerfs.img"):
         path = Path(args.image) / name
         if path.exists():
             sparse = name.endswith((".img", ".ext4")) and name != "initrd.img"
