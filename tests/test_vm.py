@@ -412,3 +412,66 @@ def test_attach_a_terminal_to_a_tty_session(image_dir, tmp_path):
     assert rc_file.read_text().strip() == "0"
     from extraconfig.transport import parse_vmx
     assert parse_vmx(out.read_text())["guestinfo.vice..sessions|term.started"] == "true"
+
+
+# ------------------------------------------------------------------------ boot paths, timeline
+
+def test_boot_timeline_is_written_back_in_order_and_drawn(image_dir):
+    """The agent writes its boot timeline once the primary has started; tether vm adds its
+    own marks on the guest's clock; the chart has one bar per phase."""
+    import xml.etree.ElementTree as ET
+    from tether import bootchart
+    vm = boot(image_dir, single("timed", session("/bin/echo", "timed")))
+    assert vm.result.exit_code == 0, vm.explain()
+    phases = bootchart.read_phases(vm.map)
+    names = [p.name for p in phases]
+    guest = [p for p in phases if not p.host]
+    expected = ["kernel", "stage0.modules", "stage0.root", "stage0.exec", "python", "imports",
+                "guestinfo", "config", "rootfs", "networks", "volumes", "attach", "exec:timed"]
+    assert [p.name for p in guest if p.name in expected] == expected, names
+    for before, after in zip(guest, guest[1:]):
+        assert before.start <= before.end <= after.start + 1e-6, (before, after)
+    assert guest[0].start == 0.0
+    host = {p.name: p for p in phases if p.host}
+    assert set(host) == {"host.qemu", "host.console", "host.guestinfo", "host.started"}, names
+    assert host["host.qemu"].start < 0 == host["host.qemu"].end     # QEMU starts before the kernel
+    # the host saw started=true after the guest's exec, and within a few tenths of a second
+    exec_end = guest[-1].end
+    assert exec_end <= host["host.started"].start + 0.05 < exec_end + 2, (exec_end, host)
+    assert host["host.guestinfo"].start < exec_end
+    root = ET.fromstring(bootchart.svg(phases))
+    bars = [g for g in root.iter("{http://www.w3.org/2000/svg}g") if g.get("class") == "bar"]
+    assert len(bars) == len([p for p in phases if not p.point])
+
+
+def test_iso_boots_hello_via_isolinux(image_dir):
+    """bootstrap.iso as ESX boots it: isolinux loads the kernel and stage 0 from the CD,
+    stage 0 loads the CD stack and loop-mounts root.sqfs and tether.sqfs (VIC's serial
+    layout: its command line has console=ttyS1)."""
+    import json
+    from tether.jsonform import config_from_json
+    from tether.vm import qemu_argv
+    output = []
+    run = VmRun(config_from_json(json.loads((REPO / "examples" / "hello.json").read_text())),
+                str(image_dir), vic_serial=True, on_output=lambda e: output.append(e.data))
+    try:
+        argv = " ".join(qemu_argv(run.spec, run.machine.sockets | {"com1": "/c"}))
+        assert "-kernel" not in argv and "-boot d" in argv and "bootstrap.iso" in argv
+        run.start()
+        result = run.finish(BOOT_TIMEOUT)
+    finally:
+        run.close()
+    assert result.exit_code == 0, (result.message, result.console[-4000:])
+    assert result.guestinfo["guestinfo.vice..sessions|hello.started"] == "true"
+    assert b"".join(output) == b"hello\n"
+    # stage 0 found its root on the CD: its steps are in the timeline
+    assert "guestinfo.tether.boot.stage0.root" in result.guestinfo
+
+
+def test_debug_iso_via_isolinux_starts_the_agent(image_dir):
+    vm = boot(image_dir, single("dbgiso", session("/bin/echo", "from the debug iso")),
+              debug_image=True, vic_serial=True)
+    assert vm.result.exit_code == 0, vm.explain()
+    assert "shell on the console" not in vm.result.console
+    assert "tether-debug-init" in vm.result.console or vm.text() == "from the debug iso\n"
+    assert vm.text() == "from the debug iso\n"

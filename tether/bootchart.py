@@ -38,7 +38,9 @@ class Phase(NamedTuple):
 
     @property
     def point(self) -> bool:
-        return self.end == self.start
+        """A moment the launcher noted (drawn as a mark), not a phase (drawn as a bar,
+        however short)."""
+        return self.host and self.end == self.start
 
     @property
     def label(self) -> str:
