@@ -8,8 +8,6 @@ machine without the backdoor: see `native.py` for the order of checks.
 
 from __future__ import annotations
 
-import shutil
-
 from .message import BackdoorError, MessageChannel
 from .protocol import PROTO_RPCI, PROTO_TCLO, Regs
 from .rpci import RpciTransport, RpcToolTransport
@@ -70,13 +68,12 @@ def _check_rpci(transport: RpciTransport) -> str | None:
 
 def _rpctool(found) -> RpcToolTransport | None:
     """vmware-rpctool, if installed, and only on VMware: elsewhere it cannot work."""
-    path = shutil.which(RPCTOOL)
-    if path is None:
-        return None
     vendor = found.vendor
     if not vendor:
         from . import native
         vendor = native.hypervisor_vendor() or ""
     if vendor != "VMwareVMware":
         return None
-    return RpcToolTransport(path)
+    import shutil   # only on VMware: PID 1 pays for no import it does not use
+    path = shutil.which(RPCTOOL)
+    return None if path is None else RpcToolTransport(path)

@@ -9,7 +9,6 @@ the reason: for info-get a missing key).
 
 from __future__ import annotations
 
-import subprocess
 import threading
 from .message import BackdoorError, MessageChannel
 from .protocol import PROTO_RPCI, Ports
@@ -105,6 +104,7 @@ class RpcToolTransport:
         self.timeout = timeout
 
     def request(self, command: str) -> RpcReply:
+        import subprocess   # here, not at import: PID 1 imports this module on every boot
         try:
             done = subprocess.run([self.path, command], capture_output=True, timeout=self.timeout)
         except (OSError, subprocess.TimeoutExpired) as err:
