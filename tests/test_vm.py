@@ -374,6 +374,30 @@ def test_image_contents_and_size(image_dir):
     assert label == "containerfs"
 
 
+def test_direct_boot_parts(image_dir):
+    """What tether vm boots: stage 0 (static, with its module tables) and the project
+    layer in one uncompressed initrd, the root as ext4, the kernel with its PVH entry."""
+    initrd = (image_dir / "initrd.img").read_bytes()
+    assert initrd[:6] == b"070701"                          # newc cpio, not compressed
+    for name in (b"init", b"stage0/modules", b"stage0/aliases", b"stage0/cd", b"bin/busybox",
+                 b"code/usr/local/sbin/tether-agent",
+                 b"code/usr/local/lib/python3.11/dist-packages/tether/boottime.py"):
+        assert name + b"\0" in initrd, name
+    assert b"pci:v00001AF4d*" in initrd and b"virtio:d00000003v* virtio_console" in initrd
+    root = image_dir / "root.ext4"
+    label = subprocess.run(["blkid", "-o", "value", "-s", "LABEL", str(root)],
+                           capture_output=True, text=True).stdout.strip()
+    assert label == "tether-root"
+    python = subprocess.run(["debugfs", "-R", "stat /usr/bin/python3.11", str(root)],
+                            capture_output=True, text=True).stdout
+    assert "Type: regular" in python
+    vmlinux = image_dir / "vmlinux"
+    if shutil.which("lz4") is not None:      # the build unpacks it only with lz4 (.ci/run)
+        notes = subprocess.run(["readelf", "-n", str(vmlinux)], capture_output=True,
+                               text=True, check=True).stdout
+        assert "0x00000012" in notes                     # Xen's PHYS32_ENTRY: PVH
+
+
 def test_attach_a_terminal_to_a_tty_session(image_dir, tmp_path):
     """`tether vm --attach` in a real terminal (tmux): a shell in the container, typed into."""
     import json
@@ -421,7 +445,7 @@ def test_boot_timeline_is_written_back_in_order_and_drawn(image_dir):
     own marks on the guest's clock; the chart has one bar per phase."""
     import xml.etree.ElementTree as ET
     from tether import bootchart
-    vm = boot(image_dir, single("timed", session("/bin/echo", "timed")))
+    vm = boot(image_dir, single("timed", session("/bin/sh", "-c", "sleep 3; echo timed")))
     assert vm.result.exit_code == 0, vm.explain()
     phases = bootchart.read_phases(vm.map)
     names = [p.name for p in phases]
@@ -439,6 +463,9 @@ def test_boot_timeline_is_written_back_in_order_and_drawn(image_dir):
     exec_end = guest[-1].end
     assert exec_end <= host["host.started"].start + 0.05 < exec_end + 2, (exec_end, host)
     assert host["host.guestinfo"].start < exec_end
+    # written once the primary started, not when it ended (it sleeps 3 s)
+    clock = float(vm.map["guestinfo.tether.boot.clock"])
+    assert exec_end <= clock < exec_end + 2, (exec_end, clock)
     root = ET.fromstring(bootchart.svg(phases))
     bars = [g for g in root.iter("{http://www.w3.org/2000/svg}g") if g.get("class") == "bar"]
     assert len(bars) == len([p for p in phases if not p.point])
