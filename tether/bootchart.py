@@ -146,22 +146,33 @@ def _tick_step(span: float) -> float:
     return 120.0
 
 
+LEGEND = (("host", "tether vm (host)"), ("kernel", "firmware and kernel"),
+          ("stage0", "stage 0"), ("python", "Python start and imports"),
+          ("agent", "agent steps"), ("exec", "session exec"))
+
+
 def svg(phases: list[Phase], title: str = "Boot timeline") -> str:
-    """A horizontal bar chart: one row per phase (the launcher's marks on top), each bar
-    labelled with its name and duration, a time axis in seconds."""
+    """A horizontal bar chart: one row per phase, the launcher's marks on top and the
+    guest's phases under them, each bar labelled with its name and duration, a time
+    axis in seconds, a dashed line where the host saw started=true, a colour legend."""
     zero, axis = origin(phases)
     end = max([p.end - zero for p in phases] + [0.001])
     step = _tick_step(end)
     span = step * (int(end / step) + 1)
     scale = (WIDTH - 2 * LEFT - 200) / span        # room on the right for labels
-    height = TOP + ROW * len(phases) + 40
+    host = [p for p in phases if p.host]
+    guest = [p for p in phases if not p.host]
+    groups = [(caption, rows) for caption, rows in
+              (("tether vm (host), on the guest's clock", host),
+               ("guest: written back by the agent", guest)) if rows]
+    rows_total = sum(len(rows) + 1 for _, rows in groups)
+    bottom = TOP + ROW * rows_total
+    height = bottom + 56
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{height}" '
            f'viewBox="0 0 {WIDTH} {height}" font-family="sans-serif" font-size="11">',
            f'<title>{_escape(title)}</title>',
            f'<rect width="{WIDTH}" height="{height}" fill="#ffffff"/>',
-           f'<text x="{LEFT}" y="18" font-size="14" font-weight="bold">{_escape(title)}</text>',
-           f'<text x="{LEFT}" y="{height - 8}" fill="#555">{_escape(axis)}</text>']
-    bottom = TOP + ROW * len(phases)
+           f'<text x="{LEFT}" y="18" font-size="14" font-weight="bold">{_escape(title)}</text>']
     tick = 0.0
     while tick <= span + 1e-9:                      # the axis: grid lines and labels
         x = LEFT + tick * scale
@@ -170,26 +181,47 @@ def svg(phases: list[Phase], title: str = "Boot timeline") -> str:
         out.append(f'<text x="{x:.1f}" y="{TOP - 10}" text-anchor="middle" fill="#555">'
                    f'{tick:g}</text>')
         tick = round(tick + step, 6)
-    for row, p in enumerate(phases):
-        y = TOP + row * ROW + (ROW - BAR) / 2
-        x = LEFT + (p.start - zero) * scale
-        w = (p.end - p.start) * scale
-        color = _color(p)
-        if p.point:
-            label = f"{p.label} at {p.start - zero:.2f} s"
-            out.append(f'<g class="mark"><path d="M{x:.1f},{y:.1f} l5,{BAR / 2:.0f} l-5,{BAR / 2:.0f} '
-                       f'l-5,-{BAR / 2:.0f} z" fill="{color}"/>'
-                       f'<text x="{x + 9:.1f}" y="{y + BAR - 4:.1f}">{_escape(label)}</text></g>')
-            continue
-        label = f"{p.label} {1000 * (p.end - p.start):.0f} ms"
-        inside = w >= len(label) * CHAR + 8
-        text_x, fill = (x + 4, "#fff") if inside else (x + max(w, 1) + 4, "#222")
-        out.append(f'<g class="bar"><rect x="{x:.1f}" y="{y:.1f}" width="{max(w, 1):.1f}" '
-                   f'height="{BAR}" fill="{color}"><title>{_escape(label)}</title></rect>'
-                   f'<text x="{text_x:.1f}" y="{y + BAR - 4:.1f}" fill="{fill}">'
-                   f'{_escape(label)}</text></g>')
+    out.append(f'<text x="{WIDTH - LEFT}" y="{TOP - 10}" text-anchor="end" fill="#555">'
+               f'{_escape(axis)}</text>')
+    started = next((p for p in host if p.name == "host.started"), None)
+    if started is not None:                         # behind the bars and their labels
+        x = LEFT + (started.start - zero) * scale
+        out.append(f'<line x1="{x:.1f}" y1="{TOP - 6}" x2="{x:.1f}" y2="{bottom}" '
+                   f'stroke="{COLORS["host"]}" stroke-width="1" stroke-dasharray="4,3"/>')
+    row = 0
+    for caption, rows in groups:
+        y = TOP + row * ROW + ROW - 7
+        out.append(f'<text x="{LEFT}" y="{y:.1f}" fill="#555" font-style="italic">'
+                   f'{_escape(caption)}</text>')
+        row += 1
+        for p in rows:
+            out.append(_row(p, TOP + row * ROW + (ROW - BAR) / 2, zero, scale))
+            row += 1
+    x = LEFT
+    for key, words in LEGEND:                        # the colours
+        out.append(f'<rect x="{x}" y="{bottom + 14}" width="10" height="10" fill="{COLORS[key]}"/>'
+                   f'<text x="{x + 14}" y="{bottom + 23}" fill="#333">{_escape(words)}</text>')
+        x += 26 + len(words) * CHAR
     out.append("</svg>")
     return "\n".join(out) + "\n"
+
+
+def _row(p: Phase, y: float, zero: float, scale: float) -> str:
+    x = LEFT + (p.start - zero) * scale
+    w = (p.end - p.start) * scale
+    color = _color(p)
+    if p.point:
+        label = f"{p.label} at {p.start - zero:.2f} s"
+        return (f'<g class="mark"><path d="M{x:.1f},{y:.1f} l5,{BAR / 2:.0f} l-5,{BAR / 2:.0f} '
+                f'l-5,-{BAR / 2:.0f} z" fill="{color}"/>'
+                f'<text x="{x + 9:.1f}" y="{y + BAR - 4:.1f}">{_escape(label)}</text></g>')
+    label = f"{p.label} {1000 * (p.end - p.start):.0f} ms"
+    inside = w >= len(label) * CHAR + 8
+    text_x, fill = (x + 4, "#fff") if inside else (x + max(w, 1) + 4, "#222")
+    return (f'<g class="bar"><rect x="{x:.1f}" y="{y:.1f}" width="{max(w, 1):.1f}" '
+            f'height="{BAR}" fill="{color}"><title>{_escape(label)}</title></rect>'
+            f'<text x="{text_x:.1f}" y="{y + BAR - 4:.1f}" fill="{fill}">'
+            f'{_escape(label)}</text></g>')
 
 
 # --------------------------------------------------------------------------- output
