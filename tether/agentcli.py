@@ -126,7 +126,9 @@ def main(argv: list[str]) -> int:
                           vic_attach=[] if args.no_attach else args.vic_attach,
                           vic_options={"handshake": args.vic_handshake, "auth": args.vic_auth},
                           keep_execs=args.keep_execs, output_log_max=args.output_log_max)
-        code = Agent(transport, options).run()
+        agent = Agent(transport, options)
+        boottime.mark("agent")      # its modules: loop, reaper, supervisor, sessions
+        code = agent.run()
     except BaseException:   # noqa: BLE001 - the last guard of PID 1
         log.critical("the agent failed; stopping cleanly", exc_info=True)
     if power_off:
