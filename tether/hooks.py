@@ -23,7 +23,6 @@ as runc runs them: the loop waits for them.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import select
@@ -56,6 +55,7 @@ def state(session_id: str, status: str, pid: int | None, bundle: str,
         doc["pid"] = pid
     if annotations:
         doc["annotations"] = dict(annotations)
+    import json   # when a hook runs: PID 1 imports this module on every boot
     return json.dumps(doc).encode()
 
 
