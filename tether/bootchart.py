@@ -3,8 +3,8 @@ and show it as a text table or an SVG bar chart.
 
     tether boot-timeline MAP [-o FILE.svg | -o -]
 
-MAP is a VMX file (`key = "value"` lines, what `tether config encode` and vSphere keep) or
-a JSON object (what `tether vm --out` writes); `-` reads stdin. Without -o, or with
+MAP is a VMX file (`key = "value"` lines: what `tether vm --out`, `tether sandbox --out`
+and vSphere keep) or a JSON object of keys and values; `-` reads stdin. Without -o, or with
 `-o -`, a text table goes to stdout. The keys are described in tether/boottime.py and
 docs/config.md: every `guestinfo.tether.boot.<phase>` holds "<start> <end>" in seconds on
 the guest's boot clock; `host.<mark>` phases are the launcher's (tether vm), placed on
@@ -240,7 +240,7 @@ def write(phases: list[Phase], target: str, title: str = "Boot timeline") -> Non
 USAGE = """usage: tether boot-timeline MAP [-o FILE.svg|-]
 
 Show the boot timeline an agent wrote back (guestinfo.tether.boot.* keys) in MAP, a
-VMX file or a JSON map (tether vm --out), '-' for stdin: a text table on stdout, or
+VMX file (tether vm --out) or a JSON map, '-' for stdin: a text table on stdout, or
 an SVG bar chart with -o FILE.svg.
 """
 
