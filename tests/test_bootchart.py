@@ -8,7 +8,7 @@ import subprocess
 import sys
 import xml.etree.ElementTree as ET
 
-from conftest import REPO
+from helpers import REPO
 from extraconfig.transport import format_vmx
 from tether import bootchart
 

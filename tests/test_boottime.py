@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import executor_config, session_config, sid
+from helpers import executor_config, session_config, sid
 from extraconfig import decode, encode
 from extraconfig.transport import GuestSource, MapTransport
 from tether import boottime
