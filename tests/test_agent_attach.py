@@ -57,6 +57,9 @@ def test_a_head_shaped_map_whose_read_write_runblock_is_true_blocks_until_unbloc
     result = box.wait()
     assert (out, code) == (b"released\n", 0), result.log
     assert result.session(primary.id).started == "true"
+    # released through the msgpack attach too: a restart must not block again
+    assert result.guestinfo[run_block_write_key(primary.id)] == "false"
+    assert result.session(primary.id).run_block is False
 
 
 def test_exec_starts_a_new_session(sandbox, tmp_path):

@@ -30,11 +30,13 @@ def test_settings_options_then_kernel_arguments():
         layout.settings({"handshake": "v2"}, [])
 
 
-def test_runblock_is_written_as_heads_read_write_key():
+def test_a_released_runblock_is_written_as_heads_read_write_key():
+    from extraconfig.transport import MapTransport
+    from tether.writeback import WriteBack
     primary = session_config(sid(), ["/bin/true"], run_block=True)
-    written = {}
-    layout.write_runblock(lambda k, v: written.__setitem__(k, v), primary.id)
-    assert written == {f"guestinfo.vice..sessions|{primary.id}.runblock": "false"}
+    store = {}
+    WriteBack(MapTransport(store)).runblock_released(primary.id)
+    assert store == {f"guestinfo.vice..sessions|{primary.id}.runblock": "false"}
 
 
 def test_wire_payloads_are_gos_marshal_forms():

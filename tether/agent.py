@@ -502,13 +502,11 @@ class Agent:
 
     def start_vic_attach(self) -> None:
         """VIC's handshake + SSH attach (tether/attach/vic/layout.py decides where)."""
-        from tether.attach.vic.layout import start_for_agent, write_runblock
-        sink = self._writeback.sink if self._writeback is not None else None
+        from tether.attach.vic.layout import start_for_agent
         self._vic_attach = start_for_agent(
             self, endpoints=self.options.vic_attach, options=self.options.vic_options,
             in_vm=self.mode.owns_machine,
-            transport_module=type(self.transport).__module__,
-            runblock_sink=(lambda s: write_runblock(sink, s.id)) if sink else None)
+            transport_module=type(self.transport).__module__)
 
     def start_toolbox(self) -> None:
         """The VMX's TCLO duties, when guestinfo comes over the VMware backdoor."""
@@ -557,6 +555,7 @@ class Agent:
         return Session(cfg, loop=self.loop, reaper=self.reaper, root=self.root,
                        log_port=self._log_port, primary=cfg.common.id == self.config.id,
                        echo=write_console if echo else None, on_change=on_change,
+                       on_unblock=self._publish_runblock_released,
                        isolation=self.isolation, debug_level=self.debug_level)
 
     def exec_session(self, cfg):
@@ -575,6 +574,10 @@ class Agent:
             self.config.sessions.pop(session.id, None)
         if self._writeback is not None:
             self._writeback.forget_session(session.config, session.id)
+
+    def _publish_runblock_released(self, session) -> None:
+        if self._writeback is not None:
+            self._writeback.runblock_released(session.id)
 
     def _publish_session(self, session) -> None:
         boottime.mark(f"exec:{session.id}")     # the first one counts: launched, or failed

@@ -393,6 +393,7 @@ class Session:
     def __init__(self, config, *, loop, reaper, root: str = "/", log_port=None,
                  primary: bool = False, echo: Callable[[bytes], object] | None = None,
                  on_change: Callable[["Session", Phase, Phase], object] | None = None,
+                 on_unblock: Callable[["Session"], object] | None = None,
                  isolation=None, debug_level: Callable[[], int] = lambda: 0):
         self.id: str = config.common.id
         self.config = config
@@ -407,6 +408,7 @@ class Session:
         self.launches = 0                   # successful launches
         self.output = OutputFanout(self.id, log_port, primary, echo)
         self._on_change = on_change
+        self._on_unblock = on_unblock       # RunBlock released: the agent writes it back
         self._readers: dict[int, str] = {}  # fd -> stream name
         self._stdin_fd = -1
         self._stdin_buf = bytearray()
@@ -460,7 +462,13 @@ class Session:
         self._launch()
 
     def unblock(self) -> None:
+        """Release RunBlock (any attach protocol's `unblock`): the config says so from
+        now on, and the agent is told before the launch, so a restart does not block."""
+        released = self.config.run_block
         self._unblocked = True
+        self.config.run_block = False
+        if released and self._on_unblock is not None:
+            self._on_unblock(self)
         if self.phase is Phase.BLOCKED:
             self._launch()
 

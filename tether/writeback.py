@@ -99,6 +99,17 @@ class WriteBack:
             self.failures += 1
             log.error("could not remove session %s from guestinfo: %s", sid, err)
 
+    def runblock_released(self, sid: str) -> None:
+        """An attach released RunBlock: its read-write key says false from now on, so a
+        restart does not block again (vmware/vic 5ce6ef1f4 made the key read-write; a host
+        of the older format never reads it)."""
+        from tether.config import run_block_write_key
+        try:
+            self.sink(run_block_write_key(sid), "false")
+        except Exception as err:   # noqa: BLE001 - the write-back must not cost the attach
+            self.failures += 1
+            log.error("could not publish RunBlock of session %s: %s", sid, err)
+
     def everything(self, config) -> None:
         """Every read-write key of the executor (network assignments, all sessions)."""
         from extraconfig.codec import encode_into

@@ -59,8 +59,7 @@ def settings(options: dict | None, args: list[str]) -> tuple[str, bool]:
 
 
 def start_for_agent(host, *, endpoints: list[str] | None, options: dict | None,
-                    in_vm: bool, transport_module: str,
-                    runblock_sink=None) -> "object | None":
+                    in_vm: bool, transport_module: str) -> "object | None":
     """The agent's VIC attach: explicit endpoints (the sandbox, `--vic-attach`), or, in a
     VM wired as VIC wires them (`in_vm`: PID 1 of a VM, not the sandbox), COM1; there the
     agent log goes to COM2 too. `host` is the agent's host interface."""
@@ -80,15 +79,8 @@ def start_for_agent(host, *, endpoints: list[str] | None, options: dict | None,
     if require_key and not host.key:
         raise RuntimeError("VIC attach auth 'key' needs ExecutorConfig.Key in the config")
     from tether.attach.vic.server import VicAttachServer
-    server = VicAttachServer(host, endpoints, variant=variant, require_key=require_key,
-                             runblock_sink=runblock_sink)
+    server = VicAttachServer(host, endpoints, variant=variant, require_key=require_key)
     log.info("VIC attach on %s (%s handshake%s)", ", ".join(endpoints), variant,
              ", client key required" if require_key else "")
     return server
 
-
-def write_runblock(sink, session_id: str) -> None:
-    """Write the session's read-write `runblock` key as false (vmware/vic 5ce6ef1f4: a
-    released RunBlock must not block a restart); tether/config.py knows both keys."""
-    from tether.config import run_block_write_key
-    sink(run_block_write_key(session_id), "false")

@@ -47,13 +47,11 @@ class ChannelRefused(Exception):
 class VicService:
     """What the SSH side may do with the agent: the host interface, narrowed."""
 
-    def __init__(self, host, *, variant: str = hs.HEAD, require_key: bool = False,
-                 runblock_sink=None):
+    def __init__(self, host, *, variant: str = hs.HEAD, require_key: bool = False):
         self.host = host
         self.loop = host.loop
         self.variant = hs.parse_variant(variant)
         self.require_key = require_key
-        self.runblock_sink = runblock_sink   # callable(session) after an unblock, or None
         self.bridge = None
         self._host_key = None
         self._inputs: dict[str, dict] = {}    # session id -> {"propagate": bool, "readers": set}
@@ -131,13 +129,7 @@ class VicService:
     # -- RunBlock ----------------------------------------------------------------------------
     def unblock(self, session) -> None:
         log.info("VIC attach: unblocking %s", session.id)
-        session.config.run_block = False
-        session.unblock()
-        if self.runblock_sink is not None:
-            try:
-                self.runblock_sink(session)
-            except Exception:   # noqa: BLE001 - the write-back must not cost the attach
-                log.exception("VIC attach: could not write RunBlock back for %s", session.id)
+        session.unblock()     # the agent writes RunBlock back
 
     # -- flow control: a channel whose window is shut holds its session's output -------
     def hold(self, attachment) -> None:
@@ -532,10 +524,9 @@ class VicAttachServer:
     line, as in the sandbox) or `serial:DEVICE` / a device path (one persistent line)."""
 
     def __init__(self, host, endpoints: list[str], *, variant: str = hs.HEAD,
-                 require_key: bool = False, runblock_sink=None):
+                 require_key: bool = False):
         self.loop = host.loop
-        self.service = VicService(host, variant=variant, require_key=require_key,
-                                  runblock_sink=runblock_sink)
+        self.service = VicService(host, variant=variant, require_key=require_key)
         self.links: set[Link] = set()
         self.listeners: list[socket.socket] = []
         self.acceptors: list[Acceptor] = []
