@@ -14,16 +14,16 @@ of step names (see STEPS), makes those steps raise an injected error.
 from __future__ import annotations
 
 import enum
-import logging
 import os
 import signal
 import sys
 
 from tether import boottime
 from tether.console import SECRETS_DEBUG_LEVEL, console, env_debug_level, write_console
+from tether.log import DEBUG, INFO, get_logger, set_level
 from tether.writeback import CONFIG_ERROR_KEY
 
-log = logging.getLogger("tether.agent")
+log = get_logger("tether.agent")
 
 FAILPOINTS_ENV = "TETHER_FAILPOINTS"
 STEPS = ("signals", "system", "cgroups", "config", "rootfs", "hostname", "networks", "volumes",
@@ -342,7 +342,7 @@ class Agent:
         (on at debug level 1 and above, and under `python -X dev`)."""
         from tether.config import enforce_loop_ownership
         level = self.debug_level()
-        logging.getLogger("tether").setLevel(logging.DEBUG if level >= 1 else logging.INFO)
+        set_level(DEBUG if level >= 1 else INFO)
         checked = level >= 1 or sys.flags.dev_mode
         enforce_loop_ownership(self.loop.thread_id if checked else None)
         if level >= 1:

@@ -2,7 +2,6 @@
 gettext cost startup time on every boot."""
 from __future__ import annotations
 
-import logging
 import os
 import signal
 import sys
@@ -11,8 +10,9 @@ from types import SimpleNamespace
 from tether import boottime
 from tether.agent import DEFAULT_STOP_GRACE, Agent, Options, RunMode
 from tether.console import configure_logging, console, env_debug_level, redirect_log
+from tether.log import DEBUG, INFO, get_logger
 
-log = logging.getLogger("tether.agent")
+log = get_logger("tether.agent")
 
 
 AGENT_USAGE = """usage: tether agent [options]
@@ -100,7 +100,7 @@ def parse_args(argv: list[str]) -> SimpleNamespace:
 def main(argv: list[str]) -> int:
     """`tether agent`: the PID 1 entry. Never ends with a traceback."""
     boottime.mark("imports")
-    configure_logging(level=logging.DEBUG if env_debug_level() >= 1 else logging.INFO)
+    configure_logging(level=DEBUG if env_debug_level() >= 1 else INFO)
     code = 1
     power_off = False
     try:
@@ -134,7 +134,6 @@ def main(argv: list[str]) -> int:
     if power_off:
         log.info("powering off")
         console().drain(1.0)
-        logging.shutdown()
         try:
             from tether import system
             system.power_off()

@@ -23,14 +23,15 @@ nothing.
 from __future__ import annotations
 
 import errno
-import logging
 import os
 import re
 import struct
 import time
 from typing import Callable
 
-log = logging.getLogger("tether.cgroups")
+from tether.log import get_logger
+
+log = get_logger("tether.cgroups")
 
 CGROUP_ROOT = "/sys/fs/cgroup"
 CPU_PERIOD = 100_000          # microseconds; cpu.max's and cfs's default period

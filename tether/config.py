@@ -361,8 +361,8 @@ def name_sessions(config) -> dict[str, str]:
     primary when its key is the executor's ID, and two sessions with the same common.id
     are two sessions), with a warning. A key that cannot be an ID (check_id) takes the
     session out of the config: the returned {key: why} says which."""
-    import logging
-    log = logging.getLogger("tether.config")
+    from tether.log import get_logger
+    log = get_logger("tether.config")
     invalid: dict[str, str] = {}
     for key, session in list((config.sessions or {}).items()):
         if session is None:

@@ -11,7 +11,6 @@ limited (`RateLimit`).
 """
 from __future__ import annotations
 
-import logging
 import os
 import stat
 import sys
@@ -19,9 +18,10 @@ import threading
 import time
 from collections import deque
 
-log = logging.getLogger("tether.agent")
+from tether.log import INFO, configure, get_logger
 
-LOG_FORMAT = "%(asctime)s.%(msecs)03dZ %(levelname)s %(name)s: %(message)s"
+log = get_logger("tether.agent")
+
 CONSOLE_LIMIT = 1 << 20       # bytes of console output held for a console that is behind
 
 
@@ -234,32 +234,9 @@ def console() -> ConsoleWriter:
     return _console
 
 
-class ConsoleHandler(logging.Handler):
-    """A logging handler that writes through the ConsoleWriter: never blocks."""
-
-    def __init__(self, writer: ConsoleWriter):
-        super().__init__()
-        self.writer = writer
-
-    def emit(self, record: logging.LogRecord) -> None:
-        try:
-            line = self.format(record) + "\n"
-            self.writer.write(line.encode("utf-8", "backslashreplace"))
-        except Exception:   # noqa: BLE001 - handleError would print to stderr, blocking
-            self.writer.dropped += 1
-
-
-def configure_logging(stream=None, level: int = logging.INFO) -> logging.Handler:
-    formatter = logging.Formatter(LOG_FORMAT, "%Y-%m-%dT%H:%M:%S")
-    formatter.converter = time.gmtime
-    handler = logging.StreamHandler(stream) if stream is not None else \
-        ConsoleHandler(console())
-    handler.setFormatter(formatter)
-    root = logging.getLogger("tether")
-    root.handlers[:] = [handler]
-    root.setLevel(level)
-    root.propagate = False
-    return handler
+def configure_logging(stream=None, level: int = INFO) -> None:
+    """The agent's log (tether/log.py) onto the console writer, or onto `stream`."""
+    configure(level, stream=stream, writer=None if stream is not None else console().write)
 
 
 DEBUG_ENV = "TETHER_DEBUG"
@@ -349,7 +326,7 @@ class RateLimit:
         skipped, self.suppressed = self.suppressed, 0
         return skipped
 
-    def log(self, logger: logging.Logger, level: int, msg: str, *args) -> None:
+    def log(self, logger, level: int, msg: str, *args) -> None:
         skipped = self.allow()
         if skipped is None:
             return

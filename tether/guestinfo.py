@@ -7,9 +7,10 @@ argument `tether.guestinfo=PATH`.
 from __future__ import annotations
 
 import importlib
-import logging
 
-log = logging.getLogger("tether.guestinfo")
+from tether.log import get_logger
+
+log = get_logger("tether.guestinfo")
 
 KERNEL_ARG = "tether.guestinfo="
 

@@ -23,13 +23,14 @@ as runc runs them: the loop waits for them.
 """
 from __future__ import annotations
 
-import logging
 import os
 import select
 import signal
 import time
 
-log = logging.getLogger("tether.hooks")
+from tether.log import get_logger
+
+log = get_logger("tether.hooks")
 
 DEFAULT_TIMEOUT = 30
 OCI_VERSION = "1.0.2"

@@ -284,8 +284,8 @@ class LogPort:
         except OSError:
             pass
         if error is not None:
-            import logging
-            logging.getLogger("tether.iolog").warning(
+            from tether.log import get_logger
+            get_logger("tether.iolog").warning(
                 "session output log stopped: %s; its output is dropped from now on",
                 error.strerror or error)
 

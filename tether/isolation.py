@@ -11,15 +11,15 @@ Everything runs on the loop thread.
 """
 from __future__ import annotations
 
-import logging
 import os
 import signal
 
 from tether import hooks as hook_runner
 from tether import privileges
 from tether.config import EXITED, OOM, SIGNALLED, STOPPED, ExitRecord
+from tether.log import get_logger
 
-log = logging.getLogger("tether.isolation")
+log = get_logger("tether.isolation")
 
 MAX_EXIT_RECORDS = 5
 READY, GO = b"R", b"G"

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import heapq
 import itertools
-import logging
 import os
 import selectors
 import signal
@@ -17,7 +16,9 @@ import time
 from collections import deque
 from typing import Callable
 
-log = logging.getLogger("tether.loop")
+from tether.log import get_logger
+
+log = get_logger("tether.loop")
 
 Callback = Callable[[], object]
 

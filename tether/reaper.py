@@ -8,7 +8,6 @@ reap it, so its status reaches the caller instead of being swallowed as an orpha
 """
 from __future__ import annotations
 
-import logging
 import os
 import select
 import signal
@@ -16,10 +15,12 @@ import threading
 import time
 from typing import TYPE_CHECKING, Callable, Sequence
 
+from tether.log import get_logger
+
 if TYPE_CHECKING:
     import subprocess
 
-log = logging.getLogger("tether.reaper")
+log = get_logger("tether.reaper")
 
 ExitCallback = Callable[[int], object]   # called with the raw wait status
 

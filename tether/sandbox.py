@@ -290,9 +290,9 @@ def run_inside(args: argparse.Namespace, seed: dict[str, str],
     store = dict(seed)
     transport = MapTransport(store)
     if args.backdoor_sim:
-        import logging
         from extraconfig.backdoor import open_transport as open_backdoor
-        transport = open_backdoor(logging.getLogger("tether.guestinfo"),
+        from tether.log import get_logger
+        transport = open_backdoor(get_logger("tether.guestinfo"),
                                   sim_socket=args.backdoor_sim)
         if transport is None:
             return 1

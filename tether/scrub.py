@@ -12,9 +12,9 @@ Values are never logged, only key names.
 """
 from __future__ import annotations
 
-import logging
+from tether.log import get_logger
 
-log = logging.getLogger("tether.scrub")
+log = get_logger("tether.scrub")
 
 
 def should_scrub(config, transport) -> bool:

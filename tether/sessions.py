@@ -21,7 +21,6 @@ from __future__ import annotations
 import enum
 import errno
 import fcntl
-import logging
 import os
 import signal
 import struct
@@ -32,10 +31,11 @@ from typing import Callable
 
 from tether.console import SECRETS_DEBUG_LEVEL
 from tether.iolog import STDERR, STDOUT, LineFramer
+from tether.log import get_logger
 from tether.reaper import describe_status
 from tether.rootfs import open_pty
 
-log = logging.getLogger("tether.sessions")
+log = get_logger("tether.sessions")
 
 REPLAY_LIMIT = 64 << 10
 STDIN_LIMIT = 4 << 20

@@ -21,15 +21,15 @@ Everything here runs on the loop thread; sessions report their phase changes to
 """
 from __future__ import annotations
 
-import logging
 import signal
 import time
 from collections import deque
 from typing import Callable
 
+from tether.log import get_logger
 from tether.sessions import Phase, Session, launch_failure_code, parse_signal
 
-log = logging.getLogger("tether.supervisor")
+log = get_logger("tether.supervisor")
 
 RESTART_BASE = 0.25         # first restart delay, doubled on each quick exit
 RESTART_MAX = 30.0

@@ -23,13 +23,14 @@ tether/host.py, not the whole agent.
 from __future__ import annotations
 
 import fcntl
-import logging
 import socket
 import struct
 import threading
 import time
 
-log = logging.getLogger("tether.toolbox")
+from tether.log import get_logger
+
+log = get_logger("tether.toolbox")
 
 PROTO_RPCI = 0x49435052
 PROTO_TCLO = 0x4F4C4354

@@ -14,11 +14,11 @@ session the key list still names, and our executor-level key CONFIG_ERROR_KEY.
 """
 from __future__ import annotations
 
-import logging
 
 from extraconfig.keys import ROOT
+from tether.log import DEBUG, get_logger
 
-log = logging.getLogger("tether.writeback")
+log = get_logger("tether.writeback")
 
 # Our own read-write key (the reference has none for this), under our prefix `tether`
 # spliced after guestinfo.vice. as read-write keys are: why the config could not be used.
@@ -70,7 +70,7 @@ class WriteBack:
         except Exception as err:   # noqa: BLE001 - the agent must keep serving
             self.failures += 1
             log.error("could not publish session %s to guestinfo: %s", sid, err,
-                      exc_info=log.isEnabledFor(logging.DEBUG))
+                      exc_info=log.isEnabledFor(DEBUG))
 
     def forget_session(self, session_config, sid: str) -> None:
         """Take the keys `session` (`sid` in the map) wrote out of guestinfo: deleted
@@ -122,7 +122,7 @@ class WriteBack:
         except Exception as err:   # noqa: BLE001
             self.failures += 1
             log.error("could not publish the configuration to guestinfo: %s", err,
-                      exc_info=log.isEnabledFor(logging.DEBUG))
+                      exc_info=log.isEnabledFor(DEBUG))
 
     def config_error(self, message: str, skip=()) -> list[str]:
         """The config could not be decoded: say so in CONFIG_ERROR_KEY, and in `started` of

@@ -9,12 +9,12 @@ each time. Both attach servers (msgpack and VIC's SSH) accept through an `Accept
 from __future__ import annotations
 
 import errno
-import logging
 from typing import Callable
 
 from tether.console import RateLimit
+from tether.log import WARNING, get_logger
 
-log = logging.getLogger("tether.attach")
+log = get_logger("tether.attach")
 
 MAX_CONNECTIONS = 64        # clients per listener (both attach servers)
 BATCH = 16                  # clients accepted per wake-up, so one listener cannot hog the loop
@@ -73,7 +73,7 @@ class Acceptor:
                     client.close()
                 except OSError:
                     pass
-                self._refusal_log.log(log, logging.WARNING, "attach: %s: refused a client: %s",
+                self._refusal_log.log(log, WARNING, "attach: %s: refused a client: %s",
                                       self.name, reason)
                 continue
             self._on_accept(client)
@@ -85,7 +85,7 @@ class Acceptor:
         if self._reading:
             self.loop.remove_reader(self.fd)
             self._reading = False
-        self._failure_log.log(log, logging.WARNING,
+        self._failure_log.log(log, WARNING,
                               "attach: accept on %s failed: %s; not accepting for %.1fs",
                               self.name, err.strerror or err, self._delay)
         self._timer = self.loop.call_later(self._delay, self._resume)

@@ -16,16 +16,16 @@ the two through bounded queues, and the worker posts its results to the loop.
 """
 from __future__ import annotations
 
-import logging
 import tarfile
 import threading
 from collections import deque
 
 from tether.attach import copyfiles
 from tether.attach import protocol as p
+from tether.log import get_logger
 from tether.sessions import Phase
 
-log = logging.getLogger("tether.attach")
+log = get_logger("tether.attach")
 
 MAX_COPIES = 16               # copies running at once, each on a worker thread
 OUTBOX_LIMIT = 4 << 20        # copy-from: read ahead of the connection at most this much

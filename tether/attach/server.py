@@ -16,7 +16,6 @@ neither memory nor CPU nor connections can be run up by someone without the Key.
 from __future__ import annotations
 
 import itertools
-import logging
 import select
 import tarfile
 import time
@@ -30,12 +29,13 @@ from tether.attach.channels import (AttachChannel, CopyFromChannel, CopyToChanne
                                     describe_error)
 from tether.attach.stats import collect_stats, process_run_state
 from tether.console import RateLimit, clip
+from tether.log import INFO, WARNING, get_logger
 from tether.sessions import Phase
 
 if TYPE_CHECKING:
     from tether.host import Host
 
-log = logging.getLogger("tether.attach")
+log = get_logger("tether.attach")
 
 READ_SIZE = 256 << 10
 HOLD_AT = 4 << 20             # a client this far behind pauses the session's output...
@@ -254,7 +254,7 @@ class Connection:
             if not self.conn.persistent:
                 self.close(reason)
                 return
-            self.server.preauth_log.log(log, logging.WARNING, "attach: %s: %s; starting over",
+            self.server.preauth_log.log(log, WARNING, "attach: %s: %s; starting over",
                                         self.conn.name, reason)
             self.decoder.reset()
             self._reset(reason)
@@ -296,7 +296,7 @@ class Connection:
             log.warning("attach: %s: %s", self.conn.name, reason)
             self.send({"t": p.ERROR, "ch": channel, "msg": reason})
             return
-        self.server.preauth_log.log(log, logging.WARNING, "attach: %s: %s", self.conn.name,
+        self.server.preauth_log.log(log, WARNING, "attach: %s: %s", self.conn.name,
                                     reason)
         self._send_preauth({"t": p.ERROR, "ch": None, "msg": reason})
         if self.closed:
@@ -320,7 +320,7 @@ class Connection:
             if not self.conn.persistent:
                 self.close(reason)
                 return
-            self.server.preauth_log.log(log, logging.WARNING, "attach: %s: %s; dropped",
+            self.server.preauth_log.log(log, WARNING, "attach: %s: %s; dropped",
                                         self.conn.name, reason)
             self._reset(reason)
         self.send_bytes(frame)
@@ -514,7 +514,7 @@ class Connection:
         if self.handshake.authenticated or self.channels:
             log.info("attach: %s closed: %s", self.conn.name, reason)
         else:
-            self.server.preauth_log.log(log, logging.INFO, "attach: %s closed: %s",
+            self.server.preauth_log.log(log, INFO, "attach: %s closed: %s",
                                         self.conn.name, reason)
         self._reset(reason)
         self.closed = True

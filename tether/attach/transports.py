@@ -16,14 +16,14 @@ A server transport is either a listener (`accept()` gives a `Conn` per client) o
 from __future__ import annotations
 
 import errno
-import logging
 import os
 import socket
 
 from tether.console import RateLimit
+from tether.log import WARNING, get_logger
 from tether.system import set_raw_tty
 
-log = logging.getLogger("tether.attach")
+log = get_logger("tether.attach")
 
 SOCKET_BUFFER = 1 << 20
 VSOCK_HOST_CID = 2          # VMADDR_CID_HOST: the hypervisor's side
@@ -181,7 +181,7 @@ class Listener:
                 break
             sock.close()
             self.refused_peers += 1
-            _peer_log.log(log, logging.WARNING, "attach: %s: refused a client from %s",
+            _peer_log.log(log, WARNING, "attach: %s: refused a client from %s",
                           self.name, address)
         else:
             return None

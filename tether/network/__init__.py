@@ -16,10 +16,10 @@ virtio-net `host_mtu=`).
 from __future__ import annotations
 
 import ipaddress
-import logging
 from typing import Callable, Mapping, Optional
 
 from extraconfig.types import IP, IPNet
+from tether.log import Logger
 
 
 class NetworkError(Exception):
@@ -50,7 +50,7 @@ def is_unspecified(net: Optional[IPNet]) -> bool:
 class NetworkManager:
     """Applies `config.networks` to the kernel; keeps DHCP leases and renews them."""
 
-    def __init__(self, config, etc, publish: Callable[[], None], log: logging.Logger,
+    def __init__(self, config, etc, publish: Callable[[], None], log: Logger,
                  hostname: str = "", mtus: Optional[Mapping[str, int]] = None,
                  dhcp_timeout: float = 30.0, *, post: Callable[[Callable[[], None]], None]):
         """`publish()` writes the config back; `post(fn)` runs fn on the loop thread (the

@@ -22,8 +22,9 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
-import logging
 from typing import Any, Mapping, Optional
+
+from tether.log import get_logger
 
 from .ports import PortSpec, PortSpecError, TrustLevel
 
@@ -32,7 +33,7 @@ TABLE = "tether"
 ND_TYPES = ["nd-router-solicit", "nd-router-advert", "nd-neighbor-solicit",
             "nd-neighbor-advert"]
 
-log = logging.getLogger("tether.firewall")
+log = get_logger("tether.firewall")
 
 
 class FirewallError(Exception):

@@ -13,10 +13,11 @@ Public asyncio API only: `SelectorEventLoop(selector)`, `run_forever()` and `sto
 from __future__ import annotations
 
 import asyncio
-import logging
 import selectors
 
-log = logging.getLogger("tether.attach.vic")
+from tether.log import get_logger
+
+log = get_logger("tether.attach.vic")
 
 MAX_ROUNDS = 64         # asyncio iterations per step before the agent's loop gets a turn
 IDLE_TIMEOUT = 0.001    # an iteration that may sleep at least this long found nothing to do

@@ -7,10 +7,11 @@ there is somewhere to serve.
 """
 from __future__ import annotations
 
-import logging
 import os
 
-log = logging.getLogger("tether.attach.vic")
+from tether.log import get_logger
+
+log = get_logger("tether.attach.vic")
 
 LINE = "/dev/ttyS0"            # COM1: VIC wires it to the port layer
 LOG_LINE = "/dev/ttyS1"        # COM2: kernel console and the agent's log

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import errno
 import itertools
-import logging
 import os
 import select
 import socket
@@ -27,9 +26,10 @@ from tether.attach.accepting import MAX_CONNECTIONS, Acceptor
 from tether.attach.vic import handshake as hs
 from tether.attach.vic import wire
 from tether.console import RateLimit
+from tether.log import DEBUG, INFO, get_logger
 from tether.sessions import Phase
 
-log = logging.getLogger("tether.attach.vic")
+log = get_logger("tether.attach.vic")
 
 READ_SIZE = 64 << 10
 RELAY_LIMIT = 1 << 20       # bytes queued one way before the relay stops reading that side
@@ -316,7 +316,7 @@ class Link:
             self._start_ssh_on_pair(leftover)
         except Exception as err:   # noqa: BLE001 - e.g. a bad Key: say so, keep the agent
             log.error("VIC attach: cannot start SSH on %s: %s", self.name, err,
-                      exc_info=log.isEnabledFor(logging.DEBUG))
+                      exc_info=log.isEnabledFor(DEBUG))
             self._close_pair()
             if self.persistent:
                 self._restart_handshake()
@@ -505,7 +505,7 @@ class Link:
         if self.reached_ssh or self.persistent:
             log.info("VIC attach: %s closed: %s", self.name, reason)
         else:   # a flood of clients that never got in must not flood the log
-            _preauth_log.log(log, logging.INFO, "VIC attach: %s closed: %s", self.name, reason)
+            _preauth_log.log(log, INFO, "VIC attach: %s closed: %s", self.name, reason)
         for timer in (self._retry_timer, self._line_timer, self._deadline_timer):
             if timer is not None:
                 timer.cancel()

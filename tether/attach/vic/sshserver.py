@@ -13,7 +13,6 @@ output listener and one more stdin writer.
 """
 from __future__ import annotations
 
-import logging
 import struct
 import time
 
@@ -26,9 +25,10 @@ from asyncssh.misc import ChannelOpenError, ProtocolError
 
 from tether.attach.vic import wire
 from tether.console import clip
+from tether.log import get_logger
 from tether.sessions import Phase
 
-log = logging.getLogger("tether.attach.vic")
+log = get_logger("tether.attach.vic")
 
 WINDOW = 2 << 20
 MAX_PACKET = 32 << 10
