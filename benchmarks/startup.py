@@ -18,8 +18,10 @@ the same interpreter, flags and environment:
 
 `--site` adds the same pair with site and runpy (`python -c` against
 `python -m tether agent`; in a development venv, site runs the editable install's import
-hook for both), `--sandbox` the whole `tether sandbox` (root). `--importtime` runs the
-agent once with `python -X importtime` and prints the imports that cost the most.
+hook for both), `--sandbox` the whole `tether sandbox` (root), `--compare DIR` the agent
+of another checkout (a commit before a change, say: `git worktree add DIR REV`), in the
+same rounds. `--importtime` runs the agent once with `python -X importtime` and prints
+the imports that cost the most.
 Ratios are of medians; the median of the per-round ratios is printed next to them.
 """
 from __future__ import annotations
@@ -108,8 +110,10 @@ def site_packages() -> list[str]:
 
 
 class Row:
-    def __init__(self, name: str, argv: list[str], reset=None, rss: bool = True):
+    def __init__(self, name: str, argv: list[str], reset=None, rss: bool = True,
+                 cwd: str = REPO):
         self.name, self.argv, self.reset, self.has_rss = name, argv, reset, rss
+        self.cwd = cwd      # python -c puts it first on sys.path
         self.times: list[float] = []
         self.rss: list[int] = []
 
@@ -124,7 +128,7 @@ def measure(row: Row, stamp_file: str, env: dict) -> tuple[float, int | None]:
     if os.path.exists(stamp_file):
         os.unlink(stamp_file)
     start = time.time_ns()
-    run = subprocess.run(row.argv, capture_output=True, text=True, cwd=REPO, timeout=300,
+    run = subprocess.run(row.argv, capture_output=True, text=True, cwd=row.cwd, timeout=300,
                          env=env)
     try:
         with open(stamp_file) as f:
@@ -162,6 +166,8 @@ def main() -> int:
                         help="also python -c against python -m tether agent (with site)")
     parser.add_argument("--sandbox", action="store_true",
                         help="also the whole tether sandbox (root)")
+    parser.add_argument("--compare", action="append", default=[], metavar="DIR",
+                        help="also the agent of the checkout in DIR (repeatable)")
     parser.add_argument("--importtime", action="store_true",
                         help="print the agent's costliest imports (python -X importtime)")
     args = parser.parse_args()
@@ -187,6 +193,12 @@ def main() -> int:
                 (Row("floor: fork+exec", [python, "-S", "-c", fork_exec]), bare_env),
                 (Row("tether agent", [python, "-S", "-c", entry] + agent_args, reset),
                  bare_env)]
+        for other in args.compare:
+            other_env = dict(bare_env, PYTHONPATH=os.pathsep.join(
+                [os.path.abspath(other)] + site_packages()))
+            rows.append((Row(f"agent of {os.path.basename(os.path.abspath(other))}",
+                             [python, "-S", "-c", entry] + agent_args, reset,
+                             cwd=os.path.abspath(other)), other_env))
         if args.site:
             rows += [(Row("site: python -c fork+exec", [python, "-c", fork_exec]), env),
                      (Row("site: python -m tether agent",
