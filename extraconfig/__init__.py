@@ -1,10 +1,24 @@
-"""VIC's extraconfig codec: dataclasses with vic tags <-> flat guestinfo key/value maps."""
-from .codec import (DecodeBudget, DecodeBudgetError, DecodeError, calculate_key, calculate_keys,
-                    decode, encode, encode_into, prepare, read_map_names)
-from .gotime import GoTime
-from .keys import ROOT
-from .schema import untagged, vic
+"""VIC's extraconfig codec: records and dataclasses with vic tags <-> flat guestinfo
+key/value maps.
 
-__all__ = ["DecodeBudget", "DecodeBudgetError", "DecodeError", "GoTime", "ROOT", "calculate_key",
-           "calculate_keys", "decode", "encode", "encode_into", "prepare", "read_map_names",
-           "untagged", "vic"]
+The names below are loaded when first used, so that importing one submodule
+(`extraconfig.keys`, say) does not load the codec too.
+"""
+_EXPORTS = {
+    "DecodeBudget": "codec", "DecodeBudgetError": "codec", "DecodeError": "codec",
+    "calculate_key": "codec", "calculate_keys": "codec", "decode": "codec", "encode": "codec",
+    "encode_into": "codec", "prepare": "codec", "read_map_names": "codec",
+    "GoTime": "gotime", "ROOT": "keys", "untagged": "schema", "vic": "schema",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value

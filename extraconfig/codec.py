@@ -13,24 +13,23 @@ generated code hands back (prefixes carrying `@` suffixes, unusual node kinds).
 """
 from __future__ import annotations
 
-import dataclasses
 import gc
 import os
+import sys
 import types
-import typing
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Union
 
 from . import keys as K
 from . import scalars as S
 from .gotime import GoTime, format_go, parse_go
+from .record import fields, is_struct, type_hints
 from .schema import tag_of
 from .types import ARRAY, FLOAT32, INTERFACE, IP, UINT, GoKind
 
 # A decoder never makes more slice elements or map entries than this from one key.
 MAX_ELEMENTS = 1 << 16
 
-Sink = Callable[[str, str], Any]
+Sink = Callable[[str, str], object]
 Getter = Callable[[str], "str | None"]
 
 
@@ -598,19 +597,36 @@ _TIME = TimeNode()
 _UNSUPPORTED = Node()
 
 
+# Type annotations are taken apart through their attributes (`__origin__`, `__args__`,
+# `__metadata__`), as typing.get_origin/get_args do, so that a model written with
+# builtins (`list[str] | None`) compiles without importing typing (PID 1's startup).
+# A typing.Union or Annotated object exists only once typing has been imported.
+
+def _origin(tp: Any) -> Any:
+    if isinstance(tp, types.UnionType):
+        return types.UnionType
+    return getattr(tp, "__origin__", None)
+
+
+def _args(tp: Any) -> tuple:
+    return getattr(tp, "__args__", ())
+
+
 def _optional_arg(tp: Any) -> Any:
     """X for Optional[X] / X | None, else None."""
-    origin = typing.get_origin(tp)
-    if origin is Union or origin is types.UnionType:
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if len(args) == 1 and len(typing.get_args(tp)) == 2:
+    origin = _origin(tp)
+    typing = sys.modules.get("typing")
+    if origin is types.UnionType or (typing is not None and origin is typing.Union):
+        args = [a for a in _args(tp) if a is not type(None)]
+        if len(args) == 1 and len(_args(tp)) == 2:
             return args[0]
     return None
 
 
 def _marker(tp: Any) -> tuple[Any, GoKind | None]:
-    if typing.get_origin(tp) is typing.Annotated:
-        base, *meta = typing.get_args(tp)
+    meta = getattr(tp, "__metadata__", None)     # Annotated[base, *meta]
+    if meta is not None:
+        base = tp.__origin__
         for m in meta:
             if isinstance(m, GoKind):
                 return base, m
@@ -654,21 +670,21 @@ def _compile(tp: Any, nilable: bool) -> Node:
     if marker is FLOAT32:
         return Float32Node()
     if marker is ARRAY:
-        (elem_tp,) = typing.get_args(base) or (Any,)
+        (elem_tp,) = _args(base) or (object,)
         return _slice_node(elem_tp, array=True)
     tp = base
     inner = _optional_arg(tp)
     if inner is not None:
-        origin = typing.get_origin(_marker(inner)[0])
+        origin = _origin(_marker(inner)[0])
         if origin in (list, dict) or (isinstance(inner, type) and issubclass(inner, bytes)):
             return node_for(inner, nilable=True)
         return PointerNode(node_for(inner))
-    origin = typing.get_origin(tp)
+    origin = _origin(tp)
     if origin is list:
-        (elem_tp,) = typing.get_args(tp) or (Any,)
+        (elem_tp,) = _args(tp) or (object,)
         return _slice_node(elem_tp, array=False)
     if origin is dict:
-        ktp, vtp = typing.get_args(tp)
+        ktp, vtp = _args(tp)
         return MapNode(node_for(ktp), node_for(vtp))
     if tp is GoTime:
         return _TIME
@@ -683,7 +699,7 @@ def _compile(tp: Any, nilable: bool) -> Node:
             return _FLOAT
         if tp is str:
             return _STR
-        if dataclasses.is_dataclass(tp):
+        if is_struct(tp):
             return struct_node(tp)
     return _UNSUPPORTED
 
@@ -711,14 +727,15 @@ def _recurse(raw: str) -> tuple[bool, int | None, bool | None, bool, bool]:
 
 
 def struct_node(cls: type) -> StructNode:
-    """The compiled plan of a dataclass: fields in declaration order with their key rules."""
+    """The compiled plan of a record or dataclass: fields in declaration order with their
+    key rules."""
     node = _NODES.get((cls, False))
     if isinstance(node, StructNode):
         return node
     node = StructNode(cls)
     _NODES[(cls, False)] = node
-    hints = typing.get_type_hints(cls, include_extras=True)
-    for f in dataclasses.fields(cls):
+    hints = type_hints(cls)
+    for f in fields(cls):
         tag = tag_of(f)
         if tag is None:
             continue                      # like an unexported Go field

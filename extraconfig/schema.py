@@ -1,19 +1,18 @@
-"""How a dataclass field declares its place in the guestinfo key space.
+"""How a field of a record or dataclass declares its place in the guestinfo key space.
 
 Every field the codec should see is declared with `vic(...)` (a Go field with a
-`vic` tag) or `untagged(...)` (an exported Go field without one). A dataclass
-field declared any other way is treated like an unexported Go field: skipped.
+`vic` tag) or `untagged(...)` (an exported Go field without one). A field declared any
+other way is treated like an unexported Go field: skipped. Both work in a `@record`
+(extraconfig/record.py) and in a `@dataclasses.dataclass`.
 """
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import MISSING
-from typing import Any
+from .record import MISSING, field, record
 
 META = "extraconfig"
 
 
-@dataclasses.dataclass(frozen=True)
+@record(frozen=True)
 class Tag:
     go_name: str           # the Go field name: the key segment when no key tag is given
     tagged: bool           # False: inherits scope from the parent key (keys.go)
@@ -22,25 +21,18 @@ class Tag:
     recurse: str = ""      # the raw recurse tag, e.g. "depth=1" or "nofollow"
 
 
-def _field(tag: Tag, default: Any, default_factory: Any) -> Any:
-    kw: dict[str, Any] = {"metadata": {META: tag}}
-    if default_factory is not MISSING:
-        kw["default_factory"] = default_factory
-    elif default is not MISSING:
-        kw["default"] = default
-    return dataclasses.field(**kw)
-
-
 def vic(go_name: str, scope: str = "", key: str = "", *, recurse: str = "",
-        default: Any = MISSING, default_factory: Any = MISSING) -> Any:
+        default=MISSING, default_factory=MISSING):
     """A Go field carrying `vic:"0.1" scope:"<scope>" key:"<key>"`."""
-    return _field(Tag(go_name, True, scope, key, recurse), default, default_factory)
+    return field(default=default, default_factory=default_factory,
+                 metadata={META: Tag(go_name, True, scope, key, recurse)})
 
 
-def untagged(go_name: str, *, default: Any = MISSING, default_factory: Any = MISSING) -> Any:
+def untagged(go_name: str, *, default=MISSING, default_factory=MISSING):
     """An exported Go field with no vic tag: keyed by its Go name, scope inherited."""
-    return _field(Tag(go_name, False), default, default_factory)
+    return field(default=default, default_factory=default_factory,
+                 metadata={META: Tag(go_name, False)})
 
 
-def tag_of(field: dataclasses.Field) -> Tag | None:
+def tag_of(field) -> Tag | None:
     return field.metadata.get(META)

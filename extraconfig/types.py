@@ -1,10 +1,11 @@
-"""Python stand-ins for the Go types whose shape is part of the wire format."""
+"""Python stand-ins for the Go types whose shape is part of the wire format.
+
+`ipaddress` is imported where text forms are made or read, not at import: decoding
+guestinfo needs only the bytes (PID 1's startup).
+"""
 from __future__ import annotations
 
-import dataclasses
-import ipaddress
-from typing import Annotated, Any, Optional
-
+from .record import record
 from .schema import untagged
 
 
@@ -13,12 +14,14 @@ class IP(bytes):
 
     @classmethod
     def parse(cls, text: str, *, v4_in_16: bool = False) -> "IP":
+        import ipaddress
         addr = ipaddress.ip_address(text)
         if v4_in_16 and addr.version == 4:
             return cls(ipaddress.IPv6Address("::ffff:" + text).packed)
         return cls(addr.packed)
 
     def address(self) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+        import ipaddress
         if len(self) == 4:
             return ipaddress.IPv4Address(bytes(self))
         if len(self) == 16:
@@ -41,7 +44,7 @@ class IPMask(bytes):
         return sum(bin(b).count("1") for b in self)
 
 
-@dataclasses.dataclass
+@record
 class IPNet:
     """Go's net.IPNet: two untagged fields, IP and Mask."""
     ip: IP = untagged("IP", default_factory=lambda: IP(b""))
@@ -51,6 +54,7 @@ class IPNet:
     def parse(cls, cidr: str) -> "IPNet":
         """`10.0.0.2/24` keeps the host address (like Go's ParseCIDR's IP, not its network);
         a bare address gets the full mask."""
+        import ipaddress
         iface = ipaddress.ip_interface(cidr)
         return cls(IP(iface.ip.packed), IPMask(iface.netmask.packed))
 
@@ -75,6 +79,7 @@ class IPNet:
         if addr is None:
             return None
         bits = self.prefixlen()
+        import ipaddress
         return ipaddress.ip_interface((addr, addr.max_prefixlen if bits is None else bits))
 
     def __str__(self) -> str:
@@ -87,19 +92,19 @@ class IPNet:
         return str(self.ip) if bits is None else f"{self.ip}/{bits}"
 
 
-@dataclasses.dataclass
+@record
 class Userinfo:
     """Go's url.Userinfo has only unexported fields, so it never produces keys."""
     username: str = ""
-    password: Optional[str] = None
+    password: str | None = None
 
 
-@dataclasses.dataclass
+@record
 class URL:
     """Go 1.8's net/url.URL field set (the toolchain VIC shipped with), all untagged."""
     scheme: str = untagged("Scheme", default="")
     opaque: str = untagged("Opaque", default="")
-    user: Optional[Userinfo] = untagged("User", default=None)
+    user: Userinfo | None = untagged("User", default=None)
     host: str = untagged("Host", default="")
     path: str = untagged("Path", default="")
     raw_path: str = untagged("RawPath", default="")
@@ -123,12 +128,22 @@ FLOAT32 = GoKind("float32")      # widened to float64 on encode; decoding one is
 INTERFACE = GoKind("interface")  # interface{} fields write and read nothing
 ARRAY = GoKind("array")          # fixed-size array: encodes like a slice; decoding one is an error
 
-Uint = Annotated[int, UINT]
-Float32 = Annotated[float, FLOAT32]
-Interface = Annotated[Optional[object], INTERFACE]
 Duration = int                   # time.Duration: integer nanoseconds
 
 
-def Array(elem: Any) -> Any:
+def Array(elem):
     """`[N]T`: a list with ARRAY semantics."""
+    from typing import Annotated
     return Annotated[list[elem], ARRAY]
+
+
+def __getattr__(name: str):
+    """Uint, Float32 and Interface, made when first asked for: `Annotated` is typing's,
+    and the agent's config model uses none of them."""
+    if name not in ("Uint", "Float32", "Interface"):
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from typing import Annotated, Optional
+    base, kind = {"Uint": (int, UINT), "Float32": (float, FLOAT32),
+                  "Interface": (Optional[object], INTERFACE)}[name]
+    value = globals()[name] = Annotated[base, kind]
+    return value

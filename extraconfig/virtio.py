@@ -24,7 +24,7 @@ import os
 import select
 import struct
 import time
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 PORT_NAME = "org.tether.guestinfo"
 MAX_MESSAGE = 1 << 20

@@ -27,7 +27,7 @@ import os
 import re
 import struct
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from tether.log import get_logger
 

@@ -13,11 +13,9 @@ a field's `vic` tag, or, for an untagged field, its parent's.
 """
 from __future__ import annotations
 
-import dataclasses
-from typing import Optional
-
 from extraconfig.gotime import GoTime
 from extraconfig.keys import READ_ONLY, READ_WRITE, scope_flags
+from extraconfig.record import field, fields, is_struct, record
 from extraconfig.schema import tag_of, untagged, vic
 from extraconfig.types import IP, URL, IPNet
 
@@ -27,7 +25,7 @@ RW = "read-write"
 HIDDEN = "hidden"
 
 
-@dataclasses.dataclass
+@record
 class Common:
     execution_environment: str = untagged("ExecutionEnvironment", default="")
     id: str = vic("ID", RO, "id", default="")
@@ -35,32 +33,32 @@ class Common:
     notes: str = vic("Notes", HIDDEN, "notes", default="")
 
 
-@dataclasses.dataclass
+@record
 class ExitLog:
     time: GoTime = untagged("Time", default_factory=GoTime)
     exit_status: int = untagged("ExitStatus", default=0)
     message: str = untagged("Message", default="")
 
 
-@dataclasses.dataclass
+@record
 class Diagnostics:
     debug_level: int = vic("DebugLevel", RO, "debug", default=0)
     resurrection_count: int = vic("ResurrectionCount", RW, "resurrections", default=0)
-    exit_logs: Optional[list[ExitLog]] = vic("ExitLogs", RW, "exitlogs", default=None)
+    exit_logs: list[ExitLog] | None = vic("ExitLogs", RW, "exitlogs", default=None)
 
 
-@dataclasses.dataclass
+@record
 class Detail:
     create_time: int = vic("CreateTime", RW, "createtime", default=0)
     start_time: int = vic("StartTime", RW, "starttime", default=0)
     stop_time: int = vic("StopTime", RW, "stoptime", default=0)
 
 
-@dataclasses.dataclass
+@record
 class Cmd:
     path: str = vic("Path", RO, "Path", default="")
-    args: Optional[list[str]] = vic("Args", RO, "Args", default=None)
-    env: Optional[list[str]] = vic("Env", RO, "Env", default=None)
+    args: list[str] | None = vic("Args", RO, "Args", default=None)
+    env: list[str] | None = vic("Env", RO, "Env", default=None)
     dir: str = vic("Dir", RO, "Dir", default="")
 
 
@@ -72,7 +70,7 @@ HOOK_POINTS = ("prestart", "create_runtime", "create_container", "start_containe
 EXITED, SIGNALLED, STOPPED, OOM = "exited", "signalled", "stopped", "oom"
 
 
-@dataclasses.dataclass
+@record
 class Limits:
     """A session's resources. Zero means no limit. `cpus` is a fraction of CPUs (0.5 = half
     of one CPU); `cpu_mhz` says the same in MHz of this machine's CPUs, like the port
@@ -87,30 +85,30 @@ class Limits:
                     or self.pids > 0)
 
 
-@dataclasses.dataclass
+@record
 class Hook:
     """One program the agent runs at a lifecycle point, the OCI state JSON on its stdin.
     `args` is the full argv (args[0] included, as in OCI); `timeout` in seconds, 0 for
     the default."""
     path: str = vic("Path", RO, "path", default="")
-    args: Optional[list[str]] = vic("Args", RO, "args", default=None)
-    env: Optional[list[str]] = vic("Env", RO, "env", default=None)
+    args: list[str] | None = vic("Args", RO, "args", default=None)
+    env: list[str] | None = vic("Env", RO, "env", default=None)
     timeout: int = vic("Timeout", RO, "timeout", default=0)
 
 
-@dataclasses.dataclass
+@record
 class Hooks:
     """The OCI runtime spec's hook points (config.json `hooks`), keyed by the spec's names;
     docs/config.md."""
-    prestart: Optional[list[Hook]] = vic("Prestart", RO, "prestart", default=None)
-    create_runtime: Optional[list[Hook]] = vic("CreateRuntime", RO, "createRuntime",
+    prestart: list[Hook] | None = vic("Prestart", RO, "prestart", default=None)
+    create_runtime: list[Hook] | None = vic("CreateRuntime", RO, "createRuntime",
                                                default=None)
-    create_container: Optional[list[Hook]] = vic("CreateContainer", RO, "createContainer",
+    create_container: list[Hook] | None = vic("CreateContainer", RO, "createContainer",
                                                  default=None)
-    start_container: Optional[list[Hook]] = vic("StartContainer", RO, "startContainer",
+    start_container: list[Hook] | None = vic("StartContainer", RO, "startContainer",
                                                 default=None)
-    poststart: Optional[list[Hook]] = vic("Poststart", RO, "poststart", default=None)
-    poststop: Optional[list[Hook]] = vic("Poststop", RO, "poststop", default=None)
+    poststart: list[Hook] | None = vic("Poststart", RO, "poststart", default=None)
+    poststop: list[Hook] | None = vic("Poststop", RO, "poststop", default=None)
 
     def at(self, point: str) -> list[Hook]:
         return list(getattr(self, point) or [])
@@ -119,7 +117,7 @@ class Hooks:
         return any(getattr(self, point) for point in HOOK_POINTS)
 
 
-@dataclasses.dataclass
+@record
 class ExitRecord:
     """How one run of a session ended. `exit_code` is the exit status, or 128+N when
     signal N killed it; `signal` is N (0 when it exited); `reason` is `exited`,
@@ -134,7 +132,7 @@ class ExitRecord:
     message: str = vic("Message", RW, "message", default="")
 
 
-@dataclasses.dataclass
+@record
 class SessionConfig:
     common: Common = vic("Common", RO, "common", default_factory=Common)
     detail: Detail = vic("Detail", RW, "detail", default_factory=Detail)
@@ -152,48 +150,48 @@ class SessionConfig:
     group: str = vic("Group", RO, "Group", default="")
     # Our extension (tether/extension.py): no vic tag, so VIC's keys stay as they were;
     # the wire form lives under guestinfo.vice./tether/sessions|<id>/...
-    limits: Limits = dataclasses.field(default_factory=Limits)
-    capabilities: Optional[list[str]] = None     # None: Docker's default set; []: none
+    limits: Limits = field(default_factory=Limits)
+    capabilities: list[str] | None = None     # None: Docker's default set; []: none
     no_new_privileges: bool = False
     parent_death_signal: str = ""
-    exit_records: Optional[list[ExitRecord]] = None
+    exit_records: list[ExitRecord] | None = None
 
     @property
     def id(self) -> str:
         return self.common.id
 
 
-@dataclasses.dataclass
+@record
 class MountSpec:
     source: URL = vic("Source", RO, "source", default_factory=URL)
     path: str = vic("Path", RO, "dest", default="")
     mode: str = vic("Mode", RO, "mode", default="")
 
 
-@dataclasses.dataclass
+@record
 class Range:
     """pkg/ip.Range: an IP pool."""
     first_ip: IP = vic("FirstIP", RO, "first", default_factory=lambda: IP(b""))
     last_ip: IP = vic("LastIP", RO, "last", default_factory=lambda: IP(b""))
 
 
-@dataclasses.dataclass
+@record
 class AssignedNetwork:
     """ContainerNetwork.Assigned: an anonymous struct in the Go source."""
     gateway: IPNet = vic("Gateway", RW, "gateway", default_factory=IPNet)
-    nameservers: Optional[list[IP]] = vic("Nameservers", RW, "dns", default=None)
+    nameservers: list[IP] | None = vic("Nameservers", RW, "dns", default=None)
 
 
-@dataclasses.dataclass
+@record
 class ContainerNetwork:
     common: Common = untagged("Common", default_factory=Common)
     type: str = vic("Type", RW, "type", default="")
-    destinations: Optional[list[IPNet]] = vic("Destinations", RO, "destinations", default=None)
+    destinations: list[IPNet] | None = vic("Destinations", RO, "destinations", default=None)
     gateway: IPNet = vic("Gateway", RO, "gateway", default_factory=IPNet)
     default: bool = vic("Default", RO, "default", default=False)
-    nameservers: Optional[list[IP]] = vic("Nameservers", RO, "dns", default=None)
-    pools: Optional[list[Range]] = vic("Pools", RO, "pools", default=None)
-    aliases: Optional[list[str]] = vic("Aliases", HIDDEN, "aliases", default=None)
+    nameservers: list[IP] | None = vic("Nameservers", RO, "dns", default=None)
+    pools: list[Range] | None = vic("Pools", RO, "pools", default=None)
+    aliases: list[str] | None = vic("Aliases", HIDDEN, "aliases", default=None)
     # The reference's later revision embeds `TrustLevel` (an int, untagged): key
     # .../network/TrustLevel, value 0..5. Read it through `trust`.
     trust_level: int = untagged("TrustLevel", default=0)
@@ -206,14 +204,14 @@ class ContainerNetwork:
         return TrustLevel.of(self.trust_level)
 
 
-@dataclasses.dataclass
+@record
 class NetworkEndpoint:
     common: Common = untagged("Common", default_factory=Common)
     static: bool = vic("Static", RO, "static", default=False)
-    ip: Optional[IPNet] = vic("IP", RO, "ip", default=None)
+    ip: IPNet | None = vic("IP", RO, "ip", default=None)
     assigned: IPNet = vic("Assigned", RW, "assigned", default_factory=IPNet)
     network: ContainerNetwork = vic("Network", RO, "network", default_factory=ContainerNetwork)
-    ports: Optional[list[str]] = vic("Ports", RO, "ports", default=None)
+    ports: list[str] | None = vic("Ports", RO, "ports", default=None)
 
     def port_specs(self, where: str = ""):
         """`ports` parsed into PortSpecs (tether.network.ports); PortSpecError if one is bad."""
@@ -221,23 +219,23 @@ class NetworkEndpoint:
         return parse_ports(self.ports, where)
 
 
-@dataclasses.dataclass
+@record
 class ExecutorConfig:
     common: Common = vic("Common", RO, "common", default_factory=Common)
     create_time: int = vic("CreateTime", RW, "createtime", default=0)
     diagnostics: Diagnostics = vic("Diagnostics", RO, "diagnostics", default_factory=Diagnostics)
-    sessions: Optional[dict[str, Optional[SessionConfig]]] = vic(
+    sessions: dict[str, SessionConfig | None] | None = vic(
         "Sessions", RO, "sessions", default=None)
-    mounts: Optional[dict[str, MountSpec]] = vic("Mounts", RO, "mounts", default=None)
-    networks: Optional[dict[str, Optional[NetworkEndpoint]]] = vic(
+    mounts: dict[str, MountSpec] | None = vic("Mounts", RO, "mounts", default=None)
+    networks: dict[str, NetworkEndpoint | None] | None = vic(
         "Networks", RO, "networks", default=None)
-    key: Optional[bytes] = vic("Key", RO, "key", default=None)
+    key: bytes | None = vic("Key", RO, "key", default=None)
     layer_id: str = vic("LayerID", RO, "layerid", default="")
-    annotations: Optional[dict[str, str]] = vic("Annotations", HIDDEN, "annotations", default=None)
+    annotations: dict[str, str] | None = vic("Annotations", HIDDEN, "annotations", default=None)
     repo_name: str = vic("RepoName", RO, "repo", default="")
     # Our extension (tether/extension.py), under guestinfo.vice./tether/...
-    hooks: Hooks = dataclasses.field(default_factory=Hooks)
-    scrub_secrets: Optional[bool] = None   # None: on for the VMware backdoor, else off
+    hooks: Hooks = field(default_factory=Hooks)
+    scrub_secrets: bool | None = None   # None: on for the VMware backdoor, else off
 
     @property
     def id(self) -> str:
@@ -253,15 +251,15 @@ class ExecutorConfig:
 # read-write one wins where present, being the one the agent itself writes) and writes
 # the read-write one when an attach releases a session. These are the only two places
 # that know the read-write form.
-@dataclasses.dataclass
+@record
 class _ReadWriteRunBlock:
-    run_block: Optional[bool] = vic("RunBlock", RW, "runblock", default=None)   # None: absent
+    run_block: bool | None = vic("RunBlock", RW, "runblock", default=None)   # None: absent
 
 
-@dataclasses.dataclass
+@record
 class _ReadWriteRunBlocks:
     """The session map of ExecutorConfig, seen through HEAD's tag of RunBlock only."""
-    sessions: Optional[dict[str, Optional[_ReadWriteRunBlock]]] = vic(
+    sessions: dict[str, _ReadWriteRunBlock | None] | None = vic(
         "Sessions", RO, "sessions", default=None)
 
 
@@ -284,7 +282,7 @@ def run_block_write_key(name: str) -> str:
 
 # -- the reload rule ------------------------------------------------------------------------
 def _is_struct(value) -> bool:
-    return dataclasses.is_dataclass(value) and not isinstance(value, type)
+    return is_struct(value) and not isinstance(value, type)
 
 
 def take_host_fields(ours, fresh, inherited: int = READ_ONLY) -> None:
@@ -295,14 +293,14 @@ def take_host_fields(ours, fresh, inherited: int = READ_ONLY) -> None:
     inside a read-only struct (a network's `assigned`) stays ours and live objects keep
     their identity. Map entries the host no longer has are kept: a reload never takes
     a running session, a configured NIC or a mounted volume away."""
-    for field in dataclasses.fields(ours):
-        tag = tag_of(field)
+    for f in fields(ours):
+        tag = tag_of(f)
         if tag is None:
             continue
         flags = scope_flags(tag.scope) if tag.tagged else inherited
         if flags & READ_WRITE:
             continue
-        mine, theirs = getattr(ours, field.name), getattr(fresh, field.name)
+        mine, theirs = getattr(ours, f.name), getattr(fresh, f.name)
         if _is_struct(mine) and type(mine) is type(theirs):
             take_host_fields(mine, theirs, flags)
         elif isinstance(mine, dict) and isinstance(theirs, dict) and \
@@ -314,7 +312,7 @@ def take_host_fields(ours, fresh, inherited: int = READ_ONLY) -> None:
                 elif value is not None or key not in mine:
                     mine[key] = value
         else:
-            setattr(ours, field.name, theirs)
+            setattr(ours, f.name, theirs)
 
 
 # -- IDs ------------------------------------------------------------------------------------

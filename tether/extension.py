@@ -23,9 +23,7 @@ are the two halves together.
 """
 from __future__ import annotations
 
-import dataclasses
-from typing import Optional
-
+from extraconfig.record import record
 from extraconfig.schema import vic
 
 # The in-memory types are the config model's; the wire tree below carries them.
@@ -39,23 +37,23 @@ PREFIX = "tether"
 ROOT = "guestinfo.vice./" + PREFIX        # the tree's root, as a codec prefix
 
 # -- the wire tree -----------------------------------------------------------------------
-@dataclasses.dataclass
+@record
 class SessionExtension:
     limits: Limits = vic("Limits", RO, "limits", default_factory=Limits)
-    capabilities: Optional[list[str]] = vic("Capabilities", RO, "capabilities", default=None)
+    capabilities: list[str] | None = vic("Capabilities", RO, "capabilities", default=None)
     # An empty list writes no key, so "keep none" needs its own flag.
     no_capabilities: bool = vic("NoCapabilities", RO, "nocapabilities", default=False)
     no_new_privileges: bool = vic("NoNewPrivileges", RO, "nonewprivileges", default=False)
     parent_death_signal: str = vic("ParentDeathSignal", RO, "parentdeathsignal", default="")
-    exit_records: Optional[list[ExitRecord]] = vic("ExitRecords", RW, "exitrecords",
+    exit_records: list[ExitRecord] | None = vic("ExitRecords", RW, "exitrecords",
                                                    default=None)
 
 
-@dataclasses.dataclass
+@record
 class Extension:
     hooks: Hooks = vic("Hooks", RO, "hooks", default_factory=Hooks)
-    scrub_secrets: Optional[bool] = vic("ScrubSecrets", RO, "scrubsecrets", default=None)
-    sessions: Optional[dict[str, SessionExtension]] = vic("Sessions", RO, "sessions",
+    scrub_secrets: bool | None = vic("ScrubSecrets", RO, "scrubsecrets", default=None)
+    sessions: dict[str, SessionExtension] | None = vic("Sessions", RO, "sessions",
                                                           default=None)
 
 

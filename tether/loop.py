@@ -14,7 +14,7 @@ import signal
 import threading
 import time
 from collections import deque
-from typing import Callable
+from collections.abc import Callable
 
 from tether.log import get_logger
 

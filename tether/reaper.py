@@ -13,10 +13,11 @@ import select
 import signal
 import threading
 import time
-from typing import TYPE_CHECKING, Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from tether.log import get_logger
 
+TYPE_CHECKING = False     # typing's constant without importing typing (PID 1's startup)
 if TYPE_CHECKING:
     import subprocess
 

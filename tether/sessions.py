@@ -27,7 +27,7 @@ import struct
 import termios
 import time
 from collections import deque
-from typing import Callable
+from collections.abc import Callable
 
 from tether.console import SECRETS_DEBUG_LEVEL
 from tether.iolog import STDERR, STDOUT, LineFramer

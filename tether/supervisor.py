@@ -24,7 +24,7 @@ from __future__ import annotations
 import signal
 import time
 from collections import deque
-from typing import Callable
+from collections.abc import Callable
 
 from tether.log import get_logger
 from tether.sessions import Phase, Session, launch_failure_code, parse_signal
