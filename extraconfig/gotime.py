@@ -6,15 +6,15 @@ None where Go returns an error (the decoder then stores the zero time, as Go doe
 """
 from __future__ import annotations
 
-import dataclasses
-import re
 import time
+
+from .record import record
 
 ZERO_UNIX = -62135596800          # 0001-01-01 00:00:00 UTC
 _DAY = 86400
 
 
-@dataclasses.dataclass(frozen=True)
+@record(frozen=True)
 class GoTime:
     unix: int = ZERO_UNIX         # seconds since the epoch (default: Go's zero time)
     nanos: int = 0                # 0..999_999_999
@@ -50,7 +50,7 @@ class GoTime:
     @classmethod
     def from_rfc3339(cls, text: str, zone: str | None = None) -> "GoTime":
         """RFC 3339 text; the zone name is `zone` if given, else UTC for Z/+00:00, else unnamed."""
-        m = _RFC3339.match(text)
+        m = _patterns()["rfc3339"].match(text)
         if not m:
             raise ValueError(f"not an RFC 3339 time: {text!r}")
         y, mo, d, h, mi, s = (int(m.group(i)) for i in range(1, 7))
@@ -68,9 +68,24 @@ class GoTime:
                    nanos, offset, zone)
 
 
-_RFC3339 = re.compile(
-    r"(\d{4})-(\d{2})-(\d{2})[Tt ](\d{2}):(\d{2}):(\d{2})(?:\.(\d{1,9}))?"
-    r"(?:(Z|z)|([+-])(\d{2}):(\d{2}))\Z")
+_PATTERNS: dict = {}
+
+
+def _patterns() -> dict:
+    """The text patterns, compiled at the first parse: the agent's boot reads no times,
+    and re is not loaded before one is."""
+    if not _PATTERNS:
+        import re
+        _PATTERNS.update(
+            rfc3339=re.compile(
+                r"(\d{4})-(\d{2})-(\d{2})[Tt ](\d{2}):(\d{2}):(\d{2})(?:\.(\d{1,9}))?"
+                r"(?:(Z|z)|([+-])(\d{2}):(\d{2}))\Z"),
+            layout=re.compile(
+                r"(\d{4})-(\d{2})-(\d{2}) (\d{1,2}):(\d{2}):(\d{2})(?:\.(\d{1,9}))? ([+-])"
+                r"(\d{2})(\d{2}) (.*)\Z", re.ASCII | re.DOTALL),
+            gmt=re.compile(r"GMT(?:[+-]\d{1,2})?", re.ASCII),
+            abbreviation=re.compile(r"[A-Z]{3,5}", re.ASCII))
+    return _PATTERNS
 
 
 def _days_from_civil(y: int, m: int, d: int) -> int:
@@ -115,18 +130,13 @@ def format_go(t: GoTime) -> str:
     return f"{_year(y)}-{mo:02d}-{d:02d} {h:02d}:{mi:02d}:{s:02d}{frac} {off} {t.zone or off}"
 
 
-_LAYOUT = re.compile(
-    r"(\d{4})-(\d{2})-(\d{2}) (\d{1,2}):(\d{2}):(\d{2})(?:\.(\d{1,9}))? ([+-])(\d{2})(\d{2}) (.*)\Z",
-    re.ASCII | re.DOTALL)
-
-
 def _zone_ok(name: str) -> bool:
     """Go 1.8's parseTimeZone, requiring the name to be the whole rest of the text."""
     if name in ("ChST", "MeST"):
         return True
     if name.startswith("GMT"):
-        return re.fullmatch(r"GMT(?:[+-]\d{1,2})?", name, re.ASCII) is not None
-    if not re.fullmatch(r"[A-Z]{3,5}", name, re.ASCII):
+        return _patterns()["gmt"].fullmatch(name) is not None
+    if not _patterns()["abbreviation"].fullmatch(name):
         return False
     return len(name) == 3 or name[-1] == "T"
 
@@ -142,7 +152,7 @@ def _check_fields(y: int, mo: int, d: int, h: int, mi: int, s: int) -> bool:
 
 
 def parse_go(text: str) -> GoTime | None:
-    m = _LAYOUT.match(text)
+    m = _patterns()["layout"].match(text)
     if not m:
         return None
     y, mo, d, h, mi, s = (int(m.group(i)) for i in range(1, 7))

@@ -4,14 +4,9 @@ from __future__ import annotations
 
 import binascii
 import math
-import re
 import struct
 
-_INT = re.compile(r"[+-]?[0-9]+\Z", re.ASCII)
-_UINT = re.compile(r"\+?[0-9]+\Z", re.ASCII)
-_FLOAT = re.compile(
-    r"[+-]?(?:(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?|inf|infinity|nan)\Z",
-    re.ASCII | re.IGNORECASE)
+_FLOAT = None       # its pattern, compiled at the first float (re is not needed before)
 _INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
 
 TRUE_WORDS = frozenset(("1", "t", "T", "TRUE", "true", "True"))
@@ -30,9 +25,14 @@ def format_int(value: int) -> str:
     return str(int(value))
 
 
+def _digits(text: str) -> bool:
+    """One or more ASCII digits and nothing else (`[0-9]+`)."""
+    return text.isdigit() and text.isascii()
+
+
 def parse_int(text: str) -> int:
     """strconv.ParseInt(text, 10, 64); an error reads as 0, as in the reference."""
-    if len(text) > 24 or not _INT.match(text):
+    if not is_int(text):
         return 0
     value = int(text)
     return value if _INT64_MIN <= value <= _INT64_MAX else 0
@@ -40,11 +40,11 @@ def parse_int(text: str) -> int:
 
 def is_int(text: str) -> bool:
     """Whether strconv.Atoi / ParseInt would accept the text (sign, ASCII digits)."""
-    return len(text) <= 24 and _INT.match(text) is not None
+    return len(text) <= 24 and _digits(text[1:] if text[:1] in ("+", "-") else text)
 
 
 def parse_uint(text: str) -> int:
-    if len(text) > 24 or not _UINT.match(text):
+    if len(text) > 24 or not _digits(text[1:] if text[:1] == "+" else text):
         return 0
     value = int(text)
     return value if value < (1 << 64) else 0
@@ -78,6 +78,12 @@ def widen_float32(value: float) -> float:
 
 def parse_float(text: str) -> float:
     """strconv.ParseFloat(text, 64); an error (including overflow) reads as 0."""
+    global _FLOAT
+    if _FLOAT is None:
+        import re
+        _FLOAT = re.compile(
+            r"[+-]?(?:(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?|inf|infinity|nan)\Z",
+            re.ASCII | re.IGNORECASE)
     if len(text) > 1100 or not _FLOAT.match(text):
         return 0.0
     value = float(text)

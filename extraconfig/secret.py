@@ -1,11 +1,12 @@
 """The `secret` scope: NaCl secretbox values keyed by `guestinfo.ovfEnv`, as
 vmware/vic pkg/vsphere/extraconfig/secret.go.
 
-PyNaCl is imported only when a secret value is actually sealed or opened.
+PyNaCl is imported only when a secret value is actually sealed or opened. Base64 goes
+through binascii (base64.b64decode(validate=True) is binascii's strict mode; the base64
+module would load re on the agent's way to its primary).
 """
 from __future__ import annotations
 
-import base64
 import binascii
 import os
 
@@ -26,7 +27,7 @@ def key_from_text(text: str | None) -> bytes:
     if not text:
         return ZERO_KEY
     try:
-        raw = base64.b64decode(text.encode("ascii"), validate=True)
+        raw = binascii.a2b_base64(text.encode("ascii"), strict_mode=True)
     except (UnicodeEncodeError, binascii.Error, ValueError):
         return ZERO_KEY
     return raw if len(raw) == KEY_SIZE else ZERO_KEY
@@ -36,14 +37,14 @@ def seal_value(key: bytes, plaintext: str, nonce: bytes | None = None) -> str:
     from nacl.secret import SecretBox
     nonce = os.urandom(NONCE_SIZE) if nonce is None else nonce
     sealed = SecretBox(key).encrypt(plaintext.encode("utf-8", errors="surrogateescape"), nonce)
-    return base64.b64encode(bytes(sealed)).decode("ascii")
+    return binascii.b2a_base64(bytes(sealed), newline=False).decode("ascii")
 
 
 def open_value(key: bytes, value: str, name: str) -> str | None:
     """The plaintext of a sealed value; None when it is not base64 or fails authentication
     (the reference then leaves the field unset); DecodeError where the reference panics."""
     try:
-        raw = base64.b64decode(value.encode("ascii"), validate=True)
+        raw = binascii.a2b_base64(value.encode("ascii"), strict_mode=True)
     except (UnicodeEncodeError, binascii.Error, ValueError):
         return None
     if len(raw) < NONCE_SIZE:
@@ -66,7 +67,7 @@ class SecretKey:
             raise ValueError(f"a secret key is {KEY_SIZE} bytes, not {len(self.key)}")
 
     def text(self) -> str:
-        return base64.b64encode(self.key).decode("ascii")
+        return binascii.b2a_base64(self.key, newline=False).decode("ascii")
 
     def sink(self, inner):
         """Writes `guestinfo.ovfEnv` now, then seals every `@secret` value passing through."""

@@ -12,22 +12,22 @@ VMware backdoor and virtio-serial transports live in their own modules and plug 
 from __future__ import annotations
 
 import os
-import re
-import tempfile
 from collections.abc import Iterator, Mapping
-from typing import Protocol
 
 from .keys import insert_prefix
 
 OVF_ENV = "guestinfo.ovfEnv"
 NIL = "<nil>"
 
+TYPE_CHECKING = False     # typing's constant without importing typing (PID 1's startup)
+if TYPE_CHECKING:
+    from typing import Protocol
 
-class Transport(Protocol):
-    def info_get(self, key: str) -> str | None: ...
-    def info_set(self, key: str, value: str) -> None: ...
-    # optional: `info_delete(key)` removes a key (where the medium can; the guest side
-    # of the VMware backdoor cannot)
+    class Transport(Protocol):
+        def info_get(self, key: str) -> str | None: ...
+        def info_set(self, key: str, value: str) -> None: ...
+        # optional: `info_delete(key)` removes a key (where the medium can; the guest
+        # side of the VMware backdoor cannot)
 
 
 class MapTransport:
@@ -52,45 +52,74 @@ class MapTransport:
 # one UTF-8 byte. Values escape '|', '"' and control characters. Keys stay readable
 # (`sessions|web`): only what would break the line is escaped, plus a '|' that would
 # otherwise read as an escape; so only those escapes are undone when reading a key.
-_VALUE_ESCAPE = re.compile(r'[|"\x00-\x1f\x7f]')
-_KEY_ESCAPE = re.compile(r'[\x00-\x20"#=\x7f]|\|(?=[01][0-9A-Fa-f]|2[0-3]|3[dD]|7[cCfF])')
+# Reading takes no regular expression (re is not loaded when the agent reads its
+# config); the writing patterns are compiled at the first write.
+_ESCAPES: dict = {}
 _KEY_ESCAPED = frozenset(list(range(0x21)) + [0x22, 0x23, 0x3D, 0x7C, 0x7F])
-_UNESCAPE_BYTES = re.compile(rb"\|([0-9A-Fa-f]{2})")
-_LINE = re.compile(r'[ \t]*([^ \t="]+)[ \t]*=[ \t]*"(.*)"[ \t]*\Z', re.DOTALL)
+_HEX_DIGITS = frozenset(b"0123456789abcdefABCDEF")
 
 
-def _escape(text: str, pattern: re.Pattern[str]) -> str:
-    return pattern.sub(lambda m: "".join(f"|{b:02X}" for b in m.group().encode()), text)
+def _escape(text: str, which: str) -> str:
+    if not _ESCAPES:
+        import re
+        _ESCAPES["value"] = re.compile(r'[|"\x00-\x1f\x7f]')
+        _ESCAPES["key"] = re.compile(
+            r'[\x00-\x20"#=\x7f]|\|(?=[01][0-9A-Fa-f]|2[0-3]|3[dD]|7[cCfF])')
+    return _ESCAPES[which].sub(lambda m: "".join(f"|{b:02X}" for b in m.group().encode()),
+                               text)
 
 
 def vmx_escape(value: str) -> str:
-    return _escape(value, _VALUE_ESCAPE)
+    return _escape(value, "value")
 
 
 def vmx_escape_key(key: str) -> str:
-    return _escape(key, _KEY_ESCAPE)
+    return _escape(key, "key")
+
+
+def _unescape(text: str, only=None) -> str:
+    """Each `|XX` (two hex digits) made the byte it stands for; with `only`, just those
+    bytes, the other escapes left as they are."""
+    pieces = text.encode("utf-8", errors="surrogateescape").split(b"|")
+    out = [pieces[0]]
+    for piece in pieces[1:]:
+        code = piece[:2]
+        if len(code) == 2 and code[0] in _HEX_DIGITS and code[1] in _HEX_DIGITS and (
+                only is None or int(code, 16) in only):
+            out.append(bytes([int(code, 16)]) + piece[2:])
+        else:
+            out.append(b"|" + piece)
+    return b"".join(out).decode("utf-8", errors="surrogateescape")
 
 
 def vmx_unescape(text: str) -> str:
     """Undo `|XX` escapes; they stand for bytes, so multi-byte UTF-8 comes back whole."""
-    if "|" not in text:
-        return text
-    raw = text.encode("utf-8", errors="surrogateescape")
-    raw = _UNESCAPE_BYTES.sub(lambda m: bytes([int(m.group(1), 16)]), raw)
-    return raw.decode("utf-8", errors="surrogateescape")
+    return _unescape(text) if "|" in text else text
 
 
 def vmx_unescape_key(text: str) -> str:
-    if "|" not in text:
-        return text
-    return _UNESCAPE_BYTES.sub(
-        lambda m: bytes([int(m.group(1), 16)]) if int(m.group(1), 16) in _KEY_ESCAPED else m.group(),
-        text.encode("utf-8", errors="surrogateescape")).decode("utf-8", errors="surrogateescape")
+    return _unescape(text, _KEY_ESCAPED) if "|" in text else text
 
 
 def format_vmx(entries: Mapping[str, str]) -> str:
     """`key = "value"` lines, sorted by key, with VMX's `|XX` escapes."""
     return "".join(f'{vmx_escape_key(k)} = "{vmx_escape(v)}"\n' for k, v in sorted(entries.items()))
+
+
+def _split_line(line: str) -> tuple[str, str] | None:
+    """(key, value) of `key = "value"` (blanks and tabs around the parts; the value runs to
+    the last quote), else None: `[ \t]*([^ \t="]+)[ \t]*=[ \t]*"(.*)"[ \t]*`."""
+    rest = line.lstrip(" \t")
+    end = 0
+    while end < len(rest) and rest[end] not in ' \t="':
+        end += 1
+    key, rest = rest[:end], rest[end:].lstrip(" \t")
+    if not key or not rest.startswith("="):
+        return None
+    quoted = rest[1:].strip(" \t")
+    if len(quoted) < 2 or quoted[0] != '"' or quoted[-1] != '"':
+        return None
+    return key, quoted[1:-1]
 
 
 def parse_vmx(text: str) -> dict[str, str]:
@@ -100,10 +129,10 @@ def parse_vmx(text: str) -> dict[str, str]:
         line = line[:-1] if line.endswith("\r") else line
         if not line.strip() or line.lstrip().startswith("#"):
             continue
-        m = _LINE.match(line)
-        if not m:
+        pair = _split_line(line)
+        if pair is None:
             raise ValueError(f"line {number}: expected key = \"value\", got {line[:80]!r}")
-        out[vmx_unescape_key(m.group(1))] = vmx_unescape(m.group(2))
+        out[vmx_unescape_key(pair[0])] = vmx_unescape(pair[1])
     return out
 
 
@@ -142,6 +171,7 @@ class VmxFileTransport:
             self._store(data)
 
     def _store(self, data: dict[str, str]) -> None:
+        import tempfile
         directory = os.path.dirname(self.path) or "."
         fd, tmp = tempfile.mkstemp(prefix=".vmx-", dir=directory)
         try:

@@ -13,10 +13,10 @@ ID. A reference reader shows those bytes as a prefix; the primary's log stays cl
 """
 from __future__ import annotations
 
-import base64
+import binascii
 import struct
 import time
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 MAX_ENTRY = 4095
 ENCODED_HEADER_LEN = 16
@@ -39,7 +39,7 @@ def encode_entry(payload: bytes, stream: int = STDOUT, when_ns: int | None = Non
         raise ValueError(f"entry of {len(payload)} bytes exceeds {MAX_ENTRY}")
     when = time.time_ns() if when_ns is None else when_ns
     header = _header.pack(when, len(payload) << 4 | (stream & 1) << 3 | flags)
-    return base64.b64encode(header) + payload
+    return binascii.b2a_base64(header, newline=False) + payload   # base64.b64encode
 
 
 class Entry:
@@ -75,7 +75,7 @@ class EntryReader:
         while len(buffer) >= ENCODED_HEADER_LEN:
             try:
                 when, word = _header.unpack(
-                    base64.b64decode(bytes(buffer[:ENCODED_HEADER_LEN]), validate=True))
+                    binascii.a2b_base64(bytes(buffer[:ENCODED_HEADER_LEN]), strict_mode=True))
             except (ValueError, struct.error) as err:
                 raise FramingError(f"bad header at offset {self.offset}: {err}") from None
             size = word >> 4
@@ -103,7 +103,8 @@ class EntryReader:
             return
         if len(self._buffer) < ENCODED_HEADER_LEN:
             raise FramingError(f"truncated header at offset {self.offset}")
-        size = _header.unpack(base64.b64decode(bytes(self._buffer[:ENCODED_HEADER_LEN])))[1] >> 4
+        header = binascii.a2b_base64(bytes(self._buffer[:ENCODED_HEADER_LEN]))
+        size = _header.unpack(header)[1] >> 4
         raise FramingError(f"truncated entry at offset {self.offset}: "
                            f"{len(self._buffer) - ENCODED_HEADER_LEN} of {size} bytes")
 
