@@ -6,8 +6,6 @@ argument `tether.guestinfo=PATH`.
 """
 from __future__ import annotations
 
-import importlib
-
 from tether.log import get_logger
 
 log = get_logger("tether.guestinfo")
@@ -32,7 +30,7 @@ def open_transport(guestinfo_file: str | None = None):
     if guestinfo_file is None:
         for module in ("extraconfig.backdoor", "extraconfig.virtio"):
             try:
-                opener = importlib.import_module(module).open_transport
+                opener = __import__(module, fromlist=["open_transport"]).open_transport
             except ImportError as err:
                 log.info("guestinfo: %s is not available (%s)", module, err)
                 continue

@@ -75,7 +75,6 @@ class Isolation:
     # -- before the fork ------------------------------------------------------------------
     def prepare(self, session, uid: int) -> ChildSetup:
         """The session's group (made, limited) and privilege plan. Raises LaunchError."""
-        from tether.cgroups import CgroupError, cpus_from_mhz
         from tether.sessions import LaunchError
         cfg = session.config
         limits = cfg.limits
@@ -88,6 +87,7 @@ class Isolation:
         fds: list[int] = []
         session.cgroup = None
         if self.cgroups is not None:
+            from tether.cgroups import CgroupError, cpus_from_mhz
             group = self.cgroups.group_for(session.id)
             try:
                 cpus = limits.cpus if limits.cpus > 0 else (

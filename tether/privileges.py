@@ -95,10 +95,9 @@ def plan_for(config, uid: int, held: set[int] | None = None) -> Plan:
     """The privileges of a session whose config is `config` and whose user is `uid`.
     `held`: what the agent has (default: read from /proc/self/status)."""
     # Loaded here, in the agent: the child runs after chroot into the container root,
-    # where neither python-prctl nor ctypes can be imported.
+    # where neither python-prctl nor ctypes can be imported. ctypes (libc) only serves
+    # ambient capabilities, loaded below when the plan raises them.
     import prctl  # noqa: F401
-    from tether import system
-    system.libc()
     held = own_bounding_set() if held is None else held
     explicit = config.capabilities is not None
     if explicit:
@@ -123,7 +122,11 @@ def plan_for(config, uid: int, held: set[int] | None = None) -> Plan:
         raise PrivilegeError(f"parent_death_signal: {err}") from None
     keep = sorted(wanted)
     drop = [n for n in range(last_cap() + 1) if n not in wanted]
-    return Plan(keep, drop, ambient=explicit and uid != 0 and bool(keep),
+    ambient = explicit and uid != 0 and bool(keep)
+    if ambient:
+        from tether import system
+        system.libc()
+    return Plan(keep, drop, ambient=ambient,
                 no_new_privileges=bool(config.no_new_privileges), death_signal=death)
 
 

@@ -205,7 +205,12 @@ def setns(fd: int, nstype: int) -> None:
 
 
 def set_child_subreaper() -> None:
-    _check(libc().prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0), "prctl(PR_SET_CHILD_SUBREAPER)")
+    import prctl   # python-prctl, loaded for the sessions' capabilities anyway; no ctypes
+    try:
+        prctl.set_child_subreaper(1)
+    except OSError as err:
+        raise OSError(err.errno, f"prctl(PR_SET_CHILD_SUBREAPER): "
+                                 f"{os.strerror(err.errno).lower()}") from None
 
 
 def set_parent_death_signal(signum: int) -> None:
