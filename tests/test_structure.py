@@ -125,6 +125,33 @@ def test_agent_startup_imports_no_argparse_before_the_primary_runs(tmp_path):
     assert not {"argparse", "gettext"} & set(imported), imported   # ...and none of these
 
 
+# Modules that cost PID 1's startup more than they give it (benchmarks/startup.py,
+# docs/performance.md): the agent loads them, if at all, once the primary runs.
+HEAVY_AT_STARTUP = {"logging", "dataclasses", "inspect", "ast", "tokenize", "typing", "re",
+                    "tempfile", "json", "ipaddress", "base64", "argparse", "gettext"}
+
+
+def test_agent_startup_imports_none_of_the_heavy_modules_before_the_primary_runs(tmp_path):
+    primary = session_config("p" * 12, ["/bin/true"])
+    vmx = write_config(executor_config(primary), str(tmp_path))
+    import sysconfig
+    # as the image runs it: python -S (no site), no runpy
+    path = os.pathsep.join([str(REPO), sysconfig.get_paths()["purelib"],
+                            sysconfig.get_paths()["platlib"]])
+    entry = "import sys; from tether.agentcli import main; sys.exit(main(sys.argv[1:]))"
+    run = subprocess.run([sys.executable, "-S", "-X", "importtime", "-c", entry,
+                          "--guestinfo-file", vmx, "--no-power-off", "--no-attach"],
+                         cwd=REPO, capture_output=True, text=True, timeout=120,
+                         env=dict(os.environ, PYTHONPATH=path))
+    assert run.returncode == 0, run.stderr
+    lines = run.stderr.splitlines()
+    started = next(i for i, line in enumerate(lines) if re.search(r"session p+ started", line))
+    imported = [line.rsplit("|", 1)[-1].strip() for line in lines[:started]
+                if line.startswith("import time:")]
+    assert {"tether.sessions", "extraconfig.codec"} <= set(imported)   # the check sees them
+    assert not HEAVY_AT_STARTUP & set(imported), sorted(HEAVY_AT_STARTUP & set(imported))
+
+
 def test_the_run_mode_is_decided_in_one_place():
     hits = [f"{path.relative_to(REPO)}:{n}" for path in sorted((REPO / "tether").rglob("*.py"))
             for n, line in enumerate(path.read_text().splitlines(), 1)
