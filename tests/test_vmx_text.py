@@ -15,7 +15,8 @@ LINE = re.compile(r'[ \t]*([^ \t="]+)[ \t]*=[ \t]*"(.*)"[ \t]*\Z', re.DOTALL)
 UNESCAPE_BYTES = re.compile(rb"\|([0-9A-Fa-f]{2})")
 
 # Lines made mostly of the characters that matter to the pattern.
-line_text = st.text(alphabet=st.sampled_from(list(' \t="|#ab7C\r\x00\u2603')), max_size=24)
+line_text = st.text(alphabet=st.sampled_from(list(' \t\x0b\x0c="|#ab7C\r\x00\u2603')),
+                    max_size=24)
 
 
 @settings(max_examples=3000, deadline=None)
