@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import binascii
-import math
-import struct
 
 _FLOAT = None       # its pattern, compiled at the first float (re is not needed before)
 _INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
@@ -52,6 +50,7 @@ def parse_uint(text: str) -> int:
 
 def format_float(value: float) -> str:
     """strconv.FormatFloat(v, 'E', -1, 64): shortest round-trip mantissa, capital E."""
+    import math   # floats are rare in a config: not loaded before the first
     value = float(value)
     if math.isnan(value):
         return "NaN"
@@ -70,6 +69,8 @@ def format_float(value: float) -> str:
 
 def widen_float32(value: float) -> float:
     """A float32 value as Go widens it to float64 before formatting."""
+    import math
+    import struct
     try:
         return struct.unpack("f", struct.pack("f", value))[0]
     except OverflowError:
@@ -87,6 +88,7 @@ def parse_float(text: str) -> float:
     if len(text) > 1100 or not _FLOAT.match(text):
         return 0.0
     value = float(text)
+    import math
     if math.isinf(value) and "inf" not in text.lower():
         return 0.0
     return value

@@ -14,8 +14,8 @@ from __future__ import annotations
 import os
 import stat
 import sys
-import threading
 import time
+from _thread import RLock, get_ident   # threading's, without importing it (startup)
 from collections import deque
 
 from tether.log import INFO, configure, get_logger
@@ -44,7 +44,7 @@ class ConsoleWriter:
     def __init__(self, fd: int = 2, limit: int = CONSOLE_LIMIT):
         self.limit = limit
         self.dropped = 0
-        self._lock = threading.RLock()
+        self._lock = RLock()
         self._pending: deque = deque()
         self._pending_size = 0
         self._gap = 0                 # bytes dropped since the last notice went out
@@ -90,7 +90,7 @@ class ConsoleWriter:
         loop, fd = self._loop, self._fd
         if self._waiting and loop is not None:
             self._waiting = False
-            if threading.get_ident() == loop.thread_id:
+            if get_ident() == loop.thread_id:
                 loop.remove_writer(fd)
             else:
                 loop.call_soon_threadsafe(lambda: loop.remove_writer(fd))
@@ -199,7 +199,7 @@ class ConsoleWriter:
         want = bool(self._pending)
         if want == self._waiting:
             return
-        if threading.get_ident() != loop.thread_id:
+        if get_ident() != loop.thread_id:
             loop.call_soon_threadsafe(self._arm)    # only the loop thread touches the loop
             return
         self._waiting = want

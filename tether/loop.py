@@ -3,16 +3,19 @@
 Everything that touches sessions runs on this loop. Threads (DHCP renewal, toolbox)
 hand work to it with `call_soon_threadsafe`. A callback that raises is logged and the
 loop goes on: PID 1 must not die of one bad callback.
+
+It waits in epoll(7) directly (the agent runs on Linux only): selectors would add its
+own module and math to PID 1's startup.
 """
 from __future__ import annotations
 
 import heapq
 import itertools
 import os
-import selectors
+import select
 import signal
-import threading
 import time
+from _thread import get_ident   # threading's, without importing threading (startup)
 from collections import deque
 from collections.abc import Callable
 
@@ -37,7 +40,8 @@ class Timer:
 
 class Loop:
     def __init__(self) -> None:
-        self._selector = selectors.DefaultSelector()
+        self._epoll = select.epoll()
+        self._registered: dict[int, int] = {}   # fd -> the epoll events asked for
         self._readers: dict[int, Callback] = {}
         self._writers: dict[int, Callback] = {}
         self._timers: list[tuple[float, int, Timer]] = []
@@ -47,8 +51,8 @@ class Loop:
         self._signal_handlers: dict[int, Callback] = {}
         self._stopping = False
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self._selector.register(self._wake_r, selectors.EVENT_READ)
-        self._owner = threading.get_ident()   # the loop thread: it alone changes the config
+        self._epoll.register(self._wake_r, select.EPOLLIN)
+        self._owner = get_ident()   # the loop thread: it alone changes the config
         self.wakeups = 0   # rounds run: a loop that spins shows here
 
     @property
@@ -74,19 +78,22 @@ class Loop:
             self._update(fd)
 
     def _update(self, fd: int) -> None:
-        events = (selectors.EVENT_READ if fd in self._readers else 0) | (
-            selectors.EVENT_WRITE if fd in self._writers else 0)
-        try:
-            key = self._selector.get_key(fd)
-        except KeyError:
-            key = None
-        if key is None:
+        events = (select.EPOLLIN if fd in self._readers else 0) | (
+            select.EPOLLOUT if fd in self._writers else 0)
+        current = self._registered.get(fd)
+        if current is None:
             if events:
-                self._selector.register(fd, events)
-        elif events:
-            self._selector.modify(fd, events)
-        else:
-            self._selector.unregister(fd)
+                self._epoll.register(fd, events)
+                self._registered[fd] = events
+        elif not events:
+            del self._registered[fd]
+            try:
+                self._epoll.unregister(fd)
+            except OSError:   # closed before it was removed: the kernel dropped it
+                pass
+        elif events != current:
+            self._epoll.modify(fd, events)
+            self._registered[fd] = events
 
     # -- callbacks and timers ------------------------------------------------------------
     def call_soon(self, callback: Callback) -> None:
@@ -150,19 +157,19 @@ class Loop:
         if deadline is not None:
             left = max(0.0, deadline - time.monotonic())
             timeout = left if timeout is None else min(timeout, left)
-        try:
-            events = self._selector.select(timeout)
+        try:   # epoll rounds a timeout up to whole milliseconds: no early wakeups
+            events = self._epoll.poll(timeout)
         except InterruptedError:
             events = []
         self.wakeups += 1
-        for key, mask in events:
-            fd = key.fd
+        for fd, mask in events:
             if fd == self._wake_r:
                 self._drain_wakeup()
                 continue
-            if mask & selectors.EVENT_READ and fd in self._readers:
+            # as selectors reads epoll: an error or hang-up wakes the reader and the writer
+            if mask & ~select.EPOLLOUT and fd in self._readers:
                 self._run(self._readers[fd])
-            if mask & selectors.EVENT_WRITE and fd in self._writers:
+            if mask & ~select.EPOLLIN and fd in self._writers:
                 self._run(self._writers[fd])
         now = time.monotonic()
         while self._timers and self._timers[0][0] <= now:
@@ -190,6 +197,6 @@ class Loop:
 
     def close(self) -> None:
         signal.set_wakeup_fd(-1)
-        self._selector.close()
+        self._epoll.close()
         os.close(self._wake_r)
         os.close(self._wake_w)

@@ -11,8 +11,8 @@ from __future__ import annotations
 import os
 import select
 import signal
-import threading
 import time
+from _thread import allocate_lock, get_ident   # threading's, without importing it (startup)
 from collections.abc import Callable, Sequence
 
 from tether.log import get_logger
@@ -42,6 +42,7 @@ class _HelperSlot:
     __slots__ = ("event", "status")
 
     def __init__(self) -> None:
+        import threading
         self.event = threading.Event()
         self.status: int | None = None
 
@@ -51,7 +52,7 @@ class Reaper:
         self.loop = loop
         self._watched: dict[int, ExitCallback] = {}
         self._helpers: dict[int, _HelperSlot] = {}
-        self._lock = threading.Lock()   # reaping vs. registering a helper
+        self._lock = allocate_lock()   # reaping vs. registering a helper
         self.orphans_reaped = 0
 
     def start(self) -> None:
@@ -122,7 +123,7 @@ class Reaper:
     def _wait_helper(self, pid: int, slot: _HelperSlot, timeout: float | None) -> int:
         import subprocess
         deadline = None if timeout is None else time.monotonic() + timeout
-        on_loop_thread = threading.get_ident() == getattr(self.loop, "_owner", None)
+        on_loop_thread = get_ident() == getattr(self.loop, "_owner", None)
         if not on_loop_thread:
             if not slot.event.wait(timeout):
                 raise subprocess.TimeoutExpired([str(pid)], timeout or 0)

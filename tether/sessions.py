@@ -20,11 +20,9 @@ from __future__ import annotations
 
 import enum
 import errno
-import fcntl
 import os
 import signal
 import struct
-import termios
 import time
 from collections import deque
 from collections.abc import Callable
@@ -325,6 +323,8 @@ def _child_exec(spec: LaunchSpec, errw: int) -> None:
         os.setsid()
         if spec.tty:
             step = "set controlling tty"
+            import fcntl   # loaded before the fork (_spawn): no file is read here
+            import termios
             fcntl.ioctl(spec.stdin, termios.TIOCSCTTY, 0)
         step = "set up stdio"
         os.dup2(spec.stdin, 0)
@@ -534,6 +534,8 @@ class Session:
         setup = None
         try:
             if cfg.tty:
+                import fcntl  # noqa: F401 - the child sets its controlling tty with them
+                import termios  # noqa: F401
                 master, slave = open_pty(self.root)
                 parent_fds.append(master)
                 child_fds.append(slave)
@@ -748,6 +750,8 @@ class Session:
     def resize(self, rows: int, cols: int) -> None:
         if self._master_fd < 0:
             return
+        import fcntl   # tty sessions only
+        import termios
         fcntl.ioctl(self._master_fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
 
     def signal(self, signum: int) -> None:
