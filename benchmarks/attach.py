@@ -1,11 +1,21 @@
-"""Attach throughput and keystroke latency against the real agent in `tether sandbox`.
+"""Attach throughput and keystroke latency against the real agent.
 
-    python benchmarks/attach.py [--size BYTES] [--keys N]
+    python benchmarks/attach.py [--size BYTES] [--rounds N] [--keys N]
 
-Prints: 1 GiB of session stdout to one client over the attach unix socket, next to
-`cat` piping the same bytes through a plain unix socket to a reader in this process,
-and their ratio; then the keystroke round trip (client -> agent -> `cat` -> agent ->
-client) median and p99. Needs root (the sandbox makes namespaces).
+The agent runs as `tether agent` (a plain process: no namespaces, no console echo, as a
+VM's agent at debug level 0) serving a unix socket. Each round, in alternating order:
+
+  attach  an exec'd `head -c SIZE /dev/zero` streaming its stdout over the attach
+          socket to the client library in this process (attached from its first byte)
+  plain   the same `head` writing straight into a unix socket whose ends have the attach
+          socket's buffers, read by this process with recv_into into a buffer of the
+          client's read size: the machine's own rate for the same bytes, no extra
+          process, no relay
+
+Printed: the median of each path's rates and of the per-round ratios, CPU seconds per
+GiB of the agent (utime+stime from /proc) and of the reader in this process for both
+paths, then the keystroke round trip (client -> agent -> `cat` -> agent -> client),
+median and p99. The machine is shared: the load is printed before and after.
 """
 from __future__ import annotations
 
@@ -23,80 +33,113 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from tether.attach import client as client_module  # noqa: E402
 from tether.attach.client import Client  # noqa: E402
+from tether.attach.transports import SOCKET_BUFFER  # noqa: E402
 
 KEY = b"benchmark-key"
 PATH_ENV = ["PATH=/usr/sbin:/usr/bin:/sbin:/bin"]
+GIB = 1 << 30
+MIB = 1 << 20
 
 
 def make_config():
     from tether.config import Cmd, Common, ExecutorConfig, SessionConfig
     cat = SessionConfig(common=Common(id="cat"), open_stdin=True,
-                        cmd=Cmd(path="cat", args=["cat"], env=PATH_ENV))
+                        cmd=Cmd(path="/bin/cat", args=["cat"], env=PATH_ENV))
     return ExecutorConfig(common=Common(id="cat", name="bench"), key=KEY,
                           sessions={"cat": cat})
 
 
-def start_sandbox(directory: str):
+def start_agent(directory: str):
     from extraconfig.codec import encode
     from extraconfig.transport import format_vmx
     config_path = os.path.join(directory, "config.vmx")
     with open(config_path, "w") as f:
         f.write(format_vmx(encode(make_config())))
-    sock = f"/tmp/tether-bench-{uuid.uuid4().hex[:8]}.sock"
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    # The sandbox echoes session output to its console: send that to /dev/null.
-    proc = subprocess.Popen([sys.executable, "-m", "tether", "sandbox", config_path,
-                             "--out", os.path.join(directory, "out.vmx"),
-                             "--attach-socket", sock, "--stop-grace", "2"],
-                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, cwd=REPO, env=env)
+    sock = os.path.join(directory, "attach.sock")
+    env = {k: v for k, v in os.environ.items() if k != "TETHER_DEBUG"}
+    env["PYTHONPATH"] = str(REPO)
+    log = open(os.path.join(directory, "agent.log"), "w")
+    proc = subprocess.Popen([sys.executable, "-m", "tether", "agent", "--guestinfo-file",
+                             config_path, "--attach", "unix:" + sock, "--no-power-off",
+                             "--stop-grace", "2"],
+                            stdin=subprocess.DEVNULL, stdout=log, stderr=log, cwd=REPO,
+                            env=env)
     deadline = time.monotonic() + 120
     while True:
         try:
             client = Client.connect("unix:" + sock, KEY, timeout=60)
             if any(s["id"] == "cat" and s["running"] for s in client.list()):
-                return proc, sock, client
+                return proc, client
             client.close()
         except OSError:
             pass
         if proc.poll() is not None or time.monotonic() > deadline:
-            raise SystemExit(f"the sandbox did not come up (exit {proc.poll()})")
+            raise SystemExit(f"the agent did not come up (exit {proc.poll()}); see "
+                             f"{log.name}")
         time.sleep(0.1)
 
 
-def attach_throughput(client: Client, size: int) -> float:
-    """A fresh session writing `size` bytes to stdout; exec attaches before it runs."""
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process (not of its children)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def attach_round(client: Client, agent_pid: int, size: int) -> tuple[float, float, float,
+                                                                     float]:
+    """(seconds, agent CPU seconds, client CPU seconds, agent CPU seconds while the bytes
+    streamed) for `size` bytes of a fresh session's stdout; exec attaches before the
+    process runs. The first is the whole round: the exec, the session's write-back of
+    its keys (per exec, not per byte: a VMX file rewritten per key here), its exit. The
+    last runs from the first byte's arrival to the last's."""
     received = 0
+    agent_before, ours_before = cpu_seconds(agent_pid), time.process_time()
     start = time.perf_counter()
     stream = client.exec(["head", "-c", str(size), "/dev/zero"], env=PATH_ENV)
+    first = last = None
     for kind, value in stream.events(timeout=120):
         if kind == "stdout":
+            if first is None:
+                first = cpu_seconds(agent_pid)
             received += len(value)
+            if received == size:
+                last = cpu_seconds(agent_pid)
     elapsed = time.perf_counter() - start
+    ours = time.process_time() - ours_before
+    agent = cpu_seconds(agent_pid) - agent_before
     if received != size:
         raise SystemExit(f"attach: got {received} of {size} bytes")
-    return size / elapsed
+    return elapsed, agent, ours, last - first
 
 
-def plain_socket_throughput(size: int) -> float:
+def plain_round(size: int) -> tuple[float, float]:
+    """(seconds, reader CPU seconds): `head` straight into a unix socket with the attach
+    socket's buffers, read as the client reads."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    start = time.perf_counter()
-    proc = subprocess.Popen(f"head -c {size} /dev/zero | cat", shell=True, stdout=theirs)
-    theirs.close()
-    buf = bytearray(256 << 10)
+    for sock in (ours, theirs):
+        for option in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+            sock.setsockopt(socket.SOL_SOCKET, option, SOCKET_BUFFER)
+    buf = bytearray(client_module.READ_SIZE)
     received = 0
+    cpu_before = time.process_time()
+    start = time.perf_counter()
+    proc = subprocess.Popen(["head", "-c", str(size), "/dev/zero"], stdout=theirs)
+    theirs.close()
     while True:
         n = ours.recv_into(buf)
         if not n:
             break
         received += n
     elapsed = time.perf_counter() - start
+    cpu = time.process_time() - cpu_before
     proc.wait()
     ours.close()
     if received != size:
         raise SystemExit(f"plain: got {received} of {size} bytes")
-    return size / elapsed
+    return elapsed, cpu
 
 
 def keystroke_latency(client: Client, count: int) -> list[float]:
@@ -108,8 +151,8 @@ def keystroke_latency(client: Client, count: int) -> list[float]:
         stream.write(key)
         got = b""
         while key not in got:
-            for kind, value in stream.events(timeout=10):
-                got += value
+            for _, value in stream.events(timeout=10):
+                got += bytes(value)
                 break
             else:
                 raise SystemExit("no echo within 10 s")
@@ -118,42 +161,63 @@ def keystroke_latency(client: Client, count: int) -> list[float]:
     return times
 
 
+def load() -> str:
+    with open("/proc/loadavg") as f:
+        return " ".join(f.read().split()[:3])
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", type=int, default=1 << 30, help="bytes (default 1 GiB)")
+    parser.add_argument("--size", type=int, default=GIB, help="bytes a round (default 1 GiB)")
+    parser.add_argument("--rounds", type=int, default=5,
+                        help="interleaved attach/plain rounds (default 5)")
     parser.add_argument("--keys", type=int, default=2000, help="keystrokes to time")
-    parser.add_argument("--rounds", type=int, default=3,
-                        help="alternate attach and plain runs this many times and keep the "
-                        "best of each (the machine is shared; default 3)")
     args = parser.parse_args()
-    attach_rates, plain_rates = [], []
+    load_before = load()
+    attach, plain = [], []
     with tempfile.TemporaryDirectory(prefix="tether-bench-") as directory:
-        proc, sock, client = start_sandbox(directory)
+        proc, client = start_agent(directory)
         try:
+            attach_round(client, proc.pid, min(args.size, 64 * MIB))   # warm up
             times = keystroke_latency(client, args.keys)
-            for _ in range(args.rounds):
-                attach_rates.append(attach_throughput(client, args.size))
-                plain_rates.append(plain_socket_throughput(args.size))
+            for i in range(args.rounds):
+                if i % 2:
+                    plain.append(plain_round(args.size))
+                    attach.append(attach_round(client, proc.pid, args.size))
+                else:
+                    attach.append(attach_round(client, proc.pid, args.size))
+                    plain.append(plain_round(args.size))
         finally:
             client.close()
-            proc.kill()
-            proc.wait()
+            proc.terminate()
             try:
-                os.unlink(sock)
-            except FileNotFoundError:
-                pass
-    attach, plain = max(attach_rates), max(plain_rates)
-    mib = 1 << 20
-    print(f"session stdout over attach (unix): {attach / mib:8.1f} MiB/s "
-          f"({args.size / mib:.0f} MiB, best of {args.rounds}: "
-          f"{', '.join(f'{r / mib:.0f}' for r in attach_rates)})")
-    print(f"cat through a plain unix socket:   {plain / mib:8.1f} MiB/s "
-          f"({', '.join(f'{r / mib:.0f}' for r in plain_rates)})")
-    print(f"ratio attach / plain:              {attach / plain:8.2f}")
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+    gib = args.size / GIB
+    attach_rates = [args.size / a[0] / MIB for a in attach]
+    plain_rates = [args.size / p[0] / MIB for p in plain]
+    ratios = [a / p for a, p in zip(attach_rates, plain_rates)]
+    print(f"{args.size / MIB:.0f} MiB a round, {args.rounds} interleaved rounds; "
+          f"load {load_before} -> {load()}")
+    print(f"  attach (session stdout over the attach socket): median "
+          f"{statistics.median(attach_rates):7.1f} MiB/s  "
+          f"({', '.join(f'{r:.0f}' for r in attach_rates)})")
+    print(f"  plain (head into a unix socket, same buffers):  median "
+          f"{statistics.median(plain_rates):7.1f} MiB/s  "
+          f"({', '.join(f'{r:.0f}' for r in plain_rates)})")
+    print(f"  ratio attach / plain: median {statistics.median(ratios):.2f} "
+          f"(rounds: {', '.join(f'{r:.2f}' for r in ratios)})")
+    print(f"  CPU s/GiB: agent {statistics.median(a[3] for a in attach) / gib:.3f} while "
+          f"the bytes stream ({statistics.median(a[1] for a in attach) / gib:.3f} for the "
+          f"whole round, exec and write-back included), attach client "
+          f"{statistics.median(a[2] for a in attach) / gib:.3f}, plain reader "
+          f"{statistics.median(p[1] for p in plain) / gib:.3f}")
     times.sort()
     p99 = times[min(len(times) - 1, int(len(times) * 0.99))]
-    print(f"keystroke round trip ({len(times)}): median {statistics.median(times) * 1e3:.3f} ms, "
-          f"p99 {p99 * 1e3:.3f} ms")
+    print(f"  keystroke round trip ({len(times)}): median "
+          f"{statistics.median(times) * 1e3:.3f} ms, p99 {p99 * 1e3:.3f} ms")
     return 0
 
 
