@@ -215,3 +215,68 @@ def test_unchecked_frames_are_taken_only_where_allowed():
     assert [m["t"] for m in on_socket] == ["data", "ping"] and on_socket[0]["d"] == b"socket data"
     on_line = p.FrameDecoder()
     assert on_line.feed(frames) == [] and on_line.bad_frames == 2
+
+
+# -- data frames as the client reads them: streamed, never copied -------------------------------
+def _stream_of_frames() -> bytes:
+    big = os.urandom(300_000)
+    pieces = [b"noise", p.encode({"t": "ok", "ch": 1}),
+              b"".join(bytes(x) for x in p.data_parts(3, big, "stdout", checked=False)[0]),
+              p.encode({"t": "data", "ch": 300, "s": "stderr", "d": b""}, checked=False),
+              p.encode({"t": "data", "ch": 5, "d": b"other order", "s": "stdout"},
+                       checked=False),                                     # decoded whole
+              b"".join(p.encode_data(70000, os.urandom(5000), "stdout")),   # checked
+              p.HEADER.pack(p.MAGIC_UNCHECKED, 40, 40 ^ 0xFFFFFFFF, 0) + b"\x84\xa1t\xa4data",
+              b"".join(bytes(x) for x in p.data_parts(3, b"tail", "stdout", checked=False)[0]),
+              p.encode({"t": "exit", "ch": 3, "code": 0})]
+    return b"".join(pieces)
+
+
+def _joined(messages: list[dict]) -> list[dict]:
+    """Messages with consecutive data of one channel and stream joined into one."""
+    out: list[dict] = []
+    for m in messages:
+        if m["t"] == "data":
+            m = {**m, "d": bytes(m["d"])}
+            last = out[-1] if out else None
+            if last and last["t"] == "data" and (last["ch"], last["s"]) == (m["ch"], m["s"]):
+                last["d"] += m["d"]
+                continue
+        out.append(m)
+    return out
+
+
+STREAM = _stream_of_frames()
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.integers(1, len(STREAM)), max_size=40))
+def test_streamed_data_frames_are_what_whole_frames_decode_to(cuts):
+    whole = p.FrameDecoder(accept_unchecked=True)
+    want = whole.feed(STREAM)
+    streaming = p.FrameDecoder(accept_unchecked=True, stream_data=True)
+    got, pos = [], 0
+    for cut in sorted(set(cuts)) + [len(STREAM)]:
+        chunk = STREAM[pos:cut]
+        pos = cut
+        held = streaming.buffered     # a frame's start cut by the last feed: joined on
+        for message in streaming.feed(chunk):
+            if message["t"] == "data" and message["ch"] == 3:     # the unchecked frames
+                assert isinstance(message["d"], memoryview)
+                assert message["d"].obj is chunk or held        # a view of what was fed
+            got.append(message)
+    assert _joined(got) == _joined(want)
+    assert (streaming.garbage_bytes, streaming.bad_frames) == \
+        (whole.garbage_bytes, whole.bad_frames)
+    assert streaming.buffered == 0
+
+
+def test_an_unchecked_data_frame_comes_out_as_it_arrives():
+    data = os.urandom(200_000)
+    frame = b"".join(bytes(x) for x in p.data_parts(9, data, "stdout", checked=False)[0])
+    decoder = p.FrameDecoder(accept_unchecked=True, stream_data=True)
+    first = decoder.feed(frame[:100_000])
+    assert [(m["t"], m["ch"], m["s"]) for m in first] == [("data", 9, "stdout")]
+    rest = decoder.feed(frame[100_000:])
+    assert bytes(first[0]["d"]) + bytes(rest[0]["d"]) == data
+    assert decoder.buffered == 0

@@ -9,6 +9,10 @@
 Frames from the agent are sorted by channel into per-channel queues; any call that waits
 pumps the connection, so several channels can be open at once. Writes never block
 without also reading, so a chatty agent cannot deadlock a client that is sending.
+
+Output arrives without being copied: on a socket, a data event's bytes are a memoryview
+slice of what was read (`bytes(value)` makes a copy of one's own), and a big data
+frame may come as several events.
 """
 from __future__ import annotations
 
@@ -18,7 +22,8 @@ import os
 import select
 import time
 from collections import deque
-from typing import BinaryIO, Iterator
+from collections.abc import Iterator
+from typing import BinaryIO
 
 from tether.attach import protocol as p
 from tether.attach import transports
@@ -54,7 +59,7 @@ class Client:
         # Data frames skip the CRC only when both ends are sockets: the server says so in
         # its hello (a tcp endpoint may be a QEMU chardev leading to a guest's line).
         self.checked = True
-        self.decoder = p.FrameDecoder(accept_unchecked=not conn.persistent)
+        self.decoder = p.FrameDecoder(accept_unchecked=not conn.persistent, stream_data=True)
         self._queues: dict[int, deque] = {}
         self._next_channel = 1
         self._closed_error: str | None = None
@@ -293,8 +298,9 @@ class Client:
                     self._send(frame)
                     self._raise_if_refused(channel, "copy-to")
             else:
+                size = p.DATA_CHUNK if self.checked else p.UNCHECKED_DATA_CHUNK
                 while True:
-                    chunk = source.read(p.DATA_CHUNK)
+                    chunk = source.read(size)
                     if not chunk:
                         break
                     self._send(p.encode_data(channel, chunk, "stdin", self.checked)[0])
@@ -376,8 +382,9 @@ class Stream:
                 self.client.release_channel(self.channel)
 
     def events(self, timeout: float | None = None) -> Iterator[tuple[str, object]]:
-        """("stdout"|"stderr", bytes) and finally ("exit", code); stops after `timeout`
-        seconds without a message, or at the end of the channel."""
+        """("stdout"|"stderr", data) and finally ("exit", code); stops after `timeout`
+        seconds without a message, or at the end of the channel. `data` is bytes-like
+        (a memoryview of what was read, on a socket)."""
         while not self.closed:
             message = self.client.next_message(self.channel, timeout)
             if message is None:

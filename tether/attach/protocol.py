@@ -9,6 +9,12 @@ The payload is one msgpack map. The magic, the length's complement and the CRC l
 reader on a noisy serial line skip garbage and find the next real frame (resync).
 On a reliable stream (a socket) a sender may use the UNCHECKED magic and skip the CRC
 (it costs more than the rest of the path together); lines always use checked frames.
+
+Data frames are the bulk of the traffic, so they have paths of their own: `data_parts`
+writes them as pieces for a gathering write (the data is never copied), `data_header`
+is everything before the data (the agent splices the data itself from a session's
+pipe), and a decoder made with `stream_data` hands out an unchecked data frame's bytes
+as memoryview slices of what was read, piece by piece as they arrive, never copied.
 """
 from __future__ import annotations
 
@@ -18,7 +24,7 @@ import hmac
 import os
 import struct
 import zlib
-from typing import Iterator
+from collections.abc import Iterator
 
 import msgpack
 
@@ -32,7 +38,8 @@ HEADER = struct.Struct(">4sIII")
 HEADER_SIZE = HEADER.size          # 16
 MAX_PAYLOAD = 1 << 20              # a frame body above this is garbage
 PREAUTH_MAX_PAYLOAD = 1 << 10      # ... and above this before the peer authenticated
-DATA_CHUNK = 64 << 10              # data frames carry at most this much
+DATA_CHUNK = 64 << 10              # checked data frames (lines) carry at most this much
+UNCHECKED_DATA_CHUNK = MAX_PAYLOAD - (1 << 10)   # unchecked ones (sockets): fewer frames
 CHALLENGE_SIZE = 32
 HMAC_CONTEXT = b"tether-attach-v1\0"
 
@@ -89,17 +96,27 @@ def _data_fields(channel: int, stream: str) -> bytes:
             + _pack("s") + _pack(stream) + _pack("d"))
 
 
+def data_header(channel: int, size: int, stream: str = "stdout") -> bytes:
+    """The bytes of an unchecked data frame of `size` data bytes up to the data itself:
+    sent first, then the data (spliced from a pipe by the agent)."""
+    head = _data_fields(channel, stream) + _bin_header(size)
+    length = len(head) + size
+    return HEADER.pack(MAGIC_UNCHECKED, length, length ^ 0xFFFFFFFF, 0) + head
+
+
 def data_parts(channel: int, data: bytes, stream: str = "stdout",
                checked: bool = True) -> tuple[list, int]:
-    """Data frames for `data` (split into DATA_CHUNK pieces) as a flat list of byte
-    pieces for a gathering write, and their total size. The bytes are exactly
-    encode({"t": "data", "ch", "s", "d"}) per chunk; the data itself is not copied."""
+    """Data frames for `data` (split into DATA_CHUNK pieces when checked, else into
+    UNCHECKED_DATA_CHUNK ones) as a flat list of byte pieces for a gathering write, and
+    their total size. The bytes are exactly encode({"t": "data", "ch", "s", "d"}) per
+    chunk; the data itself is not copied."""
     view = memoryview(data)
     fields = _data_fields(channel, stream)
     parts: list = []
     total = 0
-    for i in range(0, len(data), DATA_CHUNK):
-        chunk = view[i:i + DATA_CHUNK]
+    step = DATA_CHUNK if checked else UNCHECKED_DATA_CHUNK
+    for i in range(0, len(data), step):
+        chunk = view[i:i + step]
         head = fields + _bin_header(len(chunk))
         length = len(head) + len(chunk)
         if checked:
@@ -119,18 +136,73 @@ def encode_data(channel: int, data: bytes, stream: str = "stdout",
     return [b"".join(parts[i:i + 3]) for i in range(0, len(parts), 3)]
 
 
+_DATA_KEYS = b"\x84\xa1t\xa4data\xa2ch"     # the msgpack of a data message, as we write it,
+_INCOMPLETE = object()                     # ... up to the channel number
+
+
+def _data_prefix(buf, at: int, end: int):
+    """(channel, stream, offset of the data, its size) of the data message whose payload
+    starts at `at`, written as `data_parts` writes it ({t, ch, s, d}, d last); None when it
+    is not one (the payload is then decoded whole); _INCOMPLETE when `buf` ends (at `end`)
+    before that can be told."""
+    keys = len(_DATA_KEYS)
+    if end - at < keys + 1:
+        return _INCOMPLETE if bytes(buf[at:end]) == _DATA_KEYS[:end - at] else None
+    if bytes(buf[at:at + keys]) != _DATA_KEYS:
+        return None
+    pos = at + keys
+    tag = buf[pos]
+    if tag < 0x80:
+        channel, pos = tag, pos + 1
+    elif 0xCC <= tag <= 0xCF:                      # uint 8/16/32/64
+        width = 1 << (tag - 0xCC)
+        if end < pos + 1 + width:
+            return _INCOMPLETE
+        channel, pos = int.from_bytes(buf[pos + 1:pos + 1 + width], "big"), pos + 1 + width
+    else:
+        return None
+    if end < pos + 3:
+        return _INCOMPLETE
+    if buf[pos] != 0xA1 or buf[pos + 1] != 0x73 or not 0xA0 <= buf[pos + 2] <= 0xBF:   # "s"
+        return None
+    size = buf[pos + 2] - 0xA0
+    if end < pos + 3 + size + 3:
+        return _INCOMPLETE
+    try:
+        stream = bytes(buf[pos + 3:pos + 3 + size]).decode()
+    except UnicodeDecodeError:
+        return None
+    pos += 3 + size
+    if buf[pos] != 0xA1 or buf[pos + 1] != 0x64 or not 0xC4 <= buf[pos + 2] <= 0xC6:  # "d"
+        return None
+    width = 1 << (buf[pos + 2] - 0xC4)
+    pos += 3
+    if end < pos + width:
+        return _INCOMPLETE
+    return channel, stream, pos + width, int.from_bytes(buf[pos:pos + width], "big")
+
+
 class FrameDecoder:
     """Bytes in, messages out. Garbage between frames is skipped and counted.
 
     `max_payload` may change between messages (a server lowers it until its peer has
     authenticated): a candidate header claiming more is dropped at once, before its body
     is waited for or checked, so what a peer can make the decoder hold or checksum is
-    bounded by it."""
+    bounded by it.
 
-    def __init__(self, max_payload: int = MAX_PAYLOAD, accept_unchecked: bool = False):
+    With `stream_data` (a client reading a socket), an unchecked data frame comes out as
+    it arrives, as one or more data messages whose `d` is a memoryview slice of the bytes
+    fed (never copied; feed it `bytes`, which cannot change under the views): the frame's
+    header and the message's fields are checked first, and the rest of the frame is its
+    data, so nothing is delivered that a whole-frame decode would have refused."""
+
+    def __init__(self, max_payload: int = MAX_PAYLOAD, accept_unchecked: bool = False,
+                 stream_data: bool = False):
         self._buf = bytearray()
         self.max_payload = max_payload
         self._accept_unchecked = accept_unchecked
+        self._stream_data = stream_data and accept_unchecked
+        self._body: tuple | None = None   # streaming: (channel, stream, bytes still due)
         self.garbage_bytes = 0
         self.bad_frames = 0
         self._generation = 0          # bumped by reset: a parse in progress keeps nothing
@@ -141,6 +213,13 @@ class FrameDecoder:
     def iter_feed(self, data: bytes) -> Iterator[dict]:
         """Like `feed`, lazily: each message is parsed only when asked for, so a change
         of `max_payload` made while handling one applies to the next."""
+        if self._stream_data:
+            if not isinstance(data, bytes):
+                data = bytes(data)    # the views must not see it change
+            if self._buf:             # a frame's start was cut (rare): join it on
+                data = bytes(self._buf) + data
+                self._buf = bytearray()
+            return self._frames(data)
         if self._buf:
             self._buf += data
             return self._frames(self._buf)
@@ -151,6 +230,7 @@ class FrameDecoder:
         """Forget any partial frame (a line starts over), also what a parse still in
         progress (an unfinished `iter_feed`) has not consumed."""
         self._buf = bytearray()
+        self._body = None
         self._generation += 1
 
     def _frames(self, buf) -> Iterator[dict]:
@@ -158,6 +238,16 @@ class FrameDecoder:
         generation = self._generation
         try:
             while True:
+                if self._body is not None:    # streaming an unchecked data frame's bytes
+                    channel, stream, due = self._body
+                    take = min(due, len(buf) - pos)
+                    if not take:
+                        return
+                    self._body = (channel, stream, due - take) if due > take else None
+                    pos += take
+                    yield {"t": DATA, "ch": channel, "s": stream,
+                           "d": memoryview(buf)[pos - take:pos]}
+                    continue
                 start = buf.find(_MAGIC_PREFIX, pos)
                 if start < 0:
                     # Keep a tail that could be the start of a magic.
@@ -177,6 +267,18 @@ class FrameDecoder:
                     pos += 1
                     continue
                 end = pos + HEADER_SIZE + length
+                if self._stream_data and not checked:
+                    found = _data_prefix(buf, pos + HEADER_SIZE, min(end, len(buf)))
+                    if found is _INCOMPLETE:
+                        return
+                    if found is not None and found[2] + found[3] == end:
+                        channel, stream, body, size = found
+                        pos = body
+                        if size:
+                            self._body = (channel, stream, size)
+                        else:
+                            yield {"t": DATA, "ch": channel, "s": stream, "d": b""}
+                        continue
                 if len(buf) < end:
                     return
                 with memoryview(buf) as view:
