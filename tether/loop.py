@@ -157,7 +157,13 @@ class Loop:
         if deadline is not None:
             left = max(0.0, deadline - time.monotonic())
             timeout = left if timeout is None else min(timeout, left)
-        try:   # epoll rounds a timeout up to whole milliseconds: no early wakeups
+        try:
+            if timeout is not None and 0 < timeout < 0.001:
+                # epoll_wait counts whole milliseconds (Python rounds a timeout up, so it
+                # never wakes early); select(2) on the epoll fd waits to the microsecond
+                # (a streaming session's next read, sessions.COALESCE_DELAY)
+                select.select([self._epoll.fileno()], [], [], timeout)
+                timeout = 0
             events = self._epoll.poll(timeout)
         except InterruptedError:
             events = []

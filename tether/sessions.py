@@ -14,7 +14,10 @@ any failure before exec comes back over a close-on-exec pipe as an errno and the
 ENOENT), as in tini, never from the text.
 
 Output is read non-blocking on the loop and goes, for every session, to the output log
-(iolog framing), the replay ring (last 64 KiB) and attach listeners.
+(iolog framing), the replay ring (last 64 KiB) and attach listeners. Its pipes hold 4 MiB
+(F_SETPIPE_SZ; 1 MiB where the agent may not go past the system's maximum). A process
+that streams (a wake-up found COALESCE_AT bytes or more) is read again only after
+COALESCE_DELAY, so a wake-up moves much, not a few KiB.
 """
 from __future__ import annotations
 
@@ -37,7 +40,12 @@ log = get_logger("tether.sessions")
 
 REPLAY_LIMIT = 64 << 10
 STDIN_LIMIT = 4 << 20
-READ_CHUNK = 64 << 10
+READ_CHUNK = 256 << 10
+PIPE_SIZES = (4 << 20, 1 << 20)   # output pipes (F_SETPIPE_SZ): the first the kernel allows
+READ_BUDGET = 4 << 20       # bytes read per wake-up, at most (the loop has other work)
+COALESCE_AT = 16 << 10      # a wake-up that moved this much from a pipe: the process streams,
+COALESCE_DELAY = 0.0005     # so its pipe fills this long (seconds) before the next read
+COALESCE_MIN, COALESCE_MAX = 0.00005, 0.002   # (adapted per session within these)
 EXIT_OUTPUT_GRACE = 2.0     # seconds to wait for output after the process exited
 MAX_EXIT_LOGS = 5
 EOT = b"\x04"
@@ -376,6 +384,18 @@ def _child_exec(spec: LaunchSpec, errw: int) -> None:
         os._exit(127)
 
 
+def _widen_pipe(fd: int) -> int:
+    """A bigger buffer for an output pipe, best effort (past /proc/sys/fs/pipe-max-size
+    only with CAP_SYS_RESOURCE, never past the per-user pipe quota); its size."""
+    import fcntl
+    for size in PIPE_SIZES:
+        try:
+            return fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, size)
+        except OSError:
+            continue
+    return fcntl.fcntl(fd, fcntl.F_GETPIPE_SZ)
+
+
 def describe_command(cmd, full: bool) -> str:
     """A command line for the log: the whole argv when `full`, else the path and the
     number of arguments (arguments may carry secrets, as the environment does)."""
@@ -418,6 +438,9 @@ class Session:
         self._grace_timer = None
         self._unblocked = not config.run_block
         self._output_holders: set = set()   # who paused the output (flow control)
+        self._pipe_sizes: dict[int, int] = {}   # output pipe fd -> its buffer size
+        self._resting: set[int] = set()     # output pipes left to fill a moment (streaming)
+        self._coalesce_delay = COALESCE_DELAY
         self.isolation = isolation          # tether.isolation.Isolation: cgroup, privileges, hooks
         self.cgroup = None                  # this run's tether.cgroups.Group, if any
         self.stop_requested = False         # the agent asked it to stop (exit record reason)
@@ -577,6 +600,9 @@ class Session:
                 setup.close()
         self.pid = pid
         self.reaper.watch(pid, self._on_wait_status)
+        if not cfg.tty:   # after the fork: not on the way to the process's exec
+            for fd in readers:
+                self._pipe_sizes[fd] = _widen_pipe(fd)
         self.output.reopen()
         self._master_fd = stdin_fd if cfg.tty else -1
         self._stdin_fd = stdin_fd
@@ -675,18 +701,19 @@ class Session:
         self._output_holders.discard(holder)
         if not self._output_holders:
             for fd in self._readers:
-                self.loop.add_reader(fd, lambda fd=fd: self._on_readable(fd))
+                if fd not in self._resting:
+                    self.loop.add_reader(fd, lambda fd=fd: self._on_readable(fd))
 
-    def _on_readable(self, fd: int, budget: int = READ_CHUNK) -> None:
+    def _on_readable(self, fd: int, budget: int = READ_BUDGET) -> None:
         stream = self._readers.get(fd)
         if stream is None:
             return
-        read = 0
-        while read < budget:
+        moved = 0
+        while moved < budget:
             try:
-                data = os.read(fd, READ_CHUNK)
+                data = os.read(fd, min(READ_CHUNK, budget - moved))
             except BlockingIOError:
-                return
+                break
             except OSError as err:
                 if err.errno != errno.EIO:   # EIO: the pty's other side is gone
                     log.warning("session %s: reading %s: %s", self.id, stream, err)
@@ -694,8 +721,29 @@ class Session:
             if not data:
                 self._close_reader(fd)
                 return
-            read += len(data)
+            moved += len(data)
             self.output.publish(stream, data)
+        if moved >= COALESCE_AT and not self.config.tty and fd in self._readers:
+            self._coalesce(fd, moved)
+
+    def _coalesce(self, fd: int, moved: int) -> None:
+        """The process streams: read its pipe again after a pause, in which it fills. The
+        pause adapts: halved when this wake-up found the pipe (nearly) full, the writer
+        having waited for us; longer when it found it less than half full."""
+        size = self._pipe_sizes.get(fd, 0)
+        if size and moved >= size - size // 8:
+            self._coalesce_delay = max(COALESCE_MIN, self._coalesce_delay / 2)
+        elif moved < size // 2:
+            self._coalesce_delay = min(COALESCE_MAX, self._coalesce_delay * 1.5)
+        if fd not in self._resting and not self._output_holders:
+            self._resting.add(fd)
+            self.loop.remove_reader(fd)
+            self.loop.call_later(self._coalesce_delay, lambda: self._rested(fd))
+
+    def _rested(self, fd: int) -> None:
+        self._resting.discard(fd)
+        if fd in self._readers and not self._output_holders:
+            self.loop.add_reader(fd, lambda: self._on_readable(fd))
 
     def _close_reader(self, fd: int) -> None:
         self._readers.pop(fd, None)
