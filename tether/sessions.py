@@ -17,7 +17,10 @@ Output is read non-blocking on the loop and goes, for every session, to the outp
 (iolog framing), the replay ring (last 64 KiB) and attach listeners. Its pipes hold 4 MiB
 (F_SETPIPE_SZ; 1 MiB where the agent may not go past the system's maximum). A process
 that streams (a wake-up found COALESCE_AT bytes or more) is read again only after
-COALESCE_DELAY, so a wake-up moves much, not a few KiB.
+COALESCE_DELAY, so a wake-up moves much, not a few KiB. When one attach client on a
+socket is the only consumer (no output log, no echo, no other listener), what goes
+beyond the ring's worth goes to that client by splice(2), the agent never touching the
+bytes; the last 64 KiB are read as usual, so the ring stays the output's last 64 KiB.
 """
 from __future__ import annotations
 
@@ -43,6 +46,7 @@ STDIN_LIMIT = 4 << 20
 READ_CHUNK = 256 << 10
 PIPE_SIZES = (4 << 20, 1 << 20)   # output pipes (F_SETPIPE_SZ): the first the kernel allows
 READ_BUDGET = 4 << 20       # bytes read per wake-up, at most (the loop has other work)
+SPLICE_MIN = 64 << 10       # a burst must exceed the ring's worth by this to be spliced
 COALESCE_AT = 16 << 10      # a wake-up that moved this much from a pipe: the process streams,
 COALESCE_DELAY = 0.0005     # so its pipe fills this long (seconds) before the next read
 COALESCE_MIN, COALESCE_MAX = 0.00005, 0.002   # (adapted per session within these)
@@ -218,6 +222,15 @@ class OutputFanout:
         except ValueError:
             pass
 
+    def splice_target(self):
+        """The listener that may take this output straight from the pipe: the only
+        consumer there is (no output log, no echo, one listener), when it can."""
+        if self._log_port is not None or self._echo is not None or len(self._listeners) != 1:
+            return None
+        listener = self._listeners[0]
+        can = getattr(listener, "can_splice", None)
+        return listener if can is not None and can() else None
+
     def replay(self) -> list[tuple[str, bytes]]:
         return list(self._ring)
 
@@ -384,6 +397,13 @@ def _child_exec(spec: LaunchSpec, errw: int) -> None:
         os._exit(127)
 
 
+def _pipe_bytes(fd: int) -> int:
+    """The bytes waiting in a pipe (FIONREAD)."""
+    import fcntl   # the output path only, not the agent's startup
+    import termios
+    return struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"))[0]
+
+
 def _widen_pipe(fd: int) -> int:
     """A bigger buffer for an output pipe, best effort (past /proc/sys/fs/pipe-max-size
     only with CAP_SYS_RESOURCE, never past the per-user pipe quota); its size."""
@@ -438,8 +458,11 @@ class Session:
         self._grace_timer = None
         self._unblocked = not config.run_block
         self._output_holders: set = set()   # who paused the output (flow control)
+        self._pipe_owners: set = set()      # who owes a client bytes still in our pipes
         self._pipe_sizes: dict[int, int] = {}   # output pipe fd -> its buffer size
         self._resting: set[int] = set()     # output pipes left to fill a moment (streaming)
+        self.output_bytes = 0               # output taken from the process, in all...
+        self.spliced_bytes = 0              # ...and of it spliced to a client unread
         self._coalesce_delay = COALESCE_DELAY
         self.isolation = isolation          # tether.isolation.Isolation: cgroup, privileges, hooks
         self.cgroup = None                  # this run's tether.cgroups.Group, if any
@@ -704,11 +727,29 @@ class Session:
                 if fd not in self._resting:
                     self.loop.add_reader(fd, lambda fd=fd: self._on_readable(fd))
 
+    def hold_pipes(self, owner: object) -> None:
+        """`owner` has promised a client bytes still in our output pipe (a spliced frame
+        under way): nobody reads the pipes, not even the drain at the process's exit,
+        until it lets go."""
+        self._pipe_owners.add(owner)
+        self.pause_output(owner)
+
+    def release_pipes(self, owner: object) -> None:
+        self._pipe_owners.discard(owner)
+        self.resume_output(owner)
+
     def _on_readable(self, fd: int, budget: int = READ_BUDGET) -> None:
         stream = self._readers.get(fd)
-        if stream is None:
+        if stream is None or self._pipe_owners:
             return
         moved = 0
+        if not self.config.tty:   # a pty is interactive: no splicing, no waiting
+            spliced = self._splice_out(fd, stream)
+            if spliced < 0:
+                return   # the rest of those frames waits in the pipe for the client
+            moved = spliced
+            if spliced:   # then the ring's worth only: what came since waits for the next
+                budget = spliced + REPLAY_LIMIT
         while moved < budget:
             try:
                 data = os.read(fd, min(READ_CHUNK, budget - moved))
@@ -722,6 +763,7 @@ class Session:
                 self._close_reader(fd)
                 return
             moved += len(data)
+            self.output_bytes += len(data)
             self.output.publish(stream, data)
         if moved >= COALESCE_AT and not self.config.tty and fd in self._readers:
             self._coalesce(fd, moved)
@@ -744,6 +786,22 @@ class Session:
         self._resting.discard(fd)
         if fd in self._readers and not self._output_holders:
             self.loop.add_reader(fd, lambda: self._on_readable(fd))
+
+    def _splice_out(self, fd: int, stream: str) -> int:
+        """What goes beyond the ring's worth, for the one client that is our only
+        consumer, goes to it by splice(2); the last REPLAY_LIMIT bytes are read as usual
+        (the ring stays the output's last 64 KiB). The bytes spliced, or -1 while the
+        client has not taken them all: our output is paused until it has, and nobody
+        else reads that pipe meanwhile."""
+        target = self.output.splice_target()
+        if target is None:
+            return 0
+        count = _pipe_bytes(fd) - REPLAY_LIMIT
+        if count < SPLICE_MIN:
+            return 0
+        self.output_bytes += count
+        self.spliced_bytes += count
+        return count if target.splice_output(stream, fd, count, self) else -1
 
     def _close_reader(self, fd: int) -> None:
         self._readers.pop(fd, None)

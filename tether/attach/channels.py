@@ -81,6 +81,15 @@ class AttachChannel:
     def on_output(self, stream: str, data: bytes) -> None:
         self._forward(stream, data)
 
+    def can_splice(self) -> bool:
+        return self.connection.can_splice()
+
+    def splice_output(self, stream: str, fd: int, count: int, session) -> bool:
+        """Send `count` bytes waiting in the pipe `fd` as one data frame, spliced; False
+        while some of them are still in the pipe (the session's output is held until
+        they have gone)."""
+        return self.connection.send_splice(self.channel, stream, fd, count, session)
+
     def on_close(self) -> None:
         self.attached = False
         session = self.session

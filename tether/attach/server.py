@@ -16,6 +16,7 @@ neither memory nor CPU nor connections can be run up by someone without the Key.
 from __future__ import annotations
 
 import itertools
+import os
 import select
 import tarfile
 import time
@@ -142,6 +143,34 @@ class AttachServer:
 _serials = itertools.count()
 
 
+class _Splice:
+    """A data frame's bytes still in a session's pipe, in a connection's output queue
+    after the frame's header: spliced to the client as the socket takes them. While any
+    wait (`hold`), the session's output is held (nobody else may read that pipe) and the
+    piece has its own dup of the pipe: the session may close its reader meanwhile."""
+    __slots__ = ("fd", "left", "session", "held")
+
+    def __init__(self, fd: int, count: int, session):
+        self.fd = fd
+        self.left = count
+        self.session = session
+        self.held = False
+
+    def hold(self) -> None:
+        if not self.held:
+            self.held = True
+            self.fd = os.dup(self.fd)
+            self.session.hold_pipes(self)
+
+    def end(self) -> None:
+        """Sent, or given up (the client is gone: what is left is read as usual)."""
+        if self.held:
+            self.held = False
+            os.close(self.fd)
+            self.session.release_pipes(self)
+        self.fd = -1
+
+
 class Connection:
     """One client's conversation: handshake, channels, bounded output."""
 
@@ -167,6 +196,7 @@ class Connection:
         self._writing = False
         self._retry = None
         self._held: set = set()           # sessions whose output waits for us to drain
+        self._splice_timer = None         # a spliced frame the client has not taken yet
         self._pumps_due = False
         self._read_pauses: set = set()    # channels that asked us to stop reading for now
         self._hold_timer = None
@@ -396,6 +426,64 @@ class Connection:
             self._flush()
         return not self.closed
 
+    def can_splice(self) -> bool:
+        """Data frames may be spliced to us: unchecked frames on a socket."""
+        return not self.checked and self.conn.sock is not None and not self.closed
+
+    def send_splice(self, channel: int, stream: str, fd: int, count: int, session) -> bool:
+        """Queue data frames of the `count` bytes waiting in the pipe `fd`; they are
+        spliced to the client, never read by us. True when all have gone at once; else
+        `session`'s output is held until they have (HOLD_SECONDS without that: the
+        client is dropped)."""
+        pieces = []
+        while count > 0:
+            size = min(count, p.UNCHECKED_DATA_CHUNK)
+            header = p.data_header(channel, size, stream)
+            pieces.append(_Splice(fd, size, session))
+            self._out.append(header)
+            self._out.append(pieces[-1])
+            self._out_size += len(header) + size
+            count -= size
+        if not self._writing:
+            self._flush()
+        if pieces[-1].fd < 0:
+            return True
+        for piece in pieces:
+            if piece.fd >= 0:
+                piece.hold()
+        if self._splice_timer is None and not self.closed:
+            self._splice_timer = self.loop.call_later(HOLD_SECONDS, self._splice_stalled)
+        return False
+
+    def _splice_stalled(self) -> None:
+        self._splice_timer = None
+        if any(type(piece) is _Splice for piece in self._out):
+            self._drop_slow(f"did not take a spliced frame within {HOLD_SECONDS:g}s")
+
+    def _splice(self, piece: _Splice) -> bool:
+        """Splice what the socket takes of `piece`; True when all of it has gone."""
+        while piece.left:
+            try:
+                n = os.splice(piece.fd, self.fd, piece.left,
+                              flags=os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK)
+            except (BlockingIOError, InterruptedError):
+                return False
+            except OSError as err:
+                self.close(f"write failed: {err}")
+                return False
+            if n == 0:   # cannot be: the bytes were counted in the pipe
+                self.close("a spliced frame's bytes went missing from the session's pipe")
+                return False
+            piece.left -= n
+            self._out_size -= n
+        self._out.popleft()
+        piece.end()
+        if self._splice_timer is not None and not any(
+                type(other) is _Splice for other in self._out):
+            self._splice_timer.cancel()
+            self._splice_timer = None
+        return True
+
     @property
     def backlog(self) -> int:
         return self._out_size
@@ -403,7 +491,15 @@ class Connection:
     def _flush(self) -> None:
         out = self._out
         while out:
-            batch = list(itertools.islice(out, WRITE_BATCH))
+            if type(out[0]) is _Splice:
+                if not self._splice(out[0]):
+                    break
+                continue
+            batch = []
+            for piece in itertools.islice(out, WRITE_BATCH):
+                if type(piece) is _Splice:
+                    break
+                batch.append(piece)
             try:
                 n = self.conn.writev(batch)
             except OSError as err:
@@ -422,6 +518,8 @@ class Connection:
                     break
             if n < 0:
                 break   # a short write: the fd is full
+        if self.closed:
+            return
         if self._out:
             if not self._writing:
                 self._writing = True
@@ -486,8 +584,7 @@ class Connection:
         reason = (f"dropped: {self._out_size} bytes of output queued "
                   f"({why or f'over the {OUTPUT_LIMIT}-byte limit'}; the client is too "
                   "slow or stopped reading)")
-        self._out.clear()
-        self._out_size = 0
+        self._clear_output()
         if self.conn.persistent:
             self._reset(reason)
         else:
@@ -504,9 +601,20 @@ class Connection:
             channel.on_detach()
         self._release()
         self.handshake = self._new_handshake()
+        self._clear_output()
+        self._close_after_flush = False
+
+    def _clear_output(self) -> None:
+        """Forget what is queued; spliced frames still in a pipe are given up (the session
+        reads on)."""
+        for piece in self._out:
+            if type(piece) is _Splice:
+                piece.end()
         self._out.clear()
         self._out_size = 0
-        self._close_after_flush = False
+        if self._splice_timer is not None:
+            self._splice_timer.cancel()
+            self._splice_timer = None
 
     def close(self, reason: str) -> None:
         if self.closed:

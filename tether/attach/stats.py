@@ -47,7 +47,8 @@ def collect_stats(sessions: dict) -> dict:
               "sessions": {}}
     for sid, session in sessions.items():
         entry = {"pid": session.pid, "running": bool(session.running), "cpu_seconds": 0.0,
-                 "rss": 0, "pids": 0}
+                 "rss": 0, "pids": 0, "output_bytes": getattr(session, "output_bytes", 0),
+                 "spliced_bytes": getattr(session, "spliced_bytes", 0)}
         group = getattr(session, "cgroup", None)
         figures = group.stats() if group is not None and session.running else {}
         if {"cpu_usec", "memory_bytes", "pids"} <= figures.keys():
