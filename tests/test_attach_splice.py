@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from conftest import REPO, executor_config, session_config, write_config
+from helpers import REPO, executor_config, session_config, write_config
 from tether.attach.client import Client, ClientError
 
 KEY = b"splice-test-key"
@@ -144,7 +144,7 @@ import json, sys
 from tether.loop import Loop
 from tether.reaper import Reaper
 from tether.sessions import Phase, Session
-from conftest import session_config
+from helpers import session_config
 
 loop = Loop()
 reaper = Reaper(loop)

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from conftest import REPO
+from helpers import REPO
 
 # What tether/console.py configured the logging package with before tether/log.py.
 LOGGING_FORMAT = "%(asctime)s.%(msecs)03dZ %(levelname)s %(name)s: %(message)s"

@@ -11,7 +11,7 @@ import typing
 
 import pytest
 
-from conftest import REPO
+from helpers import REPO
 from extraconfig.record import FrozenInstanceError, field, fields, is_struct, record, type_hints
 from extraconfig.schema import tag_of, vic
 
