@@ -7,14 +7,19 @@ FIFO) with renameat2(RENAME_EXCHANGE) in a loop, as a container process could.
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import io
 import os
 import shutil
 import signal
+import socket
 import stat
+import struct
 import sys
 import tarfile
+import termios
+import threading
 import time
 import zlib
 
@@ -23,6 +28,7 @@ import pytest
 from helpers import (executor_config, require_tool, session_config, sid, small_tmpfs,
                      socket_paths)
 from tether.attach import protocol as p
+from tether.attach import transports
 from tether.attach.client import Client, ClientError
 from swapper import USER, Swapper
 
@@ -177,6 +183,53 @@ def fast_copy_from(client: Client, path: str) -> tuple[dict, bytes]:
     sink = io.BytesIO()
     info = client.copy_from(path, sink)
     return info, sink.getvalue()
+
+
+def test_fast_copy_from_keeps_what_came_with_the_ok_reply():
+    """The race behind the 64 MiB test's failures, made certain: the agent's ok, a whole
+    data frame and half of the next are already in the socket when the client reads the
+    ok, so they land in the client's channel queue and decoder buffer. A reader that
+    takes the socket over after the ok (fast_copy_from's own decoder once did) loses
+    them. Here a scripted agent writes the reply; the rest follows only once the client
+    has read all of it."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    with ours, theirs:
+        for sock in (ours, theirs):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
+        ours.setblocking(False)
+        theirs.sendall(p.encode({"t": p.HELLO, "v": p.VERSION, "challenge": bytes(32),
+                                 "server": "tether", "unchecked": True})
+                       + p.encode({"t": p.WELCOME, "v": p.VERSION}))
+        client = Client(transports.Conn(ours.fileno(), "scripted", sock=ours), KEY)
+        client.handshake()
+        channel = client._next_channel   # the copy's channel
+        payload = os.urandom(150 << 10)
+        frames = p.encode_data(channel, payload, "stdout", checked=True)   # 64 KiB each
+        reply = (p.encode({"t": p.OK, "ch": channel, "kind": "file", "size": len(payload),
+                           "mode": 0o600}) + b"".join(frames)
+                 + p.encode({"t": p.EOF, "ch": channel}) + p.encode({"t": p.CLOSE, "ch": channel}))
+        cut = reply.index(frames[1]) + len(frames[1]) // 2
+        theirs.sendall(reply[:cut])
+
+        def rest() -> None:
+            deadline = time.monotonic() + 30
+            while _queued(ours) and time.monotonic() < deadline:
+                time.sleep(0.001)
+            theirs.sendall(reply[cut:])
+        writer = threading.Thread(target=rest, daemon=True)
+        writer.start()
+        info, received = fast_copy_from(client, "/data/big.bin")
+        writer.join(30)
+        request = p.FrameDecoder().feed(theirs.recv(1 << 16))
+    assert [m["t"] for m in request] == [p.CONNECT, p.AUTH, p.COPY_FROM]
+    assert (request[-1]["ch"], request[-1]["path"]) == (channel, "/data/big.bin")
+    assert (info["kind"], info["size"], info["mode"]) == ("file", len(payload), 0o600)
+    assert hashlib.sha256(received).hexdigest() == hashlib.sha256(payload).hexdigest()
+
+
+def _queued(sock) -> int:
+    """Bytes waiting in a socket's receive queue (FIONREAD)."""
+    return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0" * 4))[0]
 
 
 def test_copy_64_mib_both_ways_with_checksums(agent, rootfs):
