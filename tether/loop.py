@@ -161,10 +161,12 @@ class Loop:
             if timeout is not None and 0 < timeout < 0.001:
                 # epoll_wait counts whole milliseconds (Python rounds a timeout up, so it
                 # never wakes early); select(2) on the epoll fd waits to the microsecond
-                # (a streaming session's next read, sessions.COALESCE_DELAY)
-                select.select([self._epoll.fileno()], [], [], timeout)
-                timeout = 0
-            events = self._epoll.poll(timeout)
+                # (a streaming session's next read, sessions.COALESCE_DELAY). Nothing
+                # ready when it returns: no need to ask epoll.
+                ready, _, _ = select.select([self._epoll.fileno()], [], [], timeout)
+                events = self._epoll.poll(0) if ready else ()
+            else:
+                events = self._epoll.poll(timeout)
         except InterruptedError:
             events = []
         self.wakeups += 1
