@@ -158,12 +158,12 @@ class Owed:
         self.after = 0      # bytes taken from the pipe otherwise while we were owed some
     def can_splice(self):
         return True
-    def splice_output(self, stream, fd, count, session):
+    def splice_output(self, stream, fd, count, session, tail=0, on_tail=None):
         if self.owed:
             self.after += count
         self.owed += count
         session.hold_pipes(self)
-        return False
+        return count, False
     def on_output(self, stream, data):
         if self.owed:
             self.after += len(data)
@@ -193,3 +193,71 @@ def test_the_exit_drain_leaves_bytes_owed_to_a_client_in_the_pipe():
     assert result["owed"] > 0, result         # a splice was owed when the process ended...
     assert result["phase"] == "finishing"     # ...its exit seen, its output not finished...
     assert result["after"] == 0, result       # ...and nothing else taken from the pipe
+
+
+# -- the ring's tail, kept by tee(2) (sessions.OutputFanout), without an agent ----------------
+def _pipe(size: int = 1 << 20) -> tuple[int, int]:
+    import fcntl
+    r, w = os.pipe2(os.O_CLOEXEC)
+    fcntl.fcntl(r, fcntl.F_SETPIPE_SZ, size)
+    return r, w
+
+
+def test_a_tail_kept_by_tee_is_the_ring_trimmed_and_replayed_like_bytes():
+    from tether.sessions import OutputFanout
+    fanout = OutputFanout("s")
+    r, w = _pipe()
+    try:
+        burst = os.urandom(200 << 10)
+        os.write(w, burst)
+        os.read(r, len(burst) - RING)                   # as the splice before the tail
+        assert fanout.keep_tail("stdout", r, RING)
+        assert os.read(r, 1 << 20) == burst[-RING:]     # tee left them for the splice
+        fanout.publish("stderr", b"e" * 1000)
+        assert fanout.replay() == [("stdout", burst[-RING + 1000:]), ("stderr", b"e" * 1000)]
+        for i in range(40):     # many tails: the tail pipe fills, obsolete ones are drained
+            tail = os.urandom(RING)
+            os.write(w, tail)
+            assert fanout.keep_tail("stdout", r, RING)
+            assert os.read(r, 1 << 20) == tail
+            if i % 7 == 0:
+                fanout.publish("stdout", b"%d" % i)     # a small write read as usual
+                tail = tail[len(b"%d" % i):] + b"%d" % i
+                assert b"".join(d for _, d in fanout.replay()) == tail
+        assert b"".join(d for _, d in fanout.replay()) == tail
+        fanout.close()                                   # the ring outlives the run
+        assert b"".join(d for _, d in fanout.replay()) == tail
+    finally:
+        os.close(r)
+        os.close(w)
+        fanout.close()
+
+
+def test_where_tee_comes_up_short_the_tail_is_read_and_the_ring_stays_whole(monkeypatch):
+    from tether import system
+    from tether.sessions import OutputFanout
+    fanout = OutputFanout("s")
+    r, w = _pipe()
+    try:
+        first = os.urandom(RING)
+        os.write(w, first)
+        assert fanout.keep_tail("stdout", r, RING)
+        os.read(r, RING)
+        real_tee = system.tee
+        monkeypatch.setattr(system, "tee", lambda a, b, n, *f: real_tee(a, b, 100))
+        second = os.urandom(RING)
+        os.write(w, second)
+        assert not fanout.keep_tail("stdout", r, RING)  # 100 bytes of it went in: dropped
+        assert b"".join(d for _, d in fanout.replay()) == b""   # the whole ring is replaced
+        fanout.remember("stdout", os.read(r, RING))     # what the session does then
+        assert fanout.replay() == [("stdout", second)]
+        monkeypatch.setattr(system, "tee", real_tee)
+        third = os.urandom(RING)
+        os.write(w, third)
+        assert fanout.keep_tail("stdout", r, RING)      # and the tail pipe works again
+        os.read(r, RING)
+        assert fanout.replay() == [("stdout", third)]
+    finally:
+        os.close(r)
+        os.close(w)
+        fanout.close()

@@ -18,9 +18,10 @@ Output is read non-blocking on the loop and goes, for every session, to the outp
 (F_SETPIPE_SZ; 1 MiB where the agent may not go past the system's maximum). A process
 that streams (a wake-up found COALESCE_AT bytes or more) is read again only after
 COALESCE_DELAY, so a wake-up moves much, not a few KiB. When one attach client on a
-socket is the only consumer (no output log, no echo, no other listener), what goes
-beyond the ring's worth goes to that client by splice(2), the agent never touching the
-bytes; the last 64 KiB are read as usual, so the ring stays the output's last 64 KiB.
+socket is the only consumer (no output log, no echo, no other listener), a burst goes to
+that client by splice(2), the agent never touching the bytes; its last 64 KiB are
+duplicated by tee(2) into a pipe of the ring's on their way, and read from there only
+when a replay asks, so the ring stays the output's last 64 KiB.
 """
 from __future__ import annotations
 
@@ -45,8 +46,9 @@ REPLAY_LIMIT = 64 << 10
 STDIN_LIMIT = 4 << 20
 READ_CHUNK = 256 << 10
 PIPE_SIZES = (4 << 20, 1 << 20)   # output pipes (F_SETPIPE_SZ): the first the kernel allows
+TAIL_PIPE_SIZES = (1 << 20, 256 << 10)   # the ring's tail pipe: room for many tails
 READ_BUDGET = 4 << 20       # bytes read per wake-up, at most (the loop has other work)
-SPLICE_MIN = 64 << 10       # a burst must exceed the ring's worth by this to be spliced
+SPLICE_MIN = 128 << 10      # a burst this big is spliced to a lone client (smaller: read)
 COALESCE_AT = 16 << 10      # a wake-up that moved this much from a pipe: the process streams,
 COALESCE_DELAY = 0.0005     # so its pipe fills this long (seconds) before the next read
 COALESCE_MIN, COALESCE_MAX = 0.00005, 0.002   # (adapted per session within these)
@@ -198,14 +200,23 @@ def resolve_credentials(root: str, user: str, group: str) -> Credentials:
 
 # -- output fan-out -------------------------------------------------------------------------
 class OutputFanout:
-    """Every byte a session writes: to the output log, the replay ring and listeners."""
+    """Every byte a session writes: to the output log, the replay ring and listeners.
+
+    The ring's oldest entry may be bytes still in a pipe of ours (`keep_tail`): the tail
+    of a burst spliced to a client, duplicated there by tee(2) rather than read. Those
+    are read only when someone asks for the replay; until then a later tail just makes
+    them obsolete, and obsolete bytes are drained from the pipe now and then."""
 
     def __init__(self, session_id: str, log_port=None, primary: bool = True,
                  echo: Callable[[bytes], object] | None = None):
         self.session_id = session_id
         self._listeners: list = []
-        self._ring: deque[tuple[str, bytes]] = deque()
+        self._ring: deque[tuple[str, bytes | None]] = deque()   # None: in the tail pipe
         self._ring_size = 0
+        self._tail_pipe: tuple[int, int] | None = None   # (read end, write end)
+        self._tail_room = 0       # its buffer size
+        self._tail_fill = 0       # bytes in it: obsolete ones, then the live ones
+        self._tail_live = 0       # the last bytes in it: the ring's entry of None
         self._log_port = log_port
         self._echo = echo
         tag = None if primary else session_id
@@ -232,20 +243,87 @@ class OutputFanout:
         return listener if can is not None and can() else None
 
     def replay(self) -> list[tuple[str, bytes]]:
+        self._read_tail()
         return list(self._ring)
 
-    def publish(self, stream: str, data: bytes) -> None:
+    def keep_tail(self, stream: str, fd: int, count: int) -> bool:
+        """The output's last `count` (>= REPLAY_LIMIT) bytes wait at the front of the pipe
+        `fd`, about to be spliced to a listener: they become the whole ring, duplicated
+        into our tail pipe by tee(2), not read. False when that cannot be done (then the
+        caller reads them and gives them to `remember`)."""
+        if count < REPLAY_LIMIT or self.closed:
+            return False
+        if self._tail_pipe is None:
+            try:
+                self._tail_pipe = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+            except OSError:
+                return False
+            self._tail_room = _widen_pipe(self._tail_pipe[0], TAIL_PIPE_SIZES)
+        # Kept or read, these bytes are the whole ring: what is in it is obsolete.
+        self._ring.clear()
+        self._ring_size = self._tail_live = 0
+        if self._tail_fill + 2 * count > self._tail_room:
+            _discard(self._tail_pipe[0], self._tail_fill)
+            self._tail_fill = 0
+        from tether.system import tee   # ctypes: loaded by the first spliced output only
+        try:
+            kept = tee(fd, self._tail_pipe[1], count)
+        except OSError:
+            kept = 0
+        if kept != count:   # no room after all (the user's pipe quota): read them instead
+            self._read_tail(junk=kept)
+            return False
+        self._tail_fill += count
+        self._tail_live = count
+        self._ring.append((stream, None))
+        self._ring_size = count
+        self._trim()
+        return True
+
+    def remember(self, stream: str, data: bytes) -> None:
+        """Bytes that went to a listener by splice after all: into the ring only."""
+        self._read_tail()
         self._ring.append((stream, data))
         self._ring_size += len(data)
+        self._trim()
+
+    def _trim(self) -> None:
         while self._ring_size > REPLAY_LIMIT:
             first_stream, first = self._ring[0]
             extra = self._ring_size - REPLAY_LIMIT
-            if len(first) <= extra:
+            size = self._tail_live if first is None else len(first)
+            if size <= extra:
                 self._ring.popleft()
-                self._ring_size -= len(first)
+                self._ring_size -= size
+                if first is None:
+                    self._tail_live = 0
             else:
-                self._ring[0] = (first_stream, first[extra:])
+                if first is None:
+                    self._tail_live -= extra
+                else:
+                    self._ring[0] = (first_stream, first[extra:])
                 self._ring_size -= extra
+
+    def _read_tail(self, junk: int = 0) -> None:
+        """The ring's entry in the tail pipe as bytes; the pipe left empty (`junk`: bytes
+        after the live ones, from a tee that came up short)."""
+        if self._tail_pipe is None:
+            return
+        fd = self._tail_pipe[0]
+        live, self._tail_live = self._tail_live, 0
+        _discard(fd, self._tail_fill - live)
+        data = _read_exactly(fd, live) if live else b""
+        _discard(fd, junk)
+        self._tail_fill = 0
+        if self._ring and self._ring[0][1] is None:
+            self._ring[0] = (self._ring[0][0], data)
+
+    def publish(self, stream: str, data: bytes) -> None:
+        if self._tail_live:
+            self._read_tail()
+        self._ring.append((stream, data))
+        self._ring_size += len(data)
+        self._trim()
         if self._log_port is not None:
             self._log_port.write(self._framers[stream].feed(data))
         if self._echo is not None:
@@ -261,6 +339,11 @@ class OutputFanout:
         if self.closed:
             return
         self.closed = True
+        if self._tail_pipe is not None:   # the ring outlives the run: as bytes
+            self._read_tail()
+            for fd in self._tail_pipe:
+                os.close(fd)
+            self._tail_pipe = None
         if self._log_port is not None:
             for framer in self._framers.values():
                 self._log_port.write(framer.close())
@@ -397,6 +480,34 @@ def _child_exec(spec: LaunchSpec, errw: int) -> None:
         os._exit(127)
 
 
+_null_fd = -1
+
+
+def _discard(fd: int, count: int) -> None:
+    """Drop the first `count` bytes waiting in the pipe `fd`: spliced into /dev/null,
+    never read (read only where /dev/null cannot be opened)."""
+    global _null_fd
+    if count and _null_fd < 0:
+        try:
+            _null_fd = os.open("/dev/null", os.O_WRONLY | os.O_CLOEXEC)
+        except OSError:
+            _read_exactly(fd, count)
+            return
+    while count > 0:
+        count -= os.splice(fd, _null_fd, count, flags=os.SPLICE_F_NONBLOCK)
+
+
+def _read_exactly(fd: int, count: int) -> bytes:
+    """`count` bytes known to be waiting in the pipe `fd`."""
+    data = os.read(fd, count)
+    while len(data) < count:
+        more = os.read(fd, count - len(data))
+        if not more:
+            raise OSError(errno.EIO, f"{count - len(data)} bytes missing from a pipe")
+        data += more
+    return data
+
+
 def _pipe_bytes(fd: int) -> int:
     """The bytes waiting in a pipe (FIONREAD)."""
     import fcntl   # the output path only, not the agent's startup
@@ -404,11 +515,11 @@ def _pipe_bytes(fd: int) -> int:
     return struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"))[0]
 
 
-def _widen_pipe(fd: int) -> int:
+def _widen_pipe(fd: int, sizes: tuple[int, ...] = PIPE_SIZES) -> int:
     """A bigger buffer for an output pipe, best effort (past /proc/sys/fs/pipe-max-size
     only with CAP_SYS_RESOURCE, never past the per-user pipe quota); its size."""
     import fcntl
-    for size in PIPE_SIZES:
+    for size in sizes:
         try:
             return fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, size)
         except OSError:
@@ -461,6 +572,7 @@ class Session:
         self._pipe_owners: set = set()      # who owes a client bytes still in our pipes
         self._pipe_sizes: dict[int, int] = {}   # output pipe fd -> its buffer size
         self._resting: set[int] = set()     # output pipes left to fill a moment (streaming)
+        self._streaming: set[int] = set()   # output pipes whose last wake-up moved much
         self.output_bytes = 0               # output taken from the process, in all...
         self.spliced_bytes = 0              # ...and of it spliced to a client unread
         self._coalesce_delay = COALESCE_DELAY
@@ -744,15 +856,33 @@ class Session:
             return
         moved = 0
         if not self.config.tty:   # a pty is interactive: no splicing, no waiting
-            spliced = self._splice_out(fd, stream)
-            if spliced < 0:
+            moved = self._splice_out(fd, stream)
+            if moved < 0:
                 return   # the rest of those frames waits in the pipe for the client
-            moved = spliced
-            if spliced:   # then the ring's worth only: what came since waits for the next
-                budget = spliced + REPLAY_LIMIT
+        if not moved:   # (spliced: what came since waits for the next wake-up)
+            moved = self._read_out(fd, stream, budget)
+            if moved < 0:
+                return
+        if self.config.tty or fd not in self._readers:
+            return
+        if moved >= COALESCE_AT:
+            self._streaming.add(fd)
+            self._coalesce(fd, moved)
+        elif fd in self._streaming:
+            # The first small wake-up after streaming rests too: a producer that slowed
+            # for a moment (or the bytes a whole frame left) does not get a wake-up per
+            # write from then on. A second one in a row is interactive output: no rest.
+            self._streaming.discard(fd)
+            self._coalesce(fd, moved)
+
+    def _read_out(self, fd: int, stream: str, budget: int) -> int:
+        """Read and publish up to `budget` bytes, until a short read (the pipe is empty:
+        epoll says when it is not, so no read ends in EAGAIN); -1 at the end of it."""
+        moved = 0
         while moved < budget:
+            want = min(READ_CHUNK, budget - moved)
             try:
-                data = os.read(fd, min(READ_CHUNK, budget - moved))
+                data = os.read(fd, want)
             except BlockingIOError:
                 break
             except OSError as err:
@@ -761,12 +891,13 @@ class Session:
                 data = b""
             if not data:
                 self._close_reader(fd)
-                return
+                return -1
             moved += len(data)
             self.output_bytes += len(data)
             self.output.publish(stream, data)
-        if moved >= COALESCE_AT and not self.config.tty and fd in self._readers:
-            self._coalesce(fd, moved)
+            if len(data) < want:
+                break
+        return moved
 
     def _coalesce(self, fd: int, moved: int) -> None:
         """The process streams: read its pipe again after a pause, in which it fills. The
@@ -783,28 +914,49 @@ class Session:
             self.loop.call_later(self._coalesce_delay, lambda: self._rested(fd))
 
     def _rested(self, fd: int) -> None:
+        """The pause is over: the pipe has (most likely) filled, so it is read now, not
+        after a round trip through epoll; epoll watches it again only once a wake-up
+        does not rest (the process writes little, or has stopped)."""
         self._resting.discard(fd)
-        if fd in self._readers and not self._output_holders:
+        if fd not in self._readers or self._output_holders:
+            return
+        self._on_readable(fd)
+        if fd in self._readers and fd not in self._resting and not self._output_holders:
             self.loop.add_reader(fd, lambda: self._on_readable(fd))
 
     def _splice_out(self, fd: int, stream: str) -> int:
-        """What goes beyond the ring's worth, for the one client that is our only
-        consumer, goes to it by splice(2); the last REPLAY_LIMIT bytes are read as usual
-        (the ring stays the output's last 64 KiB). The bytes spliced, or -1 while the
-        client has not taken them all: our output is paused until it has, and nobody
-        else reads that pipe meanwhile."""
+        """A burst, for the one client that is our only consumer, goes to it by
+        splice(2), unread; its last REPLAY_LIMIT bytes are duplicated into the ring by
+        tee(2) on their way (`_keep_tail`). The bytes spliced (the client may take whole
+        frames only, leaving the rest for the next wake-up), or -1 while it has not
+        taken them all: our output is paused until it has, and nobody else reads that
+        pipe meanwhile."""
         target = self.output.splice_target()
         if target is None:
             return 0
-        count = _pipe_bytes(fd) - REPLAY_LIMIT
+        count = _pipe_bytes(fd)
         if count < SPLICE_MIN:
             return 0
-        self.output_bytes += count
-        self.spliced_bytes += count
-        return count if target.splice_output(stream, fd, count, self) else -1
+        taken, gone = target.splice_output(
+            stream, fd, count, self, REPLAY_LIMIT,
+            lambda pipe, size: self._keep_tail(stream, pipe, size))
+        self.output_bytes += taken
+        self.spliced_bytes += taken
+        return taken if gone else -1
+
+    def _keep_tail(self, stream: str, fd: int, count: int) -> bytes | None:
+        """The last `count` bytes of a spliced burst are at the front of the pipe `fd`:
+        the ring gets them by tee (None: splice them on), or, where tee cannot, they are
+        read here and the client gets them as bytes."""
+        if self.output.keep_tail(stream, fd, count):
+            return None
+        data = _read_exactly(fd, count)
+        self.output.remember(stream, data)
+        return data
 
     def _close_reader(self, fd: int) -> None:
         self._readers.pop(fd, None)
+        self._streaming.discard(fd)
         self.loop.remove_reader(fd)
         if fd == self._stdin_fd:   # a tty's master is both: keep it until the end
             if self.phase is not Phase.FINISHING:

@@ -56,6 +56,8 @@ TIOCGPTPEER = 0x5441
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
 
+SPLICE_F_NONBLOCK = 2   # tee(2), as os.splice's flag
+
 # statfs(2) f_type (linux/magic.h), and the kernel's own filesystems
 PROC_SUPER_MAGIC = 0x9FA0
 TMPFS_MAGIC = 0x01021994
@@ -149,6 +151,26 @@ def renameat2(old_dirfd: int, old: str, new_dirfd: int, new: str, flags: int) ->
                         ctypes.c_int(new_dirfd), ctypes.c_char_p(os.fsencode(new)),
                         ctypes.c_uint(flags)) != 0:
         _raise_errno(old, None, new)
+
+
+_tee = None
+
+
+def tee(fd_in: int, fd_out: int, count: int, flags: int = SPLICE_F_NONBLOCK) -> int:
+    """tee(2): duplicate up to `count` bytes from the front of the pipe `fd_in` into the
+    pipe `fd_out` without consuming them (the pages are shared, not copied); the bytes
+    duplicated. (The os module has splice but not tee.) Raises OSError."""
+    global _tee
+    if _tee is None:
+        import ctypes
+        function = libc().tee
+        function.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_size_t, ctypes.c_uint]
+        function.restype = ctypes.c_ssize_t
+        _tee = function
+    result = _tee(fd_in, fd_out, count, flags)
+    if result < 0:
+        _raise_errno()
+    return result
 
 
 def filesystem_type(fd: int) -> int:

@@ -84,11 +84,14 @@ class AttachChannel:
     def can_splice(self) -> bool:
         return self.connection.can_splice()
 
-    def splice_output(self, stream: str, fd: int, count: int, session) -> bool:
-        """Send `count` bytes waiting in the pipe `fd` as one data frame, spliced; False
-        while some of them are still in the pipe (the session's output is held until
-        they have gone)."""
-        return self.connection.send_splice(self.channel, stream, fd, count, session)
+    def splice_output(self, stream: str, fd: int, count: int, session, tail: int = 0,
+                      on_tail=None) -> tuple[int, bool]:
+        """Send bytes waiting in the pipe `fd`, spliced, as data frames: (how many of
+        `count` it took, whether all of those have gone; if not, the session's output is
+        held until they have). `on_tail(fd, n)` is called before the last `tail` bytes
+        leave the pipe (see Connection.send_splice)."""
+        return self.connection.send_splice(self.channel, stream, fd, count, session, tail,
+                                           on_tail)
 
     def on_close(self) -> None:
         self.attached = False

@@ -147,14 +147,20 @@ class _Splice:
     """A data frame's bytes still in a session's pipe, in a connection's output queue
     after the frame's header: spliced to the client as the socket takes them. While any
     wait (`hold`), the session's output is held (nobody else may read that pipe) and the
-    piece has its own dup of the pipe: the session may close its reader meanwhile."""
-    __slots__ = ("fd", "left", "session", "held")
+    piece has its own dup of the pipe: the session may close its reader meanwhile.
+    `on_tail(fd, tail)` runs when the piece's last `tail` bytes are at the front of the
+    pipe, before any of them leave: None, they are spliced on; bytes, the session read
+    them and they go as bytes."""
+    __slots__ = ("fd", "left", "session", "held", "tail", "on_tail", "kept")
 
     def __init__(self, fd: int, count: int, session):
         self.fd = fd
         self.left = count
         self.session = session
         self.held = False
+        self.tail = 0
+        self.on_tail = None
+        self.kept = False   # on_tail kept the tail: those bytes are the session's ring
 
     def hold(self) -> None:
         if not self.held:
@@ -163,7 +169,13 @@ class _Splice:
             self.session.hold_pipes(self)
 
     def end(self) -> None:
-        """Sent, or given up (the client is gone: what is left is read as usual)."""
+        """Sent, or given up (the client is gone: what is left is read as usual, but for
+        a tail the ring already has: that is dropped, so the ring does not get it twice)."""
+        if self.left and self.kept and self.fd >= 0:
+            try:
+                os.read(self.fd, self.left)   # (a tail is at most 64 KiB: one read)
+            except OSError:
+                pass
         if self.held:
             self.held = False
             os.close(self.fd)
@@ -430,30 +442,38 @@ class Connection:
         """Data frames may be spliced to us: unchecked frames on a socket."""
         return not self.checked and self.conn.sock is not None and not self.closed
 
-    def send_splice(self, channel: int, stream: str, fd: int, count: int, session) -> bool:
-        """Queue data frames of the `count` bytes waiting in the pipe `fd`; they are
-        spliced to the client, never read by us. True when all have gone at once; else
-        `session`'s output is held until they have (HOLD_SECONDS without that: the
-        client is dropped)."""
+    def send_splice(self, channel: int, stream: str, fd: int, count: int, session,
+                    tail: int = 0, on_tail=None) -> tuple[int, bool]:
+        """Queue data frames of bytes waiting in the pipe `fd`: all `count` of them when
+        they fit one frame, else as many whole frames as they fill (the rest waits for
+        the next call: no runt frame). They are spliced to the client, never read by us;
+        `on_tail` (see _Splice) runs before the last `tail` of them leave the pipe.
+        Returns (the bytes taken, whether they have all gone at once); if not, `session`'s
+        output is held until they have (HOLD_SECONDS without that: the client is dropped)."""
+        chunk = p.UNCHECKED_DATA_CHUNK
+        if count > chunk:
+            count -= count % chunk
         pieces = []
-        while count > 0:
-            size = min(count, p.UNCHECKED_DATA_CHUNK)
+        for start in range(0, count, chunk):
+            size = min(count - start, chunk)
             header = p.data_header(channel, size, stream)
             pieces.append(_Splice(fd, size, session))
             self._out.append(header)
             self._out.append(pieces[-1])
             self._out_size += len(header) + size
-            count -= size
+        if on_tail is not None and tail:
+            pieces[-1].tail = min(tail, pieces[-1].left)
+            pieces[-1].on_tail = on_tail
         if not self._writing:
             self._flush()
         if pieces[-1].fd < 0:
-            return True
+            return count, True
         for piece in pieces:
             if piece.fd >= 0:
                 piece.hold()
         if self._splice_timer is None and not self.closed:
             self._splice_timer = self.loop.call_later(HOLD_SECONDS, self._splice_stalled)
-        return False
+        return count, False
 
     def _splice_stalled(self) -> None:
         self._splice_timer = None
@@ -461,10 +481,28 @@ class Connection:
             self._drop_slow(f"did not take a spliced frame within {HOLD_SECONDS:g}s")
 
     def _splice(self, piece: _Splice) -> bool:
-        """Splice what the socket takes of `piece`; True when all of it has gone."""
+        """Splice what the socket takes of `piece`; True when all of it has gone, or it
+        has become bytes (`on_tail`) that are now first in the queue."""
         while piece.left:
+            size = piece.left
+            if piece.on_tail is not None:
+                if size > piece.tail:
+                    size -= piece.tail   # up to the tail
+                else:
+                    on_tail, piece.on_tail = piece.on_tail, None
+                    try:
+                        data = on_tail(piece.fd, size)
+                    except OSError as err:
+                        self.close(f"a spliced frame's bytes could not be kept: {err}")
+                        return False
+                    if data is not None:
+                        self._out[0] = data   # the same bytes, read: written as bytes
+                        piece.left = 0
+                        piece.end()
+                        return True
+                    piece.kept = True
             try:
-                n = os.splice(piece.fd, self.fd, piece.left,
+                n = os.splice(piece.fd, self.fd, size,
                               flags=os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK)
             except (BlockingIOError, InterruptedError):
                 return False
