@@ -15,7 +15,8 @@ VM's agent at debug level 0) serving a unix socket. Each round, in alternating o
 Printed: the median of each path's rates and of the per-round ratios, CPU seconds per
 GiB of the agent (utime+stime from /proc) and of the reader in this process for both
 paths, then the keystroke round trip (client -> agent -> `cat` -> agent -> client),
-median and p99. The machine is shared: the load is printed before and after.
+median and p99, once as the machine is and once with --busy CPU-bound processes
+spinning. The machine is shared: the load is printed before and after.
 """
 from __future__ import annotations
 
@@ -161,6 +162,27 @@ def keystroke_latency(client: Client, count: int) -> list[float]:
     return times
 
 
+BUSY = "while True: pass"
+
+
+def keystrokes_under_load(client: Client, count: int, busy: int) -> list[float]:
+    """The keystroke round trip while `busy` processes spin on the CPUs (at the agent's
+    priority): the machine under load, as a container busy with its own work."""
+    spinners = [subprocess.Popen([sys.executable, "-c", BUSY]) for _ in range(busy)]
+    try:
+        time.sleep(0.5)   # let them take their share
+        return keystroke_latency(client, count)
+    finally:
+        for spinner in spinners:
+            spinner.kill()
+            spinner.wait()
+
+
+def p99(times: list[float]) -> float:
+    ordered = sorted(times)
+    return ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
+
+
 def load() -> str:
     with open("/proc/loadavg") as f:
         return " ".join(f.read().split()[:3])
@@ -172,6 +194,9 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=5,
                         help="interleaved attach/plain rounds (default 5)")
     parser.add_argument("--keys", type=int, default=2000, help="keystrokes to time")
+    parser.add_argument("--busy", type=int, default=os.cpu_count() or 2,
+                        help="CPU-bound processes for the loaded keystroke run (default: "
+                             "one per CPU; 0: none)")
     args = parser.parse_args()
     load_before = load()
     attach, plain = [], []
@@ -179,7 +204,9 @@ def main() -> int:
         proc, client = start_agent(directory)
         try:
             attach_round(client, proc.pid, min(args.size, 64 * MIB))   # warm up
+            quiet_load = load()
             times = keystroke_latency(client, args.keys)
+            loaded = keystrokes_under_load(client, args.keys, args.busy) if args.busy else []
             for i in range(args.rounds):
                 if i % 2:
                     plain.append(plain_round(args.size))
@@ -214,10 +241,12 @@ def main() -> int:
           f"whole round, exec and write-back included), attach client "
           f"{statistics.median(a[2] for a in attach) / gib:.3f}, plain reader "
           f"{statistics.median(p[1] for p in plain) / gib:.3f}")
-    times.sort()
-    p99 = times[min(len(times) - 1, int(len(times) * 0.99))]
-    print(f"  keystroke round trip ({len(times)}): median "
-          f"{statistics.median(times) * 1e3:.3f} ms, p99 {p99 * 1e3:.3f} ms")
+    print(f"  keystroke round trip ({len(times)}, load {quiet_load}): median "
+          f"{statistics.median(times) * 1e3:.3f} ms, p99 {p99(times) * 1e3:.3f} ms")
+    if loaded:
+        print(f"  keystroke round trip ({len(loaded)}, {args.busy} busy loops on "
+              f"{os.cpu_count()} CPUs): median {statistics.median(loaded) * 1e3:.3f} ms, "
+              f"p99 {p99(loaded) * 1e3:.3f} ms")
     return 0
 
 
