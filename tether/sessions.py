@@ -876,8 +876,10 @@ class Session:
             self._coalesce(fd, moved)
 
     def _read_out(self, fd: int, stream: str, budget: int) -> int:
-        """Read and publish up to `budget` bytes, until a short read (the pipe is empty:
-        epoll says when it is not, so no read ends in EAGAIN); -1 at the end of it."""
+        """Read and publish up to `budget` bytes, until a short read from a pipe (it is
+        empty: epoll says when it is not, so no read ends in EAGAIN; a pty gives a few
+        KiB a read, so it is read until EAGAIN); -1 at the end of it."""
+        short_is_empty = not self.config.tty
         moved = 0
         while moved < budget:
             want = min(READ_CHUNK, budget - moved)
@@ -895,7 +897,7 @@ class Session:
             moved += len(data)
             self.output_bytes += len(data)
             self.output.publish(stream, data)
-            if len(data) < want:
+            if len(data) < want and short_is_empty:
                 break
         return moved
 
