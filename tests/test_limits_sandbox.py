@@ -108,7 +108,8 @@ def test_a_session_over_its_memory_limit_is_oom_killed_and_recorded(limited, hyp
 def test_an_oom_kill_of_a_child_is_seen_while_the_session_runs_on(limited):
     script = ("import subprocess, sys, time\n"
               "r = subprocess.run([sys.executable, '-c', 'b = bytearray(256 << 20)'])\n"
-              "print('child returned', r.returncode, flush=True)\n")
+              "print('child returned', r.returncode, flush=True)\n"
+              "time.sleep(1)\n")   # runs on: only the OOM watch can tell before the exit
     primary = session([PY, "-c", script], limits={"memory_bytes": 48 << 20})
     result = limited.run(config(primary))
     assert "child returned -9" in result.log

@@ -42,6 +42,8 @@ GROUP_PREFIX = "session-"
 AGENT_LEAF = "agent"          # where the agent moves itself so its group may delegate
 SANDBOX_PREFIX = "tether-sandbox-"
 CLONE_NEWCGROUP = 0x02000000
+# cgroup v1 notifies an OOM before the kill is counted: seconds after it to read again
+V1_OOM_RECHECKS = (0.05, 0.5)
 
 IN_MODIFY = 0x2
 IN_IGNORED = 0x8000
@@ -585,7 +587,8 @@ class Cgroups:
         return Group(name, self.layout)
 
     def watch_oom(self, group: Group, on_oom: Callable[[], object]) -> None:
-        """Call `on_oom()` on the loop when the kernel reports an OOM event for `group`."""
+        """Call `on_oom()` on the loop when the kernel reports an OOM event for `group`
+        (on cgroup v1 also a few times shortly after: `on_oom` must compare counts)."""
         if self.loop is None:
             return
         try:
@@ -632,7 +635,11 @@ class Cgroups:
                 os.eventfd_read(efd)
             except BlockingIOError:
                 return
+            # v1 signals the group's entering OOM, before the killer has chosen and
+            # counted its victim: look again once the kill has had time to happen.
             on_oom()
+            for delay in V1_OOM_RECHECKS:
+                self.loop.call_later(delay, on_oom)
         self.loop.add_reader(efd, readable)
 
     def _unwatch(self, name: str) -> None:

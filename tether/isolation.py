@@ -179,7 +179,8 @@ class Isolation:
                             os.waitstatus_to_exitcode(status), signal=sig,
                             oom_killed=oom, reason=reason)
         if oom:
-            log.warning("session %s was OOM-killed (memory limit %s)", session.id,
+            log.warning("session %s %s OOM-killed (memory limit %s)", session.id,
+                        "was" if reason == OOM else "exited; processes in its cgroup were",
                         _bytes(cfg.limits.memory_bytes))
             logs = cfg.diagnostics.exit_logs
             if logs:
