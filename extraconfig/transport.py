@@ -186,7 +186,10 @@ class VmxFileTransport:
             except FileNotFoundError:
                 pass
             raise
-        self._data, self._stamp = data, None
+        # What we wrote is what the file holds: the next read need not parse it again
+        # (the agent's write-back sets keys one by one, re-parsing made that quadratic).
+        st = os.stat(self.path)
+        self._data, self._stamp = data, (st.st_mtime_ns, st.st_size)
 
 
 # ------------------------------------------------------------ guest semantics
