@@ -17,7 +17,7 @@ import gc
 import os
 import sys
 import types
-from collections.abc import Callable, Mapping, Sequence
+from _collections_abc import Callable, Mapping, Sequence   # collections.abc's, already loaded by os
 
 from . import keys as K
 from . import scalars as S

@@ -12,7 +12,7 @@ VMware backdoor and virtio-serial transports live in their own modules and plug 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Mapping
+from _collections_abc import Iterator, Mapping   # collections.abc's, already loaded by os
 
 from .keys import insert_prefix
 

@@ -128,7 +128,10 @@ def test_agent_startup_imports_no_argparse_before_the_primary_runs(tmp_path):
 # Modules that cost PID 1's startup more than they give it (benchmarks/startup.py,
 # docs/performance.md): the agent loads them, if at all, once the primary runs.
 HEAVY_AT_STARTUP = {"logging", "dataclasses", "inspect", "ast", "tokenize", "typing", "re",
-                    "tempfile", "json", "ipaddress", "base64", "argparse", "gettext"}
+                    "tempfile", "json", "ipaddress", "base64", "argparse", "gettext",
+                    # the signal module's IntEnums pull in enum, functools and collections:
+                    # tether/signals.py, tether/symbols.py, deque from _collections
+                    "signal", "enum", "functools", "collections"}
 
 
 def test_agent_startup_imports_none_of_the_heavy_modules_before_the_primary_runs(tmp_path):

@@ -13,14 +13,13 @@ of step names (see STEPS), makes those steps raise an injected error.
 """
 from __future__ import annotations
 
-import enum
 import os
-import signal
 import sys
 
-from tether import boottime
+from tether import boottime, signals
 from tether.console import SECRETS_DEBUG_LEVEL, console, env_debug_level, write_console
 from tether.log import DEBUG, INFO, get_logger, set_level
+from tether.symbols import Symbols
 from tether.writeback import CONFIG_ERROR_KEY
 
 log = get_logger("tether.agent")
@@ -49,7 +48,7 @@ class StepFailed(RuntimeError):
     where the host reads it): logged without a traceback."""
 
 
-class RunMode(enum.Enum):
+class RunMode(Symbols):
     """Where the agent runs, decided once at entry (`detect`), and what it may touch."""
     VM = "vm"              # PID 1 of a container VM: the whole machine is ours
     SANDBOX = "sandbox"    # PID 1 of `tether sandbox`'s namespaces on a host
@@ -215,12 +214,12 @@ class Agent:
 
     def install_handlers(self) -> None:
         """The reaper and our signals: SIGTERM/SIGINT/SIGPWR stop, SIGHUP reloads. In a
-        VM, SIGINT is also ctrl-alt-del (setup_system) and SIGPWR the power-fail signal."""
+        VM, SIGINT is also ctrl-alt-del (setup_system) and SIGPWR the power-fail signals."""
         self.reaper.start()
-        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGPWR):
+        for signum in (signals.SIGTERM, signals.SIGINT, signals.SIGPWR):
             self.loop.add_signal_handler(
-                signum, lambda s=signum: self.request_stop(f"signal {signal.Signals(s).name}"))
-        self.loop.add_signal_handler(signal.SIGHUP, self.reload)
+                signum, lambda s=signum: self.request_stop(f"signal {signals.name(s)}"))
+        self.loop.add_signal_handler(signals.SIGHUP, self.reload)
 
     def setup_system(self) -> None:
         from tether import system

@@ -3,11 +3,10 @@ gettext cost startup time on every boot."""
 from __future__ import annotations
 
 import os
-import signal
 import sys
 from types import SimpleNamespace
 
-from tether import boottime
+from tether import boottime, signals
 from tether.agent import DEFAULT_STOP_GRACE, Agent, Options, RunMode
 from tether.console import configure_logging, console, env_debug_level, redirect_log
 from tether.log import DEBUG, INFO, get_logger
@@ -140,5 +139,5 @@ def main(argv: list[str]) -> int:
         except BaseException:   # noqa: BLE001
             log.critical("power off failed; halting here", exc_info=True)
             while True:   # PID 1 must not exit: that would panic the kernel
-                signal.pause()
+                signals.pause()
     return code

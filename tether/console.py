@@ -16,7 +16,7 @@ import stat
 import sys
 import time
 from _thread import RLock, get_ident   # threading's, without importing it (startup)
-from collections import deque
+from _collections import deque   # collections' deque, without importing collections (startup)
 
 from tether.log import INFO, configure, get_logger
 

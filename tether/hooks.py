@@ -25,9 +25,9 @@ from __future__ import annotations
 
 import os
 import select
-import signal
 import time
 
+from tether import signals
 from tether.log import get_logger
 
 log = get_logger("tether.hooks")
@@ -101,7 +101,7 @@ def run_hook(point: str, index: int, hook, state_json: bytes, root: str = "/") -
     if timed_out:
         raise HookError(f"{name}: timed out after {timeout}s" + _tail(text))
     if os.WIFSIGNALED(status):
-        raise HookError(f"{name}: killed by {signal.Signals(os.WTERMSIG(status)).name}"
+        raise HookError(f"{name}: killed by {signals.name(os.WTERMSIG(status))}"
                         + _tail(text))
     code = os.waitstatus_to_exitcode(status)
     if code != 0:
@@ -121,11 +121,11 @@ def _spawn(name: str, path: str, args: list[str], env: dict, root: str):
     stdin_r, stdin_w = os.pipe2(os.O_CLOEXEC)
     out_r, out_w = os.pipe2(os.O_CLOEXEC)
     err_r, err_w = os.pipe2(os.O_CLOEXEC)
-    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
+    old_mask = signals.pthread_sigmask(signals.SIG_BLOCK, signals.valid_signals())
     try:
         pid = os.fork()
     except BaseException:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+        signals.pthread_sigmask(signals.SIG_SETMASK, old_mask)
         for fd in (stdin_r, stdin_w, out_r, out_w, err_r, err_w):
             os.close(fd)
         raise
@@ -143,12 +143,12 @@ def _spawn(name: str, path: str, args: list[str], env: dict, root: str):
             os.chdir("/")
             os.closerange(3, err_w)
             os.closerange(err_w + 1, 1 << 20)
-            for signum in range(1, signal.NSIG):
+            for signum in range(1, signals.NSIG):
                 try:
-                    signal.signal(signum, signal.SIG_DFL)
+                    signals.signal(signum, signals.SIG_DFL)
                 except (OSError, ValueError):
                     pass
-            signal.pthread_sigmask(signal.SIG_SETMASK, ())
+            signals.pthread_sigmask(signals.SIG_SETMASK, ())
             step = f"exec {path}"
             os.execve(path, args, env)
         except OSError as err:
@@ -159,7 +159,7 @@ def _spawn(name: str, path: str, args: list[str], env: dict, root: str):
             os.write(err_w, msg.encode(errors="replace"))
         finally:
             os._exit(127)
-    signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+    signals.pthread_sigmask(signals.SIG_SETMASK, old_mask)
     for fd in (stdin_r, out_w, err_w):
         os.close(fd)
     try:
@@ -206,7 +206,7 @@ def _wait(pid: int, output_r: int, deadline: float) -> tuple[int, bytes, bool]:
         os.close(pidfd)
     if timed_out:
         try:
-            os.killpg(pid, signal.SIGKILL)
+            os.killpg(pid, signals.SIGKILL)
         except ProcessLookupError:
             pass
     _, status = os.waitpid(pid, 0)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import binascii
 import struct
 import time
-from collections.abc import Callable, Iterator
+from _collections_abc import Callable, Iterator   # collections.abc's, already loaded by os
 
 MAX_ENTRY = 4095
 ENCODED_HEADER_LEN = 16

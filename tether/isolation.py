@@ -12,10 +12,9 @@ Everything runs on the loop thread.
 from __future__ import annotations
 
 import os
-import signal
 
 from tether import hooks as hook_runner
-from tether import privileges
+from tether import privileges, signals
 from tether.config import EXITED, OOM, SIGNALLED, STOPPED, ExitRecord
 from tether.log import get_logger
 
@@ -166,7 +165,7 @@ class Isolation:
         group = session.cgroup
         oom = group is not None and group.oom_kills() > group.oom_kills_at_launch
         sig = os.WTERMSIG(status) if os.WIFSIGNALED(status) else 0
-        if oom and sig == signal.SIGKILL:
+        if oom and sig == signals.SIGKILL:
             reason = OOM
         elif getattr(session, "stop_requested", False):
             reason = STOPPED

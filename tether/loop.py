@@ -13,12 +13,12 @@ import heapq
 import itertools
 import os
 import select
-import signal
 import time
 from _thread import get_ident   # threading's, without importing threading (startup)
-from collections import deque
-from collections.abc import Callable
+from _collections import deque   # collections' deque, without importing collections (startup)
+from _collections_abc import Callable   # collections.abc's, already loaded by os
 
+from tether import signals
 from tether.log import get_logger
 
 log = get_logger("tether.loop")
@@ -118,9 +118,9 @@ class Loop:
     def add_signal_handler(self, signum: int, callback: Callback) -> None:
         """Run `callback` on the loop when `signum` arrives (main thread only)."""
         self._signal_handlers[signum] = callback
-        signal.signal(signum, self._on_signal)
-        signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
-        signal.siginterrupt(signum, False)
+        signals.signal(signum, self._on_signal)
+        signals.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
+        signals.siginterrupt(signum, False)
 
     def _on_signal(self, signum: int, _frame) -> None:
         # Runs between bytecodes on the main thread; defer the work to the loop.
@@ -204,7 +204,7 @@ class Loop:
             log.exception("callback %r failed; the agent carries on", callback)
 
     def close(self) -> None:
-        signal.set_wakeup_fd(-1)
+        signals.set_wakeup_fd(-1)
         self._epoll.close()
         os.close(self._wake_r)
         os.close(self._wake_w)

@@ -1,4 +1,4 @@
-"""What a session's process may do: its capabilities, no_new_privileges, parent death signal.
+"""What a session's process may do: its capabilities, no_new_privileges, parent death signals.
 
 `plan_for(config)` decides in the agent, before the fork, and raises PrivilegeError (the
 `started` text) for a capability that is unknown or that the agent itself does not hold.
@@ -15,7 +15,8 @@ ambient capabilities so the unprivileged program really has them.
 from __future__ import annotations
 
 import os
-import signal
+
+from tether import signals
 
 # Linux's capability numbers (include/uapi/linux/capability.h).
 CAPABILITIES = (
@@ -187,5 +188,5 @@ def describe(plan: Plan) -> str:
     if plan.no_new_privileges:
         extra.append("no_new_privileges")
     if plan.death_signal:
-        extra.append(f"pdeathsig {signal.Signals(plan.death_signal).name}")
+        extra.append(f"pdeathsig {signals.name(plan.death_signal)}")
     return names + (f" ({', '.join(extra)})" if extra else "")

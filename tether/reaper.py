@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import os
 import select
-import signal
 import time
 from _thread import allocate_lock, get_ident   # threading's, without importing it (startup)
-from collections.abc import Callable, Sequence
+from _collections_abc import Callable, Sequence   # collections.abc's, already loaded by os
 
+from tether import signals
 from tether.log import get_logger
 
 TYPE_CHECKING = False     # typing's constant without importing typing (PID 1's startup)
@@ -29,12 +29,8 @@ ExitCallback = Callable[[int], object]   # called with the raw wait status
 def describe_status(status: int) -> str:
     """'exited 3' or 'killed by SIGKILL' (the exit-log message)."""
     if os.WIFSIGNALED(status):
-        sig = os.WTERMSIG(status)
-        try:
-            name = signal.Signals(sig).name
-        except ValueError:
-            name = f"signal {sig}"
-        return f"killed by {name}" + (" (core dumped)" if os.WCOREDUMP(status) else "")
+        core = " (core dumped)" if os.WCOREDUMP(status) else ""
+        return f"killed by {signals.name(os.WTERMSIG(status))}{core}"
     return f"exited {os.waitstatus_to_exitcode(status)}"
 
 
@@ -56,7 +52,7 @@ class Reaper:
         self.orphans_reaped = 0
 
     def start(self) -> None:
-        self.loop.add_signal_handler(signal.SIGCHLD, self.reap)
+        self.loop.add_signal_handler(signals.SIGCHLD, self.reap)
         # Children that exited before the handler was in place (switch_root leftovers).
         self.loop.call_soon(self.reap)
 
@@ -109,9 +105,9 @@ class Reaper:
             try:
                 status = self._wait_helper(proc.pid, slot, timeout)
             except subprocess.TimeoutExpired:
-                os.kill(proc.pid, signal.SIGKILL)
+                os.kill(proc.pid, signals.SIGKILL)
                 self._wait_helper(proc.pid, slot, None)
-                proc.returncode = -signal.SIGKILL
+                proc.returncode = -signals.SIGKILL
                 raise subprocess.TimeoutExpired(list(argv), timeout) from None
             proc.returncode = os.waitstatus_to_exitcode(status)
             out.seek(0)

@@ -25,15 +25,15 @@ when a replay asks, so the ring stays the output's last 64 KiB.
 """
 from __future__ import annotations
 
-import enum
 import errno
 import os
-import signal
 import struct
 import time
-from collections import deque
-from collections.abc import Callable
+from _collections import deque   # collections' deque, without importing collections (startup)
+from _collections_abc import Callable   # collections.abc's, already loaded by os
 
+from tether import signals
+from tether.symbols import Symbols
 from tether.console import SECRETS_DEBUG_LEVEL
 from tether.iolog import STDERR, STDOUT, LineFramer
 from tether.log import get_logger
@@ -78,7 +78,7 @@ def launch_failure_code(code: int) -> int:
 
 
 # -- the state machine ------------------------------------------------------------------------
-class Phase(enum.Enum):
+class Phase(Symbols):
     CREATED = "created"        # configured, not launched (or its RunBlock wait cancelled)
     BLOCKED = "blocked"        # RunBlock: waits for an attach to release it
     RUNNING = "running"
@@ -87,7 +87,7 @@ class Phase(enum.Enum):
     FAILED = "failed"          # the launch failed: `started` says why, `launch_errno` the errno
 
 
-class Event(enum.Enum):
+class Event(Symbols):
     BLOCK = "block"                    # asked to launch, but RunBlock holds it
     CANCEL = "cancel"                  # the agent stops: a blocked session will not launch
     LAUNCHED = "launched"
@@ -114,21 +114,21 @@ class SessionStateError(RuntimeError):
 
 
 # -- signals ------------------------------------------------------------------------------
-def parse_signal(spec: str, default: int = signal.SIGTERM) -> int:
+def parse_signal(spec: str, default: int = signals.SIGTERM) -> int:
     """'TERM', 'SIGTERM', 'term' or '15' -> 15; '' -> default. ValueError otherwise."""
     spec = (spec or "").strip()
     if not spec:
         return default
     if spec.isdigit():
         num = int(spec)
-        if 0 < num < signal.NSIG:
+        if 0 < num < signals.NSIG:
             return num
         raise ValueError(f"unknown signal {spec!r}")
     name = spec.upper()
     if not name.startswith("SIG"):
         name = "SIG" + name
     try:
-        return int(signal.Signals[name])
+        return signals.NUMBERS[name]
     except KeyError:
         raise ValueError(f"unknown signal {spec!r}") from None
 
@@ -465,8 +465,8 @@ def _child_exec(spec: LaunchSpec, errw: int) -> None:
         os.closerange(3, errw)
         os.closerange(errw + 1, 1 << 20)
         for name in _AGENT_SIGNALS:
-            signal.signal(getattr(signal, name), signal.SIG_DFL)
-        signal.pthread_sigmask(signal.SIG_SETMASK, ())
+            signals.signal(signals.NUMBERS[name], signals.SIG_DFL)
+        signals.pthread_sigmask(signals.SIG_SETMASK, ())
         os.execve(path, spec.args, dict(e.split("=", 1) if "=" in e else (e, "")
                                         for e in spec.env))
     except OSError as err:
@@ -763,11 +763,11 @@ class Session:
             sync = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)   # CLOEXEC
             spec.sync_fd = sync[1].fileno()
         # Signals stay blocked across the fork so no Python handler runs in the child.
-        old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
+        old_mask = signals.pthread_sigmask(signals.SIG_BLOCK, signals.valid_signals())
         try:
             pid = os.fork()
         except BaseException:
-            signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+            signals.pthread_sigmask(signals.SIG_SETMASK, old_mask)
             os.close(errr)
             os.close(errw)
             if sync is not None:
@@ -777,7 +777,7 @@ class Session:
         if pid == 0:
             os.close(errr)
             _child_exec(spec, errw)   # never returns
-        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+        signals.pthread_sigmask(signals.SIG_SETMASK, old_mask)
         os.close(errw)
         if sync is not None:
             sync[1].close()
@@ -790,7 +790,7 @@ class Session:
                     try:
                         release(pid)
                     except BaseException:
-                        os.kill(pid, signal.SIGKILL)
+                        os.kill(pid, signals.SIGKILL)
                         os.close(errr)
                         os.waitpid(pid, 0)
                         raise

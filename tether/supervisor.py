@@ -21,11 +21,11 @@ Everything here runs on the loop thread; sessions report their phase changes to
 """
 from __future__ import annotations
 
-import signal
 import time
-from collections import deque
-from collections.abc import Callable
+from _collections import deque   # collections' deque, without importing collections (startup)
+from _collections_abc import Callable   # collections.abc's, already loaded by os
 
+from tether import signals
 from tether.log import get_logger
 from tether.sessions import Phase, Session, launch_failure_code, parse_signal
 
@@ -44,7 +44,7 @@ def stop_signal_of(session) -> int:
         return parse_signal(session.config.stop_signal)
     except ValueError as err:
         log.warning("session %s: %s; using SIGTERM", session.id, err)
-        return signal.SIGTERM
+        return signals.SIGTERM
 
 
 class StopSequence:
@@ -71,14 +71,14 @@ class StopSequence:
     def begin(self) -> None:
         self.session.stop_requested = True   # the exit record's reason: stopped
         signum = stop_signal_of(self.session)
-        log.info("session %s: sending %s", self.session.id, signal.Signals(signum).name)
+        log.info("session %s: sending %s", self.session.id, signals.name(signum))
         self.session.signal(signum)
         self._timer = self.loop.call_later(self.grace, self._kill)
 
     def _kill(self) -> None:
         log.warning("session %s still running after %.0fs: SIGKILL", self.session.id,
                     self.grace)
-        self.session.signal(signal.SIGKILL)
+        self.session.signal(signals.SIGKILL)
         self._timer = self.loop.call_later(self.kill_wait, self._give_up)
 
     def _give_up(self) -> None:
