@@ -131,26 +131,39 @@ HEAVY_AT_STARTUP = {"logging", "dataclasses", "inspect", "ast", "tokenize", "typ
                     "tempfile", "json", "ipaddress", "base64", "argparse", "gettext",
                     # the signal module's IntEnums pull in enum, functools and collections:
                     # tether/signals.py, tether/symbols.py, deque from _collections
-                    "signal", "enum", "functools", "collections"}
+                    "signal", "enum", "functools", "collections",
+                    # python-prctl's Python wrapper: the agent calls its C extension, _prctl
+                    "prctl"}
 
 
-def test_agent_startup_imports_none_of_the_heavy_modules_before_the_primary_runs(tmp_path):
+def image_entry(tmp_path, entry: str, *args: str, importtime: bool = True):
+    """Run `entry` (python -c) as the image runs the agent: python -S (no site), no runpy,
+    the repository and the venv's site-packages on the path; a primary that is /bin/true."""
     primary = session_config("p" * 12, ["/bin/true"])
     vmx = write_config(executor_config(primary), str(tmp_path))
     import sysconfig
-    # as the image runs it: python -S (no site), no runpy
     path = os.pathsep.join([str(REPO), sysconfig.get_paths()["purelib"],
                             sysconfig.get_paths()["platlib"]])
-    entry = "import sys; from tether.agentcli import main; sys.exit(main(sys.argv[1:]))"
-    run = subprocess.run([sys.executable, "-S", "-X", "importtime", "-c", entry,
-                          "--guestinfo-file", vmx, "--no-power-off", "--no-attach"],
+    run = subprocess.run([sys.executable, "-S"] + (["-X", "importtime"] if importtime else [])
+                         + ["-c", entry, "--guestinfo-file", vmx, "--no-power-off", *args],
                          cwd=REPO, capture_output=True, text=True, timeout=120,
                          env=dict(os.environ, PYTHONPATH=path))
     assert run.returncode == 0, run.stderr
-    lines = run.stderr.splitlines()
+    return run
+
+
+AGENT_ENTRY = "import sys; from tether.agentcli import main; sys.exit(main(sys.argv[1:]))"
+
+
+def imported_before_the_primary_runs(tmp_path, *args: str) -> list[str]:
+    lines = image_entry(tmp_path, AGENT_ENTRY, *args).stderr.splitlines()
     started = next(i for i, line in enumerate(lines) if re.search(r"session p+ started", line))
-    imported = [line.rsplit("|", 1)[-1].strip() for line in lines[:started]
-                if line.startswith("import time:")]
+    return [line.rsplit("|", 1)[-1].strip() for line in lines[:started]
+            if line.startswith("import time:")]
+
+
+def test_agent_startup_imports_none_of_the_heavy_modules_before_the_primary_runs(tmp_path):
+    imported = imported_before_the_primary_runs(tmp_path, "--no-attach")
     assert {"tether.sessions", "extraconfig.codec"} <= set(imported)   # the check sees them
     assert not HEAVY_AT_STARTUP & set(imported), sorted(HEAVY_AT_STARTUP & set(imported))
 

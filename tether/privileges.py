@@ -1,4 +1,4 @@
-"""What a session's process may do: its capabilities, no_new_privileges, parent death signals.
+"""What a session's process may do: its capabilities, no_new_privileges, parent death signal.
 
 `plan_for(config)` decides in the agent, before the fork, and raises PrivilegeError (the
 `started` text) for a capability that is unknown or that the agent itself does not hold.
@@ -98,7 +98,7 @@ def plan_for(config, uid: int, held: set[int] | None = None) -> Plan:
     # Loaded here, in the agent: the child runs after chroot into the container root,
     # where neither python-prctl nor ctypes can be imported. ctypes (libc) only serves
     # ambient capabilities, loaded below when the plan raises them.
-    import prctl  # noqa: F401
+    import _prctl  # noqa: F401
     held = own_bounding_set() if held is None else held
     explicit = config.capabilities is not None
     if explicit:
@@ -132,37 +132,51 @@ def plan_for(config, uid: int, held: set[int] | None = None) -> Plan:
 
 
 # -- the child side: only os-level calls --------------------------------------------------
+# python-prctl's C extension, _prctl, is called directly: its Python wrapper, prctl, builds
+# a hundred functions and classes on import, which PID 1 would pay for on every boot.
+_CAP_FLAGS = ("CAP_EFFECTIVE", "CAP_INHERITABLE", "CAP_PERMITTED", "CAP_LAST_CAP")
+
+
 def _split(keep: list[int]) -> tuple[list[int], list[int]]:
-    """(the keep-list, every other capability) among those python-prctl can set."""
-    import prctl
-    return ([n for n in prctl.ALL_CAPS if n in keep],
-            [n for n in prctl.ALL_CAPS if n not in keep])
+    """(the keep-list, every other capability) among those python-prctl can set (its
+    CAP_* constants, as prctl.ALL_CAPS lists them)."""
+    import _prctl
+    known = sorted({number for name, number in vars(_prctl).items()
+                    if name.startswith("CAP_") and name not in _CAP_FLAGS})
+    return [n for n in known if n in keep], [n for n in known if n not in keep]
+
+
+def _set_caps(flags: tuple[str, ...], raise_: list[int], clear: list[int]) -> None:
+    """Raise and clear capabilities in the sets named by `flags` (prctl.set_caps)."""
+    import _prctl
+    up = {flag: raise_ if flag in flags else [] for flag in ("E", "P", "I")}
+    down = {flag: clear if flag in flags else [] for flag in ("E", "P", "I")}
+    _prctl.set_caps(up["E"], up["P"], up["I"], down["E"], down["P"], down["I"])
 
 
 def before_setuid(plan: Plan) -> None:
     """Still root: shrink the bounding set, make the keep-list the inheritable set (setuid
     keeps it; exec gives a root process bounding | inheritable), and keep the permitted
     set across the setuid when ambient capabilities are to be raised after it."""
-    import prctl
+    import _prctl
     for n in plan.drop:
         try:
-            prctl.capbset_drop(n)
+            _prctl.prctl(_prctl.PR_CAPBSET_DROP, n)
         except ValueError:
             pass   # a capability python-prctl does not know: the kernel's EINVAL
     known, unknown = _split(plan.keep)
-    prctl.set_caps((unknown, prctl.CAP_INHERITABLE, False), (known, prctl.CAP_INHERITABLE, True))
+    _set_caps(("I",), known, unknown)
     if plan.ambient:
-        prctl.set_keepcaps(True)
+        _prctl.prctl(_prctl.PR_SET_KEEPCAPS, True)
 
 
 def after_setuid(plan: Plan) -> None:
     """The final sets, no_new_privileges, and the parent death signal (which setuid
     clears, so it is set after it)."""
-    import prctl
+    import _prctl
     if plan.ambient:
         known, unknown = _split(plan.keep)
-        every = (prctl.CAP_PERMITTED, prctl.CAP_EFFECTIVE, prctl.CAP_INHERITABLE)
-        prctl.set_caps((unknown, every, False), (known, every, True))
+        _set_caps(("E", "P", "I"), known, unknown)
         from tether import system
         libc = system.libc()
         for n in known:   # what python-prctl could not make inheritable cannot be ambient
@@ -170,12 +184,12 @@ def after_setuid(plan: Plan) -> None:
                 import ctypes
                 err = ctypes.get_errno()
                 raise OSError(err, f"raise ambient {cap_name(n)}: {os.strerror(err)}")
-        prctl.set_keepcaps(False)
+        _prctl.prctl(_prctl.PR_SET_KEEPCAPS, False)
     if plan.no_new_privileges:
-        prctl.set_no_new_privs(1)
+        _prctl.prctl(_prctl.PR_SET_NO_NEW_PRIVS, 1)
     if plan.death_signal:
         parent = os.getppid()
-        prctl.set_pdeathsig(plan.death_signal)
+        _prctl.prctl(_prctl.PR_SET_PDEATHSIG, plan.death_signal)
         if os.getppid() != parent:   # the parent died before the signal was armed
             os.kill(os.getpid(), plan.death_signal)
 

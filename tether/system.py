@@ -227,9 +227,9 @@ def setns(fd: int, nstype: int) -> None:
 
 
 def set_child_subreaper() -> None:
-    import prctl   # python-prctl, loaded for the sessions' capabilities anyway; no ctypes
+    import _prctl   # python-prctl's C extension, loaded for the sessions' capabilities anyway
     try:
-        prctl.set_child_subreaper(1)
+        _prctl.prctl(_prctl.PR_SET_CHILD_SUBREAPER, 1)
     except OSError as err:
         raise OSError(err.errno, f"prctl(PR_SET_CHILD_SUBREAPER): "
                                  f"{os.strerror(err.errno).lower()}") from None
