@@ -168,6 +168,25 @@ def test_agent_startup_imports_none_of_the_heavy_modules_before_the_primary_runs
     assert not HEAVY_AT_STARTUP & set(imported), sorted(HEAVY_AT_STARTUP & set(imported))
 
 
+def test_the_garbage_collector_waits_for_the_launch(tmp_path):
+    """agentcli.main pauses the cyclic GC; Agent.run enables it once the sessions launch."""
+    entry = """if True:
+        import gc, sys
+        from tether import agent
+        from tether.agentcli import main
+        seen = {}
+        launch = agent.Agent.launch_sessions
+        def watched(self):
+            seen["at launch"] = gc.isenabled()
+            launch(self)
+        agent.Agent.launch_sessions = watched
+        code = main(sys.argv[1:])
+        print("gc", seen["at launch"], gc.isenabled())
+        sys.exit(code)"""
+    run = image_entry(tmp_path, entry, "--no-attach", importtime=False)
+    assert run.stdout.split()[-3:] == ["gc", "False", "True"], run.stdout
+
+
 def test_the_run_mode_is_decided_in_one_place():
     hits = [f"{path.relative_to(REPO)}:{n}" for path in sorted((REPO / "tether").rglob("*.py"))
             for n, line in enumerate(path.read_text().splitlines(), 1)

@@ -13,6 +13,7 @@ of step names (see STEPS), makes those steps raise an injected error.
 """
 from __future__ import annotations
 
+import gc
 import os
 import sys
 
@@ -208,13 +209,14 @@ class Agent:
             self.publish_all()   # assigned addresses; sessions publish their own on launch
         if not self.guarded("sessions", self.launch_sessions):
             self.request_stop("the sessions could not be launched")
+        gc.enable()   # agentcli.main paused it for the startup
         self.serve()
         self.guarded("shutdown", self.shutdown)
         return self.exit_code()
 
     def install_handlers(self) -> None:
         """The reaper and our signals: SIGTERM/SIGINT/SIGPWR stop, SIGHUP reloads. In a
-        VM, SIGINT is also ctrl-alt-del (setup_system) and SIGPWR the power-fail signals."""
+        VM, SIGINT is also ctrl-alt-del (setup_system) and SIGPWR the power-fail signal."""
         self.reaper.start()
         for signum in (signals.SIGTERM, signals.SIGINT, signals.SIGPWR):
             self.loop.add_signal_handler(

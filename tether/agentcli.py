@@ -2,6 +2,7 @@
 gettext cost startup time on every boot."""
 from __future__ import annotations
 
+import gc
 import os
 import sys
 from types import SimpleNamespace
@@ -98,6 +99,9 @@ def parse_args(argv: list[str]) -> SimpleNamespace:
 
 def main(argv: list[str]) -> int:
     """`tether agent`: the PID 1 entry. Never ends with a traceback."""
+    # No collections until the sessions are launched (Agent.run enables it again): what
+    # the startup builds is kept, and holds no garbage cycles worth the collector's time.
+    gc.disable()
     boottime.mark("imports")
     configure_logging(level=DEBUG if env_debug_level() >= 1 else INFO)
     code = 1
