@@ -76,3 +76,40 @@ def test_exec_starts_a_new_session(sandbox, tmp_path):
     box.signal(15)
     result = box.wait()
     assert result.returncode == 128 + 15
+
+
+def test_the_attach_server_starts_after_the_launch_and_replays_from_the_first_byte(
+        sandbox, tmp_path):
+    """Without RunBlock the primary is launched before the attach server listens (its exec
+    waits for nothing); a client that comes later still gets its output from the first
+    byte, from the replay ring."""
+    socket_path = tmp_path / "attach.sock"
+    primary = session_config(sid(), ["/bin/sh", "-c", "echo one; echo two; read line; "
+                                     "echo got:$line"], open_stdin=True, attach=True)
+    box = sandbox.start(executor_config(primary), attach_socket=socket_path)
+    box.wait_for_log(r"attach server on")
+    log = box.log_text()
+    assert log.index("started: pid") < log.index("attach server on"), log
+    with connect_client(f"unix:{socket_path}", box) as client:
+        stream = client.attach(primary.common.id, replay=True)
+        stream.write(b"late\n")
+        out, code = collect(stream)
+    result = box.wait()
+    assert out == b"one\ntwo\ngot:late\n", result.log
+    assert (code, result.returncode) == (0, 0)
+
+
+def test_with_runblock_the_attach_server_starts_before_the_launch(sandbox, tmp_path):
+    """A RunBlock session waits for the host to attach: the server listens before it."""
+    socket_path = tmp_path / "attach.sock"
+    primary = session_config(sid(), ["/bin/echo", "released"], run_block=True, attach=True)
+    box = sandbox.start(executor_config(primary), attach_socket=socket_path)
+    box.wait_for_log(r"waits for an attach to release RunBlock")
+    log = box.log_text()
+    assert log.index("attach server on") < log.index("waits for an attach"), log
+    with connect_client(f"unix:{socket_path}", box) as client:
+        stream = client.attach(primary.common.id, replay=True)
+        client.unblock(primary.common.id)
+        out, code = collect(stream)
+    result = box.wait()
+    assert (out, code) == (b"released\n", 0), result.log

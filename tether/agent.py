@@ -1,7 +1,8 @@
 """The agent: PID 1 of a container VM (or of the sandbox's namespaces), top to bottom.
 
     system setup -> decode config -> container root -> hostname -> networks -> volumes
-    -> attach server -> launch sessions -> serve until the primary exits
+    -> launch sessions -> attach servers (before the launch if a session has RunBlock)
+    -> serve until the primary exits
     -> stop the other sessions -> flush write-back -> sync -> power off (VM) or exit
 
 Every step runs under a guard: an exception is logged with its traceback and the agent
@@ -202,17 +203,36 @@ class Agent:
         self.guarded("hostname", self.set_hostname)
         self.guarded("networks", self.apply_networks)
         self.guarded("volumes", self.mount_volumes)
-        self.guarded("attach", self.start_attach)
-        self.guarded("vic-attach", self.start_vic_attach)
-        self.guarded("toolbox", self.start_toolbox)
+        # The attach servers start after the launch, so the primary's exec does not wait
+        # for them (a client that comes later is replayed the output from its first
+        # byte); before it only when a session's RunBlock needs an attach to release it.
+        serve_first = self.run_blocked()
+        if serve_first:
+            self.start_servers()
         if self.config.networks:
             self.publish_all()   # assigned addresses; sessions publish their own on launch
-        if not self.guarded("sessions", self.launch_sessions):
+        launched = self.guarded("sessions", self.launch_sessions)
+        if not launched:
             self.request_stop("the sessions could not be launched")
         gc.enable()   # agentcli.main paused it for the startup
+        if not serve_first:
+            self.start_servers()
+        if launched and not self.launch_error:   # the sign that attach is ready, too
+            log.info("serving %d session(s)", len(self.sessions))
         self.serve()
         self.guarded("shutdown", self.shutdown)
         return self.exit_code()
+
+    def run_blocked(self) -> bool:
+        """Whether a session to be launched waits for an attach (RunBlock)."""
+        return any(cfg is not None and cfg.run_block
+                   for cfg in (self.config.sessions or {}).values())
+
+    def start_servers(self) -> None:
+        """The msgpack attach server, VIC's attach and the toolbox, each under its guard."""
+        self.guarded("attach", self.start_attach)
+        self.guarded("vic-attach", self.start_vic_attach)
+        self.guarded("toolbox", self.start_toolbox)
 
     def install_handlers(self) -> None:
         """The reaper and our signals: SIGTERM/SIGINT/SIGPWR stop, SIGHUP reloads. In a
@@ -536,7 +556,6 @@ class Agent:
         if self.config.common.id and self.config.common.id not in self.sessions:
             log.warning("no primary session (ID %s): serving until told to stop",
                         self.config.common.id)
-        log.info("serving %d session(s)", len(self.sessions))
 
     @staticmethod
     def _fresh(cfg) -> None:
