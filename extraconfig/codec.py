@@ -16,7 +16,6 @@ from __future__ import annotations
 import gc
 import os
 import sys
-import types
 from _collections_abc import Callable, Mapping, Sequence   # collections.abc's, already loaded by os
 
 from . import keys as K
@@ -29,6 +28,7 @@ from .types import ARRAY, FLOAT32, INTERFACE, IP, UINT, GoKind
 # A decoder never makes more slice elements or map entries than this from one key.
 MAX_ELEMENTS = 1 << 16
 
+UnionType = type(int | None)   # types.UnionType, without importing types (startup)
 Sink = Callable[[str, str], object]
 Getter = Callable[[str], "str | None"]
 
@@ -603,8 +603,8 @@ _UNSUPPORTED = Node()
 # A typing.Union or Annotated object exists only once typing has been imported.
 
 def _origin(tp: Any) -> Any:
-    if isinstance(tp, types.UnionType):
-        return types.UnionType
+    if isinstance(tp, UnionType):
+        return UnionType
     return getattr(tp, "__origin__", None)
 
 
@@ -616,7 +616,7 @@ def _optional_arg(tp: Any) -> Any:
     """X for Optional[X] / X | None, else None."""
     origin = _origin(tp)
     typing = sys.modules.get("typing")
-    if origin is types.UnionType or (typing is not None and origin is typing.Union):
+    if origin is UnionType or (typing is not None and origin is typing.Union):
         args = [a for a in _args(tp) if a is not type(None)]
         if len(args) == 1 and len(_args(tp)) == 2:
             return args[0]

@@ -21,8 +21,8 @@ no `typing` either.
 from __future__ import annotations
 
 import builtins
-import reprlib
 import sys
+from _thread import get_ident
 
 MISSING = type("MISSING", (), {"__repr__": lambda self: "MISSING"})()
 
@@ -189,11 +189,20 @@ def _initializer(cls, fields):
     return __init__
 
 
-@reprlib.recursive_repr()
+_IN_REPR: set = set()    # (id, thread) of the records being repr'd: reprlib.recursive_repr
+
+
 def _repr(self) -> str:
-    return (f"{type(self).__qualname__}("
-            + ", ".join(f"{f.name}={getattr(self, f.name)!r}"
-                        for f in type(self).__record_fields__) + ")")
+    key = id(self), get_ident()
+    if key in _IN_REPR:
+        return "..."     # a record that holds itself
+    _IN_REPR.add(key)
+    try:
+        return (f"{type(self).__qualname__}("
+                + ", ".join(f"{f.name}={getattr(self, f.name)!r}"
+                            for f in type(self).__record_fields__) + ")")
+    finally:
+        _IN_REPR.discard(key)
 
 
 def _values(self) -> tuple:

@@ -125,3 +125,12 @@ def test_records_and_the_codec_work_without_importing_dataclasses():
                           text=True, env=env, cwd=REPO, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["[]"]
+
+
+def test_a_record_that_holds_itself_has_the_dataclass_repr():
+    """recursive_repr's '...' where a record reaches itself, as a dataclass's repr gives."""
+    ours, theirs = make_pair()
+    a, b = ours(1), theirs(1)
+    a.tags, b.tags = [a], [b]
+    assert repr(a) == repr(b).replace(theirs.__qualname__, ours.__qualname__)
+    assert "..." in repr(a)

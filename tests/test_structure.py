@@ -133,7 +133,11 @@ HEAVY_AT_STARTUP = {"logging", "dataclasses", "inspect", "ast", "tokenize", "typ
                     # tether/signals.py, tether/symbols.py, deque from _collections
                     "signal", "enum", "functools", "collections",
                     # python-prctl's Python wrapper: the agent calls its C extension, _prctl
-                    "prctl"}
+                    "prctl",
+                    # small, but each module costs the boot its lookup, load and body:
+                    # SimpleNamespace, recursive_repr and heapq.py's wrappers are not needed,
+                    # hooks only for a config that has some
+                    "types", "reprlib", "heapq", "tether.hooks"}
 
 
 def image_entry(tmp_path, entry: str, *args: str, importtime: bool = True):

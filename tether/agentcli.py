@@ -5,7 +5,6 @@ from __future__ import annotations
 import gc
 import os
 import sys
-from types import SimpleNamespace
 
 from tether import boottime, signals
 from tether.agent import DEFAULT_STOP_GRACE, Agent, Options, RunMode
@@ -56,9 +55,17 @@ class UsageError(Exception):
     pass
 
 
-def parse_args(argv: list[str]) -> SimpleNamespace:
+class Arguments:
+    """The parsed options: attributes named as the option (types.SimpleNamespace's job,
+    without importing types)."""
+
+    def __init__(self, **values) -> None:
+        self.__dict__.update(values)
+
+
+def parse_args(argv: list[str]) -> Arguments:
     """The agent's options, parsed by hand: argparse costs PID 1 startup time."""
-    args = SimpleNamespace(guestinfo_file=None, rootfs=None, output_log=None,
+    args = Arguments(guestinfo_file=None, rootfs=None, output_log=None,
                            attach_endpoints=None, log_port=None, stop_grace=DEFAULT_STOP_GRACE,
                            no_attach=False, no_power_off=False, help=False, vic_attach=None,
                            vic_handshake=None, vic_auth=None, keep_execs=None,

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 
-from tether import hooks as hook_runner
 from tether import privileges, signals
 from tether.config import EXITED, OOM, SIGNALLED, STOPPED, ExitRecord
 from tether.log import get_logger
@@ -111,12 +110,14 @@ class Isolation:
         return ChildSetup(fds, plan, sync=self._hooks_for(session, "launch"))
 
     def _hooks_for(self, session, which: str) -> bool:
-        if not session.primary or self.config is None:
+        if not session.primary or self.config is None or not self.config.hooks.any():
             return False
+        from tether import hooks as hook_runner   # only for a config that has hooks
         points = hook_runner.LAUNCH_POINTS if which == "launch" else (which,)
         return any(self.config.hooks.at(p) for p in points)
 
     def _state(self, session, status: str) -> bytes:
+        from tether import hooks as hook_runner
         return hook_runner.state(session.id, status, session.pid, self.root,
                                  getattr(self.config, "annotations", None))
 
@@ -124,6 +125,7 @@ class Isolation:
     def before_release(self, session, pid: int) -> None:
         """The launch hooks, in the OCI runtime spec's order. Raises LaunchError at the
         first failure."""
+        from tether import hooks as hook_runner
         from tether.sessions import LaunchError
         doc = hook_runner.state(session.id, "created", pid, self.root,
                                 getattr(self.config, "annotations", None))
@@ -135,6 +137,7 @@ class Isolation:
 
     def launched(self, session) -> None:
         if self._hooks_for(session, "poststart"):
+            from tether import hooks as hook_runner
             failures = hook_runner.run_point(self.config.hooks, "poststart",
                                              self._state(session, "running"), self.root,
                                              keep_going=True)
@@ -186,6 +189,7 @@ class Isolation:
                 logs[-1].message += " (out of memory: the OOM killer)"
         self._release(session)
         if self._hooks_for(session, "poststop"):
+            from tether import hooks as hook_runner
             messages += hook_runner.run_point(self.config.hooks, "poststop",
                                               self._state(session, "stopped"), self.root,
                                               keep_going=True)

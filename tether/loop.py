@@ -9,11 +9,11 @@ own module and math to PID 1's startup.
 """
 from __future__ import annotations
 
-import heapq
 import itertools
 import os
 import select
 import time
+from _heapq import heappop, heappush   # heapq's C functions, without heapq.py (startup)
 from _thread import get_ident   # threading's, without importing threading (startup)
 from _collections import deque   # collections' deque, without importing collections (startup)
 from _collections_abc import Callable   # collections.abc's, already loaded by os
@@ -101,7 +101,7 @@ class Loop:
 
     def call_later(self, delay: float, callback: Callback) -> Timer:
         timer = Timer(time.monotonic() + max(0.0, delay), callback)
-        heapq.heappush(self._timers, (timer.when, next(self._seq), timer))
+        heappush(self._timers, (timer.when, next(self._seq), timer))
         return timer
 
     def call_soon_threadsafe(self, callback: Callback) -> None:
@@ -181,7 +181,7 @@ class Loop:
                 self._run(self._writers[fd])
         now = time.monotonic()
         while self._timers and self._timers[0][0] <= now:
-            _, _, timer = heapq.heappop(self._timers)
+            _, _, timer = heappop(self._timers)
             if not timer.cancelled:
                 self._run(timer.callback)
         while self._threadsafe:
