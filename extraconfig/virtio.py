@@ -24,7 +24,7 @@ import os
 import select
 import struct
 import time
-from collections.abc import Callable, Iterable
+from _collections_abc import Callable, Iterable   # collections.abc's, already loaded by os
 
 PORT_NAME = "org.tether.guestinfo"
 MAX_MESSAGE = 1 << 20

@@ -172,6 +172,38 @@ def test_agent_startup_imports_none_of_the_heavy_modules_before_the_primary_runs
     assert not HEAVY_AT_STARTUP & set(imported), sorted(HEAVY_AT_STARTUP & set(imported))
 
 
+# What the transports of a VM's boot must not import: under QEMU's TCG every module costs
+# tens of milliseconds (typing.NamedTuple, dataclasses and threading made the backdoor
+# probe's imports cost more than the probe).
+HEAVY_ON_THE_VM_PATH = HEAVY_AT_STARTUP | {"threading", "copy", "weakref", "contextlib",
+                                           "operator", "keyword"}
+
+
+def test_the_vm_boot_paths_guestinfo_choice_imports_none_of_the_heavy_modules():
+    """tether.guestinfo.open_transport as a VM's agent runs it, here: the backdoor probe
+    (which never faults and finds no backdoor off VMware), then the virtio-serial port,
+    then no file: all of them imported and run, as python -S."""
+    entry = """if True:
+        import sys
+        from tether.console import configure_logging
+        configure_logging(stream=sys.stderr)
+        from tether.guestinfo import open_transport
+        try:
+            open_transport(None)
+        except RuntimeError as err:
+            print("no channel:", err, file=sys.stderr)
+        print(" ".join(sorted(sys.modules)))"""
+    import sysconfig
+    path = os.pathsep.join([str(REPO), sysconfig.get_paths()["purelib"],
+                            sysconfig.get_paths()["platlib"]])
+    run = subprocess.run([sys.executable, "-S", "-c", entry], cwd=REPO, capture_output=True,
+                         text=True, timeout=120, env=dict(os.environ, PYTHONPATH=path))
+    assert run.returncode == 0, run.stderr
+    imported = set(run.stdout.split())
+    assert {"extraconfig.backdoor.native", "extraconfig.virtio"} <= imported, run.stderr
+    assert not HEAVY_ON_THE_VM_PATH & imported, sorted(HEAVY_ON_THE_VM_PATH & imported)
+
+
 def test_the_garbage_collector_waits_for_the_launch(tmp_path):
     """agentcli.main pauses the cyclic GC; Agent.run enables it once the sessions launch."""
     entry = """if True:

@@ -13,9 +13,7 @@ ebx (we put its complement there).
 from __future__ import annotations
 
 import os
-import signal
 import struct
-from dataclasses import dataclass
 
 from .message import BackdoorError
 from .protocol import CMD_GETVERSION, MAGIC, MASK32, PORT, Regs
@@ -44,12 +42,19 @@ NO_BACKDOOR = {"Microsoft Hv", "XenVMMXenVMM", "VBoxVBoxVBox", "ACRNACRNACRN",
                "bhyve bhyve", "QNXQVMBSQG"}
 
 
-@dataclass
 class Probe:
-    present: bool          # GETVERSION answered with the magic
-    reason: str            # for the log: why (not) present
-    vendor: str = ""       # CPUID hypervisor vendor, "" when none
-    version: int = 0
+    """What the probe found (plain data: dataclasses would cost the boot inspect)."""
+    __slots__ = ("present", "reason", "vendor", "version")
+
+    def __init__(self, present: bool, reason: str, vendor: str = "", version: int = 0):
+        self.present = present     # GETVERSION answered with the magic
+        self.reason = reason       # for the log: why (not) present
+        self.vendor = vendor       # CPUID hypervisor vendor, "" when none
+        self.version = version
+
+    def __repr__(self) -> str:
+        return (f"Probe(present={self.present!r}, reason={self.reason!r}, "
+                f"vendor={self.vendor!r}, version={self.version!r})")
 
 
 class NativePorts:
@@ -156,6 +161,7 @@ def _getversion_in_child() -> str | None:
     except ChildProcessError:
         return "the backdoor probe's child process was reaped by someone else"
     if os.WIFSIGNALED(status):
+        import signal   # only when the probe faulted
         name = signal.Signals(os.WTERMSIG(status)).name
         return f"GETVERSION faulted ({name}) in a child process: no usable backdoor port"
     if os.waitstatus_to_exitcode(status) != 0:

@@ -10,8 +10,6 @@ Status comes back in the high half of ecx (low bandwidth) or of ebx (high bandwi
 
 from __future__ import annotations
 
-from typing import NamedTuple, Protocol
-
 MAGIC = 0x564D5868
 PORT = 0x5658            # low bandwidth: one `inl`, 4 bytes at most per call
 HB_PORT = 0x5659         # high bandwidth: `rep outsb` / `rep insb`, whole messages
@@ -42,19 +40,38 @@ FLAG_COOKIE = 0x80000000   # ask for a cookie on open; older hosts refuse, then 
 MASK32 = 0xFFFFFFFF
 
 
-class Regs(NamedTuple):
-    """The registers of one backdoor call, each an unsigned 32-bit int."""
-    eax: int = 0
-    ebx: int = 0
-    ecx: int = 0
-    edx: int = 0
-    esi: int = 0
-    edi: int = 0
-    ebp: int = 0
+class Regs(tuple):
+    """The registers of one backdoor call, each an unsigned 32-bit int: a named tuple,
+    written out because typing.NamedTuple (typing, re, enum...) would cost PID 1's boot
+    more than the whole probe."""
+    __slots__ = ()
+    _fields = ("eax", "ebx", "ecx", "edx", "esi", "edi", "ebp")
+
+    def __new__(cls, eax: int = 0, ebx: int = 0, ecx: int = 0, edx: int = 0, esi: int = 0,
+                edi: int = 0, ebp: int = 0) -> "Regs":
+        return tuple.__new__(cls, (eax, ebx, ecx, edx, esi, edi, ebp))
+
+    def __getnewargs__(self) -> tuple:
+        return tuple(self)
+
+    def _replace(self, **changes: int) -> "Regs":
+        return Regs(**dict(zip(self._fields, self), **changes))
+
+    def __repr__(self) -> str:
+        return "Regs(" + ", ".join(f"{n}={v!r}" for n, v in zip(self._fields, self)) + ")"
+
+    eax = property(lambda self: self[0])
+    ebx = property(lambda self: self[1])
+    ecx = property(lambda self: self[2])
+    edx = property(lambda self: self[3])
+    esi = property(lambda self: self[4])
+    edi = property(lambda self: self[5])
+    ebp = property(lambda self: self[6])
 
 
-class Ports(Protocol):
-    """The port-I/O layer: what the CPU (or a simulated hypervisor) does with one call.
+class Ports:
+    """The port-I/O layer: what the CPU (or a simulated hypervisor) does with one call;
+    an interface, described here (NativePorts, SocketPorts, SimulatedHypervisor have it).
 
     `backdoor` is `inl` on the port in dx; `hb_out` is `rep outsb` of `data` (ecx and esi
     are set by the layer); `hb_in` is `rep insb` of `size` bytes (ecx and edi likewise).

@@ -9,7 +9,8 @@ the reason: for info-get a missing key).
 
 from __future__ import annotations
 
-import threading
+from _thread import allocate_lock   # threading's Lock, without threading (boot)
+
 from .message import BackdoorError, MessageChannel
 from .protocol import PROTO_RPCI, Ports
 
@@ -49,7 +50,7 @@ class RpciTransport:
         self.ports = ports
         self.use_high_bandwidth = use_high_bandwidth
         self._channel: MessageChannel | None = None
-        self._lock = threading.Lock()
+        self._lock = allocate_lock()
 
     def channel_factory(self, proto: int) -> MessageChannel:
         """A new channel on the same ports (the toolbox opens its own TCLO and RPCI)."""
