@@ -204,6 +204,37 @@ def test_the_vm_boot_paths_guestinfo_choice_imports_none_of_the_heavy_modules():
     assert not HEAVY_ON_THE_VM_PATH & imported, sorted(HEAVY_ON_THE_VM_PATH & imported)
 
 
+# The modules a VM's agent loads for its steps before the launch that a plain process
+# does not (system mounts, cgroups, the containerfs disk, hostname and /etc files, the
+# output log's port).
+VM_STEP_MODULES = ("tether.system", "tether.cgroups", "tether.rootfs", "tether.volumes",
+                   "tether.etcfiles", "tether.iolog", "extraconfig.virtio")
+
+
+def test_the_vm_boot_steps_import_none_of_the_heavy_modules():
+    """The VM-only steps' modules, loaded and their boot-time helpers called (a group's
+    name, /etc/hosts' localhost check), as python -S."""
+    entry = f"""if True:
+        import sys
+        for name in {VM_STEP_MODULES!r}:
+            __import__(name)
+        from tether import cgroups, etcfiles
+        print(cgroups.group_name("a b"), etcfiles._ip_version("127.0.0.1"),
+              etcfiles._ip_version("::1"))
+        print(" ".join(sorted(sys.modules)))"""
+    import sysconfig
+    path = os.pathsep.join([str(REPO), sysconfig.get_paths()["purelib"],
+                            sysconfig.get_paths()["platlib"]])
+    run = subprocess.run([sys.executable, "-S", "-c", entry], cwd=REPO, capture_output=True,
+                         text=True, timeout=120, env=dict(os.environ, PYTHONPATH=path))
+    assert run.returncode == 0, run.stderr
+    first, modules = run.stdout.splitlines()
+    assert first == "session-a_b 4 6"
+    imported = set(modules.split())
+    assert set(VM_STEP_MODULES) <= imported
+    assert not HEAVY_ON_THE_VM_PATH & imported, sorted(HEAVY_ON_THE_VM_PATH & imported)
+
+
 def test_the_garbage_collector_waits_for_the_launch(tmp_path):
     """agentcli.main pauses the cyclic GC; Agent.run enables it once the sessions launch."""
     entry = """if True:

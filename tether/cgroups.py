@@ -24,10 +24,9 @@ from __future__ import annotations
 
 import errno
 import os
-import re
 import struct
 import time
-from collections.abc import Callable
+from _collections_abc import Callable   # collections.abc's, already loaded by os
 
 from tether.log import get_logger
 
@@ -41,6 +40,9 @@ V1_WANTED = ("memory", "cpu", "cpuacct", "pids")
 GROUP_PREFIX = "session-"
 AGENT_LEAF = "agent"          # where the agent moves itself so its group may delegate
 SANDBOX_PREFIX = "tether-sandbox-"
+# What a session ID keeps in its group's name; any other character becomes "_". (No re on
+# the VM's boot path: it costs more than the whole cgroups step.)
+_GROUP_NAME_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.-")
 CLONE_NEWCGROUP = 0x02000000
 # cgroup v1 notifies an OOM before the kill is counted: seconds after it to read again
 V1_OOM_RECHECKS = (0.05, 0.5)
@@ -269,14 +271,22 @@ def delegate(name: str) -> Delegation:
     return done
 
 
+def group_name(session_id: str) -> str:
+    """A session's group: the ID with any character but A-Z, a-z, 0-9, "_", "." and "-"
+    made "_", at most 200 of them."""
+    return GROUP_PREFIX + "".join(c if c in _GROUP_NAME_CHARS else "_"
+                                  for c in session_id)[:200]
+
+
 def _sweep_stale(base: str) -> None:
     try:
         entries = os.listdir(base)
     except OSError:
         return
     for entry in entries:
-        m = re.fullmatch(re.escape(SANDBOX_PREFIX) + r"(\d+)", entry)
-        if m and not os.path.exists(f"/proc/{m.group(1)}"):
+        pid = entry[len(SANDBOX_PREFIX):]
+        if entry.startswith(SANDBOX_PREFIX) and pid.isdecimal() \
+                and not os.path.exists(f"/proc/{pid}"):
             stale = Delegation()
             stale.add(os.path.join(base, entry))
             stale.remove(wait=0)
@@ -579,7 +589,7 @@ class Cgroups:
 
     # -- sessions ------------------------------------------------------------------------
     def group_for(self, session_id: str) -> Group:
-        name = GROUP_PREFIX + re.sub(r"[^A-Za-z0-9_.-]", "_", session_id)[:200]
+        name = group_name(session_id)
         leftover = self._leftover.pop(name, None)
         if leftover is not None:
             self._unwatch(name)

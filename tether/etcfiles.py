@@ -11,7 +11,6 @@ DHCP server handing out other DNS servers), so the few stacked mounts cost nothi
 """
 from __future__ import annotations
 
-import ipaddress
 import os
 
 from tether.rootfs import resolve_in_root
@@ -178,6 +177,16 @@ def _hosts_line(ip: str, names: list[str]) -> str:
 
 
 def _ip_version(text: str) -> int | None:
+    # inet_pton answers the usual forms without ipaddress (re, functools...) on the VM's
+    # boot path; ipaddress decides the rest (a scope ID, say) as before
+    from _socket import AF_INET, AF_INET6, inet_pton
+    for family, version in ((AF_INET, 4), (AF_INET6, 6)):
+        try:
+            inet_pton(family, text)
+            return version
+        except OSError:
+            pass
+    import ipaddress
     try:
         return ipaddress.ip_address(text).version
     except ValueError:

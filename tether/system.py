@@ -323,8 +323,10 @@ def set_raw_tty(fd: int, baud: int | None = 115200) -> None:
 
 
 def set_hostname(name: str) -> None:
-    import socket   # cheap, but only needed here
-    socket.sethostname(name)
+    # socket.sethostname is _socket's; the socket module would build its IntEnums (enum,
+    # functools...) on the VM's boot path
+    from _socket import sethostname
+    sethostname(name)
 
 
 def sync() -> None:

@@ -7,10 +7,8 @@ from __future__ import annotations
 
 import errno
 import os
-import socket
 import stat
 import time
-from dataclasses import dataclass
 
 from tether.rootfs import resolve_in_root
 from tether.system import (MS_DIRSYNC, MS_NOATIME, MS_NODEV, MS_NODIRATIME, MS_NOEXEC,
@@ -154,10 +152,13 @@ def find_device_by_label(label: str, timeout: float) -> str:
 
 
 # -- mounting volumes --------------------------------------------------------------------------
-@dataclass
 class _Prepared:
-    target: str
-    keep: os.stat_result | None    # the mount point existed: keep its owner and mode
+    # plain: dataclasses (inspect, ast...) would cost the VM's boot more than this step
+    __slots__ = ("target", "keep")
+
+    def __init__(self, target: str, keep: os.stat_result | None):
+        self.target = target
+        self.keep = keep     # the mount point existed: keep its owner and mode
 
 
 def _prepare_target(target: str) -> _Prepared:
@@ -225,6 +226,7 @@ def _mount_nfs(name: str, spec, target: str, mode: str) -> None:
     hostname = host.rsplit(":", 1)[0] if host.count(":") == 1 else host.strip("[]")
     if not hostname:
         raise VolumeError(f"volume {name}: nfs:// without a host")
+    import socket   # NFS volumes only: socket builds IntEnums on import
     try:
         infos = socket.getaddrinfo(hostname, None, proto=socket.IPPROTO_TCP)
     except socket.gaierror as exc:
