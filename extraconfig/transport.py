@@ -211,8 +211,17 @@ class GuestSource(Mapping[str, str]):
     def __init__(self, transport: Transport, prefix: str = "") -> None:
         self.transport = transport
         self.prefix = prefix
-        from .secret import key_from_text
-        self.secret_key = key_from_text(self._raw(OVF_ENV))
+        self._ovf_env = self._raw(OVF_ENV)   # read first, as the reference does
+        self._secret_key: bytes | None = None
+
+    @property
+    def secret_key(self) -> bytes:
+        """The key `guestinfo.ovfEnv` holds (extraconfig.secret, loaded when a secret
+        value is first read: most configs have none)."""
+        if self._secret_key is None:
+            from .secret import key_from_text
+            self._secret_key = key_from_text(self._ovf_env)
+        return self._secret_key
 
     def _raw(self, key: str) -> str | None:
         if key != OVF_ENV:

@@ -166,10 +166,17 @@ def imported_before_the_primary_runs(tmp_path, *args: str) -> list[str]:
             if line.startswith("import time:")]
 
 
+# Loaded where they are used: the output log's framing (a VM's log port), the container
+# root's paths (a root other than /, a tty), the secret values' key (a secret key read).
+# A plain process with none of those, as here, needs none of them before its primary runs.
+LOADED_WHERE_USED = {"tether.iolog", "tether.rootfs", "extraconfig.secret"}
+
+
 def test_agent_startup_imports_none_of_the_heavy_modules_before_the_primary_runs(tmp_path):
     imported = imported_before_the_primary_runs(tmp_path, "--no-attach")
     assert {"tether.sessions", "extraconfig.codec"} <= set(imported)   # the check sees them
     assert not HEAVY_AT_STARTUP & set(imported), sorted(HEAVY_AT_STARTUP & set(imported))
+    assert not LOADED_WHERE_USED & set(imported), sorted(LOADED_WHERE_USED & set(imported))
 
 
 # What the transports of a VM's boot must not import: under QEMU's TCG every module costs

@@ -399,10 +399,10 @@ class Agent:
         return self._etc
 
     def prepare_container_root(self) -> None:
-        from tether import rootfs
         if self.options.rootfs is None and self.mode.owns_machine:
             self.root = self._mount_containerfs() or "/"
         if self.root != "/":
+            from tether import rootfs
             log.info("container root %s", self.root)
             # The sandbox's root gets a /dev of its own, never the host's.
             rootfs.bind_system_dirs(self.root, fresh_dev=self.mode is RunMode.SANDBOX)

@@ -35,10 +35,8 @@ from _collections_abc import Callable   # collections.abc's, already loaded by o
 from tether import signals
 from tether.symbols import Symbols
 from tether.console import SECRETS_DEBUG_LEVEL
-from tether.iolog import STDERR, STDOUT, LineFramer
 from tether.log import get_logger
 from tether.reaper import describe_status
-from tether.rootfs import open_pty
 
 log = get_logger("tether.sessions")
 
@@ -219,8 +217,12 @@ class OutputFanout:
         self._tail_live = 0       # the last bytes in it: the ring's entry of None
         self._log_port = log_port
         self._echo = echo
-        tag = None if primary else session_id
-        self._framers = {"stdout": LineFramer(STDOUT, tag), "stderr": LineFramer(STDERR, tag)}
+        self._framers = {}
+        if log_port is not None:   # the output log's framing, loaded only for one
+            from tether.iolog import STDERR, STDOUT, LineFramer
+            tag = None if primary else session_id
+            self._framers = {"stdout": LineFramer(STDOUT, tag),
+                             "stderr": LineFramer(STDERR, tag)}
         self.closed = False
 
     def subscribe(self, listener) -> None:
@@ -694,6 +696,7 @@ class Session:
             if cfg.tty:
                 import fcntl  # noqa: F401 - the child sets its controlling tty with them
                 import termios  # noqa: F401
+                from tether.rootfs import open_pty   # tty sessions only
                 master, slave = open_pty(self.root)
                 parent_fds.append(master)
                 child_fds.append(slave)
