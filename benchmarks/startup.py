@@ -21,7 +21,7 @@ the same interpreter, flags and environment:
 hook for both), `--sandbox` the whole `tether sandbox` (root), `--compare DIR` the agent
 of another checkout (a commit before a change, say: `git worktree add DIR REV`), in the
 same rounds. `--importtime` runs the agent once with `python -X importtime` and prints
-the imports that cost the most.
+the imports before its primary's exec that cost the most.
 Ratios are of medians; the median of the per-round ratios is printed next to them.
 """
 from __future__ import annotations
@@ -145,11 +145,14 @@ def importtime(argv: list[str], env: dict, top: int = 25) -> None:
                          text=True, cwd=REPO, env=env, timeout=300)
     rows = []
     for line in run.stderr.splitlines():
+        if " started: pid " in line:   # the agent's log: the primary has been exec'd
+            break
         if line.startswith("import time:") and "|" in line and "self" not in line:
             own, total, name = line[len("import time:"):].split("|")
             rows.append((int(total), int(own), name.rstrip()))
-    print(f"\nimports of the agent (python -X importtime, us; {len(rows)} modules, "
-          f"own time in all {sum(r[1] for r in rows) / 1000:.1f} ms):")
+    print(f"\nimports of the agent before its primary's exec (python -X importtime, us; "
+          f"{len(rows)} modules, the interpreter's own included; own time in all "
+          f"{sum(r[1] for r in rows) / 1000:.1f} ms):")
     for total, own, name in sorted(rows, reverse=True)[:top]:
         print(f"  {total:7d} {own:7d} {name}")
 
