@@ -72,20 +72,44 @@ _PATTERNS: dict = {}
 
 
 def _patterns() -> dict:
-    """The text patterns, compiled at the first parse: the agent's boot reads no times,
-    and re is not loaded before one is."""
+    """The RFC 3339 pattern, compiled at its first use (the JSON form's times)."""
     if not _PATTERNS:
         import re
         _PATTERNS.update(
             rfc3339=re.compile(
                 r"(\d{4})-(\d{2})-(\d{2})[Tt ](\d{2}):(\d{2}):(\d{2})(?:\.(\d{1,9}))?"
-                r"(?:(Z|z)|([+-])(\d{2}):(\d{2}))\Z"),
-            layout=re.compile(
-                r"(\d{4})-(\d{2})-(\d{2}) (\d{1,2}):(\d{2}):(\d{2})(?:\.(\d{1,9}))? ([+-])"
-                r"(\d{2})(\d{2}) (.*)\Z", re.ASCII | re.DOTALL),
-            gmt=re.compile(r"GMT(?:[+-]\d{1,2})?", re.ASCII),
-            abbreviation=re.compile(r"[A-Z]{3,5}", re.ASCII))
+                r"(?:(Z|z)|([+-])(\d{2}):(\d{2}))\Z"))
     return _PATTERNS
+
+
+def _digits(text: str, least: int, most: int) -> bool:
+    return least <= len(text) <= most and text.isascii() and text.isdigit()
+
+
+def _layout_fields(text: str) -> tuple | None:
+    """Go's String() layout, `YYYY-MM-DD h:MM:SS[.fraction] +hhmm ZONE`, split into (year,
+    month, day, hour, minute, second, fraction or "", sign, offset hours, offset minutes,
+    zone) texts, or None; the zone is the rest, whatever it holds. Read with str methods,
+    not re: a VM restarted with its last run's exit records reads times at boot, and re
+    would cost that boot more than the whole config step."""
+    date, _, rest = text.partition(" ")
+    clock, _, rest = rest.partition(" ")
+    offset, space, zone = rest.partition(" ")
+    if not space or len(date) != 10 or date[4] != "-" or date[7] != "-":
+        return None
+    y, mo, d = date[:4], date[5:7], date[8:]
+    hms, dot, fraction = clock.partition(".")
+    h, _, ms = hms.partition(":")
+    mi, colon, sec = ms.partition(":")
+    if not (colon and _digits(y, 4, 4) and _digits(mo, 2, 2) and _digits(d, 2, 2)
+            and _digits(h, 1, 2) and _digits(mi, 2, 2) and _digits(sec, 2, 2)
+            and (not dot or _digits(fraction, 1, 9))):
+        return None
+    sign, oh, om = offset[:1], offset[1:3], offset[3:]
+    if len(offset) != 5 or sign not in ("+", "-") or not (_digits(oh, 2, 2)
+                                                         and _digits(om, 2, 2)):
+        return None
+    return y, mo, d, h, mi, sec, fraction, sign, oh, om, zone
 
 
 def _days_from_civil(y: int, m: int, d: int) -> int:
@@ -134,9 +158,10 @@ def _zone_ok(name: str) -> bool:
     """Go 1.8's parseTimeZone, requiring the name to be the whole rest of the text."""
     if name in ("ChST", "MeST"):
         return True
-    if name.startswith("GMT"):
-        return _patterns()["gmt"].fullmatch(name) is not None
-    if not _patterns()["abbreviation"].fullmatch(name):
+    if name.startswith("GMT"):      # GMT, or GMT with a sign and one or two digits
+        rest = name[3:]
+        return not rest or (rest[0] in "+-" and _digits(rest[1:], 1, 2))
+    if not (3 <= len(name) <= 5 and name.isascii() and name.isalpha() and name.isupper()):
         return False
     return len(name) == 3 or name[-1] == "T"
 
@@ -152,22 +177,22 @@ def _check_fields(y: int, mo: int, d: int, h: int, mi: int, s: int) -> bool:
 
 
 def parse_go(text: str) -> GoTime | None:
-    m = _patterns()["layout"].match(text)
-    if not m:
+    fields = _layout_fields(text)
+    if fields is None:
         return None
-    y, mo, d, h, mi, s = (int(m.group(i)) for i in range(1, 7))
+    y, mo, d, h, mi, s = (int(f) for f in fields[:6])
     if not _check_fields(y, mo, d, h, mi, s):
         return None
-    nanos = int(m.group(7).ljust(9, "0")) if m.group(7) else 0
-    zone = m.group(11)
+    fraction, sign_text, offset_h, offset_m, zone = fields[6:]
+    nanos = int(fraction.ljust(9, "0")) if fraction else 0
     wall = _days_from_civil(y, mo, d) * _DAY + h * 3600 + mi * 60 + s
     if zone.startswith("UTC"):
         if zone != "UTC":
             return None                   # Go: "extra text" after the zone
         return GoTime(wall, nanos, 0, "UTC")
-    sign = -1 if m.group(8) == "-" else 1
-    offset = sign * (int(m.group(9)) * 3600 + int(m.group(10)) * 60)
-    if zone == m.group(8) + m.group(9) + m.group(10):
+    sign = -1 if sign_text == "-" else 1
+    offset = sign * (int(offset_h) * 3600 + int(offset_m) * 60)
+    if zone == sign_text + offset_h + offset_m:
         # Deviation: Go's String() writes an unnamed zone as its offset, which Go's own
         # parser rejects (reading back the zero time); we read it back as written.
         return GoTime(wall - offset, nanos, offset, "")

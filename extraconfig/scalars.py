@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import binascii
 
-_FLOAT = None       # its pattern, compiled at the first float (re is not needed before)
 _INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
 
 TRUE_WORDS = frozenset(("1", "t", "T", "TRUE", "true", "True"))
@@ -77,15 +76,31 @@ def widen_float32(value: float) -> float:
         return math.copysign(math.inf, value)
 
 
+def _is_float_text(text: str) -> bool:
+    r"""Whether `text` is `[+-]?(([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?|inf|infinity|nan)`
+    (letters in any case): what ParseFloat takes and float() agrees with. Checked with str
+    methods: re is not loaded when the agent reads its config (a float field is there)."""
+    body = text[1:] if text[:1] in ("+", "-") else text
+    lower = body.lower()
+    if lower in ("inf", "infinity", "nan"):
+        return True
+    mantissa, e, exponent = lower.partition("e")
+    if e:
+        exponent = exponent[1:] if exponent[:1] in ("+", "-") else exponent
+        if not _digits(exponent):
+            return False
+    whole, _, fraction = mantissa.partition(".")
+    return bool(whole or fraction) and (not whole or _digits(whole)) \
+        and (not fraction or _digits(fraction))
+
+
+def _digits(text: str) -> bool:
+    return text.isascii() and text.isdigit()
+
+
 def parse_float(text: str) -> float:
     """strconv.ParseFloat(text, 64); an error (including overflow) reads as 0."""
-    global _FLOAT
-    if _FLOAT is None:
-        import re
-        _FLOAT = re.compile(
-            r"[+-]?(?:(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?|inf|infinity|nan)\Z",
-            re.ASCII | re.IGNORECASE)
-    if len(text) > 1100 or not _FLOAT.match(text):
+    if len(text) > 1100 or not _is_float_text(text):
         return 0.0
     value = float(text)
     import math

@@ -140,11 +140,14 @@ HEAVY_AT_STARTUP = {"logging", "dataclasses", "inspect", "ast", "tokenize", "typ
                     "types", "reprlib", "heapq", "tether.hooks"}
 
 
-def image_entry(tmp_path, entry: str, *args: str, importtime: bool = True):
+def image_entry(tmp_path, entry: str, *args: str, importtime: bool = True,
+                vmx: str | None = None):
     """Run `entry` (python -c) as the image runs the agent: python -S (no site), no runpy,
-    the repository and the venv's site-packages on the path; a primary that is /bin/true."""
-    primary = session_config("p" * 12, ["/bin/true"])
-    vmx = write_config(executor_config(primary), str(tmp_path))
+    the repository and the venv's site-packages on the path; a primary that is /bin/true
+    (or the config in `vmx`)."""
+    if vmx is None:
+        primary = session_config("p" * 12, ["/bin/true"])
+        vmx = write_config(executor_config(primary), str(tmp_path))
     import sysconfig
     path = os.pathsep.join([str(REPO), sysconfig.get_paths()["purelib"],
                             sysconfig.get_paths()["platlib"]])
@@ -159,8 +162,8 @@ def image_entry(tmp_path, entry: str, *args: str, importtime: bool = True):
 AGENT_ENTRY = "import sys; from tether.agentcli import main; sys.exit(main(sys.argv[1:]))"
 
 
-def imported_before_the_primary_runs(tmp_path, *args: str) -> list[str]:
-    lines = image_entry(tmp_path, AGENT_ENTRY, *args).stderr.splitlines()
+def imported_before_the_primary_runs(tmp_path, *args: str, vmx: str | None = None) -> list[str]:
+    lines = image_entry(tmp_path, AGENT_ENTRY, *args, vmx=vmx).stderr.splitlines()
     started = next(i for i, line in enumerate(lines) if re.search(r"session p+ started", line))
     return [line.rsplit("|", 1)[-1].strip() for line in lines[:started]
             if line.startswith("import time:")]
@@ -226,6 +229,9 @@ def test_the_vm_boot_steps_import_none_of_the_heavy_modules():
         for name in {VM_STEP_MODULES!r}:
             __import__(name)
         from tether import cgroups, etcfiles
+        from extraconfig import gotime, scalars    # a float field, an exit record's time
+        assert scalars.parse_float("0.5") == 0.5
+        assert gotime.parse_go("2024-01-02 03:04:05.5 +0100 CET").nanos == 500_000_000
         print(cgroups.group_name("a b"), etcfiles._ip_version("127.0.0.1"),
               etcfiles._ip_version("::1"))
         print(" ".join(sorted(sys.modules)))"""
@@ -240,6 +246,18 @@ def test_the_vm_boot_steps_import_none_of_the_heavy_modules():
     imported = set(modules.split())
     assert set(VM_STEP_MODULES) <= imported
     assert not HEAVY_ON_THE_VM_PATH & imported, sorted(HEAVY_ON_THE_VM_PATH & imported)
+
+
+def test_a_restart_reads_its_last_runs_results_without_the_heavy_modules(tmp_path):
+    """A VM restarted with its guestinfo reads what its last run wrote back (exit records
+    with their times, `started`): still none of the heavy modules (re for the times)."""
+    primary = session_config("p" * 12, ["/bin/true"])
+    vmx = write_config(executor_config(primary), str(tmp_path))
+    image_entry(tmp_path, AGENT_ENTRY, "--no-attach", importtime=False, vmx=vmx)
+    assert "exitlogs" in open(vmx).read()          # the last run's records are there
+    imported = imported_before_the_primary_runs(tmp_path, "--no-attach", vmx=vmx)
+    assert "extraconfig.codec" in imported
+    assert not HEAVY_AT_STARTUP & set(imported), sorted(HEAVY_AT_STARTUP & set(imported))
 
 
 def test_the_garbage_collector_waits_for_the_launch(tmp_path):
