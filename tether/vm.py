@@ -61,13 +61,20 @@ DEFAULT_STOP_TIMEOUT = 30.0    # ctrl-alt-del to power-off: the agent's 10 s gra
 
 # The ISO's own kernel arguments besides the console (init/build, FAST_BOOT_ARGS). The
 # keyboard stays: ctrl-alt-del on it is how `tether vm` asks the agent to stop.
+# `initcall_blacklist` skips two built-in initcalls a container VM never needs and that
+# cost ~25 ms of TCG time together: kprobe trace events and the KDF108 self-test.
 FAST_BOOT_ARGS = ("i8042.noaux=1 i8042.nopnp=1 cryptomgr.notests no_timer_check "
-                  "tsc=reliable rcupdate.rcu_expedited=1")
+                  "tsc=reliable rcupdate.rcu_expedited=1 "
+                  "initcall_blacklist=init_kprobe_trace,crypto_kdf108_init")
 # The machine of a direct boot. Linux evaluates the PCI root's _PRT for each device it
 # enables; i440FX's is an AML loop building 128 entries (~0.2 s of TCG time each, about
 # 1 s for the 4 devices of a plain boot), q35's a static table. The ISO boots on pc: its
 # stage 0 reads the CD through ata_piix.
 DIRECT_MACHINE = "q35"
+# The firmware of a direct boot: qboot (QEMU's minimal BIOS, in qemu-system-data) jumps to
+# the kernel QEMU loaded about 40 ms sooner than SeaBIOS under TCG. The ISO keeps SeaBIOS:
+# isolinux needs its disk services.
+QBOOT = "/usr/share/qemu/qboot.rom"
 
 _PCI_ADDRESS = re.compile(r"^(?:0000:)?00:([0-9a-fA-F]{2})\.0$")
 _MAC = re.compile(r"^[0-9a-fA-F]{2}(?::[0-9a-fA-F]{2}){5}$")
@@ -207,6 +214,8 @@ def qemu_argv(spec: MachineSpec, sockets: dict[str, str]) -> list[str]:
     argv += ["-device", f"virtio-rng-pci,addr={RNG_SLOT:#x}",
             "-device", f"virtio-serial-pci,id=vser0,addr={SERIAL_SLOT:#x}"]
     if spec.kernel:
+        if os.path.isfile(QBOOT):
+            argv += ["-bios", QBOOT]
         argv += ["-kernel", spec.kernel, "-initrd", spec.initrd or "",
                  "-append", kernel_command_line(console, spec.kernel_args)]
     else:
