@@ -576,6 +576,11 @@ class VmRun:
         if not os.path.isfile(kernel):        # no PVH kernel extracted: the bzImage
             kernel = os.path.join(image_dir, "vmlinuz")
         initrd, root = os.path.join(image_dir, "initrd.img"), os.path.join(image_dir, "root.ext4")
+        # The debug initrd carries busybox (stage 0's shells) and the CD stack; the plain
+        # one leaves them out, as the kernel unpacks every byte of it (init/build).
+        debug_initrd = os.path.join(image_dir, "initrd-debug.img")
+        if (debug_image or "tether.shell=" in kernel_args) and os.path.isfile(debug_initrd):
+            initrd = debug_initrd
         for part in (kernel, initrd, root) if direct else (iso,):
             if not os.path.isfile(part):
                 raise VmError(f"no {part}: build the image first (init/build, or make image)")
