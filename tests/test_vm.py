@@ -408,6 +408,10 @@ def test_direct_boot_parts(image_dir):
     label = subprocess.run(["blkid", "-o", "value", "-s", "LABEL", str(root)],
                            capture_output=True, text=True).stdout.strip()
     assert label == "tether-root"
+    # 4 KiB blocks (not mke2fs's 1 KiB for a small filesystem), no metadata checksums
+    header = subprocess.run(["dumpe2fs", "-h", str(root)], capture_output=True, text=True).stdout
+    assert re.search(r"^Block size:\s+4096$", header, re.M), header
+    assert "metadata_csum" not in header and "has_journal" not in header
     python = subprocess.run(["debugfs", "-R", "stat /usr/bin/python3.11", str(root)],
                             capture_output=True, text=True).stdout
     assert "Type: regular" in python
