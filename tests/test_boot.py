@@ -20,6 +20,11 @@ def test_direct_boot_skips_the_initcalls_a_container_vm_never_uses():
     assert "quiet" in line.split() and "console=ttyS0" in line.split()
 
 
+def test_direct_boot_keeps_the_lock_prefixes_and_skips_the_apic_timer_calibration():
+    args = kernel_command_line("ttyS0").split()
+    assert "noreplace-smp" in args and "nolapic_timer" in args
+
+
 def test_direct_boot_uses_qboot_and_the_iso_seabios():
     if not os.path.isfile(QBOOT):
         missing("qboot", f"no {QBOOT} (package qemu-system-data)")

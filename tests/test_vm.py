@@ -348,7 +348,7 @@ def test_debug_image_without_the_key_starts_the_agent(image_dir):
     assert vm.text() == "straight\n"
 
 
-def test_image_contents_and_size(image_dir):
+def test_image_contents_and_size(image_dir, tmp_path):
     """The ISO carries the kernel, stage0 and both layers, under the 60 MB budget; the
     project layer holds the agent; the container image has busybox and no Python."""
     iso = image_dir / "bootstrap.iso"
@@ -358,6 +358,13 @@ def test_image_contents_and_size(image_dir):
     for name in ("/boot/vmlinuz", "/boot/stage0", "/root.sqfs", "/tether.sqfs",
                  "/isolinux/isolinux.bin", "/isolinux/isolinux.cfg"):
         assert f"'{name}'" in listing, listing
+    # the ISO's command line has the fast-boot arguments tether vm passes (FAST_BOOT_ARGS)
+    from tether.vm import FAST_BOOT_ARGS
+    subprocess.run(["xorriso", "-osirrox", "on", "-indev", str(iso), "-extract",
+                    "/isolinux/isolinux.cfg", str(tmp_path / "isolinux.cfg")],
+                   capture_output=True, check=True)
+    cfg = (tmp_path / "isolinux.cfg").read_text()
+    assert FAST_BOOT_ARGS in cfg, cfg
     layer = subprocess.run(["unsquashfs", "-l", str(image_dir / "tether.sqfs")],
                            capture_output=True, text=True, check=True).stdout
     assert "dist-packages/tether/agent.py" in layer
