@@ -103,6 +103,17 @@ def test_hello_world_in_the_busybox_container(image_dir):
     assert vm.result.qemu_status == 0
 
 
+def test_stage0_raises_the_root_disks_readahead(image_dir):
+    """Stage 0 sets the root disk's readahead to 4 MiB (fewer virtio requests while
+    Python faults itself in); the container disk keeps the kernel's default."""
+    script = ("cat /sys/bus/pci/devices/0000:00:02.0/virtio*/block/*/queue/read_ahead_kb "
+              "/sys/bus/pci/devices/0000:00:10.0/virtio*/block/*/queue/read_ahead_kb")
+    vm = boot(image_dir, single("ra", session("/bin/sh", "-c", script)))
+    assert vm.result.exit_code == 0, vm.explain()
+    root, container = vm.text().split()
+    assert root == "4096" and container != "4096", vm.text()
+
+
 def test_container_has_no_python_and_runs_chrooted(image_dir):
     vm = boot(image_dir, single("probe", session(
         "/bin/sh", "-c", "ls /usr/bin/python3 2>&1; readlink /bin/ls; exit 3")))

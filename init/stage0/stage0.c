@@ -5,7 +5,8 @@
  *      PCI and virtio device matched against the aliases of the modules it carries),
  *      and, when the root is on the CD, the CD stack;
  *   3. mounts the root image read-only (squashfs, erofs or ext4, told by its magic)
- *      from a block device (direct kernel boot) or from /root.sqfs on the boot CD,
+ *      from a block device (direct kernel boot: its readahead raised to 4 MiB) or from
+ *      /root.sqfs on the boot CD,
  *      the project layer over it (/code of this initramfs, or /tether.sqfs on the CD)
  *      and a tmpfs for writes, as one overlay;
  *   4. moves its mounts under /run/bootstrap and execs the agent in the new root with
@@ -300,6 +301,23 @@ static int block_of_pci(const char *address, char *device, size_t size) {
     return 0;
 }
 
+/* A larger readahead on the root's disk: Python's first start faults in its binary,
+ * libraries and byte code; at the default 128 KiB each fault is a virtio request and an
+ * interrupt to handle under TCG. 4 MiB: the interpreter's start 367 -> 339 ms (16 KiB:
+ * 417). `device` is /dev/NAME of a whole disk. */
+#define ROOT_READAHEAD_KB "4096"
+
+static void set_readahead(const char *device) {
+    char path[400];
+    const char *name = strrchr(device, '/');
+    snprintf(path, sizeof path, "/sys/class/block/%s/queue/read_ahead_kb", name ? name + 1 : device);
+    int fd = open(path, O_WRONLY | O_CLOEXEC);
+    if (fd < 0 || write(fd, ROOT_READAHEAD_KB, strlen(ROOT_READAHEAD_KB)) < 0) {
+        if (debug) say("cannot set %s: %s", path, strerror(errno));
+    }
+    if (fd >= 0) close(fd);
+}
+
 /* Attach `file` to a free loop device, whose path goes to `device`; returns the open
  * loop device (-1 on failure). Close it only once the mount holds the device: the loop
  * is set to detach itself when the last user lets go. */
@@ -419,6 +437,7 @@ int main(void) {
         mount_image("/cdrom/root.sqfs", "/base");
     } else {
         if (strcmp(type, "ext4") != 0) load_module(type);
+        set_readahead(device);
         if (mount_at(device, "/base", type, MS_RDONLY, NULL) != 0)
             fail("cannot mount the root %s (%s): %s", device, type, strerror(errno));
     }
