@@ -227,11 +227,12 @@ def main() -> int:
         if name.startswith("  "):
             print(median_line(name.strip(), [1000 * v for v in values], "ms"))
     print("sizes:")
-    for name in ("vmlinux", "vmlinuz", "initrd.img", "root.ext4", "bootstrap.iso", "root.sqfs",
-                 "tether.sqfs", "stage0.cpio.xz", "containerfs.img"):
+    for name in ("vmlinux", "vmlinuz", "initrd.img", "initrd-debug.img", "root.ext4",
+                 "bootstrap.iso", "root.sqfs", "tether.sqfs", "stage0.cpio.xz",
+                 "containerfs.img"):
         path = Path(args.image) / name
         if path.exists():
-            sparse = name.endswith((".img", ".ext4")) and name != "initrd.img"
+            sparse = name.endswith((".img", ".ext4")) and not name.startswith("initrd")
             size = path.stat().st_blocks * 512 if sparse else path.stat().st_size
             print(f"  {name:<48} {size / 1048576:7.1f} MiB")
     manifest = Path(args.image) / "manifest.json"
