@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 
 from .record import record
+from .scalars import ascii_digits
 
 ZERO_UNIX = -62135596800          # 0001-01-01 00:00:00 UTC
 _DAY = 86400
@@ -83,7 +84,7 @@ def _patterns() -> dict:
 
 
 def _digits(text: str, least: int, most: int) -> bool:
-    return least <= len(text) <= most and text.isascii() and text.isdigit()
+    return least <= len(text) <= most and ascii_digits(text)
 
 
 def _layout_fields(text: str) -> tuple | None:

@@ -22,7 +22,7 @@ def format_int(value: int) -> str:
     return str(int(value))
 
 
-def _digits(text: str) -> bool:
+def ascii_digits(text: str) -> bool:
     """One or more ASCII digits and nothing else (`[0-9]+`)."""
     return text.isdigit() and text.isascii()
 
@@ -37,11 +37,11 @@ def parse_int(text: str) -> int:
 
 def is_int(text: str) -> bool:
     """Whether strconv.Atoi / ParseInt would accept the text (sign, ASCII digits)."""
-    return len(text) <= 24 and _digits(text[1:] if text[:1] in ("+", "-") else text)
+    return len(text) <= 24 and ascii_digits(text[1:] if text[:1] in ("+", "-") else text)
 
 
 def parse_uint(text: str) -> int:
-    if len(text) > 24 or not _digits(text[1:] if text[:1] == "+" else text):
+    if len(text) > 24 or not ascii_digits(text[1:] if text[:1] == "+" else text):
         return 0
     value = int(text)
     return value if value < (1 << 64) else 0
@@ -87,15 +87,11 @@ def _is_float_text(text: str) -> bool:
     mantissa, e, exponent = lower.partition("e")
     if e:
         exponent = exponent[1:] if exponent[:1] in ("+", "-") else exponent
-        if not _digits(exponent):
+        if not ascii_digits(exponent):
             return False
     whole, _, fraction = mantissa.partition(".")
-    return bool(whole or fraction) and (not whole or _digits(whole)) \
-        and (not fraction or _digits(fraction))
-
-
-def _digits(text: str) -> bool:
-    return text.isascii() and text.isdigit()
+    return bool(whole or fraction) and (not whole or ascii_digits(whole)) \
+        and (not fraction or ascii_digits(fraction))
 
 
 def parse_float(text: str) -> float:
