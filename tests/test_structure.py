@@ -148,13 +148,18 @@ def image_entry(tmp_path, entry: str, *args: str, importtime: bool = True,
     if vmx is None:
         primary = session_config("p" * 12, ["/bin/true"])
         vmx = write_config(executor_config(primary), str(tmp_path))
+    return bare_python((["-X", "importtime"] if importtime else [])
+                       + ["-c", entry, "--guestinfo-file", vmx, "--no-power-off", *args])
+
+
+def bare_python(argv: list[str]) -> subprocess.CompletedProcess:
+    """python -S `argv` as the image runs its Python: no site, the repository and the
+    venv's site-packages on the path. Must exit 0."""
     import sysconfig
     path = os.pathsep.join([str(REPO), sysconfig.get_paths()["purelib"],
                             sysconfig.get_paths()["platlib"]])
-    run = subprocess.run([sys.executable, "-S"] + (["-X", "importtime"] if importtime else [])
-                         + ["-c", entry, "--guestinfo-file", vmx, "--no-power-off", *args],
-                         cwd=REPO, capture_output=True, text=True, timeout=120,
-                         env=dict(os.environ, PYTHONPATH=path))
+    run = subprocess.run([sys.executable, "-S", *argv], cwd=REPO, capture_output=True,
+                         text=True, timeout=120, env=dict(os.environ, PYTHONPATH=path))
     assert run.returncode == 0, run.stderr
     return run
 
@@ -203,12 +208,7 @@ def test_the_vm_boot_paths_guestinfo_choice_imports_none_of_the_heavy_modules():
         except RuntimeError as err:
             print("no channel:", err, file=sys.stderr)
         print(" ".join(sorted(sys.modules)))"""
-    import sysconfig
-    path = os.pathsep.join([str(REPO), sysconfig.get_paths()["purelib"],
-                            sysconfig.get_paths()["platlib"]])
-    run = subprocess.run([sys.executable, "-S", "-c", entry], cwd=REPO, capture_output=True,
-                         text=True, timeout=120, env=dict(os.environ, PYTHONPATH=path))
-    assert run.returncode == 0, run.stderr
+    run = bare_python(["-c", entry])
     imported = set(run.stdout.split())
     assert {"extraconfig.backdoor.native", "extraconfig.virtio"} <= imported, run.stderr
     assert not HEAVY_ON_THE_VM_PATH & imported, sorted(HEAVY_ON_THE_VM_PATH & imported)
@@ -235,12 +235,7 @@ def test_the_vm_boot_steps_import_none_of_the_heavy_modules():
         print(cgroups.group_name("a b"), etcfiles._ip_version("127.0.0.1"),
               etcfiles._ip_version("::1"))
         print(" ".join(sorted(sys.modules)))"""
-    import sysconfig
-    path = os.pathsep.join([str(REPO), sysconfig.get_paths()["purelib"],
-                            sysconfig.get_paths()["platlib"]])
-    run = subprocess.run([sys.executable, "-S", "-c", entry], cwd=REPO, capture_output=True,
-                         text=True, timeout=120, env=dict(os.environ, PYTHONPATH=path))
-    assert run.returncode == 0, run.stderr
+    run = bare_python(["-c", entry])
     first, modules = run.stdout.splitlines()
     assert first == "session-a_b 4 6"
     imported = set(modules.split())
