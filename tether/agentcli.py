@@ -66,10 +66,10 @@ class Arguments:
 def parse_args(argv: list[str]) -> Arguments:
     """The agent's options, parsed by hand: argparse costs PID 1 startup time."""
     args = Arguments(guestinfo_file=None, rootfs=None, output_log=None,
-                           attach_endpoints=None, log_port=None, stop_grace=DEFAULT_STOP_GRACE,
-                           no_attach=False, no_power_off=False, help=False, vic_attach=None,
-                           vic_handshake=None, vic_auth=None, keep_execs=None,
-                           output_log_max=None)
+                     attach_endpoints=None, log_port=None, stop_grace=DEFAULT_STOP_GRACE,
+                     no_attach=False, no_power_off=False, help=False, vic_attach=None,
+                     vic_handshake=None, vic_auth=None, keep_execs=None,
+                     output_log_max=None)
     items = list(argv)
     while items:
         item = items.pop(0)
