@@ -13,16 +13,11 @@ log = get_logger("tether.guestinfo")
 KERNEL_ARG = "tether.guestinfo="
 
 
-def kernel_guestinfo_file(cmdline_path: str = "/proc/cmdline") -> str | None:
-    try:
-        with open(cmdline_path) as f:
-            words = f.read().split()
-    except OSError:
-        return None
-    for word in words:
-        if word.startswith(KERNEL_ARG):
-            return word[len(KERNEL_ARG):] or None
-    return None
+def kernel_guestinfo_file(args: list[str] | None = None) -> str | None:
+    """The file of `tether.guestinfo=PATH` among the kernel arguments (`args`, else the
+    kernel's own: tether/system.py reads them)."""
+    from tether.system import kernel_arg
+    return kernel_arg(KERNEL_ARG.rstrip("="), args) or None
 
 
 def open_transport(guestinfo_file: str | None = None):

@@ -1,5 +1,6 @@
 """Platform actions as small functions of plain data: mounts, namespaces, prctl,
-rlimits, hostname, reboot. Each raises OSError with the path and the reason."""
+rlimits, hostname, reboot; and the kernel's command line. Each action raises OSError
+with the path and the reason."""
 from __future__ import annotations
 
 import errno
@@ -70,6 +71,36 @@ KERNEL_FILESYSTEMS = {
     0x65735543: "fusectl", 0x42494E4D: "binfmt_misc", 0x19800202: "mqueue",
     0x6E736673: "nsfs", 0x73727279: "btrfs_test", 0x67596969: "rpc_pipefs",
 }
+
+CMDLINE = "/proc/cmdline"
+_kernel_args: list[str] | None = None
+
+
+def kernel_args(text: str | None = None) -> list[str]:
+    """The kernel's command line as words: `text`'s, else /proc/cmdline's, read once
+    per process ([] when it cannot be read). Every kernel argument the agent reads goes
+    through here."""
+    global _kernel_args
+    if text is not None:
+        return text.split()
+    if _kernel_args is None:
+        try:
+            with open(CMDLINE) as f:
+                _kernel_args = f.read().split()
+        except OSError:
+            _kernel_args = []
+    return _kernel_args
+
+
+def kernel_arg(name: str, args: list[str] | None = None) -> str | None:
+    """The value of the first `name=VALUE` among the kernel arguments (`args`, else the
+    kernel's own); None when there is none."""
+    prefix = name + "="
+    for word in kernel_args() if args is None else args:
+        if word.startswith(prefix):
+            return word[len(prefix):]
+    return None
+
 
 _libc = None
 

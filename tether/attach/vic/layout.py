@@ -19,14 +19,6 @@ CMDLINE_HANDSHAKE = "tether.vic_handshake="
 CMDLINE_AUTH = "tether.vic_auth="
 
 
-def kernel_args(path: str = "/proc/cmdline") -> list[str]:
-    try:
-        with open(path) as f:
-            return f.read().split()
-    except OSError:
-        return []
-
-
 def kernel_console(args: list[str]) -> str:
     """The device of the last console= argument (the one /dev/console is), or ''."""
     consoles = [a[len("console="):].split(",")[0] for a in args if a.startswith("console=")]
@@ -64,7 +56,11 @@ def start_for_agent(host, *, endpoints: list[str] | None, options: dict | None,
     """The agent's VIC attach: explicit endpoints (the sandbox, `--vic-attach`), or, in a
     VM wired as VIC wires them (`in_vm`: PID 1 of a VM, not the sandbox), COM1; there the
     agent log goes to COM2 too. `host` is the agent's host interface."""
-    args = kernel_args() if in_vm else []
+    if in_vm:
+        from tether.system import kernel_args
+        args = kernel_args()
+    else:
+        args = []
     if endpoints is None:
         endpoints = []
         if in_vm and vic_layout(transport_module, args) and os.path.exists(LINE):
