@@ -166,11 +166,16 @@ def has_console_device(sys_root: str = "/sys") -> bool:
     return False
 
 
+OWN_TIMEOUT = object()   # a request's timeout: the transport's own
+
+
 class VirtioSerialTransport:
     """info_get/info_set over a connected byte stream (the port's fd, or a socket in tests).
 
     Every call waits at most `timeout` seconds for the host, then raises GuestinfoError;
-    a port with no host connected reads as hung up, and is waited on the same way.
+    a port with no host connected reads as hung up, and is waited on the same way. An
+    `info_get` (or `request`) may give its own timeout, None for no limit at all: a host
+    may hold a reply back on purpose.
     """
 
     def __init__(self, fd: int, timeout: float = 30.0, path: str = "") -> None:
@@ -185,8 +190,10 @@ class VirtioSerialTransport:
         fd = os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
         return cls(fd, timeout, path)
 
-    def info_get(self, key: str) -> str | None:
-        ok, value = parse_reply(self.request(info_get_request(key)))
+    def info_get(self, key: str, timeout=OWN_TIMEOUT) -> str | None:
+        """The key's value, None when the host has none. `timeout`: seconds, None to
+        wait for ever; the transport's own when not given."""
+        ok, value = parse_reply(self.request(info_get_request(key), timeout))
         return value if ok else None
 
     def info_set(self, key: str, value: str) -> None:
@@ -194,20 +201,23 @@ class VirtioSerialTransport:
         if not ok:
             raise GuestinfoError(errno.EPERM, f"host refused info-set {key}: {reason}")
 
-    def request(self, text: str) -> str:
-        """Send one request and return the host's reply text."""
-        deadline = time.monotonic() + self.timeout
+    def request(self, text: str, timeout=OWN_TIMEOUT) -> str:
+        """Send one request and return the host's reply text, within `timeout` seconds
+        (the transport's own when not given; None: no limit)."""
+        if timeout is OWN_TIMEOUT:
+            timeout = self.timeout
+        deadline = None if timeout is None else time.monotonic() + timeout
         self._discard_stale_input()
         data = memoryview(frame(text))
         while data:
-            self._wait(select.POLLOUT, deadline, text)
+            self._wait(select.POLLOUT, deadline, text, timeout)
             try:
                 written = os.write(self.fd, data)
             except BlockingIOError:
                 continue
             data = data[written:]
         while True:
-            self._wait(select.POLLIN, deadline, text)
+            self._wait(select.POLLIN, deadline, text, timeout)
             try:
                 chunk = os.read(self.fd, 65536)
             except BlockingIOError:
@@ -219,15 +229,15 @@ class VirtioSerialTransport:
             if messages:
                 return messages[0]
 
-    def _wait(self, event: int, deadline: float, text: str) -> None:
+    def _wait(self, event: int, deadline: float | None, text: str, timeout: float) -> None:
         poller = select.poll()
         poller.register(self.fd, event)
         while True:
-            left = deadline - time.monotonic()
+            left = 0.5 if deadline is None else deadline - time.monotonic()
             if left <= 0:
                 verb = text.partition(" ")[0]
                 raise GuestinfoError(errno.ETIMEDOUT,
-                                     f"no guestinfo reply on {self.path} within {self.timeout:g} s "
+                                     f"no guestinfo reply on {self.path} within {timeout:g} s "
                                      f"({verb}): is the host side (tether vm) connected to the port?")
             ready = poller.poll(min(left, 0.5) * 1000)
             if any(mask & event for _, mask in ready):

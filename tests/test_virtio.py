@@ -139,6 +139,32 @@ def test_transport_times_out_with_an_actionable_error(wire):
         transport.info_get("guestinfo.a")
 
 
+def test_a_request_may_wait_longer_than_the_transport_or_without_a_limit(wire):
+    """A host may hold a reply back on purpose (the resume answer of a VM template,
+    tether/resume.py): `timeout=None` waits as long as it takes."""
+    transport, host_sock = wire
+    transport.timeout = 0.2
+    store = VmxGuestinfo({"guestinfo.late": "at last"})
+    requests = []
+
+    def late_host():
+        deframer = virtio.Deframer()
+        while not requests:
+            requests.extend(deframer.feed(host_sock.recv(65536)))
+        import time
+        time.sleep(1.0)    # five times the transport's own timeout
+        host_sock.sendall(virtio.frame(virtio.answer(requests[0], store.info_get,
+                                                     store.info_set)))
+    host = threading.Thread(target=late_host, daemon=True)
+    host.start()
+    assert transport.info_get("guestinfo.late", timeout=None) == "at last"
+    host.join()
+    # a request's own limit is its own, and the error names it
+    HostEnd(host_sock, store, silent=True)
+    with pytest.raises(virtio.GuestinfoError, match="within 0.3 s"):
+        transport.info_get("guestinfo.late", timeout=0.3)
+
+
 def test_late_reply_does_not_answer_the_next_request(wire):
     transport, host_sock = wire
     # A reply nobody asked for is already waiting: the next request must not take it.
