@@ -1,6 +1,6 @@
 """Platform actions as small functions of plain data: mounts, namespaces, prctl,
-rlimits, hostname, reboot; and the kernel's command line. Each action raises OSError
-with the path and the reason."""
+rlimits, hostname, the wall clock and the kernel's RNG, reboot; and the kernel's
+command line. Each action raises OSError with the path and the reason."""
 from __future__ import annotations
 
 import errno
@@ -58,6 +58,8 @@ RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
 
 SPLICE_F_NONBLOCK = 2   # tee(2), as os.splice's flag
+
+RNDRESEEDCRNG = 0x5207   # _IO('R', 0x07), linux/random.h: reseed the CRNG from the input pool
 
 # statfs(2) f_type (linux/magic.h), and the kernel's own filesystems
 PROC_SUPER_MAGIC = 0x9FA0
@@ -362,6 +364,38 @@ def set_hostname(name: str) -> None:
 
 def sync() -> None:
     os.sync()
+
+
+def set_clock(unix_ns: int) -> None:
+    """Set the wall clock (CLOCK_REALTIME) to `unix_ns` nanoseconds since the epoch."""
+    import time   # loaded already: the log's timestamps
+    try:
+        time.clock_settime_ns(time.CLOCK_REALTIME, unix_ns)
+    except OSError as err:
+        raise OSError(err.errno, f"clock_settime(CLOCK_REALTIME): {err.strerror}") from None
+
+
+def reseed_random(seed: bytes, device: str = "/dev/urandom") -> None:
+    """Mix `seed` into the kernel's input pool (a write to `device`, which credits no
+    entropy and does not by itself change what the CRNG hands out), then make the CRNG
+    reseed from that pool now (the RNDRESEEDCRNG ioctl; CAP_SYS_ADMIN). A CRNG that is
+    not initialised yet (ENODATA) is not an error: it will be seeded from the pool, seed
+    included, when it is."""
+    import fcntl   # loaded already by the sessions' launch path
+    fd = os.open(device, os.O_WRONLY | os.O_CLOEXEC | os.O_NOCTTY)
+    try:
+        try:
+            os.write(fd, seed)
+        except OSError as err:
+            raise OSError(err.errno, f"write to {device}: {err.strerror}") from None
+        try:
+            fcntl.ioctl(fd, RNDRESEEDCRNG)
+        except OSError as err:
+            if err.errno != errno.ENODATA:
+                raise OSError(err.errno, f"RNDRESEEDCRNG on {device}: {err.strerror}") \
+                    from None
+    finally:
+        os.close(fd)
 
 
 def disable_ctrl_alt_del() -> None:
