@@ -19,6 +19,7 @@ def fresh(monkeypatch):
     """A clean module state: no marks, nothing written."""
     monkeypatch.setattr(boottime, "_marks", [])
     monkeypatch.setattr(boottime, "_written", False)
+    monkeypatch.setattr(boottime, "_origin", None)
     return boottime
 
 
@@ -32,6 +33,31 @@ def test_phases_start_where_the_one_before_ended():
     phases = boottime.phases([("kernel", 1.2), ("stage0.modules", 1.35), ("python", 2.0)])
     assert phases == [("kernel", 0.0, 1.2), ("stage0.modules", 1.2, 1.35),
                       ("python", 1.35, 2.0)]
+
+
+def test_phases_may_start_at_an_origin():
+    phases = boottime.phases([("resume", 5.0), ("config", 5.25)], origin=5.0)
+    assert phases == [("resume", 5.0, 5.0), ("config", 5.0, 5.25)]
+    keys = boottime.timeline_keys([("resume", 5.0), ("config", 5.25)], 6.0, origin=5.0)
+    assert keys["guestinfo.tether.boot.resume"] == "5.000000 5.000000"
+    assert keys["guestinfo.tether.boot.config"] == "5.000000 5.250000"
+
+
+def test_a_resume_starts_the_timeline_again(fresh, monkeypatch):
+    """A VM restored from a template: stage 0's marks and the agent's before the answer
+    are the template's boot; this run's timeline starts at the answer."""
+    monkeypatch.setenv(boottime.MARKS_ENV, STAGE0)
+    for step in ("signals", "system", "cgroups", "template"):
+        fresh.mark(step)
+    fresh.resumed(1000.5)
+    fresh.mark("config")
+    transport = MapTransport()
+    assert fresh.write_back(transport) is True
+    assert list(transport.data) == ["guestinfo.tether.boot.resume", "guestinfo.tether.boot.config",
+                                    "guestinfo.tether.boot.clock"]
+    assert transport.data["guestinfo.tether.boot.resume"] == "1000.500000 1000.500000"
+    start, end = map(float, transport.data["guestinfo.tether.boot.config"].split())
+    assert start == 1000.5 and end >= start
 
 
 def test_keys_hold_start_and_end_and_the_clock_goes_last():

@@ -11,9 +11,16 @@ reads these):
     guestinfo.tether.boot.clock   = "<now>"           the clock when they were written
 
 Each phase starts where the one before it ended: `kernel` runs from the clock's zero to
-stage 0's first instruction. The clock key goes last, so a host that notes when it
-arrives can place its own marks on the guest's clock (`tether vm` does). Importing this
-module costs nothing on the boot path: `time` and `os` are loaded already.
+stage 0's first instruction.
+
+A VM restored from a template (docs/agent.md, "Templates, guest side") did its boot in
+the template's run: `resumed(at)` drops every mark made so far, stage 0's with them, and
+this run's timeline starts at `at`, the moment the host's resume answer came, with the
+zero-length phase `resume` ("<at> <at>"); `config` then starts there.
+
+The clock key goes last, so a host that notes when it arrives can place its own marks
+on the guest's clock (`tether vm` does). Importing this module costs nothing on the boot
+path: `time` and `os` are loaded already.
 """
 from __future__ import annotations
 
@@ -26,6 +33,8 @@ MARKS_ENV = "TETHER_BOOT_MARKS"
 
 _marks: list[tuple[str, float]] = []    # (phase that ends here, boot clock), in order
 _written = False
+_origin: float | None = None    # where this run's timeline starts, once resumed (else: zero)
+RESUME = "resume"
 
 
 def now() -> float:
@@ -35,6 +44,15 @@ def now() -> float:
 def mark(phase: str) -> None:
     """The phase `phase` ends now (it began at the previous mark)."""
     _marks.append((phase, now()))
+
+
+def resumed(at: float) -> None:
+    """This run was restored from a VM template at `at` (boot clock): what was marked
+    before (stage 0's marks too) belongs to the template's boot. The timeline starts
+    again at `at`, with the zero-length phase `resume`."""
+    global _origin
+    _origin = at
+    _marks[:] = [(RESUME, at)]
 
 
 def stage0_marks(text: str | None = None) -> list[tuple[str, float]]:
@@ -58,19 +76,21 @@ def key_name(phase: str) -> str:
     return "".join("_" if c.isspace() or c == "/" else c for c in phase)
 
 
-def phases(marks: list[tuple[str, float]]) -> list[tuple[str, float, float]]:
-    """(name, start, end) for consecutive marks; the first phase starts at zero."""
-    out, start = [], 0.0
+def phases(marks: list[tuple[str, float]],
+           origin: float = 0.0) -> list[tuple[str, float, float]]:
+    """(name, start, end) for consecutive marks; the first phase starts at `origin`."""
+    out, start = [], origin
     for name, end in marks:
         out.append((name, start, end))
         start = end
     return out
 
 
-def timeline_keys(marks: list[tuple[str, float]], clock: float) -> dict[str, str]:
+def timeline_keys(marks: list[tuple[str, float]], clock: float,
+                  origin: float = 0.0) -> dict[str, str]:
     """The keys to write, in writing order; a repeated phase name keeps its first run."""
     keys: dict[str, str] = {}
-    for name, start, end in phases(marks):
+    for name, start, end in phases(marks, origin):
         keys.setdefault(PREFIX + key_name(name), f"{start:.6f} {end:.6f}")
     keys[CLOCK_KEY] = f"{clock:.6f}"
     return keys
@@ -88,9 +108,10 @@ def write_back(transport, log=None) -> bool:
     if _written or not booted_by_stage0():
         return False
     _written = True
-    marks = stage0_marks() + _marks
+    origin = 0.0 if _origin is None else _origin
+    marks = (stage0_marks() if _origin is None else []) + _marks
     try:
-        for key, value in timeline_keys(marks, now()).items():
+        for key, value in timeline_keys(marks, now(), origin).items():
             transport.info_set(key, value)
     except Exception as err:   # noqa: BLE001
         if log is not None:
@@ -98,5 +119,6 @@ def write_back(transport, log=None) -> bool:
         return False
     if log is not None:
         log.info("boot timeline: %s", ", ".join(
-            f"{name} {1000 * (end - start):.0f} ms" for name, start, end in phases(marks)))
+            f"{name} {1000 * (end - start):.0f} ms" for name, start, end in
+            phases(marks, origin)))
     return True
