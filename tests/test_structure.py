@@ -175,9 +175,10 @@ def imported_before_the_primary_runs(tmp_path, *args: str, vmx: str | None = Non
 
 
 # Loaded where they are used: the output log's framing (a VM's log port), the container
-# root's paths (a root other than /, a tty), the secret values' key (a secret key read).
+# root's paths (a root other than /, a tty), the secret values' key (a secret key read),
+# a VM template's wait point (the kernel argument tether.template=1).
 # A plain process with none of those, as here, needs none of them before its primary runs.
-LOADED_WHERE_USED = {"tether.iolog", "tether.rootfs", "extraconfig.secret"}
+LOADED_WHERE_USED = {"tether.iolog", "tether.rootfs", "extraconfig.secret", "tether.resume"}
 
 
 def test_agent_startup_imports_none_of_the_heavy_modules_before_the_primary_runs(tmp_path):

@@ -1,6 +1,7 @@
 """The agent: PID 1 of a container VM (or of the sandbox's namespaces), top to bottom.
 
-    system setup -> decode config -> container root -> hostname -> networks -> volumes
+    system setup [-> wait for the host: a VM template] -> decode config -> container root
+    -> hostname -> networks -> volumes
     -> launch sessions -> attach servers (before the launch if a session has RunBlock)
     -> serve until the primary exits
     -> stop the other sessions -> flush write-back -> sync -> power off (VM) or exit
@@ -27,8 +28,8 @@ from tether.writeback import CONFIG_ERROR_KEY
 log = get_logger("tether.agent")
 
 FAILPOINTS_ENV = "TETHER_FAILPOINTS"
-STEPS = ("signals", "system", "cgroups", "config", "rootfs", "hostname", "networks", "volumes",
-         "attach", "vic-attach", "toolbox", "sessions", "reload", "shutdown")
+STEPS = ("signals", "system", "cgroups", "template", "config", "rootfs", "hostname", "networks",
+         "volumes", "attach", "vic-attach", "toolbox", "sessions", "reload", "shutdown")
 # What the sessions cannot run without: at boot, a failure in one of these steps is the
 # launch error (every session's `started` carries it, none runs, exit 125). After the
 # launch (a reload) the same failure is logged and the sessions go on.
@@ -39,6 +40,7 @@ CONTAINERFS_LABEL = "containerfs"
 CONTAINERFS_MOUNT = "/mnt/containerfs"
 STATE_DIR = "/run/tether"
 CONSOLE_DRAIN = 2.0       # seconds the last log lines get to reach a slow console
+TEMPLATE_ARG = "tether.template"   # =1: a VM template's boot (tether/resume.py)
 
 
 class InjectedFailure(RuntimeError):
@@ -83,7 +85,8 @@ class Options:
                  stop_grace: float = DEFAULT_STOP_GRACE, echo_output: bool | None = None,
                  before_reload=None, vic_attach: list[str] | None = None,
                  vic_options: dict | None = None, cgroups: bool | None = None,
-                 keep_execs: int | None = None, output_log_max: int | None = None):
+                 keep_execs: int | None = None, output_log_max: int | None = None,
+                 template: bool | None = None):
         self.mode = mode or RunMode.detect()
         self.rootfs = rootfs
         self.output_log = output_log
@@ -97,6 +100,10 @@ class Options:
         self.cgroups = cgroups              # None: as PID 1 of a VM; the sandbox says
         self.keep_execs = keep_execs        # finished exec'd sessions kept (None: default)
         self.output_log_max = output_log_max  # a file output log rotates past it (bytes)
+        # Wait for the host's resume answer before the config (tether/resume.py). None:
+        # as the kernel argument tether.template=1 says, read only as PID 1 of a VM.
+        # True elsewhere is for tests, which replace the clock and RNG actions.
+        self.template = template
 
 
 class Agent:
@@ -142,6 +149,7 @@ class Agent:
         self._mounted_volumes: set[str] = set()
         self._reload_worker = None   # a reload's volume mounts in progress
         self._reload_again = False   # a SIGHUP came meanwhile
+        self.resumed_at: float | None = None   # boot clock of the resume answer (templates)
         self.mode = options.mode
         from tether.isolation import Isolation
         self.isolation = Isolation()   # cgroups (step "cgroups"), privileges, hooks
@@ -195,6 +203,10 @@ class Agent:
             return 1
         self.guarded("system", self.setup_system)
         self.guarded("cgroups", self.setup_cgroups)
+        if self.template_boot():   # everything above is the same for any config
+            self.guarded("template", self.wait_for_resume)
+            if self.resumed_at is not None:
+                boottime.resumed(self.resumed_at)   # the marks so far: the template's boot
         if not self.guarded("config", self.load_config):
             log.error("no usable configuration: nothing to run; stopping")
             self.guarded("shutdown", self.shutdown)
@@ -287,6 +299,46 @@ class Agent:
             self.isolation.cgroups_problem = f"no cgroups: {err}"
             raise
         log.info("cgroups: %s; controllers: %s", done, self.isolation.cgroups.describe())
+
+    def template_boot(self) -> bool:
+        """Whether this boot makes a VM template (and may be restored from it)."""
+        if self.options.template is not None:
+            return self.options.template
+        return self.mode.owns_machine and template_requested()
+
+    def wait_for_resume(self) -> None:
+        """A template boot's wait point (tether/resume.py, docs/agent.md): load what the
+        later steps will, ask for `guestinfo.tether.resume` and wait for the answer
+        without a time limit (the host saves the VM meanwhile; a restored VM goes on
+        from here), then take its clock and seed. A host with no answer is told about;
+        the boot goes on either way."""
+        from tether import resume
+        not_loaded = resume.preload()
+        if not_loaded:
+            log.warning("template: not loaded ahead (the steps that need them will say "
+                        "more): %s", "; ".join(not_loaded))
+        log.info("template: waiting for the host's answer to %s", resume.RESUME_KEY)
+        console().drain(1.0)   # the template's lines go out in its own run, not in each clone
+        value = resume.ask(self.transport)
+        at = boottime.now()
+        if value is None:
+            log.warning("template boot (kernel argument %s=1), but the host has no answer "
+                        "to %s (a host without VM templates, or vSphere): nothing was "
+                        "saved, and this boot goes on as a plain one; leave the argument "
+                        "out where the host does not use templates", TEMPLATE_ARG,
+                        resume.RESUME_KEY)
+            return
+        self.resumed_at = at
+        answer = resume.parse_resume(value)
+        done, failed = resume.apply(answer)
+        wrong = answer.problems + resume.missing_fields(answer)
+        if wrong:
+            log.warning("the host's answer to %s leaves this VM part of its template's "
+                        "state (the host's side: tether/vmtemplate.py): %s",
+                        resume.RESUME_KEY, "; ".join(wrong))
+        log.info("resumed from a VM template: %s", ", ".join(done) or "nothing refreshed")
+        if failed:
+            raise StepFailed("; ".join(failed))
 
     def _open_output_log(self) -> None:
         from tether import system
@@ -714,6 +766,14 @@ class Agent:
 
 
 # -- small helpers --------------------------------------------------------------------------
+def template_requested(cmdline: str | None = None) -> bool:
+    """Whether the kernel command line (`cmdline`, else the kernel's own) has
+    `tether.template=1`."""
+    from tether import system
+    args = None if cmdline is None else system.kernel_args(cmdline)
+    return system.kernel_arg(TEMPLATE_ARG, args) == "1"
+
+
 def hostname_for(executor_id: str) -> str:
     """The reference's rule: the first 12 characters of the ID."""
     return executor_id[:12]
