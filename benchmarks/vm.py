@@ -8,6 +8,8 @@ agent can be faster. Printed, medians of RUNS rounds (and the range):
 
   start -> started=true         QEMU spawn until the host holds started=true (ours, floor)
   ratio                         ours / floor, per round, then its median
+  ... --template                the same, started from a VM template (`tether vm
+                                --template`; saved by one run before the rounds)
   QEMU start -> agent start     until the agent's first guestinfo request
   agent start -> started        from there until started=true
   total wall per VM             QEMU spawn until QEMU exited after the guest powered off
@@ -101,15 +103,18 @@ def build_floor(image: Path, workdir: Path) -> Path:
 
 # --------------------------------------------------------------------------- one boot
 
-def boot(image: str, config_path: str, floor: Path | None = None) -> dict[str, float]:
-    """One VM (ours, or the floor's initramfs in the same machine): seconds from QEMU
-    spawn, and the phases of the boot timeline."""
+def boot(image: str, config_path: str, floor: Path | None = None,
+         templates: str | None = None) -> dict[str, float]:
+    """One VM (ours, or the floor's initramfs in the same machine; with `templates`,
+    ours started from a VM template there): seconds from QEMU spawn, and the phases of
+    the boot timeline."""
     from tether.bootchart import read_phases
     from tether.jsonform import load_config
     from tether.vm import VmRun, primary_started_key
     config = load_config(config_path)
     args = f"floor.started={primary_started_key(config)}" if floor else ""
-    run = VmRun(config, image, kernel_args=args)
+    run = VmRun(config, image, kernel_args=args, template=templates is not None,
+                template_root=templates)
     if floor:
         run.spec.initrd = str(floor)
     try:
@@ -122,7 +127,9 @@ def boot(image: str, config_path: str, floor: Path | None = None) -> dict[str, f
         raise SystemExit(f"benchmark VM failed: {result.message}\n{result.console[-3000:]}")
     row = {"start -> started=true": m["started"] - m["qemu_start"],
            "total wall per VM": m.get("qemu_exit", m["started"]) - m["qemu_start"]}
-    if not floor:
+    if templates is not None:
+        row["template"] = result.template
+    elif not floor:
         row["QEMU start -> agent start"] = m["agent_start"] - m["qemu_start"]
         row["agent start -> started"] = m["started"] - m["agent_start"]
         for phase in read_phases(result.guestinfo):
@@ -188,22 +195,34 @@ def main() -> int:
     others: list[float] = []
     ratios: list[float] = []
     other_ratios: list[float] = []
+    restored: list[float] = []
+    restored_ratios: list[float] = []
     with tempfile.TemporaryDirectory(prefix="tether-floor-") as tmp:
         floor = build_floor(Path(args.image), Path(tmp))
+        templates = os.path.join(tmp, "vm-templates")
+        saving = boot(args.image, args.config, templates=templates)   # saves the template
+        print(f"template saved: the first run took {saving['start -> started=true']:.2f} s",
+              file=sys.stderr)
         for i in range(args.runs):
             began = time.monotonic()
             floor_row = boot(args.image, args.config, floor)
             row = boot(args.image, args.config)
+            from_template = boot(args.image, args.config, templates=templates)
+            if from_template["template"] != "restored":
+                raise SystemExit("the run with --template did not start from the template")
             for name, value in row.items():
                 ours.setdefault(name, []).append(value)
             floors.append(floor_row["start -> started=true"])
             ratios.append(row["start -> started=true"] / floors[-1])
+            restored.append(from_template["start -> started=true"])
+            restored_ratios.append(restored[-1] / floors[-1])
             extra = ""
             if args.compare_with:
                 others.append(boot_other(args.compare_with, args.config)["start -> started=true"])
                 other_ratios.append(row["start -> started=true"] / others[-1])
                 extra = f", {args.compare_with.name} {others[-1]:.2f} s"
-            print(f"round {i + 1}/{args.runs}: ours {row['start -> started=true']:.2f} s, floor "
+            print(f"round {i + 1}/{args.runs}: ours {row['start -> started=true']:.2f} s, "
+                  f"from the template {restored[-1]:.2f} s, floor "
                   f"{floors[-1]:.2f} s{extra} ({time.monotonic() - began:.0f} s, load "
                   f"{os.getloadavg()[0]:.2f})", file=sys.stderr, flush=True)
     load_after = os.getloadavg()
@@ -215,6 +234,8 @@ def main() -> int:
     print(median_line("start -> started=true, C-init floor", floors))
     print(median_line("ratio tether / floor (per round)", ratios, "x"))
     print(f"  {'ratio of the medians':<48} {statistics.median(started) / statistics.median(floors):7.3f} x")
+    print(median_line("start -> started=true, tether vm --template", restored))
+    print(median_line("ratio template / floor (per round)", restored_ratios, "x"))
     if others:
         print(median_line(f"start -> started=true, {args.compare_with.name}", others))
         print(median_line(f"ratio tether / {args.compare_with.name} (per round)", other_ratios, "x"))

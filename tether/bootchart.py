@@ -21,6 +21,8 @@ HOST = "host."
 # The launcher's marks, in the order a boot passes them, with the words the chart uses.
 HOST_LABELS = {
     "host.qemu": "QEMU start to kernel (firmware, kernel load)",
+    "host.restore": "QEMU start to the VM template loaded",
+    "host.template": "saving the VM template",
     "host.console": "first console byte",
     "host.guestinfo": "first guestinfo request",
     "host.started": "started=true at the host",
@@ -77,13 +79,20 @@ def load_map(path: str) -> dict[str, str]:
 
 def host_keys(marks: dict[str, float], clock_host: float, clock_guest: float) -> dict[str, str]:
     """The launcher's marks (host monotonic seconds: qemu_start, console_first,
-    agent_start, started) as timeline keys on the guest's clock. The guest wrote its clock
+    agent_start, started; restored when QEMU started from a VM template, resume_request
+    and template_saved when it saved one) as timeline keys on the guest's clock. The guest wrote its clock
     key at `clock_guest` and the host received it at `clock_host`: one message's latency
     is the error."""
     offset = clock_host - clock_guest
     keys = {}
-    if "qemu_start" in marks:
+    if "restored" in marks:      # started from a VM template: no firmware, no kernel boot
+        keys[PREFIX + "host.restore"] = (f"{marks['qemu_start'] - offset:.6f} "
+                                         f"{marks['restored'] - offset:.6f}")
+    elif "qemu_start" in marks:
         keys[PREFIX + "host.qemu"] = f"{marks['qemu_start'] - offset:.6f} 0.000000"
+    if "resume_request" in marks and "template_saved" in marks:
+        keys[PREFIX + "host.template"] = (f"{marks['resume_request'] - offset:.6f} "
+                                          f"{marks['template_saved'] - offset:.6f}")
     for mark, name in (("console_first", "console"), ("agent_start", "guestinfo"),
                        ("started", "started")):
         if mark in marks:
@@ -96,7 +105,7 @@ def origin(phases: list[Phase]) -> tuple[float, str]:
     """Where the time axis starts: QEMU's start when the launcher's marks are there,
     else the guest's boot clock zero."""
     for phase in phases:
-        if phase.name == "host.qemu":
+        if phase.name in ("host.qemu", "host.restore"):
             return phase.start, "seconds since QEMU started"
     return 0.0, "seconds on the guest's boot clock"
 

@@ -19,6 +19,9 @@ and the end of its serial console is shown. SIGTERM or ctrl-c stops it gracefull
 ctrl-alt-del over QMP, which the agent takes as a stop; killed after --stop-timeout.
 Every run has its own temporary directory, so several VMs can run at once.
 
+`--template` starts from a snapshot of the same machine booted up to its config, saved by
+the first such run (tether/vmtemplate.py).
+
 Boot: the image's kernel directly (PVH entry of `vmlinux`, else `vmlinuz`) on a q35
 machine with stage 0 and the project layer as initrd and the root as ext4 on a virtio
 disk; `--vic-serial` boots the ISO through isolinux on a pc (i440FX) machine, as ESX would.
@@ -45,6 +48,7 @@ import time
 
 from tether.boottime import CLOCK_KEY
 from tether.outcome import EXIT_NOT_STARTED, EXIT_TIMEOUT, primary_outcome
+from tether.vmtemplate import RESUME_KEY
 
 GUESTINFO_PORT = "org.tether.guestinfo"
 OUTPUT_PORT = "org.tether.output"
@@ -249,6 +253,17 @@ def qemu_argv(spec: MachineSpec, sockets: dict[str, str]) -> list[str]:
     return argv
 
 
+def socket_paths(spec: MachineSpec, workdir: str) -> dict[str, str]:
+    """The unix sockets of a machine: console and ports (we listen, QEMU connects),
+    com1 in VIC's layout (QEMU listens; "" otherwise) and QMP (QEMU listens)."""
+    names = ("console", GUESTINFO_PORT, OUTPUT_PORT) + (
+        () if spec.vic_serial else (ATTACH_PORT,))
+    paths = {name: os.path.join(workdir, f"{name}.sock") for name in names}
+    paths["com1"] = os.path.join(workdir, "com1.sock") if spec.vic_serial else ""
+    paths["qmp"] = os.path.join(workdir, "qmp.sock")
+    return paths
+
+
 def kernel_command_line(console: str, extra: str = "") -> str:
     """A direct kernel boot's arguments: the ISO's (init/build) with our console, and
     the root: the disk at ROOT_SLOT."""
@@ -302,12 +317,11 @@ class Machine:
         self.workdir = workdir
         self.echo_console = echo_console    # callable(bytes) or None
         self.on_output = on_output          # callable(entry) or None
-        names = ("console", GUESTINFO_PORT, OUTPUT_PORT) + (
-            () if spec.vic_serial else (ATTACH_PORT,))
-        self.sockets = {name: os.path.join(workdir, f"{name}.sock") for name in names}
-        # VIC's layout: QEMU listens here for the host's side of COM1 (handshake + SSH)
-        self.com1_socket = os.path.join(workdir, "com1.sock") if spec.vic_serial else None
-        self.qmp_socket = os.path.join(workdir, "qmp.sock")
+        paths = socket_paths(spec, workdir)
+        # VIC's layout: QEMU listens on com1 for the host's side of COM1 (handshake + SSH)
+        self.com1_socket = paths.pop("com1") or None
+        self.qmp_socket = paths.pop("qmp")
+        self.sockets = paths         # the ones we listen on, QEMU connecting
         self.console_log = os.path.join(workdir, "console.log")
         self.output_log = os.path.join(workdir, "output.log")
         self.process: subprocess.Popen | None = None
@@ -322,6 +336,14 @@ class Machine:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._files = {}
+        # The agent's resume request of a template boot (tether/vmtemplate.py) is not
+        # answered by the port thread: `on_resume()` is called, and the answer goes
+        # later through `answer_resume`.
+        self.on_resume = None
+        self.incoming_args: list[str] = []   # `-incoming ...`: start from a template
+        self.guestinfo_connected = threading.Event()
+        self._guestinfo_conn: socket.socket | None = None
+        self._guestinfo_lock = threading.Lock()
 
     # -- lifecycle
     def start(self) -> None:
@@ -338,8 +360,7 @@ class Machine:
             listener.setblocking(False)
             self._listeners[name] = listener
             self._selector.register(listener, selectors.EVENT_READ, ("accept", name))
-        argv = qemu_argv(self.spec, dict(self.sockets, com1=self.com1_socket or "",
-                                         qmp=self.qmp_socket))
+        argv = qemu_argv(self.spec, socket_paths(self.spec, self.workdir)) + self.incoming_args
         with open(os.path.join(self.workdir, "qemu.argv"), "w") as f:
             f.write(" ".join(argv) + "\n")
         self.marks["qemu_start"] = time.monotonic()
@@ -458,6 +479,9 @@ class Machine:
         if name == "console":
             self._console_conn = conn
             self.console_connected.set()
+        elif name == GUESTINFO_PORT:
+            self._guestinfo_conn = conn
+            self.guestinfo_connected.set()
 
     def _drop(self, conn) -> None:
         try:
@@ -488,14 +512,32 @@ class Machine:
         elif name == GUESTINFO_PORT:
             self.marks.setdefault("agent_start", now)
             from extraconfig.virtio import answer, frame
-            replies = [frame(answer(request, self.guestinfo.info_get, self.guestinfo.info_set))
-                       for request in self._deframer.feed(data)]
+            replies = []
+            for request in self._deframer.feed(data):
+                if self.on_resume is not None and request == f"info-get {RESUME_KEY}":
+                    self.marks.setdefault("resume_request", now)
+                    self.on_resume()
+                    continue
+                replies.append(frame(answer(request, self.guestinfo.info_get,
+                                            self.guestinfo.info_set)))
             if replies:
-                conn.setblocking(True)
-                try:
-                    conn.sendall(b"".join(replies))
-                finally:
-                    conn.setblocking(False)
+                self._send_guestinfo(b"".join(replies))
+
+    def answer_resume(self, value: str) -> None:
+        """Answer the agent's pending resume request (from any thread)."""
+        from extraconfig.virtio import frame
+        self._send_guestinfo(frame(f"1 {value}"))
+
+    def _send_guestinfo(self, data: bytes) -> None:
+        conn = self._guestinfo_conn
+        if conn is None:
+            raise VmError("the guestinfo port is not connected")
+        with self._guestinfo_lock:
+            conn.setblocking(True)
+            try:
+                conn.sendall(data)
+            finally:
+                conn.setblocking(False)
 
     def _read_entries(self, data: bytes) -> None:
         from tether.iolog import FramingError
@@ -561,6 +603,7 @@ class VmResult:
     marks: dict[str, float]
     workdir: str
     message: str = ""
+    template: str = ""              # "created" or "restored" with --template, else ""
 
 
 class VmRun:
@@ -572,7 +615,8 @@ class VmRun:
                  kernel_args: str = "", extra_guestinfo: dict[str, str] | None = None,
                  memory_mb: int = 512, echo_console=None, on_output=None,
                  workdir: str | None = None, qemu_args: list[str] | None = None,
-                 vic_serial: bool = False, cpus: int = 1):
+                 vic_serial: bool = False, cpus: int = 1, template: bool = False,
+                 template_root: str | None = None):
         image_dir = os.path.abspath(image_dir)
         # The ISO's command line puts the console on ttyS1 (VIC's layout). Our own layout
         # keeps it on ttyS0, so it boots the image's kernel directly with our arguments;
@@ -628,8 +672,99 @@ class VmRun:
         self._stop_killed = False
         self.timeline_clock: tuple[float, str] | None = None
         self.guestinfo = VmxGuestinfo(keys, on_set=self._on_set)
-        self.machine = Machine(self.spec, self.guestinfo, self.workdir,
-                               echo_console=echo_console, on_output=on_output)
+        self._machine_args = dict(echo_console=echo_console, on_output=on_output)
+        self.template = None            # tether.vmtemplate.Template, with --template
+        self.template_mode = ""         # "create", then "created"; or "restore(d)"
+        self.template_note = ""         # what became of --template, for the user
+        if template:
+            self._choose_template(template_root)
+        self.machine = Machine(self.spec, self.guestinfo, self.workdir, **self._machine_args)
+
+    # -- templates (tether/vmtemplate.py)
+    def _choose_template(self, root: str | None) -> None:
+        from tether import vmtemplate
+        why = vmtemplate.unsuitable(self.spec)
+        if why:
+            self.template_note = f"no VM template: {why}"
+            return
+        self.spec.kernel_args = f"{self.spec.kernel_args} {vmtemplate.KERNEL_ARG}".strip()
+        # The key: the command line as the guest sees it (socket paths relative) and
+        # every file it names.
+        self._template_argv = qemu_argv(self.spec, socket_paths(self.spec, ""))
+        files = [self.spec.kernel, self.spec.initrd] + [d.path for d in self.spec.disks]
+        files += [path for path in (shutil.which(self.spec.qemu), QBOOT)
+                  if path and os.path.isfile(path)]
+        key = vmtemplate.template_key(self._template_argv, files)
+        self.template = vmtemplate.Template(root or vmtemplate.cache_root(), key)
+        self.template_mode = "restore" if self.template.exists() else "create"
+
+    def _restore(self) -> bool:
+        """Start QEMU from the template; once the state is loaded, answer the agent's
+        resume request it carries. False when QEMU could not load it."""
+        from tether.vmtemplate import CAPTURE_TIMEOUT, resume_value
+        self.machine.incoming_args = self.template.incoming_args()
+        self.machine.start()
+        deadline = time.monotonic() + CAPTURE_TIMEOUT
+        while time.monotonic() < deadline and self.machine.process.poll() is None:
+            try:
+                status = qmp_command(self.machine.qmp_socket, "query-migrate",
+                                     timeout=2.0).get("status")
+            except VmError:
+                status = None        # the monitor is not up yet
+            if status == "completed":
+                self.machine.marks["restored"] = time.monotonic()
+                if not self.machine.guestinfo_connected.wait(10.0):
+                    break
+                self.machine.answer_resume(resume_value())
+                self.template_mode = "restored"
+                return True
+            if status in ("failed", "cancelled"):
+                break
+            time.sleep(0.005)
+        return False
+
+    def _start_over_cold(self) -> None:
+        """The template would not load: drop it, and boot this run cold (saving a new
+        template on the way)."""
+        errors = self.machine.qemu_errors().strip().splitlines()
+        self.machine.close()
+        self.template.remove()
+        self.template_note = ("the VM template did not load ("
+                              f"{errors[-1] if errors else 'QEMU said nothing'}); "
+                              "removed it and booted cold")
+        for path in socket_paths(self.spec, self.workdir).values():
+            if path and os.path.exists(path):
+                os.unlink(path)
+        self.machine = Machine(self.spec, self.guestinfo, self.workdir, **self._machine_args)
+        self.template_mode = "create"
+
+    def _capture_template(self) -> None:
+        """The agent waits for its resume answer: save the guest, then answer (on a
+        thread of its own: the port thread goes on serving)."""
+        threading.Thread(target=self._capture, name="tether-vm-template", daemon=True).start()
+
+    def _capture(self) -> None:
+        from tether.vmtemplate import TemplateError, resume_value
+
+        def qmp(command: str, arguments: dict | None) -> dict:
+            return qmp_command(self.machine.qmp_socket, command, arguments)
+        try:
+            size = self.template.capture(qmp, self._template_argv)
+            self.template_mode = "created"
+            self.template_note = (f"saved a VM template ({size / 2**20:.0f} MiB, "
+                                  f"{self.template.directory}); later runs of this "
+                                  "machine start from it")
+        except (TemplateError, VmError, OSError) as err:
+            self.template_note = f"no VM template saved: {err}"
+        try:
+            qmp("cont", None)     # QEMU pauses the guest at the end of a migration
+        except VmError as err:
+            self.template_note += f"; the guest could not be continued: {err}"
+        self.machine.marks["template_saved"] = time.monotonic()
+        try:
+            self.machine.answer_resume(resume_value())
+        except (OSError, VmError) as err:
+            self.template_note += f"; the agent was not answered: {err}"
 
     def _on_set(self, key: str, value: str) -> None:
         if key == self.started_key and value not in ("", NIL):
@@ -639,6 +774,12 @@ class VmRun:
             self.timeline_clock = (time.monotonic(), value)
 
     def start(self) -> None:
+        if self.template_mode == "restore":
+            if self._restore():
+                return
+            self._start_over_cold()
+        if self.template_mode == "create":
+            self.machine.on_resume = self._capture_template
         self.machine.start()
 
     def wait_started(self, timeout: float) -> str | None:
@@ -695,7 +836,8 @@ class VmRun:
         if reason and not message:
             message = reason
         return VmResult(code, qemu_status, final, decoded, self.machine.console_text(),
-                        dict(self.machine.marks), self.workdir, message)
+                        dict(self.machine.marks), self.workdir, message,
+                        template=self.template_mode if self.template_mode.endswith("d") else "")
 
     def _host_timeline(self) -> dict[str, str]:
         """Our marks (QEMU start, first console byte, first guestinfo request, started)
@@ -819,6 +961,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--timeline", metavar="FILE.svg|-", help="draw the boot timeline (the "
                         "guest's phases and ours) as an SVG chart, or '-' for a text table "
                         "on stderr")
+    parser.add_argument("--template", action="store_true",
+                        help="start from a snapshot of this machine booted up to its config "
+                        "(saved by the first run, in $TETHER_CACHE/vm-templates): about "
+                        "three times faster; clones share the template's kernel layout "
+                        "(docs/vm.md, Templates)")
     parser.add_argument("--vic-serial", action="store_true",
                         help="VIC's serial layout: boot the ISO as is (console on ttyS1), COM1 "
                         "a unix socket for VIC's attach (tether attach --vic unix:PATH ID), "
@@ -870,7 +1017,7 @@ def main(argv: list[str]) -> int:
                     nets=nets, netns=args.netns, debug_image=args.debug_image,
                     kernel_args=args.kernel_args, extra_guestinfo=extra, memory_mb=args.memory,
                     qemu_args=args.qemu_args, vic_serial=args.vic_serial, cpus=args.cpus,
-                    echo_console=echo_console if args.console else None,
+                    template=args.template, echo_console=echo_console if args.console else None,
                     on_output=None if args.attach else echo_output)
     except VmError as err:
         print(f"tether vm: {err}", file=sys.stderr)
@@ -897,6 +1044,8 @@ def main(argv: list[str]) -> int:
     except KeyboardInterrupt:
         run.close(keep=args.keep)
         return 130
+    if run.template_note:
+        print(f"tether vm: {run.template_note}", file=sys.stderr)
     try:
         report(result, args.out, show_console=not args.console)
         if args.timeline:
