@@ -311,6 +311,15 @@ def test_after_a_resume_the_timeline_starts_at_the_answer():
         assert gone not in phases, phases
 
 
+def test_the_run_that_saved_the_template_keeps_its_own_timeline():
+    got, log = run_agent(f"clock={CLOCK} seed={SEED} cold=1")
+    assert got["calls"] == [["clock", 1764763200_123456789], ["seed", SEED]]
+    assert "saved as a VM template: clock set to" in log
+    assert "resumed from a VM template" not in log
+    phases = timeline(got["store"])
+    assert "resume" not in phases and {"kernel", "cgroups", "template", "config"} <= set(phases)
+
+
 def test_without_an_answer_the_boot_goes_on_as_a_plain_one():
     got, log = run_agent("-")
     assert got["requests"][0] == RESUME_REQUEST

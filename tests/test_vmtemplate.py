@@ -20,8 +20,9 @@ def image(tmp_path):
     return tmp_path
 
 
-def run_of(tmp_path, **kwargs) -> VmRun:
-    run = VmRun(config_from_json(CONFIG), str(image(tmp_path)), template=True,
+def run_of(tmp_path, networks=None, **kwargs) -> VmRun:
+    config = config_from_json({**CONFIG, **({"networks": networks} if networks else {})})
+    run = VmRun(config, str(image(tmp_path)), template=True,
                 template_root=str(tmp_path / "templates"), **kwargs)
     run.close()
     return run
@@ -33,10 +34,10 @@ def test_the_same_machine_has_the_same_key_and_any_change_another(tmp_path):
     assert "tether.template=1" in first.spec.kernel_args.split()
     assert run_of(tmp_path).template.key == first.template.key   # other run dirs, same key
     assert run_of(tmp_path, memory_mb=256).template.key != first.template.key
-    with_nic = VmRun(config_from_json({**CONFIG, "networks": {"n": {"network": {}}}}),
-                     str(tmp_path), template=True, template_root=str(tmp_path / "t"))
-    with_nic.close()
+    with_nic = run_of(tmp_path, networks={"n": {"network": {}}})
     assert with_nic.template.key != first.template.key
+    # a user-mode NIC's MAC is the same in every run: the same machine, the same key
+    assert run_of(tmp_path, networks={"n": {"network": {}}}).template.key == with_nic.template.key
     later = time.time() + 5     # the initrd rebuilt: a new template
     os.utime(tmp_path / "initrd.img", (later, later))
     assert run_of(tmp_path).template.key != first.template.key
@@ -51,6 +52,11 @@ def test_writable_disks_and_the_iso_boot_cold_and_say_why(tmp_path):
     (tmp_path / "bootstrap.iso").write_bytes(b"")
     run = run_of(tmp_path, vic_serial=True)
     assert run.template is None and "--vic-serial" in run.template_note
+    # a tap NIC with a MAC of its own per run: clones would all have the template's
+    run = run_of(tmp_path, networks={"n": {"network": {}}}, nets={"n": "tap:tap7"})
+    assert run.template is None and "shared backend" in run.template_note
+    mac_id = {"n": {"common": {"id": "52:54:00:aa:bb:cc"}, "network": {}}}
+    assert run_of(tmp_path, networks=mac_id, nets={"n": "tap:tap7"}).template is not None
     for debug in ({"debug_image": True}, {"kernel_args": "tether.shell=1"}):
         run = run_of(tmp_path, **debug)
         assert run.template is None and "debug boot" in run.template_note
@@ -75,6 +81,7 @@ def test_the_resume_answer_carries_the_clock_and_a_fresh_seed():
     assert before - 1 <= float(fields["clock"]) <= time.time() + 1
     assert re.fullmatch(r"[0-9a-f]{64}", fields["seed"])
     assert first.split()[1] != second.split()[1]
+    assert vmtemplate.resume_value(cold=True).endswith(" cold=1")   # the run that saved it
 
 
 def test_eviction_keeps_the_most_recently_used(tmp_path):

@@ -40,7 +40,6 @@ CONTAINERFS_LABEL = "containerfs"
 CONTAINERFS_MOUNT = "/mnt/containerfs"
 STATE_DIR = "/run/tether"
 CONSOLE_DRAIN = 2.0       # seconds the last log lines get to reach a slow console
-TEMPLATE_ARG = "tether.template"   # =1: a VM template's boot (tether/resume.py)
 
 
 class InjectedFailure(RuntimeError):
@@ -325,18 +324,20 @@ class Agent:
             log.warning("template boot (kernel argument %s=1), but the host has no answer "
                         "to %s (a host without VM templates, or vSphere): nothing was "
                         "saved, and this boot goes on as a plain one; leave the argument "
-                        "out where the host does not use templates", TEMPLATE_ARG,
+                        "out where the host does not use templates", resume.TEMPLATE_ARG,
                         resume.RESUME_KEY)
             return
-        self.resumed_at = at
         answer = resume.parse_resume(value)
+        if not answer.cold:      # a clone: its boot was the template's
+            self.resumed_at = at
         done, failed = resume.apply(answer)
         wrong = answer.problems + resume.missing_fields(answer)
         if wrong:
             log.warning("the host's answer to %s leaves this VM part of its template's "
                         "state (the host's side: tether/vmtemplate.py): %s",
                         resume.RESUME_KEY, "; ".join(wrong))
-        log.info("resumed from a VM template: %s", ", ".join(done) or "nothing refreshed")
+        log.info("%s: %s", "saved as a VM template" if answer.cold else
+                 "resumed from a VM template", ", ".join(done) or "nothing refreshed")
         if failed:
             raise StepFailed("; ".join(failed))
 
@@ -769,9 +770,9 @@ class Agent:
 def template_requested(cmdline: str | None = None) -> bool:
     """Whether the kernel command line (`cmdline`, else the kernel's own) has
     `tether.template=1`."""
-    from tether import system
+    from tether import resume, system
     args = None if cmdline is None else system.kernel_args(cmdline)
-    return system.kernel_arg(TEMPLATE_ARG, args) == "1"
+    return system.kernel_arg(resume.TEMPLATE_ARG, args) == "1"
 
 
 def hostname_for(executor_id: str) -> str:

@@ -13,6 +13,9 @@ The answer, space-separated `name=value` fields, each optional, unknown ones ign
 
     clock=<unix time: seconds, up to 9 decimals>   the wall clock to take
     seed=<64 hex digits>                            32 bytes for the kernel's RNG
+    cold=1                                          this VM booted in this run (the one
+                                                    that saved the template): its boot
+                                                    timeline is its own, and kept
 
 A restored guest's wall clock and RNG state are the template's: the agent sets the
 clock, mixes the seed into the kernel's pool and makes the CRNG reseed (tether/system.py),
@@ -32,6 +35,7 @@ from tether.log import get_logger
 log = get_logger("tether.resume")
 
 RESUME_KEY = "guestinfo.tether.resume"
+TEMPLATE_ARG = "tether.template"    # =1 on the kernel command line: a template's boot
 SEED_BYTES = 32
 MAX_CLOCK_DECIMALS = 9
 # What a clone keeps of its template when a field is missing or malformed.
@@ -68,9 +72,11 @@ class Resume:
         self.seed = seed              # SEED_BYTES for the kernel's RNG
         self.problems = problems or []   # malformed fields, each with what it leaves undone
         self.seen: set[str] = set()      # the known fields the answer had, good or not
+        self.cold = False                # booted in this run: not a clone (cold=1)
 
     def __repr__(self) -> str:
-        return f"Resume(clock_ns={self.clock_ns!r}, seed={self.seed!r}, problems={self.problems!r})"
+        return (f"Resume(clock_ns={self.clock_ns!r}, seed={self.seed!r}, cold={self.cold!r}, "
+                f"problems={self.problems!r})")
 
 
 def parse_resume(value: str) -> Resume:
@@ -89,6 +95,8 @@ def parse_resume(value: str) -> Resume:
                     f"{MAX_CLOCK_DECIMALS} decimals): {KEPT['clock']}")
             else:
                 resume.clock_ns = clock
+        elif name == "cold":
+            resume.cold = text == "1"
         elif name == "seed":
             resume.seen.add(name)
             seed = parse_seed(text)

@@ -88,6 +88,7 @@ DIRECT_MACHINE = "q35"
 QBOOT = "/usr/share/qemu/qboot.rom"
 
 _PCI_ADDRESS = re.compile(r"^(?:0000:)?00:([0-9a-fA-F]{2})\.0$")
+PRIVATE_MAC_PREFIX = "52:54:00:12:34"   # QEMU's own default NIC MAC is 52:54:00:12:34:56
 _MAC = re.compile(r"^[0-9a-fA-F]{2}(?::[0-9a-fA-F]{2}){5}$")
 
 
@@ -103,6 +104,7 @@ class Nic:
     slot: int           # PCI device number on the root bus
     mac: str
     backend: str        # QEMU -netdev options without the id
+    mac_per_run: bool = False   # a random MAC, so that VMs on one shared network differ
 
     @property
     def pci_address(self) -> str:
@@ -188,8 +190,16 @@ def assign_nics(config, backends: dict[str, str] | None = None,
             slot = next(free, None)
             if slot is None:
                 raise VmError(f"too many networks: at most {LAST_NIC_SLOT - FIRST_NIC_SLOT + 1}")
-        mac = endpoint_id.lower() if _MAC.match(endpoint_id) else f"{prefix}:{slot:02x}"
-        nic = Nic(name, slot, mac, backend_options(backends.get(name, "user")))
+        backend = backend_options(backends.get(name, "user"))
+        # A user-mode network (slirp) is the VM's alone: its NICs' MACs need not differ
+        # from other VMs', and stay the same from run to run (a VM template keeps them).
+        private = backend.startswith("user") and mac_prefix is None
+        if _MAC.match(endpoint_id):
+            mac = endpoint_id.lower()
+        else:
+            mac = f"{PRIVATE_MAC_PREFIX if private else prefix}:{slot:02x}"
+        nic = Nic(name, slot, mac, backend,
+                  mac_per_run=not (private or mac_prefix or _MAC.match(endpoint_id)))
         if wanted[name] is None and not _MAC.match(endpoint_id):
             # A name (the JSON form defaults the ID to the network's name) is no stable
             # handle under QEMU: the port layer hands the agent the slot it picked.
@@ -685,7 +695,7 @@ class VmRun:
         from tether import vmtemplate
         why = vmtemplate.unsuitable(self.spec)
         if why:
-            self.template_note = f"no VM template: {why}"
+            self._note(f"no VM template: {why}")
             return
         self.spec.kernel_args = f"{self.spec.kernel_args} {vmtemplate.KERNEL_ARG}".strip()
         # The key: the command line as the guest sees it (socket paths relative) and
@@ -729,9 +739,8 @@ class VmRun:
         errors = self.machine.qemu_errors().strip().splitlines()
         self.machine.close()
         self.template.remove()
-        self.template_note = ("the VM template did not load ("
-                              f"{errors[-1] if errors else 'QEMU said nothing'}); "
-                              "removed it and booted cold")
+        self._note("the VM template did not load ("
+                   f"{errors[-1] if errors else 'QEMU said nothing'}); removed it and booted cold")
         for path in socket_paths(self.spec, self.workdir).values():
             if path and os.path.exists(path):
                 os.unlink(path)
@@ -751,20 +760,22 @@ class VmRun:
         try:
             size = self.template.capture(qmp, self._template_argv)
             self.template_mode = "created"
-            self.template_note = (f"saved a VM template ({size / 2**20:.0f} MiB, "
-                                  f"{self.template.directory}); later runs of this "
-                                  "machine start from it")
+            self._note(f"saved a VM template ({size / 2**20:.0f} MiB, "
+                       f"{self.template.directory}); later runs of this machine start from it")
         except (TemplateError, VmError, OSError) as err:
-            self.template_note = f"no VM template saved: {err}"
+            self._note(f"no VM template saved: {err}")
         try:
             qmp("cont", None)     # QEMU pauses the guest at the end of a migration
         except VmError as err:
-            self.template_note += f"; the guest could not be continued: {err}"
+            self._note(f"the guest could not be continued: {err}")
         self.machine.marks["template_saved"] = time.monotonic()
         try:
-            self.machine.answer_resume(resume_value())
+            self.machine.answer_resume(resume_value(cold=True))
         except (OSError, VmError) as err:
-            self.template_note += f"; the agent was not answered: {err}"
+            self._note(f"the agent was not answered: {err}")
+
+    def _note(self, text: str) -> None:
+        self.template_note = f"{self.template_note}; {text}" if self.template_note else text
 
     def _on_set(self, key: str, value: str) -> None:
         if key == self.started_key and value not in ("", NIL):

@@ -25,8 +25,9 @@ import shlex
 import shutil
 import time
 
-RESUME_KEY = "guestinfo.tether.resume"
-KERNEL_ARG = "tether.template=1"
+from tether.resume import RESUME_KEY, TEMPLATE_ARG   # the guest's side
+
+KERNEL_ARG = f"{TEMPLATE_ARG}=1"
 KEEP = 4                        # templates kept per cache; the least recently used go
 STATE = "state"                 # QEMU's migration stream
 CAPTURE_TIMEOUT = 120.0
@@ -56,6 +57,11 @@ def unsuitable(spec) -> str | None:
         return "the ISO boot (--vic-serial) always boots cold"
     if any(arg.startswith(("tether.image=", "tether.shell=")) for arg in spec.kernel_args.split()):
         return "a debug boot (its shell reads guestinfo before the agent) always boots cold"
+    for nic in spec.nics:
+        if nic.mac_per_run:
+            return (f"network {nic.network} is on a shared backend ({nic.backend}) with a MAC "
+                    "of its own per run, and every clone would have the template's; give "
+                    "its endpoint a MAC as ID, or use a user-mode network")
     for disk in spec.disks:
         if not (disk.readonly or disk.snapshot):
             return (f"{disk.path} is a writable disk: the guest caches its first blocks "
@@ -79,11 +85,13 @@ def template_key(argv: list[str], files: list[str]) -> str:
     return digest.hexdigest()[:24]
 
 
-def resume_value() -> str:
-    """The answer to the agent's resume request: the host's wall clock, and 32 bytes
-    for the guest's RNG (clones of one template would share its state otherwise)."""
+def resume_value(cold: bool = False) -> str:
+    """The answer to the agent's resume request (tether/resume.py): the host's wall
+    clock, 32 bytes for the guest's RNG (clones of one template would share its state
+    otherwise) and, for the run that booted the guest, `cold=1`."""
     ns = time.time_ns()
-    return f"clock={ns // 10**9}.{ns % 10**9:09d} seed={os.urandom(32).hex()}"
+    return (f"clock={ns // 10**9}.{ns % 10**9:09d} seed={os.urandom(32).hex()}"
+            + (" cold=1" if cold else ""))
 
 
 class Template:
