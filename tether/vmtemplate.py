@@ -116,7 +116,8 @@ class Template:
         return the size of the state. The guest is left paused (QEMU's `postmigrate`):
         the caller continues it. Raises TemplateError."""
         os.makedirs(self.directory, mode=0o700, exist_ok=True)
-        partial = f"{self.state}.{os.getpid()}.partial"
+        # unique per capture: two runs of one machine (even in one process) may save at once
+        partial = f"{self.state}.{os.getpid()}.{os.urandom(4).hex()}.partial"
         qmp("migrate", {"uri": f"exec:cat > {shlex.quote(partial)}"})
         deadline = time.monotonic() + timeout
         while True:
