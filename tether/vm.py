@@ -48,7 +48,7 @@ import time
 
 from tether.boottime import CLOCK_KEY
 from tether.outcome import EXIT_NOT_STARTED, EXIT_TIMEOUT, primary_outcome
-from tether.vmtemplate import RESUME_KEY
+from tether.resume import RESUME_KEY
 
 GUESTINFO_PORT = "org.tether.guestinfo"
 OUTPUT_PORT = "org.tether.output"
@@ -193,13 +193,13 @@ def assign_nics(config, backends: dict[str, str] | None = None,
         backend = backend_options(backends.get(name, "user"))
         # A user-mode network (slirp) is the VM's alone: its NICs' MACs need not differ
         # from other VMs', and stay the same from run to run (a VM template keeps them).
-        private = backend.startswith("user") and mac_prefix is None
         if _MAC.match(endpoint_id):
-            mac = endpoint_id.lower()
+            mac, per_run = endpoint_id.lower(), False
+        elif backend.startswith("user") and mac_prefix is None:
+            mac, per_run = f"{PRIVATE_MAC_PREFIX}:{slot:02x}", False
         else:
-            mac = f"{PRIVATE_MAC_PREFIX if private else prefix}:{slot:02x}"
-        nic = Nic(name, slot, mac, backend,
-                  mac_per_run=not (private or mac_prefix or _MAC.match(endpoint_id)))
+            mac, per_run = f"{prefix}:{slot:02x}", mac_prefix is None
+        nic = Nic(name, slot, mac, backend, mac_per_run=per_run)
         if wanted[name] is None and not _MAC.match(endpoint_id):
             # A name (the JSON form defaults the ID to the network's name) is no stable
             # handle under QEMU: the port layer hands the agent the slot it picked.
@@ -521,10 +521,10 @@ class Machine:
             self._read_entries(data)
         elif name == GUESTINFO_PORT:
             self.marks.setdefault("agent_start", now)
-            from extraconfig.virtio import answer, frame
+            from extraconfig.virtio import answer, frame, info_get_request
             replies = []
             for request in self._deframer.feed(data):
-                if self.on_resume is not None and request == f"info-get {RESUME_KEY}":
+                if self.on_resume is not None and request == info_get_request(RESUME_KEY):
                     self.marks.setdefault("resume_request", now)
                     self.on_resume()
                     continue
@@ -535,8 +535,9 @@ class Machine:
 
     def answer_resume(self, value: str) -> None:
         """Answer the agent's pending resume request (from any thread)."""
-        from extraconfig.virtio import frame
-        self._send_guestinfo(frame(f"1 {value}"))
+        from extraconfig.virtio import answer, frame, info_get_request
+        self._send_guestinfo(frame(answer(info_get_request(RESUME_KEY), lambda _key: value,
+                                          self.guestinfo.info_set)))
 
     def _send_guestinfo(self, data: bytes) -> None:
         conn = self._guestinfo_conn
@@ -684,7 +685,8 @@ class VmRun:
         self.guestinfo = VmxGuestinfo(keys, on_set=self._on_set)
         self._machine_args = dict(echo_console=echo_console, on_output=on_output)
         self.template = None            # tether.vmtemplate.Template, with --template
-        self.template_mode = ""         # "create", then "created"; or "restore(d)"
+        self.template_mode = ""         # with a template: "create" or "restore" it
+        self.template_result = ""       # what happened: "created" or "restored"
         self.template_note = ""         # what became of --template, for the user
         if template:
             self._choose_template(template_root)
@@ -711,27 +713,26 @@ class VmRun:
     def _restore(self) -> bool:
         """Start QEMU from the template; once the state is loaded, answer the agent's
         resume request it carries. False when QEMU could not load it."""
-        from tether.vmtemplate import CAPTURE_TIMEOUT, resume_value
+        from tether.vmtemplate import CAPTURE_TIMEOUT, resume_value, wait_for_migration
         self.machine.incoming_args = self.template.incoming_args()
         self.machine.start()
-        deadline = time.monotonic() + CAPTURE_TIMEOUT
-        while time.monotonic() < deadline and self.machine.process.poll() is None:
+
+        def status() -> str | None:
             try:
-                status = qmp_command(self.machine.qmp_socket, "query-migrate",
-                                     timeout=2.0).get("status")
+                return qmp_command(self.machine.qmp_socket, "query-migrate",
+                                   timeout=2.0).get("status")
             except VmError:
-                status = None        # the monitor is not up yet
-            if status == "completed":
-                self.machine.marks["restored"] = time.monotonic()
-                if not self.machine.guestinfo_connected.wait(10.0):
-                    break
-                self.machine.answer_resume(resume_value())
-                self.template_mode = "restored"
-                return True
-            if status in ("failed", "cancelled"):
-                break
-            time.sleep(0.005)
-        return False
+                return None          # the monitor is not up yet
+        loaded = wait_for_migration(status, CAPTURE_TIMEOUT, interval=0.005,
+                                    running=lambda: self.machine.process.poll() is None)
+        if loaded != "completed":
+            return False
+        self.machine.marks["restored"] = time.monotonic()
+        if not self.machine.guestinfo_connected.wait(10.0):
+            return False
+        self.machine.answer_resume(resume_value())
+        self.template_result = "restored"
+        return True
 
     def _start_over_cold(self) -> None:
         """The template would not load: drop it, and boot this run cold (saving a new
@@ -759,7 +760,7 @@ class VmRun:
             return qmp_command(self.machine.qmp_socket, command, arguments)
         try:
             size = self.template.capture(qmp, self._template_argv)
-            self.template_mode = "created"
+            self.template_result = "created"
             self._note(f"saved a VM template ({size / 2**20:.0f} MiB, "
                        f"{self.template.directory}); later runs of this machine start from it")
         except (TemplateError, VmError, OSError) as err:
@@ -848,7 +849,7 @@ class VmRun:
             message = reason
         return VmResult(code, qemu_status, final, decoded, self.machine.console_text(),
                         dict(self.machine.marks), self.workdir, message,
-                        template=self.template_mode if self.template_mode.endswith("d") else "")
+                        template=self.template_result)
 
     def _host_timeline(self) -> dict[str, str]:
         """Our marks (QEMU start, first console byte, first guestinfo request, started)

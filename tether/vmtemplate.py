@@ -31,6 +31,7 @@ KERNEL_ARG = f"{TEMPLATE_ARG}=1"
 KEEP = 4                        # templates kept per cache; the least recently used go
 STATE = "state"                 # QEMU's migration stream
 CAPTURE_TIMEOUT = 120.0
+MIGRATION_ENDS = ("completed", "failed", "cancelled")
 
 
 class TemplateError(RuntimeError):
@@ -119,15 +120,11 @@ class Template:
         # unique per capture: two runs of one machine (even in one process) may save at once
         partial = f"{self.state}.{os.getpid()}.{os.urandom(4).hex()}.partial"
         qmp("migrate", {"uri": f"exec:cat > {shlex.quote(partial)}"})
-        deadline = time.monotonic() + timeout
-        while True:
-            status = qmp("query-migrate", None).get("status")
-            if status == "completed":
-                break
-            if status in ("failed", "cancelled") or time.monotonic() > deadline:
-                _remove(partial)
-                raise TemplateError(f"QEMU's migration to the template {status or 'timed out'}")
-            time.sleep(0.01)
+        ended = wait_for_migration(lambda: qmp("query-migrate", None).get("status"),
+                                   timeout, interval=0.01)
+        if ended != "completed":
+            _remove(partial)
+            raise TemplateError(f"QEMU's migration to the template {ended or 'timed out'}")
         os.chmod(partial, 0o600)        # the guest's memory: the owner's alone
         os.replace(partial, self.state)
         with open(os.path.join(self.directory, "template.json"), "w") as f:
@@ -137,6 +134,20 @@ class Template:
 
     def remove(self) -> None:
         shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def wait_for_migration(status, timeout: float, interval: float,
+                       running=lambda: True) -> str | None:
+    """Poll `status()` (QMP query-migrate's status; None while it cannot be asked)
+    until the migration ends, in either direction: its last status ("completed",
+    "failed", "cancelled"), or None at the timeout or once `running()` is false."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and running():
+        current = status()
+        if current in MIGRATION_ENDS:
+            return current
+        time.sleep(interval)
+    return None
 
 
 def evict(root: str, keep: int = KEEP, spare: str = "") -> list[str]:
