@@ -5,15 +5,15 @@ hand work to it with `call_soon_threadsafe`. A callback that raises is logged an
 loop goes on: PID 1 must not die of one bad callback.
 
 It waits in epoll(7) directly (the agent runs on Linux only): selectors would add its
-own module and math to PID 1's startup.
+own module and math to PID 1's startup. The epoll instance (and the `select` and `_heapq`
+extension modules, each a shared object to load) comes with the first fd, timer or run:
+for PID 1 that is after its primary's exec.
 """
 from __future__ import annotations
 
 import itertools
 import os
-import select
 import time
-from _heapq import heappop, heappush   # heapq's C functions, without heapq.py (startup)
 from _thread import get_ident   # threading's, without importing threading (startup)
 from _collections import deque   # collections' deque, without importing collections (startup)
 from _collections_abc import Callable   # collections.abc's, already loaded by os
@@ -24,6 +24,10 @@ from tether.log import get_logger
 log = get_logger("tether.loop")
 
 Callback = Callable[[], object]
+
+# epoll(7)'s event bits (Linux ABI), so testing a mask needs no `select` module
+EPOLLIN = 0x001
+EPOLLOUT = 0x004
 
 
 class Timer:
@@ -40,7 +44,7 @@ class Timer:
 
 class Loop:
     def __init__(self) -> None:
-        self._epoll = select.epoll()
+        self._epoll = None   # opened by _poller(), on first need
         self._registered: dict[int, int] = {}   # fd -> the epoll events asked for
         self._readers: dict[int, Callback] = {}
         self._writers: dict[int, Callback] = {}
@@ -51,7 +55,6 @@ class Loop:
         self._signal_handlers: dict[int, Callback] = {}
         self._stopping = False
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self._epoll.register(self._wake_r, select.EPOLLIN)
         self._owner = get_ident()   # the loop thread: it alone changes the config
         self.wakeups = 0   # rounds run: a loop that spins shows here
 
@@ -77,13 +80,21 @@ class Loop:
         if self._writers.pop(fd, None) is not None:
             self._update(fd)
 
+    def _poller(self):
+        """The epoll instance, opened with the wake-up pipe in it on first use."""
+        if self._epoll is None:
+            import select
+            self._epoll = select.epoll()
+            self._epoll.register(self._wake_r, EPOLLIN)
+        return self._epoll
+
     def _update(self, fd: int) -> None:
-        events = (select.EPOLLIN if fd in self._readers else 0) | (
-            select.EPOLLOUT if fd in self._writers else 0)
+        events = (EPOLLIN if fd in self._readers else 0) | (
+            EPOLLOUT if fd in self._writers else 0)
         current = self._registered.get(fd)
         if current is None:
             if events:
-                self._epoll.register(fd, events)
+                self._poller().register(fd, events)
                 self._registered[fd] = events
         elif not events:
             del self._registered[fd]
@@ -100,6 +111,7 @@ class Loop:
         self._ready.append(callback)
 
     def call_later(self, delay: float, callback: Callback) -> Timer:
+        from _heapq import heappush   # heapq's C function, without heapq.py
         timer = Timer(time.monotonic() + max(0.0, delay), callback)
         heappush(self._timers, (timer.when, next(self._seq), timer))
         return timer
@@ -157,16 +169,18 @@ class Loop:
         if deadline is not None:
             left = max(0.0, deadline - time.monotonic())
             timeout = left if timeout is None else min(timeout, left)
+        epoll = self._poller()
         try:
             if timeout is not None and 0 < timeout < 0.001:
                 # epoll_wait counts whole milliseconds (Python rounds a timeout up, so it
                 # never wakes early); select(2) on the epoll fd waits to the microsecond
                 # (a streaming session's next read, sessions.COALESCE_DELAY). Nothing
                 # ready when it returns: no need to ask epoll.
-                ready, _, _ = select.select([self._epoll.fileno()], [], [], timeout)
-                events = self._epoll.poll(0) if ready else ()
+                import select
+                ready, _, _ = select.select([epoll.fileno()], [], [], timeout)
+                events = epoll.poll(0) if ready else ()
             else:
-                events = self._epoll.poll(timeout)
+                events = epoll.poll(timeout)
         except InterruptedError:
             events = []
         self.wakeups += 1
@@ -175,12 +189,13 @@ class Loop:
                 self._drain_wakeup()
                 continue
             # as selectors reads epoll: an error or hang-up wakes the reader and the writer
-            if mask & ~select.EPOLLOUT and fd in self._readers:
+            if mask & ~EPOLLOUT and fd in self._readers:
                 self._run(self._readers[fd])
-            if mask & ~select.EPOLLIN and fd in self._writers:
+            if mask & ~EPOLLIN and fd in self._writers:
                 self._run(self._writers[fd])
         now = time.monotonic()
         while self._timers and self._timers[0][0] <= now:
+            from _heapq import heappop
             _, _, timer = heappop(self._timers)
             if not timer.cancelled:
                 self._run(timer.callback)
@@ -205,6 +220,7 @@ class Loop:
 
     def close(self) -> None:
         signals.set_wakeup_fd(-1)
-        self._epoll.close()
+        if self._epoll is not None:
+            self._epoll.close()
         os.close(self._wake_r)
         os.close(self._wake_w)

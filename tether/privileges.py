@@ -79,9 +79,26 @@ def own_bounding_set() -> set[int]:
     return {n for n in range(last_cap() + 1) if mask >> n & 1}
 
 
+# python-prctl's C extension, _prctl, is called directly: its Python wrapper, prctl, builds
+# a hundred functions and classes on import, which PID 1 would pay for on every boot.
+_CAP_FLAGS = ("CAP_EFFECTIVE", "CAP_INHERITABLE", "CAP_PERMITTED", "CAP_LAST_CAP")
+
+
+def _split(keep: list[int]) -> tuple[list[int], list[int]]:
+    """(the keep-list, every other capability) among those python-prctl can set (its
+    CAP_* constants, as prctl.ALL_CAPS lists them)."""
+    import _prctl
+    known = sorted({number for name, number in vars(_prctl).items()
+                    if name.startswith("CAP_") and name not in _CAP_FLAGS})
+    return [n for n in known if n in keep], [n for n in known if n not in keep]
+
+
 class Plan:
-    """Plain data for the child: everything decided before the fork."""
-    __slots__ = ("keep", "drop", "ambient", "no_new_privileges", "death_signal")
+    """Plain data for the child: everything decided before the fork. `settable` and
+    `unsettable`: the keep-list and every other capability, among those python-prctl
+    can set (worked out here, not in the child on its way to the exec)."""
+    __slots__ = ("keep", "drop", "ambient", "no_new_privileges", "death_signal",
+                 "settable", "unsettable")
 
     def __init__(self, keep: list[int], drop: list[int], ambient: bool,
                  no_new_privileges: bool, death_signal: int):
@@ -90,6 +107,7 @@ class Plan:
         self.ambient = ambient
         self.no_new_privileges = no_new_privileges
         self.death_signal = death_signal
+        self.settable, self.unsettable = _split(keep)
 
 
 def plan_for(config, uid: int, held: set[int] | None = None) -> Plan:
@@ -132,20 +150,6 @@ def plan_for(config, uid: int, held: set[int] | None = None) -> Plan:
 
 
 # -- the child side: only os-level calls --------------------------------------------------
-# python-prctl's C extension, _prctl, is called directly: its Python wrapper, prctl, builds
-# a hundred functions and classes on import, which PID 1 would pay for on every boot.
-_CAP_FLAGS = ("CAP_EFFECTIVE", "CAP_INHERITABLE", "CAP_PERMITTED", "CAP_LAST_CAP")
-
-
-def _split(keep: list[int]) -> tuple[list[int], list[int]]:
-    """(the keep-list, every other capability) among those python-prctl can set (its
-    CAP_* constants, as prctl.ALL_CAPS lists them)."""
-    import _prctl
-    known = sorted({number for name, number in vars(_prctl).items()
-                    if name.startswith("CAP_") and name not in _CAP_FLAGS})
-    return [n for n in known if n in keep], [n for n in known if n not in keep]
-
-
 def _set_caps(flags: tuple[str, ...], raise_: list[int], clear: list[int]) -> None:
     """Raise and clear capabilities in the sets named by `flags` (prctl.set_caps)."""
     import _prctl
@@ -164,8 +168,7 @@ def before_setuid(plan: Plan) -> None:
             _prctl.prctl(_prctl.PR_CAPBSET_DROP, n)
         except ValueError:
             pass   # a capability python-prctl does not know: the kernel's EINVAL
-    known, unknown = _split(plan.keep)
-    _set_caps(("I",), known, unknown)
+    _set_caps(("I",), plan.settable, plan.unsettable)
     if plan.ambient:
         _prctl.prctl(_prctl.PR_SET_KEEPCAPS, True)
 
@@ -175,11 +178,10 @@ def after_setuid(plan: Plan) -> None:
     clears, so it is set after it)."""
     import _prctl
     if plan.ambient:
-        known, unknown = _split(plan.keep)
-        _set_caps(("E", "P", "I"), known, unknown)
+        _set_caps(("E", "P", "I"), plan.settable, plan.unsettable)
         from tether import system
         libc = system.libc()
-        for n in known:   # what python-prctl could not make inheritable cannot be ambient
+        for n in plan.settable:   # what python-prctl could not make inheritable cannot be ambient
             if libc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE, n, 0, 0) != 0:
                 import ctypes
                 err = ctypes.get_errno()

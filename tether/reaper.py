@@ -9,7 +9,6 @@ reap it, so its status reaches the caller instead of being swallowed as an orpha
 from __future__ import annotations
 
 import os
-import select
 import time
 from _thread import allocate_lock, get_ident   # threading's, without importing it (startup)
 from _collections_abc import Callable, Sequence   # collections.abc's, already loaded by os
@@ -142,6 +141,7 @@ class Reaper:
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
                     raise subprocess.TimeoutExpired([str(pid)], timeout or 0)
+                import select   # a helper's wait only: not on PID 1's way to its primary
                 select.select([pidfd], [], [], left)
         finally:
             os.close(pidfd)

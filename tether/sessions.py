@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import errno
 import os
-import struct
 import time
 from _collections import deque   # collections' deque, without importing collections (startup)
 from _collections_abc import Callable   # collections.abc's, already loaded by os
@@ -414,7 +413,13 @@ class LaunchSpec:
             setattr(self, name, kw.get(name))
 
 
-_ERRNO = struct.Struct("<i")   # the failure report: errno, then the `started` text
+# The failure report: errno (4 bytes, little-endian), then the `started` text. int.to_bytes,
+# not `struct`: that extension module would be loaded on every boot for these four bytes.
+_ERRNO_SIZE = 4
+
+
+def _errno_bytes(code: int) -> bytes:
+    return code.to_bytes(_ERRNO_SIZE, "little", signed=True)
 
 
 def _child_exec(spec: LaunchSpec, errw: int) -> None:
@@ -461,7 +466,7 @@ def _child_exec(spec: LaunchSpec, errw: int) -> None:
         try:
             path = lookup_path(spec.path, spec.env, directory)
         except LaunchError as err:
-            os.write(errw, _ERRNO.pack(err.errno) + str(err).encode(errors="replace"))
+            os.write(errw, _errno_bytes(err.errno) + str(err).encode(errors="replace"))
             os._exit(127)
         step = f"fork/exec {path}"
         os.closerange(3, errw)
@@ -477,7 +482,7 @@ def _child_exec(spec: LaunchSpec, errw: int) -> None:
     except BaseException as err:   # noqa: BLE001 - the child must never return
         msg = f"{step}: {err}"
     try:
-        os.write(errw, _ERRNO.pack(code) + msg.encode(errors="replace"))
+        os.write(errw, _errno_bytes(code) + msg.encode(errors="replace"))
     finally:
         os._exit(127)
 
@@ -513,6 +518,7 @@ def _read_exactly(fd: int, count: int) -> bytes:
 def _pipe_bytes(fd: int) -> int:
     """The bytes waiting in a pipe (FIONREAD)."""
     import fcntl   # the output path only, not the agent's startup
+    import struct
     import termios
     return struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"))[0]
 
@@ -820,8 +826,9 @@ class Session:
             except ChildProcessError:
                 pass
             report = b"".join(chunks)
-            code = _ERRNO.unpack_from(report)[0] if len(report) >= _ERRNO.size else 0
-            raise LaunchError(report[_ERRNO.size:].decode(errors="replace"), code)
+            code = int.from_bytes(report[:_ERRNO_SIZE], "little", signed=True) \
+                if len(report) >= _ERRNO_SIZE else 0
+            raise LaunchError(report[_ERRNO_SIZE:].decode(errors="replace"), code)
         return pid
 
     # -- output ---------------------------------------------------------------------------
@@ -1014,6 +1021,7 @@ class Session:
         if self._master_fd < 0:
             return
         import fcntl   # tty sessions only
+        import struct
         import termios
         fcntl.ioctl(self._master_fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
 
