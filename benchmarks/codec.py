@@ -6,7 +6,9 @@ environment entries each, 4 networks), times `extraconfig.encode(cfg)` against
 `json.loads(json.dumps(encoded))`. Each round times every size and operation in turn;
 times are medians over the rounds, a ratio is the median of the per-round ratios. The
 last lines give how the per-session time grows from 1,000 to 10,000 sessions (median of
-the per-round growths).
+the per-round growths), next to the growth of merely building a dict of the same keys and
+values (`dict(zip(keys, values))`, the "map" row): what the machine's memory costs any
+code that makes a map of that size, before any codec work.
 
 Run: .venv/bin/python benchmarks/codec.py [--rounds N] [--sizes 1,100,1000,10000]
 (EXTRACONFIG_CODEGEN=0 in the environment measures the plan interpreter instead.)
@@ -79,11 +81,13 @@ class Case:
 
     def ops(self) -> dict:
         cfg, encoded, text = self.cfg, self.encoded, self.text
+        keys, values = list(encoded), list(encoded.values())
         return {
             "encode": lambda: encode(cfg),
             "dumps": lambda: json.dumps(encoded),
             "decode": lambda: decode(encoded, ExecutorConfig),
             "loads": lambda: json.loads(text),
+            "map": lambda: dict(zip(keys, values)),
         }
 
     def round(self) -> None:
@@ -122,10 +126,11 @@ def main() -> None:
     by_size = {c.sessions: c for c in cases}
     if 1000 in by_size and 10000 in by_size:
         small, big = by_size[1000], by_size[10000]
-        for op in ("encode", "decode", "dumps", "loads"):
+        for op in ("encode", "decode", "dumps", "loads", "map"):
             growth = statistics.median((b / 10000) / (a / 1000)
                                        for a, b in zip(small.times[op], big.times[op]))
-            print(f"per-session {op} time, 10,000 vs 1,000 sessions: {growth:.2f}x")
+            what = "building the map alone (dict(zip))" if op == "map" else op
+            print(f"per-session {what} time, 10,000 vs 1,000 sessions: {growth:.2f}x")
 
 
 if __name__ == "__main__":
