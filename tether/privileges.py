@@ -84,13 +84,18 @@ def own_bounding_set() -> set[int]:
 _CAP_FLAGS = ("CAP_EFFECTIVE", "CAP_INHERITABLE", "CAP_PERMITTED", "CAP_LAST_CAP")
 
 
+_settable: list[int] = []   # python-prctl's capabilities, read once from _prctl
+
+
 def _split(keep: list[int]) -> tuple[list[int], list[int]]:
     """(the keep-list, every other capability) among those python-prctl can set (its
     CAP_* constants, as prctl.ALL_CAPS lists them)."""
-    import _prctl
-    known = sorted({number for name, number in vars(_prctl).items()
-                    if name.startswith("CAP_") and name not in _CAP_FLAGS})
-    return [n for n in known if n in keep], [n for n in known if n not in keep]
+    if not _settable:
+        import _prctl
+        _settable.extend(sorted({number for name, number in vars(_prctl).items()
+                                 if name.startswith("CAP_") and name not in _CAP_FLAGS}))
+    wanted = set(keep)
+    return [n for n in _settable if n in wanted], [n for n in _settable if n not in wanted]
 
 
 class Plan:
