@@ -2,8 +2,6 @@
 (vmware/vic pkg/vsphere/extraconfig/encode.go toString, decode.go fromString)."""
 from __future__ import annotations
 
-import binascii
-
 _INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
 
 TRUE_WORDS = frozenset(("1", "t", "T", "TRUE", "true", "True"))
@@ -105,7 +103,11 @@ def parse_float(text: str) -> float:
     return value
 
 
+# binascii (a C extension: loading it costs PID 1's boot ~0.2 ms) is imported by the two
+# functions below, at the first []byte value: the agent's usual config has none.
+
 def format_bytes(value: bytes) -> str:
+    import binascii
     return binascii.b2a_base64(value, newline=False).decode("ascii")     # base64.b64encode
 
 
@@ -115,6 +117,7 @@ def parse_bytes(text: str) -> bytes | None:
         text = text.replace("\r", "").replace("\n", "")
     if len(text) % 4:
         return None
+    import binascii
     try:
         # what base64.b64decode(validate=True) does, without its wrapping; a str that is
         # not ASCII raises ValueError

@@ -343,3 +343,31 @@ def test_slice_merge_follows_go_reuse_rules():
     assert s.cmd.args == ["x", "y"]
     decode({}, s)
     assert s.cmd.args == []
+
+
+# What the agent's boot does with the codec, run as the image runs it (python -S): decode
+# a one-session config from guestinfo. It prints the modules of `NOT_AT_BOOT` it loaded.
+BOOT_DECODE = """if True:
+    import sys
+    from extraconfig.codec import encode
+    from extraconfig.transport import GuestSource, MapTransport
+    from tether.config import Cmd, Common, ExecutorConfig, SessionConfig
+    from tether.extension import decode_config, encode_config
+    s = SessionConfig(common=Common(id="a"), cmd=Cmd(path="/x", args=["/x"]))
+    keys = encode_config(ExecutorConfig(common=Common(id="a"), sessions={"a": s}))
+    config = decode_config(GuestSource(MapTransport(keys)))
+    assert config.sessions["a"].cmd.args == ["/x"], config
+    print(sorted(m for m in sys.argv[1:] if m in sys.modules))
+"""
+NOT_AT_BOOT = ["binascii"]     # base64: loaded at the first []byte value
+
+
+def test_the_boot_decode_loads_only_what_the_config_uses():
+    import subprocess
+    import sys
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, "-S", "-c", BOOT_DECODE, *NOT_AT_BOOT],
+                          capture_output=True, text=True, timeout=120, cwd=repo,
+                          env=dict(os.environ, PYTHONPATH=repo))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["[]"]
