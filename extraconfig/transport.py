@@ -109,14 +109,11 @@ def format_vmx(entries: Mapping[str, str]) -> str:
 def _split_line(line: str) -> tuple[str, str] | None:
     """(key, value) of `key = "value"` (blanks and tabs around the parts; the value runs to
     the last quote), else None: `[ \t]*([^ \t="]+)[ \t]*=[ \t]*"(.*)"[ \t]*`."""
-    rest = line.lstrip(" \t")
-    end = 0
-    while end < len(rest) and rest[end] not in ' \t="':
-        end += 1
-    key, rest = rest[:end], rest[end:].lstrip(" \t")
-    if not key or not rest.startswith("="):
+    head, equals, rest = line.partition("=")
+    key = head.strip(" \t")      # the key ends at the first blank, quote or '='
+    if not equals or not key or " " in key or "\t" in key or '"' in key:
         return None
-    quoted = rest[1:].strip(" \t")
+    quoted = rest.strip(" \t")
     if len(quoted) < 2 or quoted[0] != '"' or quoted[-1] != '"':
         return None
     return key, quoted[1:-1]

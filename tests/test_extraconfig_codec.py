@@ -249,6 +249,16 @@ def test_vmx_escapes():
         parse_vmx("key value")
 
 
+@settings(max_examples=3000, deadline=None)
+@given(st.text(alphabet=' \t="ab|\r#', max_size=12))
+def test_a_vmx_line_splits_as_its_pattern_reads_it(line):
+    """parse_vmx reads a line without re; what it takes is this pattern's match."""
+    import re
+    from extraconfig.transport import _split_line
+    m = re.fullmatch(r'[ \t]*([^ \t="]+)[ \t]*=[ \t]*"(.*)"[ \t]*', line)
+    assert _split_line(line) == (m.groups() if m else None)
+
+
 def test_vmx_file_transport(tmp_path):
     path = tmp_path / "guest.vmx"
     path.write_text('guestinfo.vice./common/id = "abc"\nguestinfo.vice..createtime = "<nil>"\n')
