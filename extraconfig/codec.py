@@ -53,6 +53,11 @@ class DecodeBudgetError(DecodeError):
         self.allowed = allowed
 
 
+class PlanError(Exception):
+    """A record or dataclass whose fields the codec cannot compile (an annotation it cannot
+    resolve or take apart): a fault of the model, never reported as a DecodeError."""
+
+
 # ---------------------------------------------------------------------------- budget
 
 BUDGET_ENV = "EXTRACONFIG_DECODE_BUDGET"
@@ -523,11 +528,25 @@ def _struct_keys(prefix: str, fields: list[FieldPlan]) -> list[str | None]:
 
 
 class StructNode(Node):
+    """A record's or dataclass's plan. Its `fields` are compiled when first used, so a
+    decode compiles only the structs it meets: a config without networks or mounts never
+    pays for their plans (nor resolves their annotations)."""
     kind = "struct"
 
     def __init__(self, cls: type) -> None:
         self.cls = cls
-        self.fields: list[FieldPlan] = []
+
+    def __getattr__(self, name: str):
+        if name != "fields":
+            raise AttributeError(name)
+        # No plan is asked for its fields while one is being compiled (node_for only
+        # makes nodes), so a type that contains itself needs no guard here.
+        try:
+            self.fields = _field_plans(self.cls)
+        except Exception as e:
+            raise PlanError(f"{self.cls.__qualname__}: its fields cannot be compiled: "
+                            f"{e!r}") from e
+        return self.fields
 
     def zero(self):
         return self.cls()
@@ -727,13 +746,17 @@ def _recurse(raw: str) -> tuple[bool, int | None, bool | None, bool, bool]:
 
 
 def struct_node(cls: type) -> StructNode:
-    """The compiled plan of a record or dataclass: fields in declaration order with their
-    key rules."""
+    """The plan of a record or dataclass: fields in declaration order with their key rules
+    (compiled at their first use)."""
     node = _NODES.get((cls, False))
     if isinstance(node, StructNode):
         return node
-    node = StructNode(cls)
-    _NODES[(cls, False)] = node
+    node = _NODES[(cls, False)] = StructNode(cls)
+    return node
+
+
+def _field_plans(cls: type) -> list[FieldPlan]:
+    plans: list[FieldPlan] = []
     hints = type_hints(cls)
     for f in fields(cls):
         tag = tag_of(f)
@@ -750,9 +773,9 @@ def struct_node(cls: type) -> StructNode:
         valid, depth, follow, skip_enc, skip_dec = _recurse(tag.recurse)
         if not valid:
             continue
-        node.fields.append(FieldPlan(f.name, tag.go_name, name, not tag.tagged, flags, depth,
-                                     follow, skip_enc, skip_dec, node_for(hints[f.name])))
-    return node
+        plans.append(FieldPlan(f.name, tag.go_name, name, not tag.tagged, flags, depth,
+                               follow, skip_enc, skip_dec, node_for(hints[f.name])))
+    return plans
 
 
 # ------------------------------------------------------------------------------ API

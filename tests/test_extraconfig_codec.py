@@ -13,7 +13,9 @@ from extraconfig import DecodeError, calculate_key, calculate_keys, decode, enco
 from extraconfig import keys as K
 from extraconfig.codec import _field_key, _struct_keys, struct_node
 from extraconfig.gotime import GoTime, format_go, parse_go
+from extraconfig.record import record
 from extraconfig.scalars import format_float, parse_bool, parse_float, parse_int
+from extraconfig.schema import vic
 from extraconfig.transport import (GuestSink, GuestSource, MapTransport, ScopeFilterSink,
                                    VmxFileTransport, format_vmx, parse_vmx, vmx_escape,
                                    vmx_unescape)
@@ -381,3 +383,36 @@ def test_the_boot_decode_loads_only_what_the_config_uses():
                           env=dict(os.environ, PYTHONPATH=repo))
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["[]"]
+
+
+# A struct's plan is compiled when a decode or encode first meets it.
+@record
+class _Unmet:
+    name: str = vic("Name", "read-only", "name", default="")
+
+
+@record
+class _Faulty:
+    broken: NoSuchType = vic("Broken", "read-only", "broken", default=None)  # noqa: F821
+
+
+@record
+class _Holder:
+    id: str = vic("ID", "read-only", "id", default="")
+    unmet: dict[str, _Unmet] | None = vic("Unmet", "read-only", "unmet", default=None)
+    faulty: dict[str, _Faulty] | None = vic("Faulty", "read-only", "faulty", default=None)
+
+
+def test_a_struct_plan_is_compiled_when_first_met(codec_path):
+    from extraconfig import codec
+    if codec_path == "interpreted":       # (generated code compiles every plan it reaches)
+        struct_node(_Holder).fields                   # the holder's own fields, not theirs
+        assert "fields" not in vars(struct_node(_Unmet))
+        assert decode({"guestinfo.vice./id": "x"}, _Holder).id == "x"
+        assert "fields" not in vars(struct_node(_Unmet))
+        held = decode({"guestinfo.vice./id": "x", "guestinfo.vice./unmet": "a",
+                       "guestinfo.vice./unmet|a/name": "n"}, _Holder)
+        assert held.unmet["a"].name == "n" and "fields" in vars(struct_node(_Unmet))
+    # a model's fault is not reported as malformed data, whenever its plan is compiled
+    with pytest.raises(codec.PlanError, match="_Faulty: .*NoSuchType"):
+        decode({"guestinfo.vice./id": "x", "guestinfo.vice./faulty": "a"}, _Holder)
