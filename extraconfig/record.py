@@ -160,27 +160,30 @@ def _initializer(cls, fields):
             for name, factory in factories:
                 values[name] = factory()
             return
-        if len(args) > len(names):
-            raise TypeError(f"{qualname}.__init__() takes {len(names) + 1} positional "
-                            f"arguments but {len(args) + 1} were given")
-        given = dict(zip(names, args))
-        for name, value in kwargs.items():
-            if name not in names:
-                raise TypeError(f"{qualname}.__init__() got an unexpected keyword "
-                                f"argument {name!r}")
-            if name in given:
-                raise TypeError(f"{qualname}.__init__() got multiple values for argument "
-                                f"{name!r}")
-            given[name] = value
-        missing = [name for name in required if name not in given]
-        if missing:
-            raise TypeError(f"{qualname}.__init__() missing {len(missing)} required "
-                            f"argument(s): {', '.join(repr(m) for m in missing)}")
-        values.update(defaults)
-        for name, factory in factories:
-            if name not in given:
-                values[name] = factory()
-        values.update(given)
+        if len(args) == len(names) and not kwargs:         # every field by position
+            values.update(zip(names, args))
+        else:
+            if len(args) > len(names):
+                raise TypeError(f"{qualname}.__init__() takes {len(names) + 1} positional "
+                                f"arguments but {len(args) + 1} were given")
+            given = dict(zip(names, args))
+            for name, value in kwargs.items():
+                if name not in names:
+                    raise TypeError(f"{qualname}.__init__() got an unexpected keyword "
+                                    f"argument {name!r}")
+                if name in given:
+                    raise TypeError(f"{qualname}.__init__() got multiple values for "
+                                    f"argument {name!r}")
+                given[name] = value
+            missing = [name for name in required if name not in given]
+            if missing:
+                raise TypeError(f"{qualname}.__init__() missing {len(missing)} required "
+                                f"argument(s): {', '.join(repr(m) for m in missing)}")
+            values.update(defaults)
+            for name, factory in factories:
+                if name not in given:
+                    values[name] = factory()
+            values.update(given)
         post_init = getattr(self, "__post_init__", None)
         if post_init is not None:
             post_init()
