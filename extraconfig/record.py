@@ -285,6 +285,8 @@ def _resolve(text: str, namespaces):
     """An annotation of names, subscripts and `|` (`dict[str, Hook | None] | None`),
     evaluated without compiling it: compile() cost the agent's boot 1.6 ms and 200 KiB
     for its config's annotations. Anything else raises _Unresolved (eval it instead)."""
+    if text.isidentifier():        # most are one name (`str`, `Common`): no tokens
+        return _name(text, namespaces)
     tokens = []
     word = ""
     for ch in text:
