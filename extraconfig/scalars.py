@@ -103,11 +103,20 @@ def parse_float(text: str) -> float:
     return value
 
 
-# binascii (a C extension: loading it costs PID 1's boot ~0.2 ms) is imported by the two
-# functions below, at the first []byte value: the agent's usual config has none.
+# binascii (a C extension: loading it costs PID 1's boot ~0.2 ms) is loaded at the first
+# []byte value (the agent's usual config has none), once: an import statement per value
+# would cost an encode of many IP addresses more than the base64.
+binascii = None
+
+
+def _load_binascii() -> None:
+    global binascii
+    import binascii
+
 
 def format_bytes(value: bytes) -> str:
-    import binascii
+    if binascii is None:
+        _load_binascii()
     return binascii.b2a_base64(value, newline=False).decode("ascii")     # base64.b64encode
 
 
@@ -117,7 +126,8 @@ def parse_bytes(text: str) -> bytes | None:
         text = text.replace("\r", "").replace("\n", "")
     if len(text) % 4:
         return None
-    import binascii
+    if binascii is None:
+        _load_binascii()
     try:
         # what base64.b64decode(validate=True) does, without its wrapping; a str that is
         # not ASCII raises ValueError
