@@ -256,6 +256,38 @@ def test_a_restart_reads_its_last_runs_results_without_the_heavy_modules(tmp_pat
     assert not HEAVY_AT_STARTUP & set(imported), sorted(HEAVY_AT_STARTUP & set(imported))
 
 
+# C extensions, each a shared object to dlopen (~0.15-0.25 ms on a fresh process), that the
+# agent needs only once its primary runs: the loop's epoll and timer heap come with its
+# first fd, timer or run; the child's failure report packs its errno without struct;
+# base64 comes with the first []byte value; fcntl widens the output pipes after the fork.
+LOADED_AFTER_THE_EXEC = ["_heapq", "_struct", "binascii", "fcntl", "select", "struct"]
+
+
+def test_the_shared_objects_the_loop_and_the_launch_need_load_after_the_primarys_exec(
+        tmp_path):
+    """Precisely at the exec: Session._fork returns once the child has exec'd (its
+    close-on-exec error pipe reads EOF); what is loaded then was loaded before it."""
+    entry = """if True:
+        import sys
+        from tether import sessions
+        from tether.agentcli import main
+        fork = sessions.Session._fork
+        at_exec = []
+        def watched(spec, release=None):
+            pid = fork(spec, release)
+            at_exec.append(set(sys.modules))
+            return pid
+        sessions.Session._fork = staticmethod(watched)
+        code = main(sys.argv[1:-%d])
+        print("launched" if at_exec else "no launch", code)
+        print(" ".join(sorted(m for m in sys.argv[-%d:] if at_exec and m in at_exec[0])))
+    """ % (len(LOADED_AFTER_THE_EXEC), len(LOADED_AFTER_THE_EXEC))
+    out = image_entry(tmp_path, entry, "--no-attach", *LOADED_AFTER_THE_EXEC,
+                      importtime=False).stdout.splitlines()
+    assert out[0] == "launched 0", out       # the check saw the launch...
+    assert out[1:] == [""], out[1:]          # ...and none of these loaded before it
+
+
 def test_the_garbage_collector_waits_for_the_launch(tmp_path):
     """agentcli.main pauses the cyclic GC; Agent.run enables it once the sessions launch."""
     entry = """if True:
