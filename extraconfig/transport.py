@@ -46,6 +46,16 @@ class MapTransport:
         self.data.pop(key, None)
 
 
+def snapshot(transport, prefix: str = "guestinfo.") -> MapTransport | None:
+    """Every key under `prefix` read in one request, as a MapTransport to decode from,
+    where `transport` can (`info_dump`: the virtio port of extraconfig/virtio.py); None
+    where it cannot (the VMware backdoor, a file, a host that does not know the request),
+    and the caller reads key by key, as the reference does."""
+    dump = getattr(transport, "info_dump", None)
+    keys = dump(prefix) if dump is not None else None
+    return None if keys is None else MapTransport(keys)
+
+
 # ---------------------------------------------------------------------- VMX files
 
 # VMX values are written between double quotes; '|' starts a two-hex-digit escape of

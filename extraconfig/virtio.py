@@ -8,6 +8,14 @@ the RPCI text a VMX sees, unchanged:
                                                               "0 No value found"
     guest -> host   "info-set KEY VALUE"      host -> guest   "1 "        (stored)
                                                               "0 REASON"  (refused)
+    guest -> host   "info-dump PREFIX"        host -> guest   "1 " + VMX lines
+                                                              "0 REASON"  (cannot)
+
+`info-dump` is ours, not the VMX's: every key under PREFIX (a `guestinfo.` prefix) with
+its stored value, as the lines of a VMX file (`key = "value"`, extraconfig.transport's
+escapes), in one reply. The agent reads its whole config with it: one round trip instead
+of one a key, and a consistent snapshot. A host that does not know it, or whose keys
+would not fit one message, answers `0 REASON`, and the guest reads key by key.
 
 A value runs to the end of the message (it may hold spaces and newlines); a key holds no
 space. Framing, both ways: a 4-byte big-endian length, then that many bytes of UTF-8
@@ -88,10 +96,16 @@ def _check_key(key: str) -> None:
         raise ValueError(f"guestinfo key {key!r} is empty or holds whitespace")
 
 
+def info_dump_request(prefix: str) -> str:
+    _check_key(prefix)
+    return f"info-dump {prefix}"
+
+
 def parse_request(text: str) -> tuple[str, str, str | None]:
-    """("info-get", key, None) or ("info-set", key, value); ValueError otherwise."""
+    """("info-get", key, None), ("info-set", key, value) or ("info-dump", prefix, None);
+    ValueError otherwise."""
     verb, _, rest = text.partition(" ")
-    if verb == "info-get":
+    if verb in ("info-get", "info-dump"):
         key = rest.strip()
         if key and " " not in key:
             return verb, key, None
@@ -99,7 +113,7 @@ def parse_request(text: str) -> tuple[str, str, str | None]:
         key, sep, value = rest.partition(" ")
         if key and sep:
             return verb, key, value
-    raise ValueError(f"not an info-get/info-set request: {text[:80]!r}")
+    raise ValueError(f"not an info-get/info-set/info-dump request: {text[:80]!r}")
 
 
 def parse_reply(text: str) -> tuple[bool, str]:
@@ -112,12 +126,17 @@ def parse_reply(text: str) -> tuple[bool, str]:
 
 
 def answer(request: str, get: Callable[[str], str | None],
-           set_: Callable[[str, str], None]) -> str:
-    """The host's reply to one request, VMX style: only `guestinfo.` keys exist for the guest."""
+           set_: Callable[[str, str], None],
+           items: Callable[[], Iterable[tuple[str, str]]] | None = None) -> str:
+    """The host's reply to one request, VMX style: only `guestinfo.` keys exist for the
+    guest. `items` lists the stored keys and values for `info-dump`; a host without it
+    answers that request as the VMX would, "0 Unknown command"."""
     try:
         verb, key, value = parse_request(request)
     except ValueError:
         return "0 Unknown command"
+    if verb == "info-dump":
+        return _dump(key, items)
     if not key.startswith("guestinfo."):
         return f"0 {NOT_FOUND}" if verb == "info-get" else "0 Permission denied"
     if verb == "info-get":
@@ -125,6 +144,19 @@ def answer(request: str, get: Callable[[str], str | None],
         return f"0 {NOT_FOUND}" if stored is None else f"1 {stored}"
     set_(key, value)
     return "1 "
+
+
+def _dump(prefix: str, items) -> str:
+    if items is None:
+        return "0 Unknown command"
+    if not prefix.startswith("guestinfo."):
+        return "0 Permission denied"
+    from .transport import format_vmx
+    text = "1 " + format_vmx({k: v for k, v in items() if k.startswith(prefix)})
+    size = len(text.encode("utf-8", "surrogateescape"))
+    if size > MAX_MESSAGE:
+        return f"0 Too large: {size} bytes is over the {MAX_MESSAGE}-byte message limit"
+    return text
 
 
 def find_port(name: str = PORT_NAME, sys_root: str = "/sys", dev_root: str = "/dev") -> str | None:
@@ -195,6 +227,18 @@ class VirtioSerialTransport:
         wait for ever; the transport's own when not given."""
         ok, value = parse_reply(self.request(info_get_request(key), timeout))
         return value if ok else None
+
+    def info_dump(self, prefix: str) -> dict[str, str] | None:
+        """Every key under `prefix` with its value, in one request; None when the host
+        cannot give them so (it does not know `info-dump`, or they would not fit)."""
+        ok, text = parse_reply(self.request(info_dump_request(prefix)))
+        if not ok:
+            return None
+        from .transport import parse_vmx
+        try:
+            return parse_vmx(text)
+        except ValueError:   # the host's fault: its keys one by one are still good
+            return None
 
     def info_set(self, key: str, value: str) -> None:
         ok, reason = parse_reply(self.request(info_set_request(key, value)))
@@ -305,6 +349,7 @@ def _logger(log) -> Callable[[str], None]:
 
 
 def serve(requests: Iterable[str], get: Callable[[str], str | None],
-          set_: Callable[[str, str], None]) -> bytes:
+          set_: Callable[[str, str], None],
+          items: Callable[[], Iterable[tuple[str, str]]] | None = None) -> bytes:
     """Framed replies to a batch of requests (host side, sans-IO)."""
-    return b"".join(frame(answer(r, get, set_)) for r in requests)
+    return b"".join(frame(answer(r, get, set_, items)) for r in requests)

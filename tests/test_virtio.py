@@ -15,7 +15,7 @@ import pytest
 
 from extraconfig import decode, encode
 from extraconfig import virtio
-from extraconfig.transport import GuestSink, GuestSource
+from extraconfig.transport import GuestSink, GuestSource, MapTransport, parse_vmx, snapshot
 from tether.config import ExecutorConfig
 from tether.jsonform import config_from_json
 from tether.vm import (CONTAINERFS_SLOT, Disk, MachineSpec, VmError, VmxGuestinfo,
@@ -66,10 +66,30 @@ def test_answer_follows_the_vmx():
     assert virtio.answer("info-set guestinfo.new x y", get, set_) == "1 "
     assert store["guestinfo.new"] == "x y"
     assert virtio.answer("bogus", get, set_) == "0 Unknown command"
+    # info-dump is ours: a host that cannot list its keys answers as the VMX would
+    assert virtio.answer("info-dump guestinfo.", get, set_) == "0 Unknown command"
     assert virtio.parse_reply("1 v") == (True, "v")
     assert virtio.parse_reply("0 No value found") == (False, "No value found")
     with pytest.raises(virtio.GuestinfoError):
         virtio.parse_reply("garbage")
+
+
+def test_info_dump_answers_the_prefix_keys_as_vmx_lines():
+    store = {"guestinfo.vice./a": 'x "q" |y\nz', "guestinfo.vice./b": "<nil>",
+             "guestinfo.other": "o", "hidden": "secret"}
+    get, set_ = store.get, store.__setitem__
+    reply = virtio.answer("info-dump guestinfo.vice.", get, set_, store.items)
+    ok, text = virtio.parse_reply(reply)
+    assert ok and parse_vmx(text) == {"guestinfo.vice./a": 'x "q" |y\nz',
+                                      "guestinfo.vice./b": "<nil>"}
+    everything = parse_vmx(virtio.answer("info-dump guestinfo.", get, set_, store.items)[2:])
+    assert "hidden" not in everything and len(everything) == 3
+    # only guestinfo.* keys exist for the guest
+    assert virtio.answer("info-dump hid", get, set_, store.items) == "0 Permission denied"
+    # a dump that would not fit one message is refused; the guest then reads key by key
+    store["guestinfo.big"] = "x" * virtio.MAX_MESSAGE
+    assert virtio.answer("info-dump guestinfo.", get, set_, store.items).startswith(
+        "0 Too large: ")
 
 
 # ---------------------------------------------------------------- guest transport over a socket
@@ -77,8 +97,11 @@ def test_answer_follows_the_vmx():
 class HostEnd:
     """The launcher's guestinfo handling on the far end of a socketpair, on a thread."""
 
-    def __init__(self, sock: socket.socket, store: VmxGuestinfo, silent: bool = False):
+    def __init__(self, sock: socket.socket, store: VmxGuestinfo, silent: bool = False,
+                 dump: bool = True):
         self.sock, self.store, self.silent = sock, store, silent
+        self.items = store.items if dump else None   # dump=False: a host without info-dump
+        self.verbs: list[str] = []
         self.thread = threading.Thread(target=self.serve, daemon=True)
         self.thread.start()
 
@@ -92,9 +115,10 @@ class HostEnd:
             if not data:
                 return
             for request in deframer.feed(data):
+                self.verbs.append(request.partition(" ")[0])
                 if not self.silent:
                     self.sock.sendall(virtio.frame(virtio.answer(
-                        request, self.store.info_get, self.store.info_set)))
+                        request, self.store.info_get, self.store.info_set, self.items)))
 
 
 @pytest.fixture
@@ -197,6 +221,56 @@ def test_config_decodes_through_the_wire_as_the_agent_reads_it(wire):
     assert final["guestinfo.vice..sessions|c1.started"] == "true"
     assert final["guestinfo.vice..sessions|c1.detail.stoptime"] == ""
     assert store.data["guestinfo.vice..sessions|c1.detail.stoptime"] == "<nil>"
+
+
+def test_the_config_decodes_the_same_from_one_dump(wire):
+    """snapshot(): the whole config in one info-dump, decoded as key by key would."""
+    transport, host_sock = wire
+    config = config_from_json({
+        "common": {"id": "c1", "name": "box"},
+        "sessions": {"c1": {"cmd": {"path": "/bin/echo", "args": ["/bin/echo", "a b", ""],
+                                    "env": ["X=", "Y=1 2"], "dir": "/"}}},
+    })
+    store = VmxGuestinfo(encode(config))
+    host = HostEnd(host_sock, store)
+    one_by_one = decode(GuestSource(transport), ExecutorConfig)
+    asked = len(host.verbs)
+    assert asked > 10 and set(host.verbs) == {"info-get"}
+    from_dump = decode(GuestSource(snapshot(transport)), ExecutorConfig)
+    assert host.verbs[asked:] == ["info-dump"]
+    assert encode(from_dump) == encode(one_by_one) == encode(config)
+
+
+def test_a_host_without_info_dump_is_read_key_by_key(wire):
+    transport, host_sock = wire
+    HostEnd(host_sock, VmxGuestinfo({"guestinfo.a": "1"}), dump=False)
+    assert transport.info_dump("guestinfo.") is None
+    assert snapshot(transport) is None
+    assert snapshot(MapTransport({"guestinfo.a": "1"})) is None   # no info_dump at all
+
+
+def test_the_agent_reads_its_config_in_one_request(wire):
+    """Agent.load_config over our virtio port: one info-dump, not a request a key (the
+    boot timeline's `config` phase was ~60 round trips under TCG)."""
+    from tether import agent
+    from tether.extension import encode_config
+    transport, host_sock = wire
+    config = config_from_json({
+        "common": {"id": "c1", "name": "box"},
+        "sessions": {"c1": {"cmd": {"path": "/bin/true", "args": ["/bin/true"]}}},
+    })
+    host = HostEnd(host_sock, VmxGuestinfo(encode_config(config)))
+    the_agent = agent.Agent(transport, agent.Options(
+        mode=agent.RunMode.PROCESS, attach_endpoints=[], vic_attach=[]))
+    try:
+        the_agent.load_config()
+    finally:
+        the_agent.loop.close()
+    assert the_agent.config.sessions["c1"].cmd.args == ["/bin/true"]
+    assert host.verbs.count("info-dump") == 1
+    # what is left: the write-back's look at its own error key (a GuestSource, which
+    # reads guestinfo.ovfEnv first)
+    assert host.verbs.count("info-get") <= 2, host.verbs
 
 
 # ---------------------------------------------------------------- finding the port (sysfs tree)

@@ -394,11 +394,13 @@ class Agent:
         our executor-level error key. Sessions whose names cannot be IDs are left out,
         logged, and named in that key."""
         from extraconfig.codec import DecodeError
-        from extraconfig.transport import GuestSource
+        from extraconfig.transport import GuestSource, snapshot
         from tether.config import name_sessions
         from tether.extension import decode_config
         try:
-            config = decode_config(GuestSource(self.transport))
+            # in one request where the transport can (our virtio port): else key by key
+            source = GuestSource(snapshot(self.transport) or self.transport)
+            config = decode_config(source)
         except DecodeError as err:
             answered = self._writeback.config_error(f"configuration error: {err}", known)
             raise StepFailed(f"the configuration cannot be decoded: {err} (answered in "

@@ -305,6 +305,12 @@ class VmxGuestinfo:
         if self.on_set is not None:
             self.on_set(key, value)
 
+    def items(self) -> list[tuple[str, str]]:
+        """The stored keys and values, as read (`info-dump`: the agent's whole config)."""
+        with self._lock:
+            self.requests += 1
+            return list(self.data.items())
+
     def final_map(self) -> dict[str, str]:
         with self._lock:
             return {key: ("" if value == NIL else value) for key, value in sorted(self.data.items())}
@@ -529,7 +535,7 @@ class Machine:
                     self.on_resume()
                     continue
                 replies.append(frame(answer(request, self.guestinfo.info_get,
-                                            self.guestinfo.info_set)))
+                                            self.guestinfo.info_set, self.guestinfo.items)))
             if replies:
                 self._send_guestinfo(b"".join(replies))
 
