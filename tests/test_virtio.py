@@ -292,6 +292,16 @@ def test_find_port_maps_the_name_through_sysfs(tmp_path):
     assert virtio.has_console_device(str(tmp_path))
 
 
+def test_a_vm_with_the_port_uses_it_without_probing_the_backdoor(tmp_path):
+    from tether.guestinfo import candidates
+    sys_root, dev_root = str(tmp_path / "sys"), str(tmp_path / "dev")
+    probe_first = ("extraconfig.backdoor", "extraconfig.virtio")
+    assert candidates(sys_root, dev_root, args=[]) == probe_first   # no port (yet): probe
+    make_sysfs(tmp_path / "sys", {"vport1p1": "org.tether.guestinfo"})
+    assert candidates(sys_root, dev_root, args=["quiet"]) == ("extraconfig.virtio",)
+    assert candidates(sys_root, dev_root, args=["tether.probe_backdoor=1"]) == probe_first
+
+
 def test_open_transport_none_without_the_port(tmp_path):
     make_sysfs(tmp_path, {"vport1p1": "org.tether.output"}, console_device=False)
     messages = []
