@@ -15,6 +15,9 @@ the same interpreter, flags and environment:
                     does: the interpreter's RSS at the primary's exec (the RSS floor)
   tether agent      the agent as the image runs it (init/provision/project): python -S,
                     no runpy, `tether.agentcli.main`
+  ... boot blob     the same with its modules from a boot blob (tether/bootblob.py), as
+                    the image's entry installs it: a copy of this tree compiled and
+                    blobbed here as init/build does
 
 `--site` adds the same pair with site and runpy (`python -c` against
 `python -m tether agent`; in a development venv, site runs the editable install's import
@@ -102,6 +105,21 @@ def write_config(directory: str, argv: list[str]) -> tuple[str, str]:
 # venv's site-packages come through PYTHONPATH, as the image's entry puts them on sys.path.
 ENV = {k: v for k, v in os.environ.items() if k not in ("PYTHONDONTWRITEBYTECODE",
                                                          "PYTHONPATH", "TETHER_DEBUG")}
+
+
+def image_copy(directory: str) -> tuple[str, str]:
+    """This tree's packages compiled as the image compiles them (unchecked-hash pycs)
+    and their boot blob: (the copy's directory, the blob)."""
+    site = os.path.join(directory, "image-site")
+    for package in ("tether", "extraconfig"):
+        shutil.copytree(os.path.join(REPO, package), os.path.join(site, package),
+                        ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    subprocess.run([sys.executable, "-m", "compileall", "-q", "--invalidation-mode",
+                    "unchecked-hash", site], check=True)
+    blob = os.path.join(directory, "boot.blob")
+    subprocess.run([sys.executable, os.path.join(site, "tether", "bootblob.py"), site, blob],
+                   check=True, capture_output=True)
+    return site, blob
 
 
 def site_packages() -> list[str]:
@@ -196,6 +214,16 @@ def main() -> int:
                 (Row("floor: fork+exec", [python, "-S", "-c", fork_exec]), bare_env),
                 (Row("tether agent", [python, "-S", "-c", entry] + agent_args, reset),
                  bare_env)]
+        if os.path.exists(os.path.join(REPO, "tether", "bootblob.py")):
+            site, blob = image_copy(tmp)
+            blob_entry = (f"import sys; from tether import bootblob; "
+                          f"bootblob.install({blob!r}); " + entry.partition("; ")[2])
+            rows.append((Row("tether agent, boot blob", [python, "-S", "-c", blob_entry]
+                             + agent_args, reset, cwd=site),
+                         # the copy's own pycs, as in the image (no private prefix)
+                         {**{k: v for k, v in bare_env.items()
+                             if k != "PYTHONPYCACHEPREFIX"},
+                          "PYTHONPATH": os.pathsep.join([site] + site_packages())}))
         for other in args.compare:
             other_env = dict(bare_env, PYTHONPATH=os.pathsep.join(
                 [os.path.abspath(other)] + site_packages()))

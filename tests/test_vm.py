@@ -288,6 +288,8 @@ def test_primary_exit_powers_off_with_its_status(image_dir):
     assert vm.result.exit_code == 7, vm.explain()
     assert vm.session_key("main", "status") == "7"
     assert "power" in vm.result.console.lower()
+    # the agent's modules came from the image's boot blob (tether/bootblob.py)
+    assert re.search(r"code: \d+ modules from the boot blob", vm.result.console), vm.explain()
 
 
 def test_several_vms_at_once(image_dir):

@@ -111,6 +111,8 @@ def main(argv: list[str]) -> int:
     gc.disable()
     boottime.mark("imports")
     configure_logging(level=DEBUG if env_debug_level() >= 1 else INFO)
+    if "tether.bootblob" in sys.modules:   # the image's entry (tether/bootblob.py)
+        log.info("code: %s", sys.modules["tether.bootblob"].status)
     code = 1
     power_off = False
     try:
