@@ -71,6 +71,14 @@ def test_the_agents_modules_come_from_the_blob_as_from_their_files(image_site):
     assert seen["package"] == "tether"
 
 
+def test_the_blob_replaces_the_pycs_but_of_what_is_imported_before_it(image_site):
+    site, _ = image_site
+    cache = sys.implementation.cache_tag
+    kept = sorted(str(p.relative_to(site)) for p in site.rglob("*.pyc"))
+    assert kept == [f"tether/__pycache__/__init__.{cache}.pyc",
+                    f"tether/__pycache__/bootblob.{cache}.pyc"]
+
+
 def test_a_module_not_in_the_blob_is_still_found_on_disk(image_site):
     site, blob = image_site
     (site / "tether" / "attach" / "added_later.py").write_text("VALUE = 42\n")

@@ -5,8 +5,8 @@ Under QEMU's TCG, finding a module (the path finder's stats and listings, run as
 bytecode) and reading its .pyc cost about 1.3 ms a module: some 50 ms of a cold boot for
 the agent's modules (natively ~40 us a module). The image build (init/build) writes the
 blob from the .pyc files it has just compiled, into the same read-only code layer as the
-sources, and drops those .pyc files (the kernel unpacks the layer with the initrd: it
-stays its size), so code and bytecode cannot drift apart. Every entry of the image that
+sources, and `build` drops those .pyc files (the kernel unpacks the layer with the
+initrd: it stays its size), so code and bytecode cannot drift apart. Every entry of the image that
 imports tether installs the finder first: `tether-agent` and `tether`
 (init/provision/project), `tether-debug-init`. Nothing else uses it: a development tree
 imports the usual way.
@@ -27,6 +27,9 @@ import sys
 MAGIC = b"tether boot blob 1\n"
 PACKAGES = ("tether", "extraconfig")
 IMAGE_BLOB = "/usr/local/lib/tether/boot.blob"    # where init/build puts it in the image
+# Imported the usual way, before the blob is installed: they keep their .pyc (a source
+# without one is compiled at every import on the image's read-only root, ~70 ms under TCG)
+BEFORE_THE_BLOB = ("tether", "tether.bootblob")
 _PYC_HEADER = 16      # magic, flags, the source's hash or mtime and size (PEP 552)
 
 # What install() did, for the agent's log (logging is not set up when it runs)
@@ -106,10 +109,12 @@ def install(path: str) -> BlobFinder | None:
 
 def build(site: str, out: str) -> int:
     """Write the blob of every module of PACKAGES under `site`, from the .pyc beside each
-    source (compileall's); returns how many. A source without its .pyc is an error: the
-    blob would serve a stale module, or none. A module's origin is its code's file name,
-    where the image puts the source (compileall -p)."""
-    index, chunks, offset = {}, [], 0
+    source (compileall's), and delete those .pyc files but BEFORE_THE_BLOB's: the blob
+    replaces them, so an image carries each module's bytecode once. Returns how many. A
+    source without its .pyc is an error: the blob would serve a stale module, or none. A
+    module's origin is its code's file name, where the image puts the source (compileall
+    -p)."""
+    index, chunks, offset, blobbed = {}, [], 0, []
     for package in PACKAGES:
         for directory, dirs, files in os.walk(os.path.join(site, package)):
             dirs[:] = sorted(d for d in dirs if d != "__pycache__")
@@ -128,11 +133,16 @@ def build(site: str, out: str) -> int:
                 index[name] = (offset, len(code), is_package, origin)
                 chunks.append(code)
                 offset += len(code)
+                if name not in BEFORE_THE_BLOB:
+                    blobbed.append(pyc)
     header = marshal.dumps(index)
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     with open(out + ".tmp", "wb") as f:
         f.write(MAGIC + _bytecode_magic() + len(header).to_bytes(4, "big") + header)
         f.write(b"".join(chunks))
     os.replace(out + ".tmp", out)
+    for pyc in blobbed:
+        os.unlink(pyc)
     return len(index)
 
 
