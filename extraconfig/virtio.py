@@ -135,10 +135,12 @@ def answer(request: str, get: Callable[[str], str | None],
         verb, key, value = parse_request(request)
     except ValueError:
         return "0 Unknown command"
-    if verb == "info-dump":
-        return _dump(key, items)
+    if verb == "info-dump" and items is None:
+        return "0 Unknown command"
     if not key.startswith("guestinfo."):
         return f"0 {NOT_FOUND}" if verb == "info-get" else "0 Permission denied"
+    if verb == "info-dump":
+        return _dump(key, items)
     if verb == "info-get":
         stored = get(key)
         return f"0 {NOT_FOUND}" if stored is None else f"1 {stored}"
@@ -147,10 +149,6 @@ def answer(request: str, get: Callable[[str], str | None],
 
 
 def _dump(prefix: str, items) -> str:
-    if items is None:
-        return "0 Unknown command"
-    if not prefix.startswith("guestinfo."):
-        return "0 Permission denied"
     from .transport import format_vmx
     text = "1 " + format_vmx({k: v for k, v in items() if k.startswith(prefix)})
     size = len(text.encode("utf-8", "surrogateescape"))
