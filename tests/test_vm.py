@@ -34,10 +34,11 @@ BOOT_TIMEOUT = 240.0     # TCG on a busy 2-core machine: generous, never asserte
 class Booted:
     """One VM run's result plus what its sessions wrote on the output port."""
 
-    def __init__(self, result, output, nics=()):
+    def __init__(self, result, output, run):
         self.result = result
         self.output = output        # list of (session or None, stream, bytes)
-        self.nics = list(nics)      # the NICs the launcher gave QEMU (slot, MAC)
+        self.run = run              # the VmRun, closed (its plan: template, workdir)
+        self.nics = list(run.nics)  # the NICs the launcher gave QEMU (slot, MAC)
         self.map = result.guestinfo
 
     def text(self, session: str | None = None) -> str:
@@ -70,7 +71,7 @@ def boot(image_dir: Path, config_json: dict, timeout: float = BOOT_TIMEOUT, atta
         result = run.finish(deadline - time.monotonic())
     finally:
         run.close()
-    return Booted(result, output, run.nics)
+    return Booted(result, output, run)
 
 
 def session(path, *args, **extra):

@@ -12,7 +12,7 @@ import pytest
 from tether.bootchart import read_phases
 from tether.jsonform import config_from_json
 from tether.vm import VmRun
-from test_vm import BOOT_TIMEOUT, boot, ip_of, session, single
+from test_vm import boot, ip_of, session, single
 
 pytestmark = pytest.mark.vm
 
@@ -80,23 +80,18 @@ def test_clones_take_the_hosts_clock_and_draw_their_own_random_numbers(image_dir
 
 
 def test_a_template_that_does_not_load_is_replaced(image_dir, tmp_path):
-    config = config_from_json(single("hello", session("/bin/echo", "hi")))
+    hello = single("hello", session("/bin/echo", "hi"))
     root = str(tmp_path / "templates")
-    run = VmRun(config, str(image_dir), template=True, template_root=root)
+    run = VmRun(config_from_json(hello), str(image_dir), template=True, template_root=root)
     run.close()
     os.makedirs(run.template.directory)
     with open(run.template.state, "wb") as f:      # not a QEMU migration stream
         f.write(b"QEVM" + os.urandom(4096))
-    run = VmRun(config, str(image_dir), template=True, template_root=root)
-    try:
-        run.start()
-        result = run.finish(BOOT_TIMEOUT)
-    finally:
-        run.close()
-    assert result.exit_code == 0, (result.message, result.console[-3000:])
-    assert result.template == "created", run.template_note
-    assert "did not load" in run.template_note
-    assert os.path.getsize(run.template.state) > 1 << 20      # a real one took its place
+    vm = boot(image_dir, hello, template=True, template_root=root)
+    assert vm.result.exit_code == 0, vm.explain()
+    assert vm.result.template == "created", vm.run.template_note
+    assert "did not load" in vm.run.template_note
+    assert os.path.getsize(vm.run.template.state) > 1 << 20      # a real one took its place
 
 
 def test_a_machine_with_nics_restores_and_configures_them(image_dir, tmp_path):

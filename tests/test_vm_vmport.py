@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import pytest
 
-from helpers import executor_config, session_config, sid
+from helpers import sid
+from test_vm import boot as boot_vm, session, single
 
 pytestmark = pytest.mark.vm
 TIMEOUT = 600.0
@@ -26,14 +27,9 @@ def boot(image_dir, qemu_args, kernel_args=PROBE):
     if "qemu_args" not in inspect.signature(VmRun).parameters:
         pytest.fail("tether.vm.VmRun takes no qemu_args yet: the hook in docs/vsphere.md "
                     "(Integration hooks) is missing")
-    config = executor_config(session_config(sid(), ["/bin/sh", "-c", "exit 3"]))
-    run = VmRun(config, str(image_dir), qemu_args=qemu_args, kernel_args=kernel_args)
-    try:
-        run.start()
-        result = run.finish(TIMEOUT)
-    finally:
-        run.close()
-    return result
+    config = single(sid(), session("/bin/sh", "-c", "exit 3"))
+    return boot_vm(image_dir, config, TIMEOUT, qemu_args=qemu_args,
+                   kernel_args=kernel_args).result
 
 
 def test_vmport_on_getversion_magic_then_fallback_to_virtio(image_dir):
