@@ -56,11 +56,8 @@ def start_for_agent(host, *, endpoints: list[str] | None, options: dict | None,
     """The agent's VIC attach: explicit endpoints (the sandbox, `--vic-attach`), or, in a
     VM wired as VIC wires them (`in_vm`: PID 1 of a VM, not the sandbox), COM1; there the
     agent log goes to COM2 too. `host` is the agent's host interface."""
-    if in_vm:
-        from tether.system import kernel_args
-        args = kernel_args()
-    else:
-        args = []
+    from tether.system import kernel_args
+    args = kernel_args() if in_vm else []
     if endpoints is None:
         endpoints = []
         if in_vm and vic_layout(transport_module, args) and os.path.exists(LINE):
