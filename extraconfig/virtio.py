@@ -345,9 +345,3 @@ def _logger(log) -> Callable[[str], None]:
         return log
     return getattr(log, "info")
 
-
-def serve(requests: Iterable[str], get: Callable[[str], str | None],
-          set_: Callable[[str, str], None],
-          items: Callable[[], Iterable[tuple[str, str]]] | None = None) -> bytes:
-    """Framed replies to a batch of requests (host side, sans-IO)."""
-    return b"".join(frame(answer(r, get, set_, items)) for r in requests)
