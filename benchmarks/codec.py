@@ -7,8 +7,11 @@ environment entries each, 4 networks), times `extraconfig.encode(cfg)` against
 times are medians over the rounds, a ratio is the median of the per-round ratios. The
 last lines give how the per-session time grows from 1,000 to 10,000 sessions (median of
 the per-round growths), next to the growth of merely building a dict of the same keys and
-values (`dict(zip(keys, values))`, the "map" row): what the machine's memory costs any
-code that makes a map of that size, before any codec work.
+values (`dict(zip(keys, values))`, the "map" row), and of merely looking every key up in the
+map once, in its order, with equal strings that are not the map's own objects (the
+"lookups" row: the least work a decoder of that map does, as a decoder's keys are strings
+it builds): what the machine's memory costs any code that makes or reads a map of that
+size, before any codec work.
 
 Run: .venv/bin/python benchmarks/codec.py [--rounds N] [--sizes 1,100,1000,10000]
 (EXTRACONFIG_CODEGEN=0 in the environment measures the plan interpreter instead.)
@@ -73,6 +76,8 @@ class Case:
         self.cfg = build(sessions)
         self.encoded = encode(self.cfg)
         self.text = json.dumps(self.encoded)
+        # equal to the map's keys, distinct objects (made after the map, as a decoder's are)
+        self.lookup_keys = [("." + key)[1:] for key in self.encoded]
         back = decode(self.encoded, ExecutorConfig)
         assert back.sessions.keys() == self.cfg.sessions.keys() and encode(back) == self.encoded
         # enough calls per timing that one timing takes a few milliseconds
@@ -82,12 +87,14 @@ class Case:
     def ops(self) -> dict:
         cfg, encoded, text = self.cfg, self.encoded, self.text
         keys, values = list(encoded), list(encoded.values())
+        get = encoded.get
         return {
             "encode": lambda: encode(cfg),
             "dumps": lambda: json.dumps(encoded),
             "decode": lambda: decode(encoded, ExecutorConfig),
             "loads": lambda: json.loads(text),
             "map": lambda: dict(zip(keys, values)),
+            "lookups": lambda: list(map(get, self.lookup_keys)),
         }
 
     def round(self) -> None:
@@ -126,10 +133,11 @@ def main() -> None:
     by_size = {c.sessions: c for c in cases}
     if 1000 in by_size and 10000 in by_size:
         small, big = by_size[1000], by_size[10000]
-        for op in ("encode", "decode", "dumps", "loads", "map"):
+        for op in ("encode", "decode", "dumps", "loads", "map", "lookups"):
             growth = statistics.median((b / 10000) / (a / 1000)
                                        for a, b in zip(small.times[op], big.times[op]))
-            what = "building the map alone (dict(zip))" if op == "map" else op
+            what = {"map": "building the map alone (dict(zip))",
+                    "lookups": "looking each key up once (map.get)"}.get(op, op)
             print(f"per-session {what} time, 10,000 vs 1,000 sessions: {growth:.2f}x")
 
 
