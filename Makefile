@@ -14,7 +14,8 @@ deps:
 	scripts/install-deps
 
 setup: deps .venv/.installed
-.venv/.installed: pyproject.toml | deps
+# The C extensions are built by the editable install: a change to one reinstalls.
+.venv/.installed: pyproject.toml setup.py $(wildcard tether/*.c extraconfig/backdoor/*.c) | deps
 	python3 -m venv .venv
 	.venv/bin/pip install -q -e '.[test]'
 	touch $@

@@ -495,21 +495,14 @@ class Group:
 class _Inotify:
     def __init__(self) -> None:
         from tether import system
-        self._libc = system.libc()
-        fd = self._libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
-        if fd < 0:
-            raise OSError(ctypes_errno(), "inotify_init1 failed")
-        self.fd = fd
+        self._system = system
+        self.fd = system.inotify_init()
 
     def add(self, path: str, mask: int) -> int:
-        wd = self._libc.inotify_add_watch(self.fd, os.fsencode(path), mask)
-        if wd < 0:
-            err = ctypes_errno()
-            raise OSError(err, f"inotify_add_watch {path}: {os.strerror(err)}")
-        return wd
+        return self._system.inotify_add_watch(self.fd, path, mask)
 
     def remove(self, wd: int) -> None:
-        self._libc.inotify_rm_watch(self.fd, wd)
+        self._system.inotify_rm_watch(self.fd, wd)
 
     def read(self) -> list[tuple[int, int]]:
         events = []
@@ -526,11 +519,6 @@ class _Inotify:
 
     def close(self) -> None:
         os.close(self.fd)
-
-
-def ctypes_errno() -> int:
-    import ctypes
-    return ctypes.get_errno()
 
 
 class Cgroups:

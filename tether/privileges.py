@@ -35,8 +35,6 @@ DEFAULT = ("CHOWN", "DAC_OVERRIDE", "FSETID", "FOWNER", "MKNOD", "NET_RAW", "SET
            "SETUID", "SETFCAP", "SETPCAP", "NET_BIND_SERVICE", "SYS_CHROOT", "KILL",
            "AUDIT_WRITE")
 
-PR_CAP_AMBIENT = 47
-PR_CAP_AMBIENT_RAISE = 2
 
 
 class PrivilegeError(Exception):
@@ -119,8 +117,8 @@ def plan_for(config, uid: int, held: set[int] | None = None) -> Plan:
     """The privileges of a session whose config is `config` and whose user is `uid`.
     `held`: what the agent has (default: read from /proc/self/status)."""
     # Loaded here, in the agent: the child runs after chroot into the container root,
-    # where neither python-prctl nor ctypes can be imported. ctypes (libc) only serves
-    # ambient capabilities, loaded below when the plan raises them.
+    # where nothing can be imported. tether.system (ambient capabilities) is loaded below
+    # when the plan raises them.
     import _prctl  # noqa: F401
     held = own_bounding_set() if held is None else held
     explicit = config.capabilities is not None
@@ -148,8 +146,7 @@ def plan_for(config, uid: int, held: set[int] | None = None) -> Plan:
     drop = [n for n in range(last_cap() + 1) if n not in wanted]
     ambient = explicit and uid != 0 and bool(keep)
     if ambient:
-        from tether import system
-        system.libc()
+        from tether import system  # noqa: F401 - the child raises the ambient set through it
     return Plan(keep, drop, ambient=ambient,
                 no_new_privileges=bool(config.no_new_privileges), death_signal=death)
 
@@ -185,12 +182,12 @@ def after_setuid(plan: Plan) -> None:
     if plan.ambient:
         _set_caps(("E", "P", "I"), plan.settable, plan.unsettable)
         from tether import system
-        libc = system.libc()
         for n in plan.settable:   # what python-prctl could not make inheritable cannot be ambient
-            if libc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE, n, 0, 0) != 0:
-                import ctypes
-                err = ctypes.get_errno()
-                raise OSError(err, f"raise ambient {cap_name(n)}: {os.strerror(err)}")
+            try:
+                system.raise_ambient_capability(n)
+            except OSError as err:
+                raise OSError(err.errno, f"raise ambient {cap_name(n)}: "
+                                         f"{os.strerror(err.errno)}") from None
         _prctl.prctl(_prctl.PR_SET_KEEPCAPS, False)
     if plan.no_new_privileges:
         _prctl.prctl(_prctl.PR_SET_NO_NEW_PRIVS, 1)

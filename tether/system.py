@@ -1,6 +1,8 @@
 """Platform actions as small functions of plain data: mounts, namespaces, prctl,
 rlimits, hostname, the wall clock and the kernel's RNG, reboot; and the kernel's
-command line. Each action raises OSError with the path and the reason."""
+command line. Each action raises OSError with the path and the reason. The system calls
+the os module lacks are made by this package's C extension (tether/_linux.c), which only
+returns the kernel's answer: the errors are made here."""
 from __future__ import annotations
 
 import errno
@@ -34,6 +36,8 @@ CLONE_NEWNET = 0x40000000
 
 PR_SET_CHILD_SUBREAPER = 36
 PR_SET_PDEATHSIG = 1
+PR_CAP_AMBIENT = 47
+PR_CAP_AMBIENT_RAISE = 2
 
 RB_POWER_OFF = 0x4321FEDC
 RB_DISABLE_CAD = 0            # ctrl-alt-del sends SIGINT to PID 1 instead of rebooting
@@ -44,10 +48,6 @@ RESOLVE_NO_MAGICLINKS = 0x02
 RESOLVE_NO_SYMLINKS = 0x04
 RESOLVE_BENEATH = 0x08
 RESOLVE_IN_ROOT = 0x10
-# Syscalls added after the unified table (5.1) have one number on every architecture but
-# these, which offset it.
-SYS_OPENAT2 = 437
-_OFFSET_SYSCALL_ARCHES = ("alpha", "ia64", "mips")
 
 # pty ioctls (asm-generic/ioctls.h): unlock the slave, open it from the master
 TIOCSPTLCK = 0x40045431
@@ -104,35 +104,28 @@ def kernel_arg(name: str, args: list[str] | None = None) -> str | None:
     return None
 
 
-_libc = None
-
-
-def libc():
-    global _libc
-    if _libc is None:
-        import ctypes   # only when a platform call is made
-        lib = ctypes.CDLL(None, use_errno=True)
-        lib.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p,
-                              ctypes.c_ulong, ctypes.c_char_p]
-        _libc = lib
-    return _libc
+def _calls():
+    """The C extension, loaded by the first call that needs it: an agent that is not PID 1
+    makes none on the way to its primary."""
+    from tether import _linux
+    return _linux
 
 
 def _check(result: int, what: str) -> None:
-    if result != 0:
-        import ctypes
-        err = ctypes.get_errno()
-        raise OSError(err, f"{what}: {os.strerror(err).lower()}")
+    """A _linux call's answer: below 0 is -errno."""
+    if result < 0:
+        raise OSError(-result, f"{what}: {os.strerror(-result).lower()}")
 
 
 def _path(text: str | None) -> bytes | None:
     return None if text is None else os.fsencode(text)
 
 
-def _raise_errno(*args) -> None:
-    import ctypes
-    err = ctypes.get_errno()
-    raise OSError(err, os.strerror(err), *args)
+def _checked(result: int, *args) -> int:
+    """A _linux call's answer, or OSError(errno, strerror, *args) (the paths)."""
+    if result < 0:
+        raise OSError(-result, os.strerror(-result), *args)
+    return result
 
 
 _openat2_state: bool | None = None
@@ -142,77 +135,40 @@ def have_openat2() -> bool:
     """Whether this kernel has openat2(2) (Linux 5.6+); probed once."""
     global _openat2_state
     if _openat2_state is None:
-        if os.uname().machine.startswith(_OFFSET_SYSCALL_ARCHES):
+        try:
+            os.close(openat2(-100, "/", os.O_PATH | os.O_CLOEXEC, 0, RESOLVE_IN_ROOT))
+            _openat2_state = True
+        except OSError:   # ENOSYS: an older kernel; EPERM: a seccomp filter
             _openat2_state = False
-        else:
-            try:
-                os.close(openat2(-100, "/", os.O_PATH | os.O_CLOEXEC, 0, RESOLVE_IN_ROOT))
-                _openat2_state = True
-            except OSError:   # ENOSYS: an older kernel; EPERM: a seccomp filter
-                _openat2_state = False
     return _openat2_state
 
 
 def openat2(dirfd: int, path: str, flags: int, mode: int, resolve: int) -> int:
     """openat2(2): `path` opened from `dirfd` under the RESOLVE_* rules; returns the fd.
-    Raises OSError with the errno and the path."""
-    import ctypes
-    if "\0" in path:   # c_char_p would cut the path there
-        raise ValueError("embedded null byte")
-
-    class OpenHow(ctypes.Structure):
-        _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64),
-                    ("resolve", ctypes.c_uint64)]
+    Raises OSError with the errno and the path (ValueError for a NUL in it)."""
     tmpfile = getattr(os, "O_TMPFILE", 0)   # O_DIRECTORY is one of its bits
     creates = flags & os.O_CREAT or (tmpfile and flags & tmpfile == tmpfile)
-    how = OpenHow(flags, mode if creates else 0, resolve)   # else a mode is EINVAL
-    fd = libc().syscall(ctypes.c_long(SYS_OPENAT2), ctypes.c_int(dirfd),
-                        ctypes.c_char_p(os.fsencode(path)), ctypes.byref(how),
-                        ctypes.c_size_t(ctypes.sizeof(how)))
-    if fd < 0:
-        _raise_errno(path)
-    return fd
+    mode = mode if creates else 0   # else a mode is EINVAL
+    return _checked(_calls().openat2(dirfd, os.fsencode(path), flags, mode, resolve), path)
 
 
 def renameat2(old_dirfd: int, old: str, new_dirfd: int, new: str, flags: int) -> None:
     """renameat2(2): RENAME_EXCHANGE swaps two entries, RENAME_NOREPLACE never replaces.
     Raises OSError with the errno and both names."""
-    import ctypes
-    if "\0" in old or "\0" in new:
-        raise ValueError("embedded null byte")
-    if libc().renameat2(ctypes.c_int(old_dirfd), ctypes.c_char_p(os.fsencode(old)),
-                        ctypes.c_int(new_dirfd), ctypes.c_char_p(os.fsencode(new)),
-                        ctypes.c_uint(flags)) != 0:
-        _raise_errno(old, None, new)
-
-
-_tee = None
+    _checked(_calls().renameat2(old_dirfd, os.fsencode(old), new_dirfd, os.fsencode(new),
+                                flags), old, None, new)
 
 
 def tee(fd_in: int, fd_out: int, count: int, flags: int = SPLICE_F_NONBLOCK) -> int:
     """tee(2): duplicate up to `count` bytes from the front of the pipe `fd_in` into the
     pipe `fd_out` without consuming them (the pages are shared, not copied); the bytes
     duplicated. (The os module has splice but not tee.) Raises OSError."""
-    global _tee
-    if _tee is None:
-        import ctypes
-        function = libc().tee
-        function.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_size_t, ctypes.c_uint]
-        function.restype = ctypes.c_ssize_t
-        _tee = function
-    result = _tee(fd_in, fd_out, count, flags)
-    if result < 0:
-        _raise_errno()
-    return result
+    return _checked(_calls().tee(fd_in, fd_out, count, flags))
 
 
 def filesystem_type(fd: int) -> int:
     """fstatfs(2)'s f_type: which filesystem `fd` is on (compare KERNEL_FILESYSTEMS)."""
-    import ctypes
-    buf = ctypes.create_string_buffer(256)   # struct statfs is 120 bytes on 64-bit
-    if libc().fstatfs(ctypes.c_int(fd), buf) != 0:
-        _raise_errno()
-    return ctypes.c_long.from_buffer(buf).value & 0xFFFFFFFF
+    return _checked(_calls().filesystem_type(fd))
 
 
 def fd_path(fd: int) -> str:
@@ -224,18 +180,13 @@ def fd_path(fd: int) -> str:
 def mount(source: str | None, target: str, fstype: str | None = None, flags: int = 0,
           data: str | None = None) -> None:
     """mount(2). Raises OSError with the errno, the target and the source."""
-    if libc().mount(_path(source), _path(target), _path(fstype), flags, _path(data)) != 0:
-        import ctypes
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err), target, None, source or fstype)
+    _checked(_calls().mount(_path(source), os.fsencode(target), _path(fstype), flags,
+                          _path(data)), target, None, source or fstype)
 
 
 def umount(target: str, flags: int = 0) -> None:
     """umount2(2). Raises OSError with the errno and the target."""
-    if libc().umount2(_path(target), flags) != 0:
-        import ctypes
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err), target)
+    _checked(_calls().umount2(os.fsencode(target), flags), target)
 
 
 def bind_mount(source: str, target: str, flags: int = 0, recursive: bool = False) -> None:
@@ -252,11 +203,11 @@ def make_mounts_private() -> None:
 
 
 def unshare(flags: int) -> None:
-    _check(libc().unshare(flags), "unshare")
+    _check(_calls().unshare(flags), "unshare")
 
 
 def setns(fd: int, nstype: int) -> None:
-    _check(libc().setns(fd, nstype), "setns")
+    _check(_calls().setns(fd, nstype), "setns")
 
 
 def set_child_subreaper() -> None:
@@ -269,7 +220,32 @@ def set_child_subreaper() -> None:
 
 
 def set_parent_death_signal(signum: int) -> None:
-    _check(libc().prctl(PR_SET_PDEATHSIG, signum, 0, 0, 0), "prctl(PR_SET_PDEATHSIG)")
+    _check(_calls().prctl(PR_SET_PDEATHSIG, signum), "prctl(PR_SET_PDEATHSIG)")
+
+
+def raise_ambient_capability(number: int) -> None:
+    """Capability `number` into the ambient set (python-prctl has no ambient set)."""
+    _check(_calls().prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE, number),
+           "prctl(PR_CAP_AMBIENT_RAISE)")
+
+
+def inotify_init() -> int:
+    """inotify_init1(2), non-blocking and close-on-exec: the new instance's fd."""
+    result = _calls().inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
+    _check(result, "inotify_init1")
+    return result
+
+
+def inotify_add_watch(fd: int, path: str, mask: int) -> int:
+    """inotify_add_watch(2): the watch descriptor. Raises OSError naming `path`."""
+    result = _calls().inotify_add_watch(fd, os.fsencode(path), mask)
+    _check(result, f"inotify_add_watch {path}")
+    return result
+
+
+def inotify_rm_watch(fd: int, wd: int) -> None:
+    """inotify_rm_watch(2); a watch the kernel already dropped (its file gone) is no error."""
+    _calls().inotify_rm_watch(fd, wd)
 
 
 def mounted_paths() -> set[str]:
@@ -405,10 +381,10 @@ def reseed_random(seed: bytes, device: str = "/dev/urandom") -> None:
 def disable_ctrl_alt_del() -> None:
     """reboot(RB_DISABLE_CAD): the kernel turns ctrl-alt-del into SIGINT for PID 1 (of
     the first PID namespace; in another one the call fails with EINVAL)."""
-    _check(libc().reboot(RB_DISABLE_CAD), "reboot(CAD_OFF)")
+    _check(_calls().reboot(RB_DISABLE_CAD), "reboot(CAD_OFF)")
 
 
 def power_off() -> None:
     """reboot(RB_POWER_OFF). Returns only on failure (raises)."""
     sync()
-    _check(libc().reboot(RB_POWER_OFF), "reboot(POWER_OFF)")
+    _check(_calls().reboot(RB_POWER_OFF), "reboot(POWER_OFF)")
