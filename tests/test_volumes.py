@@ -373,3 +373,74 @@ def test_nfs_against_a_real_kernel_server(tmp_path):
         assert serving_before or _nfsd_threads() == 0, "the test left nfsd running"
     finally:
         subprocess.run(["exportfs", "-u", f"127.0.0.1:{export}"], timeout=60)
+
+
+# -- a container that swaps the mount point for a symlink while we mount (a reload) ---------
+RACING_CHILD = textwrap.dedent("""
+    import json, os, sys
+    import tether.system as system
+    spec = json.load(open(sys.argv[1]))
+    root, outside = spec["root"], spec["outside"]
+    real_mount = system.mount
+    swapped = []
+
+    def racing_mount(*args, **kwargs):
+        # The container's move at the worst time, before our first mount call: the mount
+        # point's directory goes aside and a symlink out of the root takes its name.
+        if not swapped:
+            swapped.append(True)
+            os.rename(os.path.join(root, "data"), os.path.join(root, "data.old"))
+            os.symlink(outside, os.path.join(root, "data"))
+        return real_mount(*args, **kwargs)
+    system.mount = racing_mount    # before tether.volumes takes the name
+    from extraconfig.types import URL
+    from tether.config import MountSpec
+    from tether.volumes import mount_volumes, VolumeError
+    m = spec["mount"]
+    result = {"swapped": None}
+    try:
+        mount_volumes({"v": MountSpec(source=URL(scheme=m["scheme"], path=m.get("path", "")),
+                                      path="/data", mode=m.get("mode", ""))},
+                      root, staging_dir=spec["staging"])
+    except VolumeError as exc:
+        result["error"] = str(exc)
+    result["swapped"] = bool(swapped)
+    result["mounts"] = [(f[4], f[5].split(",")[0]) for f in
+                        (line.split() for line in open("/proc/self/mountinfo"))]
+    print(json.dumps(result))
+""")
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("mount", [
+    {"scheme": "tmpfs", "mode": "size=1m"},
+    {"scheme": "bind", "path": "SOURCE", "mode": "ro"},
+], ids=["tmpfs", "bind-ro"])
+def test_a_mount_point_swapped_for_a_symlink_mid_mount_stays_inside_the_root(tmp_path, mount):
+    """On a reload the container runs: a symlink swapped in for the mount point between
+    the agent's look and its mount must not take the mount out of the root."""
+    require_root("a private mount namespace")
+    require_tool("unshare")
+    root, outside, source = tmp_path / "root", tmp_path / "outside", tmp_path / "source"
+    (root / "data").mkdir(parents=True)
+    outside.mkdir()
+    source.mkdir()
+    mount = dict(mount, path=str(source)) if mount.get("path") else mount
+    spec_path = tmp_path / "spec.json"
+    spec_path.write_text(json.dumps({"root": str(root), "outside": str(outside),
+                                     "staging": str(tmp_path / "staging"), "mount": mount}))
+    out = subprocess.run(["unshare", "--mount", "--propagation", "private", sys.executable,
+                          "-c", RACING_CHILD, str(spec_path)], cwd=str(REPO),
+                         capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert result["swapped"], "the swap did not run: the test tested nothing"
+    assert "error" not in result, result
+    targets = dict(result["mounts"])
+    assert str(outside) not in targets, "the volume was mounted outside the container root"
+    # it went onto the directory that was the mount point, wherever the container put it
+    assert str(root / "data.old") in targets
+    if mount.get("mode") == "ro":
+        assert targets[str(root / "data.old")] == "ro"
+    # no scratch mount is left behind
+    assert not [t for t in targets if t.startswith(str(tmp_path / "staging"))]

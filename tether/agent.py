@@ -506,8 +506,14 @@ class Agent:
         if not new:
             return
         from tether.volumes import mount_volumes
-        mount_volumes(new, self.root)
+        mount_volumes(new, self.root, scratch_dir=self._volume_scratch())
         self._mounted_volumes.update(new)
+
+    def _volume_scratch(self) -> str:
+        """Where a volume is mounted before it is bound into the root (tether/volumes.py):
+        the agent's state directory (in `tether sandbox` a private tmpfs, never a
+        directory of the host's)."""
+        return os.path.join(self.options.state_dir, "mounts")
 
     def _new_volumes(self) -> dict:
         mounts = self.config.mounts
@@ -530,13 +536,13 @@ class Agent:
         import copy
         import threading
         from tether.volumes import mount_volumes
-        specs, root = copy.deepcopy(new), self.root
+        specs, root, scratch = copy.deepcopy(new), self.root, self._volume_scratch()
         log.info("reload: mounting %s", ", ".join(sorted(specs)))
 
         def work() -> None:
             error = None
             try:
-                mount_volumes(specs, root)
+                mount_volumes(specs, root, scratch_dir=scratch)
             except Exception as err:   # noqa: BLE001 - reported on the loop
                 error = err
             self.loop.call_soon_threadsafe(lambda: self._volumes_mounted(specs, error, then))

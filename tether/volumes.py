@@ -10,10 +10,10 @@ import os
 import stat
 import time
 
-from tether.rootfs import resolve_in_root
-from tether.system import (MS_DIRSYNC, MS_NOATIME, MS_NODEV, MS_NODIRATIME, MS_NOEXEC,
-                           MS_NOSUID, MS_RDONLY, MS_RELATIME, MS_STRICTATIME, MS_SYNCHRONOUS,
-                           bind_mount, mount)
+from tether import rootfs
+from tether.system import (BIND_FLAGS, MNT_DETACH, MS_BIND, MS_DIRSYNC, MS_NOATIME, MS_NODEV,
+                           MS_NODIRATIME, MS_NOEXEC, MS_NOSUID, MS_RDONLY, MS_RELATIME,
+                           MS_STRICTATIME, MS_SYNCHRONOUS, bind_mount, fd_path, mount, umount)
 
 # option word -> (flags to set, flags to clear)
 FLAG_OPTIONS = {
@@ -152,38 +152,88 @@ def find_device_by_label(label: str, timeout: float) -> str:
 
 
 # -- mounting volumes --------------------------------------------------------------------------
+# A volume is never mounted on a path string in the container root: on a reload the
+# container runs, and a process in it could swap a directory on the way for a symlink
+# between our look and the mount, and the kernel would follow it out of the root (a
+# label volume waits up to 30 s for its disk: time enough). The mount point is opened as
+# an fd inside the root (tether/rootfs.py) and every mount goes onto that fd. A bind
+# onto an fd takes the flags of the mount it copies, so a volume is first mounted, with
+# its flags and its owner restored, on a directory of the agent's own (a scratch one
+# under the staging directory), then bound onto the fd, and the scratch mount dropped.
 class _Prepared:
     # plain: dataclasses (inspect, ast...) would cost the VM's boot more than this step
-    __slots__ = ("target", "keep")
+    __slots__ = ("fd", "keep")
 
-    def __init__(self, target: str, keep: os.stat_result | None):
-        self.target = target
+    def __init__(self, fd: int, keep: os.stat_result | None):
+        self.fd = fd         # O_PATH fd of the mount point, inside the root
         self.keep = keep     # the mount point existed: keep its owner and mode
 
 
-def _prepare_target(target: str) -> _Prepared:
+def _prepare_target(root_fd: int, path: str) -> _Prepared:
+    """The mount point `path` in the root as an fd, made (`mkdir -p`) when missing;
+    symlinks on the way are followed inside the root."""
     try:
-        st = os.stat(target)
-        if not stat.S_ISDIR(st.st_mode):
-            raise VolumeError(f"mount point {target} exists and is not a directory")
-        return _Prepared(target, st)
+        fd = rootfs.open_in_root(root_fd, path, rootfs.O_PATH_DIR)
     except FileNotFoundError:
-        os.makedirs(target, mode=0o755, exist_ok=True)
-        return _Prepared(target, None)
+        return _Prepared(rootfs.makedirs_in_root(root_fd, path), None)
+    except NotADirectoryError:
+        os.close(rootfs.open_in_root(root_fd, path, os.O_PATH))   # else the ENOTDIR on the way
+        raise VolumeError(f"mount point {path} exists and is not a directory") from None
+    return _Prepared(fd, os.fstat(fd))
 
 
-def _restore_owner(prepared: _Prepared, flags: int) -> None:
+def _restore_owner(prepared: _Prepared, mounted: str, flags: int) -> None:
+    """The mount point's owner and mode on the root of what is mounted (`mounted`, the
+    agent's own path to it), as the mount point had them."""
     if prepared.keep is None or flags & MS_RDONLY:
         return
     try:
-        os.chown(prepared.target, prepared.keep.st_uid, prepared.keep.st_gid)
-        os.chmod(prepared.target, stat.S_IMODE(prepared.keep.st_mode))
+        os.chown(mounted, prepared.keep.st_uid, prepared.keep.st_gid)
+        os.chmod(mounted, stat.S_IMODE(prepared.keep.st_mode))
     except OSError:
         pass    # a filesystem without owners (vfat, some NFS exports) keeps its own
 
 
-def _mount_label(name: str, spec, target: str, flags: int, data: list[str],
-                 label_timeout: float, staging_dir: str) -> None:
+def _scratch(staging_dir: str) -> str:
+    """A new empty directory of the agent's own (tempfile would load random, shutil...
+    on the VM's boot path)."""
+    os.makedirs(staging_dir, mode=0o755, exist_ok=True)
+    for n in range(1000):
+        path = os.path.join(staging_dir, f".mount-{os.getpid()}-{n}")
+        try:
+            os.mkdir(path, 0o700)
+            return path
+        except FileExistsError:
+            continue
+    raise OSError(errno.EEXIST, "no scratch directory could be made", staging_dir)
+
+
+def _drop_scratch(scratch: str) -> None:
+    try:
+        umount(scratch, MNT_DETACH)
+    except OSError:
+        pass    # nothing mounted there (the mount failed)
+    try:
+        os.rmdir(scratch)
+    except OSError:
+        pass
+
+
+def _place(source: str, prepared: _Prepared, flags: int, scratch: str,
+           flags_applied: bool) -> None:
+    """Bind `source` onto the mount point's fd with `flags`. `flags_applied`: `source`
+    is a mount of ours made with them (tmpfs, NFS); else they are applied first on a
+    bind of it at `scratch`."""
+    if not flags_applied and flags & BIND_FLAGS:
+        bind_mount(source, scratch, flags)
+        source = scratch
+    _restore_owner(prepared, source, flags)
+    mount(source, fd_path(prepared.fd), None, MS_BIND)
+
+
+def _mount_label(name: str, spec, flags: int, data: list[str],
+                 label_timeout: float, staging_dir: str) -> str:
+    """Mount the labelled disk on its staging directory; the directory to bind."""
     label = spec.source.path.lstrip("/") or spec.source.host or spec.source.opaque
     if not label:
         raise VolumeError(f"volume {name}: label:// without a label")
@@ -206,11 +256,7 @@ def _mount_label(name: str, spec, target: str, flags: int, data: list[str],
         raise _cannot(name, f"{device} (label {label})", spec.path,
                       "; ".join(errors) or "no filesystem type to try")
     data_dir = os.path.join(staging, DATA_SUBDIR)
-    source = data_dir if os.path.isdir(data_dir) else staging
-    try:
-        bind_mount(source, target, flags)
-    except OSError as exc:
-        raise _cannot(name, f"{device} (label {label})", spec.path, exc.strerror) from exc
+    return data_dir if os.path.isdir(data_dir) else staging
 
 
 def _block_fstypes() -> list[str]:
@@ -256,42 +302,63 @@ def _bind_source(spec) -> str:
 
 
 def mount_volumes(mounts: dict | None, root: str, label_timeout: float = 30.0,
-                  staging_dir: str = STAGING_DIR) -> None:
+                  staging_dir: str = STAGING_DIR, scratch_dir: str | None = None) -> None:
     """Mount every MountSpec into `root`, parents first. Raises VolumeError on the first
-    failure, naming the volume, its source, its destination and the error."""
+    failure, naming the volume, its source, its destination and the error. Each mount
+    point is resolved inside the root and mounted on as an fd (above): safe while the
+    container runs (a reload). Labelled disks are mounted under `staging_dir`; the
+    scratch directories go under `scratch_dir` (default: `staging_dir`)."""
     if not mounts:
         return
     order = sorted(mounts.items(), key=lambda kv: [p for p in kv[1].path.split("/") if p])
-    for name, spec in order:
-        if not spec.path:
-            raise VolumeError(f"volume {name}: no destination path")
-        scheme = spec.source.scheme
-        if scheme not in ("label", "nfs", "tmpfs", "bind"):
-            raise VolumeError(f"unsupported volume mount type for {name}: {scheme}")
-        if scheme == "bind" and not os.path.exists(_bind_source(spec)):
-            # before the mount point is made: nothing is left behind for a mount that
-            # cannot happen
-            raise _cannot(name, _bind_source(spec), spec.path, os.strerror(errno.ENOENT))
-        target = resolve_in_root(root, spec.path)
-        try:
-            prepared = _prepare_target(target)
-        except VolumeError as exc:
-            raise VolumeError(f"volume {name}: {exc}") from None
-        except OSError as exc:
-            raise VolumeError(f"volume {name}: cannot create mount point {spec.path}: "
-                              f"{exc.strerror}") from exc
-        flags, data = parse_mode(spec.mode)
-        try:
-            if scheme == "label":
-                _mount_label(name, spec, target, flags | MS_NOATIME, data,
-                             label_timeout, staging_dir)
-            elif scheme == "nfs":
-                _mount_nfs(name, spec, target, spec.mode)
-            elif scheme == "tmpfs":
-                mount("tmpfs", target, "tmpfs", flags, ",".join(data) or None)
-            else:
-                bind_mount(_bind_source(spec), target, flags)
-        except OSError as exc:
-            source = {"tmpfs": "tmpfs", "bind": _bind_source(spec)}.get(scheme, str(spec.source))
-            raise _cannot(name, source, spec.path, exc.strerror or str(exc)) from exc
-        _restore_owner(prepared, flags)
+    os.makedirs(root, mode=0o755, exist_ok=True)
+    root_fd = rootfs.open_root(root)
+    try:
+        for name, spec in order:
+            _mount_one(name, spec, root_fd, label_timeout, staging_dir,
+                       scratch_dir or staging_dir)
+    finally:
+        os.close(root_fd)
+
+
+def _mount_one(name: str, spec, root_fd: int, label_timeout: float, staging_dir: str,
+               scratch_dir: str) -> None:
+    if not spec.path:
+        raise VolumeError(f"volume {name}: no destination path")
+    scheme = spec.source.scheme
+    if scheme not in ("label", "nfs", "tmpfs", "bind"):
+        raise VolumeError(f"unsupported volume mount type for {name}: {scheme}")
+    if scheme == "bind" and not os.path.exists(_bind_source(spec)):
+        # before the mount point is made: nothing is left behind for a mount that
+        # cannot happen
+        raise _cannot(name, _bind_source(spec), spec.path, os.strerror(errno.ENOENT))
+    try:
+        prepared = _prepare_target(root_fd, spec.path)
+    except VolumeError as exc:
+        raise VolumeError(f"volume {name}: {exc}") from None
+    except OSError as exc:
+        raise VolumeError(f"volume {name}: cannot create mount point {spec.path}: "
+                          f"{exc.strerror}") from exc
+    flags, data = parse_mode(spec.mode)
+    scratch = None
+    try:
+        scratch = _scratch(scratch_dir)
+        if scheme == "label":
+            flags |= MS_NOATIME
+            source = _mount_label(name, spec, flags, data, label_timeout, staging_dir)
+            _place(source, prepared, flags, scratch, flags_applied=False)
+        elif scheme == "nfs":
+            _mount_nfs(name, spec, scratch, spec.mode)
+            _place(scratch, prepared, flags, scratch, flags_applied=True)
+        elif scheme == "tmpfs":
+            mount("tmpfs", scratch, "tmpfs", flags, ",".join(data) or None)
+            _place(scratch, prepared, flags, scratch, flags_applied=True)
+        else:
+            _place(_bind_source(spec), prepared, flags, scratch, flags_applied=False)
+    except OSError as exc:
+        source = {"tmpfs": "tmpfs", "bind": _bind_source(spec)}.get(scheme, str(spec.source))
+        raise _cannot(name, source, spec.path, exc.strerror or str(exc)) from exc
+    finally:
+        if scratch is not None:
+            _drop_scratch(scratch)
+        os.close(prepared.fd)
