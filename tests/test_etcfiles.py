@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import subprocess
 import sys
 import textwrap
@@ -134,3 +135,44 @@ def test_flush_binds_generated_files_and_leaves_image_untouched(tmp_path):
     assert (root / "etc" / "hostname").read_text() == "imagehost\n"
     assert (root / "etc" / "resolv.conf").read_text() == ""
     assert (state / "resolv.conf").read_text() == got["resolv2"]
+
+
+# -- a hostile image's /etc/hosts, and a container racing the bind ---------------------------
+SEED_SCRIPT = textwrap.dedent("""
+    import json, resource, sys
+    # an endless file must fail this child, not eat the test machine's memory
+    resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))
+    from tether.etcfiles import EtcFiles
+    etc = EtcFiles(sys.argv[1], sys.argv[2])
+    etc.set_hostname("abcdef012345")
+    print(json.dumps(etc.render_hosts(etc._read_seed_hosts())))
+""")
+
+
+@pytest.mark.parametrize("kind", ["fifo", "zero", "huge"])
+def test_a_hosts_file_that_never_ends_is_not_read(tmp_path, kind):
+    """The image's /etc/hosts is read by PID 1 before anything runs: a named pipe (no
+    writer: the read waits for ever), a link to an endless device or a huge file must
+    not hang or exhaust the agent; only a regular file of sane size is blended in."""
+    root = tmp_path / "root"
+    (root / "etc").mkdir(parents=True)
+    hosts = root / "etc" / "hosts"
+    if kind == "fifo":
+        os.mkfifo(hosts)
+    elif kind == "zero":
+        require_root("a device node in the test root")
+        (root / "dev").mkdir()
+        os.mknod(root / "dev" / "zero", 0o666 | stat.S_IFCHR, os.makedev(1, 5))
+        os.symlink("/dev/zero", hosts)
+    else:
+        with open(hosts, "wb") as f:   # sparse: 4 GiB of NULs, no newline
+            f.truncate(4 << 30)
+    try:
+        out = subprocess.run([sys.executable, "-c", SEED_SCRIPT, str(root), str(tmp_path / "s")],
+                             cwd=REPO, capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"reading a {kind} as the image's /etc/hosts never ended")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert json.loads(out.stdout).splitlines() == [
+        "127.0.0.1\tlocalhost", "::1\tlocalhost ip6-localhost ip6-loopback",
+        "127.0.1.1\tabcdef012345"]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 
+from tether import rootfs
 from tether.rootfs import resolve_in_root
 from tether.system import bind_mount
 
@@ -20,6 +21,7 @@ HOSTNAME_IP = "127.0.1.1"
 LOCALHOST_V4 = ("127.0.0.1", ["localhost"])
 LOCALHOST_V6 = ("::1", ["localhost", "ip6-localhost", "ip6-loopback"])
 RESOLV_OPTIONS = ["options timeout:15", "options attempts:5"]
+SEED_HOSTS_MAX = 1 << 20   # bytes of the image's /etc/hosts blended in; the rest is left out
 
 
 class EtcFilesError(Exception):
@@ -137,12 +139,17 @@ class EtcFiles:
             self._written[name] = content
 
     def _read_seed_hosts(self) -> list[str]:
+        """The image's /etc/hosts lines: a regular file only, its first SEED_HOSTS_MAX
+        bytes (whole lines); a pipe, a device or nothing there reads as no lines."""
         try:
-            path = resolve_in_root(self.root, "/etc/hosts")
-            with open(path, encoding="utf-8", errors="replace") as f:
-                return f.read().splitlines()
+            data = rootfs.read_file_in_root(self.root, "/etc/hosts", SEED_HOSTS_MAX + 1)
         except OSError:
             return []
+        if data is None:
+            return []
+        if len(data) > SEED_HOSTS_MAX:
+            data = data[:SEED_HOSTS_MAX].rpartition(b"\n")[0]
+        return data.decode("utf-8", "replace").splitlines()
 
     def _write_atomically(self, name: str, content: str) -> str:
         # A new name per generation: the file under an existing bind mount is never replaced.

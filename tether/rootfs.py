@@ -243,6 +243,29 @@ def makedirs_in_root(root_fd: int, path: str, mode: int = 0o755) -> int:
     return open_in_root(root_fd, path, O_PATH_DIR)
 
 
+def read_file_in_root(root: str, path: str, limit: int) -> bytes | None:
+    """The first `limit` bytes of the regular file `path` in the root (symlinks followed
+    inside it), or None when it is missing or not a regular file. A file the image
+    controls is never opened as a named pipe (a read would wait for a writer for ever)
+    or a device (/dev/zero never ends): it is looked at through an O_PATH fd first, and
+    only a regular file is opened, through that fd, and read up to `limit`."""
+    root_fd = open_root(root)
+    try:
+        try:
+            fd = open_in_root(root_fd, path, os.O_PATH)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+    finally:
+        os.close(root_fd)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        with open(system.fd_path(fd), "rb", buffering=0) as f:
+            return f.read(limit)
+    finally:
+        os.close(fd)
+
+
 def container_path(root_fd: int, fd: int) -> str | None:
     """Where the open file `fd` is, as a path inside the root (None when the agent has
     no /proc to tell, or the file is not under the root)."""
