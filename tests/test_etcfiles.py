@@ -176,3 +176,55 @@ def test_a_hosts_file_that_never_ends_is_not_read(tmp_path, kind):
     assert json.loads(out.stdout).splitlines() == [
         "127.0.0.1\tlocalhost", "::1\tlocalhost ip6-localhost ip6-loopback",
         "127.0.1.1\tabcdef012345"]
+
+
+RACE_SCRIPT = textwrap.dedent("""
+    import json, os, sys
+    import tether.system as system
+    root, outside, state = sys.argv[1], sys.argv[2], sys.argv[3]
+    real_mount = system.mount
+    swapped = []
+
+    def racing_mount(*args, **kwargs):
+        # The container's move at the worst time (a DHCP renewal rewrites resolv.conf
+        # while it runs): /etc goes aside and a symlink out of the root takes its name.
+        if not swapped:
+            swapped.append(True)
+            os.rename(os.path.join(root, "etc"), os.path.join(root, "etc.old"))
+            os.symlink(outside, os.path.join(root, "etc"))
+        return real_mount(*args, **kwargs)
+    system.mount = racing_mount    # before tether.etcfiles takes the name
+    from tether.etcfiles import EtcFiles
+    etc = EtcFiles(root, state)
+    etc.set_hostname("abcdef012345")
+    error = None
+    try:
+        etc.flush()
+    except Exception as exc:
+        error = str(exc)
+    print(json.dumps({"swapped": bool(swapped), "error": error,
+                      "mounts": [l.split()[4] for l in open("/proc/self/mountinfo")]}))
+""")
+
+
+@pytest.mark.root
+def test_a_symlink_swapped_in_for_etc_mid_flush_keeps_the_bind_inside_the_root(tmp_path):
+    require_root("a private mount namespace")
+    require_tool("unshare")
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    (root / "etc").mkdir(parents=True)
+    outside.mkdir()
+    for name in ("hostname", "hosts", "resolv.conf"):
+        (root / "etc" / name).write_text("image\n")
+        (outside / name).write_text("not the container's\n")
+    out = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", sys.executable, "-c", RACE_SCRIPT,
+         str(root), str(outside), str(tmp_path / "state")],
+        cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout)
+    assert got["swapped"], "the swap did not run: the test tested nothing"
+    assert got["error"] is None
+    assert not [m for m in got["mounts"] if m.startswith(str(outside))], \
+        "a generated /etc file was bound outside the container root"
+    assert str(root / "etc.old" / "hostname") in got["mounts"]

@@ -14,8 +14,7 @@ from __future__ import annotations
 import os
 
 from tether import rootfs
-from tether.rootfs import resolve_in_root
-from tether.system import bind_mount
+from tether.system import bind_mount, fd_path
 
 HOSTNAME_IP = "127.0.1.1"
 LOCALHOST_V4 = ("127.0.0.1", ["localhost"])
@@ -130,12 +129,19 @@ class EtcFiles:
                 continue
             self._generation += 1
             source = self._write_atomically(name, content)
-            target = self._mount_target(name)
+            shown = os.path.join(self.root, "etc", name)
             try:
-                bind_mount(source, target)
+                target = self._mount_target(name)
             except OSError as exc:
                 raise EtcFilesError(
-                    f"cannot bind {source} over {target}: {exc.strerror or exc}") from exc
+                    f"cannot make /etc/{name} in {self.root}: {exc.strerror or exc}") from exc
+            try:
+                bind_mount(source, fd_path(target))
+            except OSError as exc:
+                raise EtcFilesError(
+                    f"cannot bind {source} over {shown}: {exc.strerror or exc}") from exc
+            finally:
+                os.close(target)
             self._written[name] = content
 
     def _read_seed_hosts(self) -> list[str]:
@@ -169,14 +175,31 @@ class EtcFiles:
         os.rename(latest_tmp, os.path.join(self.state_dir, name))
         return final
 
-    def _mount_target(self, name: str) -> str:
-        """`<root>/etc/<name>`, symlinks resolved inside the root, created empty if missing."""
-        target = resolve_in_root(self.root, f"/etc/{name}")
-        if not os.path.exists(target):
-            os.makedirs(os.path.dirname(target), mode=0o755, exist_ok=True)
-            fd = os.open(target, os.O_WRONLY | os.O_CREAT, 0o644)
-            os.close(fd)
-        return target
+    def _mount_target(self, name: str) -> int:
+        """`<root>/etc/<name>` as an O_PATH fd, symlinks followed inside the root, made
+        empty where missing. An fd, not a path: a DHCP renewal rewrites resolv.conf while
+        the container runs, and a symlink it swapped in on the way after our look would
+        take a mount on a path string out of the root."""
+        path = f"/etc/{name}"
+        root_fd = rootfs.open_root(self.root)
+        try:
+            try:
+                return rootfs.open_in_root(root_fd, path, os.O_PATH)
+            except FileNotFoundError:
+                pass
+            # where the name leads (a dangling link: the file it names), made empty
+            where = rootfs.resolve_in_root(self.root, path)[len(os.path.abspath(self.root)):]
+            where = "/" + where.lstrip("/")    # the root "/" leaves no leading slash
+            dir_fd = rootfs.makedirs_in_root(root_fd, os.path.dirname(where) or "/")
+            try:
+                os.close(os.open(os.path.basename(where), os.O_WRONLY | os.O_CREAT
+                                 | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o644,
+                                 dir_fd=dir_fd))
+            finally:
+                os.close(dir_fd)
+            return rootfs.open_in_root(root_fd, path, os.O_PATH)
+        finally:
+            os.close(root_fd)
 
 
 def _hosts_line(ip: str, names: list[str]) -> str:
