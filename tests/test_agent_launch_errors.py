@@ -118,3 +118,32 @@ def test_the_sandbox_mounts_volumes_without_writing_to_the_hosts_root(sandbox, t
                 for d in dirs:
                     os.rmdir(os.path.join(top, d))
             os.rmdir("/.tether")
+
+
+def test_a_session_new_in_a_reload_whose_volume_fails_is_not_run(sandbox, tmp_path):
+    """The launch gate holds for what a reload adds: a session new in a reload whose new
+    volume cannot be mounted would run in a container that is not the one the host asked
+    for (its data in the image's directory instead of the volume). Its `started` says
+    why; the running sessions go on; the next reload tries again."""
+    import json
+    cfg = config(tmp_path)
+    cfg["sessions"]["main"]["cmd"]["args"] = ["/bin/sh", "-c", "echo main-up; exec sleep 1000"]
+    box = sandbox.start(cfg)
+    box.wait_for_log(r"main-up")
+    source = tmp_path / "not-there"
+    late = tmp_path / "late"
+    cfg["mounts"] = {"late": {"source": f"bind://{source}", "path": str(late)}}
+    cfg["sessions"]["new"] = {"cmd": {"path": "/bin/sh", "env": SHELL_ENV,
+                                      "args": ["/bin/sh", "-c", "echo new-ran"]}}
+    with open(box.config_path, "w") as f:
+        json.dump(cfg, f)
+    box.signal(signal.SIGHUP)
+    box.wait_for_log(r"step volumes failed: volume late")
+    box.wait_for_log(r"session new not launched|reload: new session new")
+    box.signal(signal.SIGTERM)
+    result = box.wait()
+    assert result.returncode == 128 + signal.SIGTERM, result
+    assert result.session("main").started == "true"
+    assert result.session("new").started == (f"volume late: cannot mount {source} on "
+                                              f"{late}: No such file or directory"), result
+    assert "new-ran" not in result.log

@@ -148,6 +148,10 @@ class Agent:
         self._mounted_volumes: set[str] = set()
         self._reload_worker = None   # a reload's volume mounts in progress
         self._reload_again = False   # a SIGHUP came meanwhile
+        # why the sessions new in this reload are not launched: its networks or volumes
+        # failed (the launch gate, for what the reload added)
+        self._reload_refusal: list[str] = []
+        self._last_error = ""        # the text of the last step that failed
         self.resumed_at: float | None = None   # boot clock of the resume answer (templates)
         self.mode = options.mode
         from tether.isolation import Isolation
@@ -178,6 +182,7 @@ class Agent:
             return True
         except Exception as err:   # noqa: BLE001 - PID 1 must not die of one step
             self.errors.append(f"{step}: {err}")
+            self._last_error = str(err)
             if step in PREREQUISITE_STEPS and not self.launched:
                 log.error("step %s failed: %s; nothing will be launched", step, err)
                 log.debug("step %s failed", step, exc_info=True)
@@ -556,6 +561,7 @@ class Agent:
             self._mounted_volumes.update(specs)
         else:
             self.errors.append(f"volumes: {error}")
+            self._reload_refusal.append(str(error))
             log.error("step volumes failed: %s; carrying on", error)
         then()
         if self._reload_again and not self.stopping:
@@ -699,25 +705,39 @@ class Agent:
         take_host_fields(self.config, fresh)
         take_host_extension(self.config, fresh)
         self.set_log_level()
-        self.guarded("networks", self.apply_networks)
+        self._reload_refusal = []
+        if not self.guarded("networks", self.apply_networks):
+            self._reload_refusal.append(self._last_error)
         if not self.guarded("volumes", self._mount_off_loop, self._after_reload_mounts):
+            self._reload_refusal.append(self._last_error)
             self._after_reload_mounts()
 
     def _after_reload_mounts(self) -> None:
         self.guarded("reload", self._reload_sessions)
 
     def _reload_sessions(self) -> None:
-        """New sessions launched, `Restart` ones that are down relaunched."""
+        """New sessions launched, `Restart` ones that are down relaunched. When the
+        reload's networks or volumes failed, the new sessions are not launched (they
+        would run without what the reload added for them): their `started` says why, as
+        at boot, and the next reload tries them again. Running sessions go on."""
+        refused = "; ".join(self._reload_refusal)
+        self._reload_refusal = []
         for sid, cfg in sorted((self.config.sessions or {}).items()):
             if cfg is None:
                 continue
             known = self.sessions.get(sid)
-            if known is None:
+            if known is None and refused:
+                log.error("reload: session %s not launched: %s", sid, refused)
+                self._fresh(cfg)
+                cfg.started = refused
+            elif known is None:
                 log.info("reload: new session %s", sid)
                 self._fresh(cfg)
                 self.supervisor.launch(cfg)
             elif self.supervisor.revive(known):
                 log.info("reload: relaunched session %s", sid)
+        if refused:
+            self.publish_all()
 
     def request_stop(self, reason: str) -> None:
         if self.stopping:
