@@ -108,6 +108,26 @@ def test_makedirs_goes_through_links_and_stays_inside(root, tmp_path):
     assert not (tmp_path / "etc" / "a").exists()
 
 
+def test_makedirs_makes_a_dangling_links_target_with_its_parents(root, tmp_path):
+    """An image's `data -> /srv/data` with no /srv: a volume mounted on /data (or a copy
+    into it) makes /srv/data, as the path-string form did, inside the root; a link
+    cycle is ELOOP, not a recursion without end."""
+    top, fd = root
+    os.symlink("/srv/data", top / "data")
+    os.symlink("../missing/deeper", top / "run" / "rel2")
+    made = makedirs_in_root(fd, "/data/sub")
+    assert container_path(fd, made) == "/srv/data/sub"
+    os.close(made)
+    made = makedirs_in_root(fd, "/run/rel2")
+    assert container_path(fd, made) == "/missing/deeper"
+    os.close(made)
+    assert (top / "srv" / "data" / "sub").is_dir() and not (tmp_path / "srv").exists()
+    os.symlink("cycle/x", top / "cycle")
+    with pytest.raises(OSError) as err:
+        makedirs_in_root(fd, "/cycle/y")
+    assert err.value.errno == errno.ELOOP
+
+
 def test_the_string_form_resolves_as_before(root):
     top, _ = root
     assert rootfs.resolve_in_root(str(top), "/up/abs/hosts") == str(top / "etc" / "hosts")

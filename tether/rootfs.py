@@ -219,28 +219,54 @@ def open_parent_in_root(root_fd: int, path: str, *, follow_last: bool = True,
     raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), path)
 
 
-def makedirs_in_root(root_fd: int, path: str, mode: int = 0o755) -> int:
-    """`mkdir -p` inside the root, symlinks followed inside it; the directory's O_PATH fd."""
+def makedirs_in_root(root_fd: int, path: str, mode: int = 0o755, *,
+                     _links: list[int] | None = None) -> int:
+    """`mkdir -p` inside the root, symlinks followed inside it; the directory's O_PATH fd.
+    A dangling link on the way gets its target made, with the target's own missing
+    parents (`data -> /srv/data` with no /srv makes /srv/data). More than MAX_SYMLINKS
+    links in all (a cycle) is ELOOP."""
+    links = [0] if _links is None else _links
     try:
         return open_in_root(root_fd, path, O_PATH_DIR)
     except FileNotFoundError:
         pass
     parts = _split(path)
-    for i, name in enumerate(parts):
+    for i in range(len(parts)):
         prefix = "/" + "/".join(parts[:i + 1])
         try:
             os.close(open_in_root(root_fd, prefix, O_PATH_DIR))
             continue
         except FileNotFoundError:
             pass
-        dir_fd, entry = open_parent_in_root(root_fd, prefix)
-        try:
-            os.mkdir(entry, mode, dir_fd=dir_fd)
-        except FileExistsError:
-            pass
-        finally:
-            os.close(dir_fd)
+        _make_entry(root_fd, prefix, mode, links)
     return open_in_root(root_fd, path, O_PATH_DIR)
+
+
+def _make_entry(root_fd: int, path: str, mode: int, links: list[int]) -> None:
+    """Make the directory `path` names, its parent there already: a plain mkdir, or,
+    where the name is a dangling symlink, its target with the target's parents."""
+    parts = _split(path)
+    parent, name = parts[:-1], parts[-1]
+    if name == "..":
+        return          # the parent of a directory that is there
+    dir_fd = open_in_root(root_fd, "/" + "/".join(parent), O_PATH_DIR)
+    try:
+        target = _readlink(name, dir_fd)
+        if target is None:
+            try:
+                os.mkdir(name, mode, dir_fd=dir_fd)
+            except FileExistsError:
+                pass
+            return
+        if _is_proc(dir_fd):
+            raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), path)
+    finally:
+        os.close(dir_fd)
+    links[0] += 1
+    if links[0] > MAX_SYMLINKS:
+        raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), path)
+    where = target if target.startswith("/") else "/" + "/".join(parent + [target])
+    os.close(makedirs_in_root(root_fd, where, mode, _links=links))
 
 
 def read_file_in_root(root: str, path: str, limit: int) -> bytes | None:
