@@ -558,6 +558,10 @@ class Connection:
                 break   # a short write: the fd is full
         if self.closed:
             return
+        # Below the low-water mark the sessions we hold go on, drained or not: a client
+        # that stops reading from here holds nothing (it is dropped at OUTPUT_LIMIT).
+        if self._held and self._out_size < LOW_WATER:
+            self._release()
         if self._out:
             if not self._writing:
                 self._writing = True
@@ -569,8 +573,6 @@ class Connection:
         if self._close_after_flush:
             self.close("authentication failed")
             return
-        if self._held and self._out_size < LOW_WATER:
-            self._release()
         self._schedule_pumps()
 
     def _schedule_pumps(self) -> None:
