@@ -167,3 +167,21 @@ def test_a_client_that_drains_below_the_low_water_mark_releases_the_session(
     assert not h.session.holders, (
         f"a client {connection.backlog} bytes behind (under the {attach_server.LOW_WATER}"
         "-byte low-water mark) still holds the session's output")
+
+
+def test_an_attach_whose_reply_drops_the_client_leaves_no_listener_behind(harness):
+    """An attach answered when the client is at its output limit: the `ok` drops the
+    client (its channels are detached), and the attach used to go on and subscribe to
+    the session anyway: a listener for a connection that is gone, kept as long as the
+    session lives (and on a line, the session's output sent on to whoever talks next,
+    unauthenticated)."""
+    h = harness
+    h.authenticate()
+    connection = h.connection
+    filler = b"\0" * attach_server.OUTPUT_LIMIT           # the client reads none of it
+    connection.send_bytes(filler)
+    connection.send_bytes(filler[:attach_server.OUTPUT_LIMIT - connection.backlog - 8])
+    assert connection.backlog == attach_server.OUTPUT_LIMIT - 8 and not connection.closed
+    h.send({"t": p.ATTACH, "ch": 1, "session": h.session.id})
+    assert connection.closed                              # the ok went over the limit
+    assert h.session.output.listeners == [], "a dropped client is still subscribed"

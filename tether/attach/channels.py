@@ -62,6 +62,8 @@ class AttachChannel:
             for stream, data in session.output.replay():
                 if not self._forward(stream, data):
                     return
+        if connection.channels.get(channel) is not self:
+            return   # the reply or the replay cost the client its conversation
         if session.phase is Phase.EXITED:
             self.on_close()   # it has already ended: replay was all there is
             return
