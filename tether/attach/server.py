@@ -780,7 +780,8 @@ class Connection:
         self.ok(channel, **collect_stats(self.host.sessions))
 
 
-PATH_LIMIT = 4096             # bytes of a copy path (PATH_MAX)
+PATH_LIMIT = 4096             # bytes of a copy path, an exec's program or dir (PATH_MAX)
+NAME_LIMIT = 256              # bytes of an exec's user or group (LOGIN_NAME_MAX)
 
 
 def _request_path(message: dict) -> str:
@@ -818,8 +819,18 @@ def _exec_config(message: dict):
         raise ValueError("exec: env must be a list of NAME=VALUE strings")
     sid = check_id(message.get("id") or secrets.token_hex(16), "exec: id")
     tty = bool(message.get("tty"))
+    directory = str(message.get("dir") or "")
+    user, group = str(message.get("user") or ""), str(message.get("group") or "")
+    # Names no system call takes are refused here, before a session exists: a launch
+    # error quotes them whole in the session's `started`, and a finished exec is kept
+    # (and listed) for a while, so a few of 600 KB made every `list` reply too big.
+    for what, text, limit in (("program path", args[0], PATH_LIMIT),
+                              ("dir", directory, PATH_LIMIT),
+                              ("user", user, NAME_LIMIT), ("group", group, NAME_LIMIT)):
+        if len(text.encode(errors="surrogateescape")) > limit:
+            raise ValueError(f"exec: the {what} {clip(text)} is longer than {limit} bytes")
     return SessionConfig(
         common=Common(id=sid, name=str(message.get("name") or sid)),
-        cmd=Cmd(path=args[0], args=args, env=env, dir=str(message.get("dir") or "")),
+        cmd=Cmd(path=args[0], args=args, env=env, dir=directory),
         tty=tty, attach=True, open_stdin=message.get("stdin", True) is not False,
-        user=str(message.get("user") or ""), group=str(message.get("group") or ""))
+        user=user, group=group)
