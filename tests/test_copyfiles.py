@@ -257,3 +257,39 @@ def test_a_nul_in_a_path_is_an_error_and_leaves_nothing_behind(root):
         with pytest.raises(ValueError, match="null byte"):
             make()
     assert os.listdir(top / "data") == []
+
+
+@pytest.mark.parametrize("form", ["gnu", "pax"])
+def test_a_sparse_member_is_written_sparse_not_as_its_size_in_zeros(tmp_path, form):
+    """A sparse member (GNU tar -S: the old GNU form, or PAX 1.0) is a few KiB of archive
+    that may say its file is terabytes long. It used to be written out whole, holes as
+    zeros: an uncompressed tar bomb past the expansion cap, filling the disk under the
+    container root (a host directory, in the sandbox). Its holes are holes now."""
+    from helpers import require_tool, small_tmpfs
+    require_tool("tar")
+    size = 1 << 30                                       # 64 times the disk below
+    source = tmp_path / "src"
+    source.mkdir()
+    with open(source / "sparse", "wb") as f:
+        f.write(b"head")
+        f.seek(size // 2)
+        f.write(b"middle")
+        f.truncate(size)
+    archive = subprocess.run(["tar", "-C", str(source), "-cSf", "-", f"--format={form}",
+                              "sparse"], check=True, capture_output=True).stdout
+    assert len(archive) < 1 << 16
+    with small_tmpfs(tmp_path / "disk", "16m") as disk:
+        (disk / "data").mkdir()
+        guard = Guard(str(disk))
+        try:
+            extract(guard, "/data", archive)
+        finally:
+            guard.close()
+        out = disk / "data" / "sparse"
+        info = out.stat()
+        assert info.st_size == size
+        assert info.st_blocks * 512 < 1 << 20, "the holes were written as zeros"
+        with open(out, "rb") as f:
+            assert f.read(4) == b"head"
+            f.seek(size // 2 - 2)
+            assert f.read(10) == b"\0\0middle\0\0"

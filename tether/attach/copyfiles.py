@@ -561,10 +561,13 @@ class TarTarget:
             fd, temp = _create_temp(dir_fd)
             try:
                 data = archive.extractfile(member)
-                while chunk := data.read(CHUNK):
-                    view = memoryview(chunk)
-                    while view:
-                        view = view[os.write(fd, view):]
+                if member.sparse is not None:
+                    _write_sparse(data.raw, fd, member)
+                else:
+                    while chunk := data.read(CHUNK):
+                        view = memoryview(chunk)
+                        while view:
+                            view = view[os.write(fd, view):]
                 os.fchmod(fd, mode)
                 os.utime(fd, (member.mtime, member.mtime))
             finally:
@@ -616,6 +619,33 @@ class TarTarget:
                 raise
         finally:
             os.close(dir_fd)
+
+
+def _write_sparse(data, fd: int, member) -> None:
+    """A sparse member (GNU tar -S, in the old GNU or the PAX form): each data segment of
+    its map written where it goes and the size set, the holes left holes. A few KiB of
+    archive may say its file is terabytes long; written out whole (holes as zeros) that
+    was a tar bomb no expansion cap saw. `data` reads the member by position (tarfile's
+    _FileInFile: a segment's bytes come from the stream, in order, a hole's are zeros)."""
+    end = 0
+    for offset, size in member.sparse:
+        if not size:
+            continue   # GNU's map ends with empty entries, (size, 0) and (0, 0)
+        if offset < end or size < 0 or offset + size > member.size:
+            raise CopyError(f"tar member {member.name!r}: its sparse map is out of order "
+                            "or past its size")
+        end = offset + size
+        data.seek(offset)
+        while offset < end:
+            chunk = data.read(min(CHUNK, end - offset))
+            if not chunk:
+                raise CopyError(f"tar member {member.name!r} ends early")
+            view = memoryview(chunk)
+            while view:
+                written = os.pwrite(fd, view, offset)
+                view = view[written:]
+                offset += written
+    os.ftruncate(fd, member.size)
 
 
 class Digesting:
