@@ -94,7 +94,14 @@ class Harness:
             self.loop.run_until(lambda: False, timeout=0.001)
 
     def send(self, message: dict) -> None:
-        self.sock.sendall(p.encode(message))
+        """Send a frame, running the loop while the socket is full (it reads us)."""
+        view = memoryview(p.encode(message))
+        self.sock.setblocking(False)
+        while view:
+            try:
+                view = view[self.sock.send(view):]
+            except BlockingIOError:
+                self.step(1)
         self.step()
 
     def receive(self, size: int = 1 << 16) -> bytes:
@@ -185,3 +192,18 @@ def test_an_attach_whose_reply_drops_the_client_leaves_no_listener_behind(harnes
     h.send({"t": p.ATTACH, "ch": 1, "session": h.session.id})
     assert connection.closed                              # the ok went over the limit
     assert h.session.output.listeners == [], "a dropped client is still subscribed"
+
+
+def test_a_request_whose_ch_is_not_a_channel_gets_an_error_without_it(harness):
+    """A request whose `ch` is not an integer is refused; the refusal used to carry that
+    `ch` back, so a `ch` of nearly a mebibyte made the reply too big to encode: the
+    ProtocolError escaped to the agent's loop (a traceback in the log per frame) and
+    the client got no answer."""
+    h = harness
+    h.authenticate()
+    bogus = b"\0" * (p.MAX_PAYLOAD - 32)
+    h.send({"t": p.PING, "ch": bogus})
+    refusal = h.wait_for(p.ERROR)
+    assert refusal["ch"] is None and "'ch' must be int" in refusal["msg"]
+    h.send({"t": p.PING, "ch": 7})                        # and the connection goes on
+    assert h.wait_for(p.OK)["ch"] == 7

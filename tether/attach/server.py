@@ -336,6 +336,8 @@ class Connection:
         authenticated = self.handshake.authenticated
         if authenticated:
             log.warning("attach: %s: %s", self.conn.name, reason)
+            if not isinstance(channel, int) or isinstance(channel, bool):
+                channel = None   # not a channel (and echoed, maybe too big to send)
             self.send({"t": p.ERROR, "ch": channel, "msg": reason})
             return
         self.server.preauth_log.log(log, WARNING, "attach: %s: %s", self.conn.name,
