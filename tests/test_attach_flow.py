@@ -207,3 +207,28 @@ def test_a_request_whose_ch_is_not_a_channel_gets_an_error_without_it(harness):
     assert refusal["ch"] is None and "'ch' must be int" in refusal["msg"]
     h.send({"t": p.PING, "ch": 7})                        # and the connection goes on
     assert h.wait_for(p.OK)["ch"] == 7
+
+
+def test_a_unix_endpoint_never_removes_a_file_that_is_not_a_socket(tmp_path):
+    """`unix:PATH` removes a stale socket left at PATH before it binds. It used to remove
+    whatever was there: `--attach-socket ./config.json` (a slip of the hand) deleted the
+    file. Now only a socket goes; anything else stays and the endpoint is not opened
+    (as the VIC attach server already did)."""
+    precious = tmp_path / "config.json"
+    precious.write_text("{}")
+    stale = tmp_path / "stale.sock"
+    old = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old.bind(str(stale))
+    old.close()                                       # a socket file nobody listens on
+    loop = Loop()
+    host = SimpleNamespace(loop=loop, key=KEY, root="/", sessions={})
+    try:
+        server = attach_server.AttachServer(host, [f"unix:{precious}", f"unix:{stale}"])
+        try:
+            assert precious.read_text() == "{}"
+            assert list(server.failed) == [f"unix:{precious}"]
+            assert [listener.name for listener in server.listeners] == [f"unix:{stale}"]
+        finally:
+            server.close(grace=0)
+    finally:
+        loop.close()

@@ -18,6 +18,7 @@ from __future__ import annotations
 import errno
 import os
 import socket
+import stat
 
 from tether.console import RateLimit
 from tether.log import WARNING, get_logger
@@ -205,8 +206,9 @@ def listen(endpoint: str) -> Listener | Conn:
         return open_line(kind, addr[0])
     if kind == "unix":
         path = addr[0]
-        try:
-            os.unlink(path)
+        try:   # a stale socket goes; anything else at PATH stays (bind then fails)
+            if stat.S_ISSOCK(os.lstat(path).st_mode):
+                os.unlink(path)
         except FileNotFoundError:
             pass
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
