@@ -377,18 +377,25 @@ class Link:
         if self.persistent:
             self._restart_handshake()
         else:
-            self._close_after_flush()
+            # Nothing more is read from a socket client: its last output gets up to
+            # CLOSE_GRACE to leave, then the link closes, read or not.
+            self._set_line_reading(False)
+            self._close_after_flush(time.monotonic() + CLOSE_GRACE)
 
     def _restart_handshake(self) -> None:
         self.handshake = hs.ServerHandshake(self.service.variant)
         self._to_ssh.clear()
         self._set_line_reading(True)
 
-    def _close_after_flush(self) -> None:
-        if self._out and not self.closed:
-            self.loop.call_later(0.05, self._close_after_flush)
+    def _close_after_flush(self, deadline: float) -> None:
+        if self.closed:
             return
-        self.close("the SSH connection ended")
+        if self._out and time.monotonic() < deadline:
+            self.loop.call_later(0.05, lambda: self._close_after_flush(deadline))
+            return
+        self.close("the SSH connection ended" if not self._out else
+                   f"the SSH connection ended; {len(self._out)} bytes the client did not "
+                   f"read within {CLOSE_GRACE:g}s dropped")
 
     def _queue_ssh(self, data: bytes) -> None:
         self._to_ssh += data
