@@ -6,6 +6,7 @@ import signal
 
 import pytest
 
+from tether import sessions
 from tether.sessions import LaunchError, lookup_path, parse_signal, resolve_credentials
 
 
@@ -67,6 +68,51 @@ def test_bad_user_or_group_fails(root, user, group, message):
 
 def test_missing_passwd_file_fails_for_names(tmp_path):
     with pytest.raises(LaunchError, match="unable to find user alice"):
+        resolve_credentials(str(tmp_path), "alice", "")
+
+
+def test_the_images_user_files_are_read_inside_its_root(tmp_path):
+    """A hostile image's /etc/passwd and /etc/group linking out of its root (to the
+    agent's /etc/shadow, say) are followed inside the root: here, to nothing."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "passwd").write_text("alice:x:4242:4242::/home/alice:/bin/sh\n")
+    (outside / "group").write_text("staff:x:4343:\n")
+    root = tmp_path / "root"
+    (root / "etc").mkdir(parents=True)
+    (root / "etc" / "passwd").symlink_to(outside / "passwd")     # absolute: the agent's
+    (root / "etc" / "group").symlink_to(outside / "group")
+    with pytest.raises(LaunchError, match="unable to find user alice"):
+        resolve_credentials(str(root), "alice", "")
+    with pytest.raises(LaunchError, match="unable to find group staff"):
+        resolve_credentials(str(root), "0", "staff")
+    # the same absolute link, meant inside the root: what the root holds there is read
+    inside = root / str(outside).lstrip("/")
+    inside.mkdir(parents=True)
+    (inside / "passwd").write_text("alice:x:4141:4141::/home/alice:/bin/sh\n")
+    assert resolve_credentials(str(root), "alice", "").uid == 4141
+
+
+def test_a_user_file_that_is_not_a_regular_file_is_not_read(tmp_path):
+    """A FIFO would hang PID 1 at the launch (no writer ever comes): it is not opened."""
+    (tmp_path / "etc").mkdir()
+    os.mkfifo(tmp_path / "etc" / "passwd")
+    signal.signal(signal.SIGALRM, lambda *_: pytest.fail("the FIFO was opened"))
+    signal.alarm(10)
+    try:
+        assert resolve_credentials(str(tmp_path), "", "").uid == 0
+        with pytest.raises(LaunchError, match="unable to find user alice"):
+            resolve_credentials(str(tmp_path), "alice", "")
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, signal.SIG_DFL)
+
+
+def test_a_user_file_past_the_limit_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setattr(sessions, "USER_DB_LIMIT", 64)
+    (tmp_path / "etc").mkdir()
+    (tmp_path / "etc" / "passwd").write_text("alice:x:1000:1000::/home/alice:/bin/sh\n" * 4)
+    with pytest.raises(LaunchError, match="passwd is larger than"):
         resolve_credentials(str(tmp_path), "alice", "")
 
 

@@ -138,13 +138,23 @@ class Credentials:
         self.uid, self.gid, self.groups, self.home = uid, gid, groups, home
 
 
+# /etc/passwd and /etc/group are the image's: read inside its root (a symlink there to
+# /etc/shadow must not read the agent's), only as regular files (a FIFO would hang PID 1,
+# /dev/zero never ends) and only so much of them.
+USER_DB_LIMIT = 4 << 20
+
+
 def _read_db(root: str, name: str) -> list[list[str]]:
-    try:
-        with open(os.path.join(root, "etc", name), errors="replace") as f:
-            return [line.rstrip("\n").split(":") for line in f
-                    if line.strip() and not line.startswith("#")]
-    except FileNotFoundError:
-        return []
+    from tether.rootfs import read_file_in_root
+    path = f"/etc/{name}"
+    data = read_file_in_root(root, path, USER_DB_LIMIT + 1)
+    if data is None:
+        return []   # missing, or not a regular file: as the reference, no entries
+    if len(data) > USER_DB_LIMIT:
+        raise LaunchError(f"{os.path.join(root, path[1:])} is larger than the "
+                          f"{USER_DB_LIMIT} bytes the agent reads of it")
+    return [line.split(":") for line in data.decode(errors="replace").split("\n")
+            if line.strip() and not line.startswith("#")]
 
 
 def _parse_id(text: str, what: str) -> int:
