@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 import subprocess
 import sys
 import textwrap
@@ -174,6 +175,22 @@ def test_cp_file_and_directory_both_ways(cli, tmp_path):
     assert (out / "tree" / "sub" / "a.txt").read_text() == "alpha"
     usage = cli("cp", str(local), str(back))
     assert usage.returncode == 2 and b"ENDPOINT::PATH" in usage.stderr
+
+
+def test_cp_out_of_a_file_drops_the_modes_a_container_must_not_set_here(cli, tmp_path):
+    """A file copied out gets no setuid/setgid/sticky bit and no group or other write, as
+    the files of a copied-out directory (tarfile's data filter)."""
+    endpoint, _ = cli.start()
+    inside = tmp_path / "inside"
+    inside.mkdir()
+    for name, mode, expected in (("suid", 0o4755, 0o755), ("sgid", 0o2711, 0o711),
+                                 ("open", 0o1777, 0o755), ("private", 0o400, 0o600)):
+        (inside / name).write_text(name)
+        os.chmod(inside / name, mode)
+        back = tmp_path / f"{name}.out"
+        down = cli("cp", f"{endpoint}::{inside}/{name}", str(back))
+        assert down.returncode == 0, down.stderr
+        assert (back.read_text(), stat.S_IMODE(back.stat().st_mode)) == (name, expected), name
 
 
 def test_key_sources_and_a_wrong_key(cli, tmp_path):

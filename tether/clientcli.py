@@ -213,6 +213,14 @@ def _copy_in(args, local: str, endpoint: str, path: str) -> int:
     return 0
 
 
+def _safe_mode(mode: int) -> int:
+    """A copied-out file's mode on this machine, as tarfile's "data" filter leaves a
+    directory's files: no setuid, setgid or sticky bit, no write for group or others,
+    readable and writable by its owner. The container chose the mode; on the host, root
+    running `tether cp` must not end with a setuid file of the container's making."""
+    return (mode & 0o755) | 0o600
+
+
 def _copy_out(args, endpoint: str, path: str, local: str) -> int:
     with _connect(endpoint, args) as client:
         if local == "-":
@@ -233,5 +241,5 @@ def _copy_out(args, endpoint: str, path: str, local: str) -> int:
             with open(target, "wb") as out:
                 while chunk := spool.read(1 << 20):
                     out.write(chunk)
-            os.chmod(target, info.get("mode") or 0o644)
+            os.chmod(target, _safe_mode(info.get("mode") or 0o644))
     return 0
