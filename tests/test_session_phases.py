@@ -102,3 +102,34 @@ def test_a_failed_launch_carries_the_errno(rig, tmp_path):
         assert (session.launch_errno, launch_failure_code(session.launch_errno)) == \
             (code, exit_code), (argv, session.config.started)
         assert session.config.started not in ("", "true")
+
+
+class LogRecorder:
+    def __init__(self):
+        self.lines: list[str] = []
+
+    def log(self, level, msg, *args):
+        self.lines.append(msg % args)
+
+    def __getattr__(self, name):   # info, warning...: recorded alike
+        return lambda msg, *args, **kw: self.lines.append(msg % args)
+
+
+def test_input_dropped_for_a_process_that_never_reads_is_logged_a_few_times(rig, monkeypatch):
+    """A client typing into a process that reads nothing: past the stdin backlog its
+    input is dropped, and said so in a few lines, not one per write."""
+    from tether import sessions
+    loop, _ = rig
+    recorder = LogRecorder()
+    monkeypatch.setattr(sessions, "log", recorder)
+    session = make(rig, ["/bin/sleep", "60"], open_stdin=True)
+    session.start()
+    try:
+        chunk = b"x" * 65536
+        for _ in range(2 * sessions.STDIN_LIMIT // len(chunk) + 200):
+            session.write_stdin(chunk)   # what the pipe does not take waits in the backlog
+        dropped = [line for line in recorder.lines if "dropping input" in line]
+        assert 1 <= len(dropped) <= 3, dropped
+    finally:
+        session.signal(signal.SIGKILL)
+        loop.run_until(lambda: session.phase is Phase.EXITED, timeout=TIMEOUT)

@@ -34,7 +34,7 @@ from _collections_abc import Callable   # collections.abc's, already loaded by o
 from tether import signals
 from tether.symbols import Symbols
 from tether.console import SECRETS_DEBUG_LEVEL
-from tether.log import get_logger
+from tether.log import WARNING, get_logger
 from tether.reaper import describe_status
 
 log = get_logger("tether.sessions")
@@ -582,6 +582,7 @@ class Session:
         self._stdin_fd = -1
         self._stdin_buf = bytearray()
         self._stdin_closing = False
+        self._stdin_drops = None       # RateLimit of the "dropping input" warning, once needed
         self._master_fd = -1
         self._wait_status: int | None = None
         self._grace_timer = None
@@ -994,8 +995,11 @@ class Session:
         if self._stdin_closing or not data:
             return
         if len(self._stdin_buf) + len(data) > STDIN_LIMIT:
-            log.warning("session %s: stdin backlog over %d bytes, dropping input",
-                        self.id, STDIN_LIMIT)
+            if self._stdin_drops is None:   # a client typing into a stuck process: a few lines
+                from tether.console import RateLimit
+                self._stdin_drops = RateLimit(burst=3, interval=30.0)
+            self._stdin_drops.log(log, WARNING, "session %s: stdin backlog over %d bytes, "
+                                  "dropping input", self.id, STDIN_LIMIT)
             return
         self._stdin_buf += data
         if self._stdin_fd >= 0:
