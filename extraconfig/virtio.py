@@ -228,8 +228,14 @@ class VirtioSerialTransport:
 
     def info_dump(self, prefix: str) -> dict[str, str] | None:
         """Every key under `prefix` with its value, in one request; None when the host
-        cannot give them so (it does not know `info-dump`, or they would not fit)."""
-        ok, text = parse_reply(self.request(info_dump_request(prefix)))
+        cannot give them so (it does not know `info-dump`, they would not fit, or it
+        answers it with something that is no reply: its keys one by one may still be)."""
+        try:
+            ok, text = parse_reply(self.request(info_dump_request(prefix)))
+        except GuestinfoError as err:
+            if err.errno != errno.EPROTO:
+                raise   # no answer at all (a timeout): key by key would fare no better
+            return None
         if not ok:
             return None
         from .transport import parse_vmx

@@ -249,6 +249,24 @@ def test_a_host_without_info_dump_is_read_key_by_key(wire):
     assert snapshot(MapTransport({"guestinfo.a": "1"})) is None   # no info_dump at all
 
 
+def test_a_host_answering_info_dump_with_no_reply_is_read_key_by_key(wire):
+    """A host (a port layer of its own) that answers the request it does not know with
+    neither "0 ..." nor "1 ...": the guest reads key by key, as from a host without it."""
+    transport, host_sock = wire
+    store = VmxGuestinfo({"guestinfo.a": "1"})
+
+    def serve():
+        deframer = virtio.Deframer()
+        while data := host_sock.recv(65536):
+            for request in deframer.feed(data):
+                reply = ("ERROR: unknown request" if request.startswith("info-dump") else
+                         virtio.answer(request, store.info_get, store.info_set))
+                host_sock.sendall(virtio.frame(reply))
+    threading.Thread(target=serve, daemon=True).start()
+    assert snapshot(transport) is None
+    assert transport.info_get("guestinfo.a") == "1"   # the same port, key by key
+
+
 def test_the_agent_reads_its_config_in_one_request(wire):
     """Agent.load_config over our virtio port: one info-dump, not a request a key (the
     boot timeline's `config` phase was ~60 round trips under TCG)."""
