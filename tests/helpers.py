@@ -400,6 +400,44 @@ def small_tmpfs(path: Path, size: str):
         subprocess.run(["umount", "-l", str(path)], check=False)
 
 
+def mkfs_ext4(path: Path, label: str, size_mb: int = 8) -> None:
+    """An ext4 filesystem labelled `label` in the file `path`."""
+    with open(path, "wb") as f:
+        f.truncate(size_mb << 20)
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-L", label, str(path)], check=True,
+                   capture_output=True, timeout=60)
+
+
+@contextlib.contextmanager
+def loop_disks(directory: Path):
+    """make(populate_data_dir=False) -> label: a loop device with a labelled ext4 on it
+    (its image in `directory`); every device made is detached on the way out."""
+    require_root("loop devices and mounts")
+    require_tool("unshare", "losetup", "mkfs.ext4")
+    if not os.path.exists("/dev/loop-control"):
+        missing("loop devices", "the kernel offers no loop devices (/dev/loop-control missing)")
+    attached = []
+
+    def make(populate_data_dir=False):
+        import secrets
+        label = "tv" + secrets.token_hex(5)
+        image = directory / f"{label}.img"
+        mkfs_ext4(image, label)
+        if populate_data_dir:
+            # the port layer's layout: data under /.vic.vol.data, lost+found beside it
+            subprocess.run(["debugfs", "-w", "-R", "mkdir .vic.vol.data", str(image)],
+                           check=True, capture_output=True, timeout=60)
+        dev = subprocess.run(["losetup", "--find", "--show", str(image)], check=True,
+                             capture_output=True, text=True, timeout=60).stdout.strip()
+        attached.append(dev)
+        return label
+    try:
+        yield make
+    finally:
+        for dev in attached:
+            subprocess.run(["losetup", "-d", dev], capture_output=True, timeout=60)
+
+
 # -- building configs ----------------------------------------------------------------------
 def session_config(session_id: str, argv: list[str], *, env=None, path=None, **fields):
     """A SessionConfig running `argv` (path defaults to argv[0])."""

@@ -95,22 +95,28 @@ def test_reload_with_a_bad_volume_keeps_the_sessions_running(sandbox, tmp_path):
 
 
 def test_the_sandbox_mounts_volumes_without_writing_to_the_hosts_root(sandbox, tmp_path):
-    """A volume is mounted on a scratch directory first (tether/volumes.py): in the
-    sandbox that is under its private state directory, never in the host's /."""
+    """A volume is mounted on a scratch directory first, a labelled disk on a staging one
+    (tether/volumes.py): in the sandbox both are under its private state directory, never
+    in the host's /."""
     import os
-    from helpers import not_applicable
+    from helpers import loop_disks, not_applicable
     if os.path.exists("/.tether"):
         not_applicable("/.tether is already on this host: its making cannot be seen")
     source = tmp_path / "share"
     source.mkdir()
-    cfg = config(tmp_path, mounts={
-        "share": {"source": f"bind://{source}", "path": str(tmp_path / "mnt" / "ro"),
-                  "mode": "ro"},
-        "scratch": {"source": "tmpfs://", "path": str(tmp_path / "mnt" / "t")}})
     try:
-        result = sandbox.run(cfg)
+        with loop_disks(tmp_path) as make_disk:
+            label = make_disk()
+            cfg = config(tmp_path, mounts={
+                "share": {"source": f"bind://{source}", "path": str(tmp_path / "mnt" / "ro"),
+                          "mode": "ro"},
+                "scratch": {"source": "tmpfs://", "path": str(tmp_path / "mnt" / "t")},
+                "disk": {"source": f"label://{label}", "path": str(tmp_path / "mnt" / "d")}})
+            cfg["sessions"]["main"]["cmd"]["args"] = [
+                "/bin/sh", "-c", f"test -d {tmp_path}/mnt/d/lost+found && echo main-ran"]
+            result = sandbox.run(cfg)
         assert result.returncode == 0, result
-        assert "main-ran" in result.log
+        assert "main-ran" in result.log           # the labelled disk was there
         assert not os.path.exists("/.tether"), "the sandbox made /.tether on the host"
     finally:
         if os.path.exists("/.tether"):     # what the failure left behind: empty dirs only

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import missing, require_root, require_tool
+from helpers import loop_disks, missing, mkfs_ext4, require_root, require_tool
 from tether.system import MS_NOATIME, MS_NOEXEC, MS_RDONLY
 from tether.volumes import (VolumeError, find_device_by_label, nfs_device, nfs_options,
                             parse_mode, probe)
@@ -44,16 +44,9 @@ def test_nfs_device_has_one_slash():
     assert nfs_device("server", "export") == "server:/export"
 
 
-def _mkfs_ext4(path: Path, label: str, size_mb: int = 8) -> None:
-    with open(path, "wb") as f:
-        f.truncate(size_mb << 20)
-    subprocess.run(["mkfs.ext4", "-q", "-F", "-L", label, str(path)], check=True,
-                   capture_output=True, timeout=60)
-
-
 def test_probe_reads_ext_labels_from_real_images(tmp_path):
     require_tool("mkfs.ext4")
-    _mkfs_ext4(tmp_path / "a.img", "vol-a")
+    mkfs_ext4(tmp_path / "a.img", "vol-a")
     assert probe(str(tmp_path / "a.img")) == ("ext4", "vol-a")
     subprocess.run(["mkfs.ext2", "-q", "-F", "-L", "old", str(tmp_path / "a.img")], check=True,
                    capture_output=True, timeout=60)
@@ -137,30 +130,9 @@ def run_in_mount_ns(tmp_path: Path, spec: dict) -> dict:
 
 @pytest.fixture
 def loopdisks(tmp_path):
-    """make(label, populate=None) -> label; a loop device with a labelled ext4 on it."""
-    require_root("loop devices and mounts")
-    require_tool("unshare", "losetup")
-    if not os.path.exists("/dev/loop-control"):
-        missing("loop devices", "the kernel offers no loop devices (/dev/loop-control missing)")
-    attached = []
-
-    def make(populate_data_dir=False):
-        label = "tv" + secrets.token_hex(5)
-        image = tmp_path / f"{label}.img"
-        _mkfs_ext4(image, label)
-        if populate_data_dir:
-            # the port layer's layout: data under /.vic.vol.data, lost+found beside it
-            subprocess.run(["debugfs", "-w", "-R", "mkdir .vic.vol.data", str(image)],
-                           check=True, capture_output=True, timeout=60)
-        dev = subprocess.run(["losetup", "--find", "--show", str(image)], check=True,
-                             capture_output=True, text=True, timeout=60).stdout.strip()
-        attached.append(dev)
-        return label
-    try:
+    """make(populate_data_dir=False) -> label; a loop device with a labelled ext4 on it."""
+    with loop_disks(tmp_path) as make:
         yield make
-    finally:
-        for dev in attached:
-            subprocess.run(["losetup", "-d", dev], capture_output=True, timeout=60)
 
 
 @pytest.mark.root
@@ -213,7 +185,7 @@ def test_missing_label_times_out_with_a_clear_error(tmp_path, loopdisks):
 def test_label_mount_waits_for_a_disk_that_appears_later(tmp_path, loopdisks):
     label = "tvlate" + secrets.token_hex(4)
     image = tmp_path / "late.img"
-    _mkfs_ext4(image, label)
+    mkfs_ext4(image, label)
     spec = {"root": str(tmp_path / "root"), "staging": str(tmp_path / "staging"),
             "timeout": 60, "mounts": {"v": {"scheme": "label", "path": label, "dest": "/v"}}}
     spec_path = tmp_path / "late.json"

@@ -511,14 +511,16 @@ class Agent:
         if not new:
             return
         from tether.volumes import mount_volumes
-        mount_volumes(new, self.root, scratch_dir=self._volume_scratch())
+        mount_volumes(new, self.root, **self._volume_dirs())
         self._mounted_volumes.update(new)
 
-    def _volume_scratch(self) -> str:
-        """Where a volume is mounted before it is bound into the root (tether/volumes.py):
-        the agent's state directory (in `tether sandbox` a private tmpfs, never a
-        directory of the host's)."""
-        return os.path.join(self.options.state_dir, "mounts")
+    def _volume_dirs(self) -> dict[str, str]:
+        """Where volumes are mounted before they are bound into the root (tether/volumes.py):
+        labelled disks (`by-label/LABEL`) and scratch mounts, under the agent's state
+        directory (in `tether sandbox` a private tmpfs, never a directory of the host's)."""
+        state = self.options.state_dir
+        return {"staging_dir": os.path.join(state, "by-label"),
+                "scratch_dir": os.path.join(state, "mounts")}
 
     def _new_volumes(self) -> dict:
         mounts = self.config.mounts
@@ -541,13 +543,13 @@ class Agent:
         import copy
         import threading
         from tether.volumes import mount_volumes
-        specs, root, scratch = copy.deepcopy(new), self.root, self._volume_scratch()
+        specs, root, dirs = copy.deepcopy(new), self.root, self._volume_dirs()
         log.info("reload: mounting %s", ", ".join(sorted(specs)))
 
         def work() -> None:
             error = None
             try:
-                mount_volumes(specs, root, scratch_dir=scratch)
+                mount_volumes(specs, root, **dirs)
             except Exception as err:   # noqa: BLE001 - reported on the loop
                 error = err
             self.loop.call_soon_threadsafe(lambda: self._volumes_mounted(specs, error, then))

@@ -29,7 +29,6 @@ FLAG_OPTIONS = {
     "strictatime": (MS_STRICTATIME, 0),
     "defaults": (0, 0),
 }
-STAGING_DIR = "/.tether/.filesystem-by-label"
 DATA_SUBDIR = ".vic.vol.data"     # the port layer's data directory: hides lost+found
 
 
@@ -301,8 +300,8 @@ def _bind_source(spec) -> str:
     return "/" + "/".join(p for p in (spec.source.host, spec.source.path) if p).lstrip("/")
 
 
-def mount_volumes(mounts: dict | None, root: str, label_timeout: float = 30.0,
-                  staging_dir: str = STAGING_DIR, scratch_dir: str | None = None) -> None:
+def mount_volumes(mounts: dict | None, root: str, label_timeout: float = 30.0, *,
+                  staging_dir: str, scratch_dir: str | None = None) -> None:
     """Mount every MountSpec into `root`, parents first. Raises VolumeError on the first
     failure, naming the volume, its source, its destination and the error. Each mount
     point is resolved inside the root and mounted on as an fd (above): safe while the
