@@ -233,6 +233,26 @@ def test_a_tail_kept_by_tee_is_the_ring_trimmed_and_replayed_like_bytes():
         fanout.close()
 
 
+def test_output_written_a_byte_at_a_time_replays_as_one_entry_a_stream_run():
+    """A replay is one data frame per entry: 64 KiB written a byte at a time (a progress
+    bar, a terminal app) must not replay as 64 Ki frames."""
+    from tether.sessions import OutputFanout
+    fanout = OutputFanout("s")
+    try:
+        for i in range(3000):
+            fanout.publish("stdout", b"%c" % (65 + i % 26))
+        for _ in range(10):
+            fanout.publish("stderr", b"!")
+        for _ in range(2000):
+            fanout.publish("stdout", b".")
+        replay = fanout.replay()
+        expected_out = bytes(65 + i % 26 for i in range(3000))
+        assert replay == [("stdout", expected_out), ("stderr", b"!" * 10),
+                          ("stdout", b"." * 2000)]
+    finally:
+        fanout.close()
+
+
 def test_where_tee_comes_up_short_the_tail_is_read_and_the_ring_stays_whole(monkeypatch):
     from tether import system
     from tether.sessions import OutputFanout

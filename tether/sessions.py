@@ -254,8 +254,17 @@ class OutputFanout:
         return listener if can is not None and can() else None
 
     def replay(self) -> list[tuple[str, bytes]]:
+        """The remembered output, oldest first, one entry a run of one stream: a process
+        writing a byte at a time would otherwise replay as that many frames."""
         self._read_tail()
-        return list(self._ring)
+        runs: list[tuple[str, list[bytes]]] = []
+        for stream, data in self._ring:
+            if runs and runs[-1][0] == stream:
+                runs[-1][1].append(data)
+            else:
+                runs.append((stream, [data]))
+        return [(stream, parts[0] if len(parts) == 1 else b"".join(parts))
+                for stream, parts in runs]
 
     def keep_tail(self, stream: str, fd: int, count: int) -> bool:
         """The output's last `count` (>= REPLAY_LIMIT) bytes wait at the front of the pipe
