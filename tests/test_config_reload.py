@@ -86,3 +86,27 @@ def test_the_debug_check_refuses_config_changes_off_the_loop_thread():
     worker.start()
     worker.join()
     assert len(errors) == 1 and str(config.networks["net"].assigned) == "10.0.0.9/24"
+
+
+def test_an_exec_cannot_take_the_id_of_a_configured_session_not_launched_yet():
+    """Between a reload's reading of its config and the launch of its new sessions, an
+    exec named as one of them is refused, not put in its place."""
+    import pytest
+    from extraconfig.transport import MapTransport
+    from tether import agent
+    from tether.extension import encode_config
+    host = ExecutorConfig(common=Common(id="main"), sessions={
+        sid: SessionConfig(common=Common(id=sid), cmd=Cmd(path="/bin/true", args=["/bin/true"]))
+        for sid in ("main", "later")})
+    the_agent = agent.Agent(MapTransport(dict(encode_config(host))), agent.Options(
+        mode=agent.RunMode.PROCESS, attach_endpoints=[], vic_attach=[]))
+    try:
+        the_agent.load_config()              # read, nothing launched: the reload's window
+        intruder = SessionConfig(common=Common(id="later"),
+                                 cmd=Cmd(path="/bin/sh", args=["/bin/sh", "-c", "id"]))
+        with pytest.raises(ValueError, match="session later already exists"):
+            the_agent.exec_session(intruder)
+        assert the_agent.config.sessions["later"].cmd.path == "/bin/true"
+        assert "later" not in the_agent.sessions
+    finally:
+        the_agent.loop.close()

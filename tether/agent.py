@@ -653,6 +653,10 @@ class Agent:
             raise ValueError("the agent is stopping: no new sessions")
         if self.config.sessions is None:
             self.config.sessions = {}
+        # A configured session not launched yet (a reload between reading its config and
+        # launching it) is taken as well as a running one: an exec must not replace it.
+        if cfg.common.id in self.config.sessions or cfg.common.id in self.sessions:
+            raise ValueError(f"session {cfg.common.id} already exists")
         self.config.sessions[cfg.common.id] = cfg
         self._fresh(cfg)
         return self.supervisor.launch(cfg, exec_=True)
