@@ -140,14 +140,22 @@ class Credentials:
 
 # /etc/passwd and /etc/group are the image's: read inside its root (a symlink there to
 # /etc/shadow must not read the agent's), only as regular files (a FIFO would hang PID 1,
-# /dev/zero never ends) and only so much of them.
+# /dev/zero never ends) and only so much of them. Without a container root ("/": a VM
+# with no container disk, a plain process) they are the agent's own, read as they are.
 USER_DB_LIMIT = 4 << 20
 
 
 def _read_db(root: str, name: str) -> list[list[str]]:
-    from tether.rootfs import read_file_in_root
     path = f"/etc/{name}"
-    data = read_file_in_root(root, path, USER_DB_LIMIT + 1)
+    if root in ("", "/"):   # no container root: the agent's own files (tether.rootfs and
+        try:                # its openat2 stay off a plain agent's way to its primary)
+            with open(path, "rb") as f:
+                data = f.read(USER_DB_LIMIT + 1)
+        except FileNotFoundError:
+            data = None
+    else:
+        from tether.rootfs import read_file_in_root
+        data = read_file_in_root(root, path, USER_DB_LIMIT + 1)
     if data is None:
         return []   # missing, or not a regular file: as the reference, no entries
     if len(data) > USER_DB_LIMIT:
