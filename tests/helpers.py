@@ -400,6 +400,29 @@ def small_tmpfs(path: Path, size: str):
         subprocess.run(["umount", "-l", str(path)], check=False)
 
 
+# Source for a child process (python -c) that plays a container racing the agent: the
+# first time the agent calls tether.system.mount, `name` in `root` is moved aside and a
+# symlink to `outside` (a directory out of the root) takes its place. `swapped` says
+# whether it ran. Install it before the module under test takes the name `mount`.
+RACE_AT_FIRST_MOUNT = """
+import os
+import tether.system as system
+swapped = []
+
+
+def swap_at_first_mount(root, name, outside):
+    real_mount = system.mount
+
+    def racing_mount(*args, **kwargs):
+        if not swapped:
+            swapped.append(True)
+            os.rename(os.path.join(root, name), os.path.join(root, name + ".old"))
+            os.symlink(outside, os.path.join(root, name))
+        return real_mount(*args, **kwargs)
+    system.mount = racing_mount
+"""
+
+
 def mkfs_ext4(path: Path, label: str, size_mb: int = 8) -> None:
     """An ext4 filesystem labelled `label` in the file `path`."""
     with open(path, "wb") as f:

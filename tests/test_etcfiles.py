@@ -10,7 +10,7 @@ import textwrap
 
 import pytest
 
-from helpers import require_root, require_tool
+from helpers import RACE_AT_FIRST_MOUNT, require_root, require_tool
 from tether.etcfiles import EtcFiles
 from tether.rootfs import resolve_in_root
 
@@ -178,22 +178,12 @@ def test_a_hosts_file_that_never_ends_is_not_read(tmp_path, kind):
         "127.0.1.1\tabcdef012345"]
 
 
-RACE_SCRIPT = textwrap.dedent("""
-    import json, os, sys
-    import tether.system as system
+# The container's move at the worst time (a DHCP renewal rewrites resolv.conf while it
+# runs): /etc goes aside and a symlink out of the root takes its name.
+RACE_SCRIPT = RACE_AT_FIRST_MOUNT + textwrap.dedent("""
+    import json, sys
     root, outside, state = sys.argv[1], sys.argv[2], sys.argv[3]
-    real_mount = system.mount
-    swapped = []
-
-    def racing_mount(*args, **kwargs):
-        # The container's move at the worst time (a DHCP renewal rewrites resolv.conf
-        # while it runs): /etc goes aside and a symlink out of the root takes its name.
-        if not swapped:
-            swapped.append(True)
-            os.rename(os.path.join(root, "etc"), os.path.join(root, "etc.old"))
-            os.symlink(outside, os.path.join(root, "etc"))
-        return real_mount(*args, **kwargs)
-    system.mount = racing_mount    # before tether.etcfiles takes the name
+    swap_at_first_mount(root, "etc", outside)   # before tether.etcfiles takes the name
     from tether.etcfiles import EtcFiles
     etc = EtcFiles(root, state)
     etc.set_hostname("abcdef012345")

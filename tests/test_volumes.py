@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import loop_disks, missing, mkfs_ext4, require_root, require_tool
+from helpers import RACE_AT_FIRST_MOUNT, loop_disks, missing, mkfs_ext4, require_root, require_tool
 from tether.system import MS_NOATIME, MS_NOEXEC, MS_RDONLY
 from tether.volumes import (VolumeError, find_device_by_label, nfs_device, nfs_options,
                             parse_mode, probe)
@@ -348,23 +348,13 @@ def test_nfs_against_a_real_kernel_server(tmp_path):
 
 
 # -- a container that swaps the mount point for a symlink while we mount (a reload) ---------
-RACING_CHILD = textwrap.dedent("""
-    import json, os, sys
-    import tether.system as system
+# The container's move at the worst time, before our first mount call: the mount point's
+# directory goes aside and a symlink out of the root takes its name.
+RACING_CHILD = RACE_AT_FIRST_MOUNT + textwrap.dedent("""
+    import json, sys
     spec = json.load(open(sys.argv[1]))
     root, outside = spec["root"], spec["outside"]
-    real_mount = system.mount
-    swapped = []
-
-    def racing_mount(*args, **kwargs):
-        # The container's move at the worst time, before our first mount call: the mount
-        # point's directory goes aside and a symlink out of the root takes its name.
-        if not swapped:
-            swapped.append(True)
-            os.rename(os.path.join(root, "data"), os.path.join(root, "data.old"))
-            os.symlink(outside, os.path.join(root, "data"))
-        return real_mount(*args, **kwargs)
-    system.mount = racing_mount    # before tether.volumes takes the name
+    swap_at_first_mount(root, "data", outside)   # before tether.volumes takes the name
     from extraconfig.types import URL
     from tether.config import MountSpec
     from tether.volumes import mount_volumes, VolumeError
