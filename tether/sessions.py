@@ -293,7 +293,7 @@ class OutputFanout:
         if self._tail_fill + 2 * count > self._tail_room:
             _discard(self._tail_pipe[0], self._tail_fill)
             self._tail_fill = 0
-        from tether.system import tee   # ctypes: loaded by the first spliced output only
+        from tether.system import tee   # its C extension: loaded by the first spliced output
         try:
             kept = tee(fd, self._tail_pipe[1], count)
         except OSError:

@@ -1,7 +1,7 @@
 """Volumes: label, NFS, tmpfs and bind mounts into the container root; finding a disk by label.
 
-Mounts are made with mount(2) through ctypes (no helper processes: the agent's reaper owns
-every child). Filesystem types are found by reading superblocks, so no blkid is needed.
+Mounts are made with mount(2) through tether/system.py (no helper processes: the agent's
+reaper owns every child). Filesystem types are found by reading superblocks, so no blkid is needed.
 """
 from __future__ import annotations
 
