@@ -400,6 +400,18 @@ def small_tmpfs(path: Path, size: str):
         subprocess.run(["umount", "-l", str(path)], check=False)
 
 
+def run_in_mount_namespace(script: str, *args: str, timeout: float = 180) -> dict:
+    """`script` (Python source, `python -c`) run with `args` in a private mount namespace
+    (`unshare --mount`), whose mounts end with it; the JSON it printed."""
+    require_root("a private mount namespace")
+    require_tool("unshare")
+    out = subprocess.run(["unshare", "--mount", "--propagation", "private", sys.executable,
+                          "-c", script, *args], cwd=str(REPO), capture_output=True,
+                         text=True, timeout=timeout)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
 # Source for a child process (python -c) that plays a container racing the agent: the
 # first time the agent calls tether.system.mount, `name` in `root` is moved aside and a
 # symlink to `outside` (a directory out of the root) takes its place. `swapped` says

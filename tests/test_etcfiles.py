@@ -10,7 +10,7 @@ import textwrap
 
 import pytest
 
-from helpers import RACE_AT_FIRST_MOUNT, require_root, require_tool
+from helpers import RACE_AT_FIRST_MOUNT, require_root, run_in_mount_namespace
 from tether.etcfiles import EtcFiles
 from tether.rootfs import resolve_in_root
 
@@ -106,19 +106,12 @@ SCRIPT = textwrap.dedent("""
 
 @pytest.mark.root
 def test_flush_binds_generated_files_and_leaves_image_untouched(tmp_path):
-    require_root("a private mount namespace")
-    require_tool("unshare")
     root, state = tmp_path / "root", tmp_path / "state"
     (root / "etc").mkdir(parents=True)
     (root / "etc" / "hosts").write_text(IMAGE_HOSTS)
     (root / "etc" / "hostname").write_text("imagehost\n")
     # no resolv.conf in the image: the mount target is created
-    out = subprocess.run(
-        ["unshare", "--mount", "--propagation", "private", sys.executable, "-c", SCRIPT,
-         str(root), str(state)],
-        cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    got = json.loads(out.stdout)
+    got = run_in_mount_namespace(SCRIPT, str(root), str(state), timeout=120)
     assert got["first"]["hostname"] == "abcdef012345\n"
     assert "127.0.1.1\tabcdef012345 box" in got["first"]["hosts"].splitlines()
     assert "192.168.1.5 printer" in got["first"]["hosts"].splitlines()
@@ -199,20 +192,14 @@ RACE_SCRIPT = RACE_AT_FIRST_MOUNT + textwrap.dedent("""
 
 @pytest.mark.root
 def test_a_symlink_swapped_in_for_etc_mid_flush_keeps_the_bind_inside_the_root(tmp_path):
-    require_root("a private mount namespace")
-    require_tool("unshare")
     root, outside = tmp_path / "root", tmp_path / "outside"
     (root / "etc").mkdir(parents=True)
     outside.mkdir()
     for name in ("hostname", "hosts", "resolv.conf"):
         (root / "etc" / name).write_text("image\n")
         (outside / name).write_text("not the container's\n")
-    out = subprocess.run(
-        ["unshare", "--mount", "--propagation", "private", sys.executable, "-c", RACE_SCRIPT,
-         str(root), str(outside), str(tmp_path / "state")],
-        cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    got = json.loads(out.stdout)
+    got = run_in_mount_namespace(RACE_SCRIPT, str(root), str(outside), str(tmp_path / "state"),
+                                 timeout=120)
     assert got["swapped"], "the swap did not run: the test tested nothing"
     assert got["error"] is None
     assert not [m for m in got["mounts"] if m.startswith(str(outside))], \

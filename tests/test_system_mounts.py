@@ -3,15 +3,15 @@ mounts, what it leaves, and how often it reads the mount table."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
-from helpers import REPO, require_root, require_tool
+from helpers import require_tool, run_in_mount_namespace
 
 CHILD = r"""
 import json, os, subprocess, sys
 from tether import system
 spec = json.loads(sys.argv[1])
+for path in spec["premounted"]:
+    subprocess.run(["mount", "-t", "tmpfs", "pre", path], check=True)
 if spec["unmount_proc"]:
     subprocess.run(["umount", "-l", "/proc"], check=True)
 reads = 0
@@ -30,15 +30,10 @@ print(json.dumps({"done": done, "reads": reads, "now": sorted(real())}))
 
 def run_isolated(tmp_path, specs, unmount_proc=False, premounted=()):
     """mount_missing(specs) in a private mount namespace (its mounts end with it)."""
-    require_root("mounts")
-    require_tool("unshare", "umount")
-    prelude = "".join(f"mount -t tmpfs pre {p} && " for p in premounted)
-    command = prelude + f"exec {sys.executable} -c \"$0\" \"$1\""
-    out = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", command,
-                          CHILD, json.dumps({"specs": specs, "unmount_proc": unmount_proc})],
-                         cwd=str(REPO), capture_output=True, text=True, timeout=60)
-    assert out.returncode == 0, out.stderr
-    return json.loads(out.stdout)
+    require_tool("mount", "umount")
+    spec = {"specs": specs, "unmount_proc": unmount_proc,
+            "premounted": [str(p) for p in premounted]}
+    return run_in_mount_namespace(CHILD, json.dumps(spec), timeout=60)
 
 
 def tmpfs(path):

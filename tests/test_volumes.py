@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from helpers import RACE_AT_FIRST_MOUNT, loop_disks, missing, mkfs_ext4, require_root, require_tool
+from helpers import (RACE_AT_FIRST_MOUNT, loop_disks, missing, mkfs_ext4, require_root,
+                     require_tool, run_in_mount_namespace)
 from tether.system import MS_NOATIME, MS_NOEXEC, MS_RDONLY
 from tether.volumes import (VolumeError, find_device_by_label, nfs_device, nfs_options,
                             parse_mode, probe)
@@ -121,11 +122,7 @@ CHILD = textwrap.dedent("""
 def run_in_mount_ns(tmp_path: Path, spec: dict) -> dict:
     spec_path = tmp_path / f"spec-{secrets.token_hex(3)}.json"
     spec_path.write_text(json.dumps(spec))
-    out = subprocess.run(["unshare", "--mount", "--propagation", "private", sys.executable,
-                          "-c", CHILD, str(spec_path)], cwd=str(REPO), capture_output=True,
-                         text=True, timeout=180)
-    assert out.returncode == 0, out.stderr
-    return json.loads(out.stdout)
+    return run_in_mount_namespace(CHILD, str(spec_path))
 
 
 @pytest.fixture
@@ -381,8 +378,6 @@ RACING_CHILD = RACE_AT_FIRST_MOUNT + textwrap.dedent("""
 def test_a_mount_point_swapped_for_a_symlink_mid_mount_stays_inside_the_root(tmp_path, mount):
     """On a reload the container runs: a symlink swapped in for the mount point between
     the agent's look and its mount must not take the mount out of the root."""
-    require_root("a private mount namespace")
-    require_tool("unshare")
     root, outside, source = tmp_path / "root", tmp_path / "outside", tmp_path / "source"
     (root / "data").mkdir(parents=True)
     outside.mkdir()
@@ -391,11 +386,7 @@ def test_a_mount_point_swapped_for_a_symlink_mid_mount_stays_inside_the_root(tmp
     spec_path = tmp_path / "spec.json"
     spec_path.write_text(json.dumps({"root": str(root), "outside": str(outside),
                                      "staging": str(tmp_path / "staging"), "mount": mount}))
-    out = subprocess.run(["unshare", "--mount", "--propagation", "private", sys.executable,
-                          "-c", RACING_CHILD, str(spec_path)], cwd=str(REPO),
-                         capture_output=True, text=True, timeout=180)
-    assert out.returncode == 0, out.stderr
-    result = json.loads(out.stdout)
+    result = run_in_mount_namespace(RACING_CHILD, str(spec_path))
     assert result["swapped"], "the swap did not run: the test tested nothing"
     assert "error" not in result, result
     targets = dict(result["mounts"])
