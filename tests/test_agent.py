@@ -60,6 +60,26 @@ def test_sighup_launches_a_new_session(sandbox, tmp_path):
     assert result.session(primary.common.id).exit_status == 0
 
 
+def test_a_reload_keeps_the_executor_id_the_agent_booted_with(sandbox, tmp_path):
+    # The executor's ID names the primary (whose exit is the agent's), the hostname and
+    # where results go: a reload whose config names another ID must not orphan them.
+    flag = tmp_path / "flag"
+    primary = session_config(sid(), wait_for_file(str(flag)))
+    primary.cmd.args[-1] += "; exit 3"
+    config = executor_config(primary)
+    box = sandbox.start(config)
+    box.wait_for_log(r"serving 1 session")
+    config.common.id = "renamed"
+    write_config(config, box.dir)
+    box.signal(signal.SIGHUP)
+    box.wait_for_log(r"reloading the configuration")
+    flag.touch()
+    result = box.wait()
+    assert result.returncode == 3, result.log
+    assert "reload: the executor ID stays" in result.log
+    assert f"primary session {primary.common.id} exited" in result.log
+
+
 def test_sighup_relaunches_restart_sessions_and_survives_a_failing_reload(sandbox, tmp_path):
     # A session that has exited and that the host then marks Restart: nothing relaunches
     # it but the SIGHUP (the supervisor only restarts what exits while it is Restart).

@@ -702,12 +702,15 @@ class Agent:
         Restart sessions that are down. Nothing here holds the loop: a new DHCP endpoint's
         lease is applied when it comes, new volumes are mounted on a worker thread, and
         the sessions are launched once they are."""
-        from tether.config import take_host_fields
+        from tether.config import keep_executor_id, take_host_fields
         from tether.extension import take_host_extension
         if self.options.before_reload is not None:
             self.options.before_reload()
         fresh = self._decode(known=set(self.sessions))
         self.scrub_secrets(fresh)
+        changed_id = keep_executor_id(self.config, fresh)
+        if changed_id:
+            log.warning("%s", changed_id)
         take_host_fields(self.config, fresh)
         take_host_extension(self.config, fresh)
         self.set_log_level()

@@ -315,6 +315,20 @@ def take_host_fields(ours, fresh, inherited: int = READ_ONLY) -> None:
             setattr(ours, f.name, theirs)
 
 
+def keep_executor_id(ours, fresh) -> str | None:
+    """The reload rule's one exception to "read-only fields from the host": the executor's
+    ID stays the one the agent booted with. It names the primary session (whose exit is
+    the agent's), the hostname and the attach identity; a reload that changed it would
+    orphan them. A container's ID never changes (a rename changes its name). Sets fresh's
+    ID back to ours; returns the warning when the host's differed."""
+    theirs = fresh.common.id
+    fresh.common.id = ours.common.id
+    if theirs == ours.common.id:
+        return None
+    return (f"reload: the executor ID stays {ours.common.id!r}: the configuration now says "
+            f"{theirs!r}, and an ID cannot change while the container runs")
+
+
 # -- IDs ------------------------------------------------------------------------------------
 ID_LIMIT = 255     # bytes: an output-log entry carries at most 255 bytes of its session's ID
 
