@@ -12,8 +12,11 @@ Two versions exist and they are not wire compatible (docs/attach-protocol.md):
   two apart, and sends the final ``ACK`` only to a ``head`` client.
 
 A failed attempt answers ``NAK`` (where the reference does) and rests for
-`RETRY_INTERVAL`; bytes that arrive meanwhile are kept for the next attempt, as the
-reference's blocking reads would find them in the kernel's buffer.
+`RETRY_INTERVAL`. The next attempt reads its ``SYN`` from the last two bytes that came,
+so of the bytes that arrive meanwhile only those two are kept: a peer that writes
+without pause costs two bytes here, however long the rest (the reference holds at most
+one 32 KiB read; the caller should not read the line while resting, as the reference
+does not).
 """
 from __future__ import annotations
 
@@ -32,6 +35,7 @@ VARIANTS = (HEAD, V09, AUTO)
 RETRY_INTERVAL = 0.010          # seconds between attempts, as the reference's ticker
 CLIENT_TIMEOUT = 1.0            # the port layer's deadline for one client attempt
 PROBE = b"\x1b[32mhello world\x1b[39m!\n"   # v0.9's lossiness probe (23 bytes)
+SYN_SIZE = 2                    # SYN and the client's token
 
 
 def inc_v09(value: int) -> int:
@@ -85,6 +89,11 @@ class ServerHandshake:
     def resting(self) -> bool:
         return self.state == "resting"
 
+    @property
+    def buffered(self) -> int:
+        """Bytes held for the next step."""
+        return len(self._buf)
+
     def retry(self) -> bytes:
         """Start the next attempt (after a failure); returns bytes to write."""
         if self.state != "resting":
@@ -98,6 +107,7 @@ class ServerHandshake:
             return b""
         self._buf += data
         if self.state == "resting":
+            del self._buf[:-SYN_SIZE]      # the next attempt reads only these
             return b""
         return self._run()
 
@@ -127,7 +137,7 @@ class ServerHandshake:
 
     def _syn(self, out: bytearray) -> bool:
         # Both versions read "at least two bytes" and keep the last two (garbage tolerance).
-        if len(self._buf) < 2:
+        if len(self._buf) < SYN_SIZE:
             return False
         flag, token = self._buf[-2], self._buf[-1]
         self._buf.clear()

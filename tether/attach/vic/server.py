@@ -208,6 +208,7 @@ class Link:
         self._ssh_end: socket.socket | None = None
         self._conn = None
         self._handed = False
+        self._ssh_over = False            # a socket client's SSH ended: read no more
         self._reading_line = False
         self._reading_pair = False
         self.loop.add_reader(fd, self._on_line_readable)
@@ -249,6 +250,7 @@ class Link:
         elif self.handshake.resting and self._retry_timer is None:
             log.debug("VIC attach: %s: handshake: %s", self.name, self.handshake.last_error)
             self._retry_timer = self.loop.call_later(hs.RETRY_INTERVAL, self._retry)
+            self._refresh_line_reading()
 
     def _retry(self) -> None:
         self._retry_timer = None
@@ -256,6 +258,7 @@ class Link:
             return
         self._write_line(self.handshake.retry())
         self._after_handshake_step()
+        self._refresh_line_reading()
 
     def _handshake_expired(self) -> None:
         self._deadline_timer = None
@@ -276,7 +279,7 @@ class Link:
             except OSError as err:
                 if self.persistent:
                     self._out.clear()   # nobody on the line: what we said is lost
-                    return
+                    break
                 self.close(f"write failed: {err}")
                 return
             del self._out[:n]
@@ -286,6 +289,7 @@ class Link:
             self.loop.remove_writer(self.fd)
         # back-pressure: stop taking SSH's output while the line is far behind
         self._set_pair_reading(len(self._out) < RELAY_LIMIT)
+        self._refresh_line_reading()
 
     def _hung_up(self) -> None:
         if not self.persistent:
@@ -293,13 +297,25 @@ class Link:
             return
         # A line whose host side went away: end SSH, listen again in a moment.
         self._end_ssh("the host hung up the line")
-        self._set_line_reading(False)
         self._line_timer = self.loop.call_later(LINE_RETRY, self._line_back)
+        self._refresh_line_reading()
 
     def _line_back(self) -> None:
         self._line_timer = None
-        if not self.closed:
-            self._set_line_reading(True)
+        self._refresh_line_reading()
+
+    def _refresh_line_reading(self) -> None:
+        """The one rule for reading the line. In SSH: while the relay keeps up. In the
+        handshake: not while it rests between attempts (the reference does not read
+        then), so a peer that writes without pause is held back by the kernel, not
+        read and dropped here as fast as it can write."""
+        if self.closed or self._ssh_over or self._line_timer is not None:
+            on = False
+        elif self._pair is not None:
+            on = len(self._to_ssh) < RELAY_LIMIT
+        else:
+            on = not self.handshake.resting
+        self._set_line_reading(on)
 
     def _set_line_reading(self, on: bool) -> None:
         if on and not self._reading_line and not self.closed:
@@ -379,13 +395,14 @@ class Link:
         else:
             # Nothing more is read from a socket client: its last output gets up to
             # CLOSE_GRACE to leave, then the link closes, read or not.
-            self._set_line_reading(False)
+            self._ssh_over = True
+            self._refresh_line_reading()
             self._close_after_flush(time.monotonic() + CLOSE_GRACE)
 
     def _restart_handshake(self) -> None:
         self.handshake = hs.ServerHandshake(self.service.variant)
         self._to_ssh.clear()
-        self._set_line_reading(True)
+        self._refresh_line_reading()
 
     def _close_after_flush(self, deadline: float) -> None:
         if self.closed:
@@ -418,7 +435,7 @@ class Link:
             self.loop.add_writer(pair.fileno(), self._flush_pair)
         else:
             self.loop.remove_writer(pair.fileno())
-        self._set_line_reading(len(self._to_ssh) < RELAY_LIMIT)
+        self._refresh_line_reading()
 
     def _on_pair_readable(self) -> None:
         pair = self._pair
