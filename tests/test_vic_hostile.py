@@ -10,8 +10,12 @@ from types import SimpleNamespace
 
 import pytest
 
+import vicssh_client as vc
+from helpers import session_config, sid
+from test_vic_attach_sandbox import cat_session, key, vic   # noqa: F401 (fixtures)
 from tether.attach.vic import handshake as hs
 from tether.attach.vic import server as vic_server
+from tether.attach.vic import wire
 from tether.loop import Loop
 
 SYN, ACK, NAK = 0x16, 0x06, 0x15
@@ -78,3 +82,37 @@ def test_a_flooding_peer_is_read_once_per_attempt(line):
     assert peak <= vic_server.READ_SIZE, f"{peak} bytes held by the handshake"
     assert sent <= reads * vic_server.READ_SIZE + (1 << 20), (
         f"{sent} bytes taken in {link.handshake.failures} attempts")
+
+
+# -- 2. a comma in a session ID ---------------------------------------------------------------
+def test_a_name_list_never_carries_a_comma_inside_a_name():
+    """Go's ssh.Marshal joins a []string with bare commas and the port layer splits on
+    every one: "a,b" would come back as two names."""
+    assert wire.decode_name_list(wire.encode_name_list(["a", "b"])) == ["a", "b"]
+    with pytest.raises(ValueError, match="comma"):
+        wire.encode_name_list(["a,b"])
+
+
+def test_a_session_id_with_a_comma_is_not_served_and_says_why(vic):
+    """container-ids used to list "ID,with,commas" as it is: the port layer read three
+    sessions, none of them real. Such a session is left out, its attach refused, and
+    the log says why, once."""
+    odd = session_config(sid()[:20] + ",two,three", ["/bin/cat"], attach=True,
+                         open_stdin=True)
+    plain = cat_session()
+    box, path = vic(plain, odd)
+    client = vc.connect(path)
+    try:
+        assert client.container_ids() == [plain.id]
+        assert client.container_ids() == [plain.id]
+        with pytest.raises(vc.Refused) as refused:
+            client.attach(odd.id)
+        assert refused.value.code == wire.OPEN_ADMINISTRATIVELY_PROHIBITED
+        assert refused.value.text == wire.unlistable_session(odd.id)
+        with pytest.raises(vc.Refused) as refused:     # a piece of it is no session
+            client.attach(odd.id.split(",")[0])
+        assert refused.value.text.endswith(" is invalid")
+        vc.echoed(client.attach(plain.id), b"the others are served\n")
+    finally:
+        client.close()
+    assert box.log_text().count("use the agent's own attach protocol for it") == 1

@@ -25,7 +25,7 @@ import time
 from tether.attach.accepting import MAX_CONNECTIONS, Acceptor
 from tether.attach.vic import handshake as hs
 from tether.attach.vic import wire
-from tether.console import RateLimit
+from tether.console import RateLimit, clip
 from tether.log import DEBUG, INFO, get_logger
 from tether.sessions import Phase
 
@@ -57,6 +57,7 @@ class VicService:
         self._inputs: dict[str, dict] = {}    # session id -> {"propagate": bool, "readers": set}
         self._holds: dict = {}                # session -> attachments holding its output
         self._hold_timer = None
+        self._unlisted: set[str] = set()      # IDs with a comma, said once each
 
     # -- lazily: asyncio and asyncssh ---------------------------------------------------
     def ssh(self):
@@ -74,9 +75,24 @@ class VicService:
 
     # -- the rules ------------------------------------------------------------------------
     def container_ids(self) -> list[str]:
-        """HEAD: the sessions that have not stopped (the E-shaped config has no Active)."""
-        return sorted(sid for sid, session in self.host.sessions.items()
-                      if session.phase is not Phase.EXITED)
+        """HEAD: the sessions that have not stopped (the E-shaped config has no Active).
+        An ID with a comma is left out (wire.listable), with a warning once."""
+        ids = []
+        for sid, session in self.host.sessions.items():
+            if session.phase is Phase.EXITED:
+                continue
+            if self._served(sid):
+                ids.append(sid)
+        return sorted(ids)
+
+    def _served(self, sid: str) -> bool:
+        if wire.listable(sid):
+            return True
+        if sid not in self._unlisted:
+            self._unlisted.add(sid)
+            log.warning("VIC attach: %s; use the agent's own attach protocol for it",
+                        wire.unlistable_session(clip(sid)))
+        return False
 
     def check_attach(self, extra: bytes):
         from asyncssh.misc import ChannelOpenError
@@ -87,6 +103,10 @@ class VicService:
         if session is None:
             raise ChannelOpenError(wire.OPEN_ADMINISTRATIVELY_PROHIBITED,
                                    wire.invalid_session(sid))
+        if not self._served(sid):
+            # what container-ids does not list is not served here either: one rule
+            raise ChannelOpenError(wire.OPEN_ADMINISTRATIVELY_PROHIBITED,
+                                   wire.unlistable_session(sid))
         cfg = session.config
         if session.phase is Phase.FAILED:
             raise ChannelOpenError(wire.OPEN_ADMINISTRATIVELY_PROHIBITED,

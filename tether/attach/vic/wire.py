@@ -57,9 +57,29 @@ def process_finished(exit_status: int) -> str:
     return f"process finished with exit code: {exit_status}"
 
 
+# A name-list has no escape: Go's ssh.Marshal joins a []string with commas as they are,
+# and the port layer's ssh.Unmarshal splits on every comma (vmware/vic
+# lib/portlayer/attach/communication/interactor.go ContainerIDs). An ID with a comma
+# would reach it as two names that are no session's.
+LIST_SEPARATOR = ","
+
+
+def listable(sid: str) -> bool:
+    return LIST_SEPARATOR not in sid
+
+
+def unlistable_session(sid: str) -> str:
+    return (f"session {sid} is not served by the VIC attach: a ',' in its ID would split "
+            "the container-ids list, which has no escape")
+
+
 # -- payloads -------------------------------------------------------------------------------
 def encode_name_list(names) -> bytes:
-    joined = ",".join(names).encode()
+    names = list(names)
+    for name in names:
+        if not listable(name):
+            raise ValueError(f"name-list: {name!r} contains a comma")
+    joined = LIST_SEPARATOR.join(names).encode()
     return struct.pack(">I", len(joined)) + joined
 
 
