@@ -6,6 +6,7 @@ unix socket (as tests/test_vic_link.py); sans-IO parts are fed directly."""
 from __future__ import annotations
 
 import socket
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -40,6 +41,19 @@ def line(tmp_path):
         client.close()
         server.close(grace=0)
         loop.close()
+
+
+def attach_when_free(client, session_id: str, timeout: float = 20.0):
+    """Attach once the agent has seen a channel's close through (asynchronous)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return client.attach(session_id)
+        except vc.Refused as refused:
+            if (refused.code != wire.OPEN_RESOURCE_SHORTAGE
+                    or time.monotonic() > deadline):
+                raise
+            time.sleep(0.05)
 
 
 # -- 1. the handshake's rest between attempts ------------------------------------------------
@@ -116,3 +130,36 @@ def test_a_session_id_with_a_comma_is_not_served_and_says_why(vic):
     finally:
         client.close()
     assert box.log_text().count("use the agent's own attach protocol for it") == 1
+
+
+# -- 3. channels ---------------------------------------------------------------------------
+def test_attach_channels_to_one_session_are_capped_per_connection(vic):
+    """Every attach channel holds its own copy of the session's output until its window
+    opens: 2000 channels that read nothing made 60 KB of output 118 MB in PID 1. One
+    connection gets CHANNELS_PER_SESSION to a session; a closed one frees its place."""
+    from tether.attach.vic.sshserver import CHANNELS_PER_SESSION
+    primary, other = cat_session(), cat_session()
+    box, path = vic(primary, other)
+    client = vc.connect(path)
+    try:
+        chans = [client.attach(primary.id) for _ in range(CHANNELS_PER_SESSION)]
+        with pytest.raises(vc.Refused) as refused:
+            client.attach(primary.id)
+        assert refused.value.code == wire.OPEN_RESOURCE_SHORTAGE
+        assert refused.value.text == wire.too_many_channels(primary.id, CHANNELS_PER_SESSION)
+        another = client.attach(other.id)
+        vc.echoed(another, b"another session is not counted\n")
+        closing = chans.pop()
+        # paramiko drops the transport on a message for a channel it has not noted as
+        # seen (its own opens note them; tests/vicssh_client.py opens by hand)
+        client.transport.channels_seen[closing.get_id()] = True
+        closing.close()
+        chan = attach_when_free(client, primary.id)
+        vc.echoed(chan, b"a closed channel left its place\n")
+    finally:
+        client.close()
+    second = vc.connect(path)          # the port layer's next connection starts afresh
+    try:
+        vc.echoed(second.attach(primary.id), b"a new connection\n")
+    finally:
+        second.close()

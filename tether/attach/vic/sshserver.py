@@ -33,6 +33,12 @@ log = get_logger("tether.attach.vic")
 WINDOW = 2 << 20
 MAX_PACKET = 32 << 10
 HOLD_LIMIT = 60.0        # a channel whose client reads nothing this long is closed
+# Open attach channels to one session on one connection. The port layer opens one per
+# session (vmware/vic lib/portlayer/attach/communication interactor.go); every channel
+# holds its own copy of the session's output until its window opens, so without a cap
+# a host that opens many and reads none makes PID 1 hold output many times over
+# (60 KB of output held as 118 MB with 2000 channels).
+CHANNELS_PER_SESSION = 16
 SMALL_RSA_BITS = 768     # below this, rsa-sha2-512 signatures do not fit the modulus
 
 
@@ -101,6 +107,7 @@ class VicServerConnection(SSHServerConnection):
     """VIC's global requests and its one channel type."""
 
     vic = None      # the VicService, set per connection
+    vic_open = None  # session id -> its attach channels open on this connection
 
     def _process_global_request(self, _pkttype, _pktid, packet) -> None:
         kind = packet.get_string().decode("ascii", "replace")
@@ -136,9 +143,15 @@ class VicServerConnection(SSHServerConnection):
                 raise ChannelOpenError(wire.OPEN_UNKNOWN_CHANNEL_TYPE,
                                        wire.unknown_channel_type(kind))
             session = self.vic.check_attach(extra)
+            if self.vic_open is None:
+                self.vic_open = {}
+            if self.vic_open.get(session.id, 0) >= CHANNELS_PER_SESSION:
+                raise ChannelOpenError(wire.OPEN_RESOURCE_SHORTAGE, wire.too_many_channels(
+                    session.id, CHANNELS_PER_SESSION))
             chan = AttachChannel(self, self._loop, None, "strict", WINDOW, MAX_PACKET)
+            self.vic_open[session.id] = self.vic_open.get(session.id, 0) + 1
             chan.process_open(send_chan, send_window, send_pktsize,
-                              Attachment(self.vic, session, chan))
+                              Attachment(self.vic, session, chan, self.vic_open))
         except ChannelOpenError as exc:
             log.warning("VIC attach: %s", clip(exc.reason, 240))
             self.send_channel_open_failure(send_chan, exc.code, exc.reason, exc.lang)
@@ -176,10 +189,11 @@ class AttachChannel(SSHChannel):
 class Attachment:
     """One channel on one Session: an output listener and a stdin source."""
 
-    def __init__(self, vic, session, chan: AttachChannel):
+    def __init__(self, vic, session, chan: AttachChannel, open_counts: dict):
         self.vic = vic
         self.session = session
         self.chan = chan
+        self._open_counts = open_counts     # the connection's, this channel counted
         self.tty = bool(session.config.tty)
         self.attached = False
         self.reading = False        # counts among the session's stdin readers
@@ -206,6 +220,11 @@ class Attachment:
 
     def connection_lost(self, _exc) -> None:
         self.detach()
+        left = self._open_counts.get(self.session.id, 0) - 1
+        if left > 0:
+            self._open_counts[self.session.id] = left
+        else:
+            self._open_counts.pop(self.session.id, None)
 
     def pause_writing(self) -> None:
         self.paused_at = time.monotonic()

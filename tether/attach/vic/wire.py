@@ -31,6 +31,7 @@ CLIENT_VERSION = "SSH-2.0-VIC"     # what the port layer's client announces
 # RFC 4254 channel-open failure codes.
 OPEN_ADMINISTRATIVELY_PROHIBITED = 1
 OPEN_UNKNOWN_CHANNEL_TYPE = 3
+OPEN_RESOURCE_SHORTAGE = 4
 EXTENDED_DATA_STDERR = 1
 
 
@@ -55,6 +56,10 @@ def launch_failed(started: str) -> str:
 
 def process_finished(exit_status: int) -> str:
     return f"process finished with exit code: {exit_status}"
+
+
+def too_many_channels(sid: str, limit: int) -> str:
+    return f"session {sid} has {limit} attach channels on this connection already"
 
 
 # A name-list has no escape: Go's ssh.Marshal joins a []string with commas as they are,
