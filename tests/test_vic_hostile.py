@@ -163,3 +163,36 @@ def test_attach_channels_to_one_session_are_capped_per_connection(vic):
         vc.echoed(second.attach(primary.id), b"a new connection\n")
     finally:
         second.close()
+
+
+# -- 4. what a host's requests put in the log ------------------------------------------------
+def test_a_host_flooding_requests_does_not_flood_the_log(vic):
+    """The console keeps the newest output and drops the oldest when it is behind (a
+    serial console takes ~130 lines a second): one line per request let a host push
+    the agent's own log off it. Each kind a peer can repeat is rate limited."""
+    import paramiko
+    primary = cat_session()
+    box, path = vic(primary)
+    client = vc.connect(path)
+    floods = 300
+    try:
+        for i in range(floods):
+            ok, _ = client.global_request(f"junk-{i}")
+            assert not ok
+        for i in range(floods):
+            with pytest.raises(vc.Refused):
+                client.attach(f"nobody-{i}")
+        chan = client.attach(primary.id)
+        for _ in range(floods):
+            assert client.resize(chan, 80, 24) is False      # not a tty
+        vc.echoed(chan, b"still served\n")
+    finally:
+        client.close()
+    for _ in range(60):
+        with pytest.raises(paramiko.AuthenticationException):
+            vc.connect(path, user="root")
+    text = box.log_text()
+    for needle, sent in (("global request 'junk-", floods), ("session nobody-", floods),
+                         ("window-change request for non-tty", floods),
+                         ("refusing user 'root'", 60)):
+        assert text.count(needle) <= sent // 4, (needle, text.count(needle))

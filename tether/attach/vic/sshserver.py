@@ -24,8 +24,8 @@ from asyncssh.constants import (MSG_CHANNEL_OPEN, MSG_GLOBAL_REQUEST, MSG_REQUES
 from asyncssh.misc import ChannelOpenError, ProtocolError
 
 from tether.attach.vic import wire
-from tether.console import clip
-from tether.log import get_logger
+from tether.console import RateLimit, clip
+from tether.log import ERROR, INFO, WARNING, get_logger
 from tether.sessions import Phase
 
 log = get_logger("tether.attach.vic")
@@ -39,6 +39,13 @@ HOLD_LIMIT = 60.0        # a channel whose client reads nothing this long is clo
 # a host that opens many and reads none makes PID 1 hold output many times over
 # (60 KB of output held as 118 MB with 2000 channels).
 CHANNELS_PER_SESSION = 16
+
+# What a host can repeat at will is logged at a rate (per kind, across connections): the
+# console drops its oldest output when it is behind, so one line per request would let
+# a host push the agent's own log off it.
+_request_log = RateLimit(burst=10, interval=10.0)        # global requests
+_refusal_log = RateLimit(burst=10, interval=10.0)        # users and channels refused
+_request_error_log = RateLimit(burst=10, interval=10.0)  # channel requests refused
 SMALL_RSA_BITS = 768     # below this, rsa-sha2-512 signatures do not fit the modulus
 
 
@@ -90,7 +97,8 @@ class VicSSHServer(asyncssh.SSHServer):
 
     def begin_auth(self, username: str) -> bool:
         if username != wire.SSH_USER:
-            log.warning("VIC attach: refusing user %s (only %s)", clip(username), wire.SSH_USER)
+            _refusal_log.log(log, WARNING, "VIC attach: refusing user %s (only %s)",
+                             clip(username), wire.SSH_USER)
             return True      # auth required, and nothing will do
         return self.require_key
 
@@ -115,7 +123,7 @@ class VicServerConnection(SSHServerConnection):
         payload = packet.get_remaining_payload()
         handler = {wire.CONTAINER_IDS: self._vic_container_ids,
                    wire.VERSION: self._vic_version}.get(kind)
-        log.info("VIC attach: global request %s", clip(kind))
+        _request_log.log(log, INFO, "VIC attach: global request %s", clip(kind))
         if handler is None:
             ok, reply = False, wire.unknown_global_request(kind).encode()
         else:
@@ -153,7 +161,7 @@ class VicServerConnection(SSHServerConnection):
             chan.process_open(send_chan, send_window, send_pktsize,
                               Attachment(self.vic, session, chan, self.vic_open))
         except ChannelOpenError as exc:
-            log.warning("VIC attach: %s", clip(exc.reason, 240))
+            _refusal_log.log(log, WARNING, "VIC attach: %s", clip(exc.reason, 240))
             self.send_channel_open_failure(send_chan, exc.code, exc.reason, exc.lang)
 
     _packet_handlers = {**SSHServerConnection._packet_handlers,
@@ -261,20 +269,21 @@ class Attachment:
     # requests
     def window_change(self, payload: bytes) -> bool:
         if not self.tty:
-            log.error("VIC attach: illegal window-change request for non-tty %s",
-                      self.session.id)
+            _request_error_log.log(log, ERROR, "VIC attach: illegal window-change request "
+                                   "for non-tty %s", self.session.id)
             return False
         try:
             cols, rows, _, _ = wire.decode_window_change(payload)
         except ValueError as err:
-            log.error("VIC attach: %s", err)
+            _request_error_log.log(log, ERROR, "VIC attach: %s", err)
             return False
         if not (0 < rows < 65536 and 0 < cols < 65536):
             return False
         try:
             self.session.resize(rows, cols)
         except OSError as err:
-            log.error("VIC attach: resize %s: %s", self.session.id, err)
+            _request_error_log.log(log, ERROR, "VIC attach: resize %s: %s", self.session.id,
+                                   err)
             return False
         return True
 
