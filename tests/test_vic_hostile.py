@@ -196,3 +196,37 @@ def test_a_host_flooding_requests_does_not_flood_the_log(vic):
                          ("window-change request for non-tty", floods),
                          ("refusing user 'root'", 60)):
         assert text.count(needle) <= sent // 4, (needle, text.count(needle))
+
+
+def test_handshake_answers_wait_for_the_line_before_more_is_read(line):
+    """A peer that writes SYNs and reads nothing: each attempt queued three or four
+    more bytes of answers behind the ones the line had not taken, for as long as it
+    went on (a line has no deadline). The reference's write blocks until the line takes
+    it; here the handshake reads nothing more until its answers are out."""
+    loop, link, client = line
+    link.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    link._write_line(b"\x15" * (1 << 20))     # the line is behind (nobody reads it)
+    behind = len(link._out)
+    assert behind, "the socket took everything: nothing is left queued"
+
+    def syns() -> bool:
+        try:
+            client.send(bytes((SYN, 1)))
+        except BlockingIOError:
+            pass
+        return link.handshake.failures >= 10
+
+    loop.run_until(syns, timeout=1.5)         # with the line stuck, nothing should move
+    assert len(link._out) == behind, (
+        f"{len(link._out) - behind} bytes of answers queued in "
+        f"{link.handshake.failures} attempts behind a line that takes nothing")
+
+    def reading_again() -> bool:              # the host reads again: the handshake goes on
+        try:
+            while client.recv(1 << 16):
+                pass
+        except BlockingIOError:
+            pass
+        return syns()
+
+    assert loop.run_until(reading_again, timeout=30)

@@ -327,14 +327,15 @@ class Link:
     def _refresh_line_reading(self) -> None:
         """The one rule for reading the line. In SSH: while the relay keeps up. In the
         handshake: not while it rests between attempts (the reference does not read
-        then), so a peer that writes without pause is held back by the kernel, not
-        read and dropped here as fast as it can write."""
+        then), nor while its answers wait for the line (the reference's write blocks),
+        so a peer that writes without pause, or reads nothing, is held back by the
+        kernel: not read as fast as it writes, nor answered into a growing queue."""
         if self.closed or self._ssh_over or self._line_timer is not None:
             on = False
         elif self._pair is not None:
             on = len(self._to_ssh) < RELAY_LIMIT
         else:
-            on = not self.handshake.resting
+            on = not self.handshake.resting and not self._out
         self._set_line_reading(on)
 
     def _set_line_reading(self, on: bool) -> None:
