@@ -33,6 +33,7 @@ log = get_logger("tether.attach.vic")
 WINDOW = 2 << 20
 MAX_PACKET = 32 << 10
 HOLD_LIMIT = 60.0        # a channel whose client reads nothing this long is closed
+SMALL_RSA_BITS = 768     # below this, rsa-sha2-512 signatures do not fit the modulus
 # Open attach channels to one session on one connection. The port layer opens one per
 # session (vmware/vic lib/portlayer/attach/communication interactor.go); every channel
 # holds its own copy of the session's output until its window opens, so without a cap
@@ -46,7 +47,6 @@ CHANNELS_PER_SESSION = 16
 _request_log = RateLimit(burst=10, interval=10.0)        # global requests
 _refusal_log = RateLimit(burst=10, interval=10.0)        # users and channels refused
 _request_error_log = RateLimit(burst=10, interval=10.0)  # channel requests refused
-SMALL_RSA_BITS = 768     # below this, rsa-sha2-512 signatures do not fit the modulus
 
 
 # -- host key and algorithms ----------------------------------------------------------------
