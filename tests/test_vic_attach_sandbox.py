@@ -321,3 +321,37 @@ def test_tether_attach_vic_command(vic):
     refused = subprocess.run(command + ["nope"], capture_output=True, timeout=60, cwd=REPO)
     assert refused.returncode == 1
     assert b"session nope is invalid" in refused.stderr
+
+
+def test_input_for_a_process_not_reading_holds_the_host_back_not_dropped(vic, tmp_path):
+    """The reference's write to a process's stdin blocks, and the host's SSH window with
+    it. Input the process does not read yet waits in the channel's window, not in the
+    agent: none is dropped however much is sent (the agent used to keep 4 MiB and drop
+    the rest)."""
+    import threading
+    flag = tmp_path / "read-now"
+    counter = session_config(sid(), ["/bin/sh", "-c", f"while [ ! -e {flag} ]; do "
+                                     "sleep 0.05; done; exec wc -c"],
+                             attach=True, open_stdin=True)
+    box, path = vic(cat_session(), counter)
+    client = vc.connect(path)
+    size = 12 << 20
+    try:
+        chan = client.attach(counter.id)
+        sent = threading.Event()
+
+        def send():
+            chan.sendall(b"x" * size)
+            sent.set()
+        sender = threading.Thread(target=send, daemon=True)
+        sender.start()
+        sent.wait(5.0)           # unheld, all of it is taken well within this
+        flag.touch()
+        sender.join(60)
+        assert sent.is_set()
+        assert client.request(chan, "close-stdin") is True
+        chan.shutdown_write()
+        assert vc.read_all(chan, timeout=60).strip() == str(size).encode()
+    finally:
+        client.close()
+    assert "dropping input" not in box.log_text()

@@ -40,7 +40,9 @@ from tether.reaper import describe_status
 log = get_logger("tether.sessions")
 
 REPLAY_LIMIT = 64 << 10
-STDIN_LIMIT = 4 << 20
+STDIN_LIMIT = 4 << 20       # input held for a process that does not read: then dropped
+STDIN_HIGH = 1 << 20        # over this, writers stop taking input (`write_stdin` says so)
+STDIN_LOW = 256 << 10       # ... until it is down to this (`when_stdin_drained`)
 READ_CHUNK = 256 << 10
 PIPE_SIZES = (4 << 20, 1 << 20)   # output pipes (F_SETPIPE_SZ): the first the kernel allows
 TAIL_PIPE_SIZES = (1 << 20, 256 << 10)   # the ring's tail pipe: room for many tails
@@ -600,6 +602,7 @@ class Session:
         self._stdin_buf = bytearray()
         self._stdin_closing = False
         self._stdin_drops = None       # RateLimit of the "dropping input" warning, once needed
+        self._stdin_waiters: list = []  # writers held back: called once the backlog drains
         self._master_fd = -1
         self._wait_status: int | None = None
         self._grace_timer = None
@@ -1008,19 +1011,39 @@ class Session:
         self._maybe_finish()
 
     # -- input ----------------------------------------------------------------------------
-    def write_stdin(self, data: bytes) -> None:
+    def write_stdin(self, data: bytes) -> bool:
+        """Queue input for the process. False when the backlog is over STDIN_HIGH: the
+        writer should stop taking input from its client (an SSH channel's window, a
+        socket's reads) and go on when `when_stdin_drained` calls it, so input waits in
+        the client's transport rather than here. Past STDIN_LIMIT input is dropped: a
+        writer that does not hold back loses it, with a warning."""
         if self._stdin_closing or not data:
-            return
+            return True
         if len(self._stdin_buf) + len(data) > STDIN_LIMIT:
             if self._stdin_drops is None:   # a client typing into a stuck process: a few lines
                 from tether.console import RateLimit
                 self._stdin_drops = RateLimit(burst=3, interval=30.0)
             self._stdin_drops.log(log, WARNING, "session %s: stdin backlog over %d bytes, "
                                   "dropping input", self.id, STDIN_LIMIT)
-            return
+            return False
         self._stdin_buf += data
         if self._stdin_fd >= 0:
             self._flush_stdin()
+        return len(self._stdin_buf) <= STDIN_HIGH
+
+    def when_stdin_drained(self, callback: Callable[[], object]) -> None:
+        """Call `callback` once on the loop when the input backlog is down to STDIN_LOW,
+        or when input can no longer be taken (stdin closed, the session finished)."""
+        if len(self._stdin_buf) <= STDIN_LOW:
+            self.loop.call_soon(callback)
+        else:
+            self._stdin_waiters.append(callback)
+
+    def _stdin_drained(self) -> None:
+        if self._stdin_waiters and len(self._stdin_buf) <= STDIN_LOW:
+            waiters, self._stdin_waiters = self._stdin_waiters, []
+            for callback in waiters:
+                callback()
 
     def close_stdin(self) -> None:
         if self.config.tty:
@@ -1040,10 +1063,12 @@ class Session:
                 del self._stdin_buf[:n]
         except BlockingIOError:
             self.loop.add_writer(fd, self._flush_stdin)
+            self._stdin_drained()
             return
         except OSError:   # EPIPE: the process closed its stdin
             self._stdin_buf.clear()
         self.loop.remove_writer(fd)
+        self._stdin_drained()
         if self._stdin_closing and not self.config.tty:
             os.close(fd)
             self._stdin_fd = -1
@@ -1095,6 +1120,7 @@ class Session:
                     pass
         self._stdin_fd = self._master_fd = -1
         self._stdin_buf.clear()
+        self._stdin_drained()
         status, self._wait_status = self._wait_status, None
         self._record_exit(status)
         self.output.close()

@@ -206,6 +206,7 @@ class Attachment:
         self.attached = False
         self.reading = False        # counts among the session's stdin readers
         self.paused_at = 0.0
+        self.input_held = False     # stdin backlog: the channel's input paused
 
     # asyncssh's session interface
     def connection_made(self, chan) -> None:
@@ -220,7 +221,19 @@ class Attachment:
         pass
 
     def data_received(self, data: bytes, _datatype) -> None:
-        self.session.write_stdin(data)
+        # A process that does not read its input holds the host back through the
+        # channel's window, as the reference's blocking write does, instead of the
+        # agent holding the input (or dropping it past the session's limit).
+        if not self.session.write_stdin(data) and not self.input_held:
+            self.input_held = True
+            self.chan.pause_reading()
+            self.session.when_stdin_drained(self._input_drained)
+
+    def _input_drained(self) -> None:
+        self.input_held = False
+        if self.attached:
+            self.chan.resume_reading()
+            self.vic.bridge.kick()      # asyncssh delivers what it held on its next step
 
     def eof_received(self) -> bool:
         self.vic.input_eof(self)
