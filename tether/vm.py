@@ -353,8 +353,8 @@ class Machine:
         self._thread: threading.Thread | None = None
         self._files = {}
         # The agent's resume request of a template boot (tether/vmtemplate.py) is not
-        # answered by the port thread: `on_resume()` is called, and the answer goes
-        # later through `answer_resume`.
+        # answered by the port thread: `on_resume()` is called, once (the first request
+        # only), and the answer goes later through `answer_resume`.
         self.on_resume = None
         self.incoming_args: list[str] = []   # `-incoming ...`: start from a template
         self.guestinfo_connected = threading.Event()
@@ -531,8 +531,11 @@ class Machine:
             replies = []
             for request in self._deframer.feed(data):
                 if self.on_resume is not None and request == info_get_request(RESUME_KEY):
+                    # Only the agent's request before its config is the template's: a
+                    # later one (the container's) must not save this run's VM as it.
+                    on_resume, self.on_resume = self.on_resume, None
                     self.marks.setdefault("resume_request", now)
-                    self.on_resume()
+                    on_resume()
                     continue
                 replies.append(frame(answer(request, self.guestinfo.info_get,
                                             self.guestinfo.info_set, self.guestinfo.items)))

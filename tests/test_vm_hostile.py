@@ -1,0 +1,163 @@
+"""`tether vm`'s host side against a hostile guest, without a VM.
+
+A container that took PID 1 over, or a compromised agent, talks to the host process over
+the guestinfo port, the serial console and the output port. Here a fake QEMU (a real
+process, started by the real `Machine` with the real command line) connects to the host's
+sockets as QEMU's chardevs do and runs a guest script on them: the host's port thread,
+its store and its report are the real ones.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import struct
+import sys
+import textwrap
+import threading
+import time
+
+import pytest
+
+from extraconfig import calculate_key
+from extraconfig.transport import parse_vmx
+from tether import vm
+from tether.jsonform import config_from_json
+
+WAIT = 60.0     # a bound for the fake guest's steps on a busy machine; never asserted on
+
+# The fake QEMU: connects to each chardev socket of the command line (the console and the
+# virtio-serial ports, by port name), then runs the guest script with `ports` and the
+# framing helpers, and exits (the guest "powers off").
+FAKE_QEMU = r'''
+import os, socket, struct, sys
+argv = sys.argv[1:]
+paths, names = {}, {}
+for flag, value in zip(argv, argv[1:]):
+    fields = dict(f.partition("=")[::2] for f in value.split(","))
+    if flag == "-chardev" and "path" in fields and "server" not in fields:
+        paths[fields["id"]] = fields["path"]
+    elif flag == "-device" and value.startswith("virtserialport"):
+        names[fields["chardev"]] = fields["name"]
+ports = {}
+for chardev, path in paths.items():
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.connect(path)
+    ports[names.get(chardev, chardev)] = sock
+guestinfo = ports.get("org.tether.guestinfo")
+
+def send(text):
+    data = text.encode("utf-8", "surrogateescape")
+    guestinfo.sendall(struct.pack(">I", len(data)) + data)
+
+def receive():
+    def exactly(n):
+        data = b""
+        while len(data) < n:
+            chunk = guestinfo.recv(n - len(data))
+            if not chunk:
+                raise EOFError("the host closed the guestinfo port")
+            data += chunk
+        return data
+    (size,) = struct.unpack(">I", exactly(4))
+    return exactly(size).decode("utf-8", "surrogateescape")
+
+def request(text):
+    send(text)
+    return receive()
+
+def say(text):
+    ports["console"].sendall(text.encode() + b"\r\n")
+
+exec(compile(open(os.environ["TETHER_FAKE_GUEST"]).read(), "guest", "exec"))
+'''
+
+
+def image(tmp_path):
+    """An image directory with the files a direct boot names (the fake QEMU reads none)."""
+    directory = tmp_path / "image"
+    directory.mkdir()
+    for name in ("vmlinux", "initrd.img", "root.ext4"):
+        (directory / name).write_bytes(b"")
+    return directory
+
+
+def fake_qemu(tmp_path, monkeypatch, guest: str, name: str = "fake-qemu") -> str:
+    """The fake QEMU as `bin/NAME`, running `guest` (Python, see FAKE_QEMU)."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir(exist_ok=True)
+    qemu = bindir / name
+    qemu.write_text(f"#!{sys.executable}\n{FAKE_QEMU}")
+    qemu.chmod(0o755)
+    script = tmp_path / "guest.py"
+    script.write_text(textwrap.dedent(guest))
+    monkeypatch.setenv("TETHER_FAKE_GUEST", str(script))
+    return str(qemu)
+
+
+CONFIG = {"common": {"id": "p", "name": "p"},
+          "sessions": {"p": {"cmd": {"path": "/bin/true", "args": ["/bin/true"]}}}}
+
+
+def primary_keys() -> tuple[str, str]:
+    config = config_from_json(CONFIG)
+    return (calculate_key(config, ["Sessions", "p", "Started"]),
+            calculate_key(config, ["Sessions", "p", "ExitStatus"]))
+
+
+class Run:
+    """A VmRun whose QEMU is the fake one; `finish()` once the guest script is done."""
+
+    def __init__(self, tmp_path, monkeypatch, guest: str):
+        self.run = vm.VmRun(config_from_json(CONFIG), str(image(tmp_path)),
+                            workdir=str(tmp_path / "run"))
+        self.run.spec.qemu = fake_qemu(tmp_path, monkeypatch, guest)
+        self.machine = self.run.machine
+
+    def __enter__(self):
+        self.run.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.run.close(keep=True)
+
+    def finish(self):
+        return self.run.finish(WAIT)
+
+    def console_until(self, marker: str) -> str:
+        """The console as logged, once it holds `marker` (or WAIT has passed)."""
+        deadline = time.monotonic() + WAIT
+        while time.monotonic() < deadline:
+            text = self.machine.console_text()
+            if marker in text:
+                return text
+            time.sleep(0.05)
+        return self.machine.console_text()
+
+
+# ---------------------------------------------------------------- the resume request
+
+def test_only_the_first_resume_request_saves_a_template(tmp_path, monkeypatch):
+    """The run that saves a VM template goes on as a normal boot: a container that asks
+    for guestinfo.tether.resume again must not make the host save the VM once more (with
+    this run's config, secrets and the container's own state in it) into the template
+    every later run starts from. Only the agent's first request, before its config, is
+    the template's; a later one is an ordinary read."""
+    guest = """
+        say("first: " + request("info-get guestinfo.tether.resume"))
+        say("again: " + request("info-get guestinfo.tether.resume"))
+    """
+    run = Run(tmp_path, monkeypatch, guest)
+    saves = []
+
+    def on_resume():
+        saves.append(time.monotonic())
+        threading.Thread(target=run.machine.answer_resume, args=("clock=1 cold=1",),
+                         daemon=True).start()
+    run.machine.on_resume = on_resume
+    with run:
+        run.finish()
+        console = run.machine.console_text()
+    assert "first: 1 clock=1 cold=1" in console, console
+    assert "again: 0 No value found" in console, console
+    assert len(saves) == 1
