@@ -161,3 +161,39 @@ def test_only_the_first_resume_request_saves_a_template(tmp_path, monkeypatch):
     assert "first: 1 clock=1 cold=1" in console, console
     assert "again: 0 No value found" in console, console
     assert len(saves) == 1
+
+
+# ---------------------------------------------------------------- the final map
+
+def tether_vm(tmp_path, monkeypatch, guest: str, *args: str) -> int:
+    """`tether vm`'s main() with the fake QEMU as qemu-system-x86_64 on PATH."""
+    fake_qemu(tmp_path, monkeypatch, guest, name="qemu-system-x86_64")
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:{os.environ['PATH']}")
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(CONFIG))
+    return vm.main([str(config), "--image", str(image(tmp_path)), "--timeout", str(WAIT),
+                    *args])
+
+
+def test_bytes_that_are_not_utf8_reach_the_final_map(tmp_path, monkeypatch, capsysbinary):
+    """A value or key of bytes that are not UTF-8 (a guest writes what it likes): the
+    final map is still written, with those bytes as they came, to --out and to stdout,
+    and the primary's status is still the exit code."""
+    started, status = primary_keys()
+    guest = f"""
+        for key, value in (("guestinfo.junk", "\\udcff\\udcfe"),
+                           ("guestinfo.key\\udcc3", "x"),
+                           ({started!r}, "true"), ({status!r}, "3")):
+            assert request("info-set " + key + " " + value) == "1 ", key
+    """
+    out = tmp_path / "final.vmx"
+    assert tether_vm(tmp_path, monkeypatch, guest, "--out", str(out)) == 3
+    written = out.read_bytes()
+    final = parse_vmx(written.decode("utf-8", "surrogateescape"))
+    assert final["guestinfo.junk"] == "\udcff\udcfe"
+    assert final["guestinfo.key\udcc3"] == "x"
+    capsysbinary.readouterr()
+    monkeypatch.chdir(tmp_path)
+    os.rename(tmp_path / "image", tmp_path / "image.1")   # main() makes it again
+    assert tether_vm(tmp_path, monkeypatch, guest) == 3
+    assert capsysbinary.readouterr().out == written

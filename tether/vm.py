@@ -1109,12 +1109,15 @@ def show_timeline(result: VmResult, target: str) -> None:
 def report(result: VmResult, out: str | None, show_console: bool = True) -> None:
     """The final map as VMX lines (as `tether sandbox` writes it) to `out` or stdout."""
     from extraconfig.transport import format_vmx
-    text = format_vmx(result.guestinfo)
+    # Bytes: a guest may write keys and values that are not UTF-8; they come back as they
+    # came (as a VMX file keeps them, and VmxFileTransport writes them).
+    data = format_vmx(result.guestinfo).encode("utf-8", "surrogateescape")
     if out:
-        with open(out, "w") as f:
-            f.write(text)
+        with open(out, "wb") as f:
+            f.write(data)
     else:
-        sys.stdout.write(text)
+        sys.stdout.flush()
+        sys.stdout.buffer.write(data)
     sys.stdout.flush()
     if result.message:
         print(f"tether vm: {result.message}", file=sys.stderr)
