@@ -197,3 +197,51 @@ def test_bytes_that_are_not_utf8_reach_the_final_map(tmp_path, monkeypatch, caps
     os.rename(tmp_path / "image", tmp_path / "image.1")   # main() makes it again
     assert tether_vm(tmp_path, monkeypatch, guest) == 3
     assert capsysbinary.readouterr().out == written
+
+
+# ---------------------------------------------------------------- guestinfo: a guest that does not read
+
+def test_a_reply_the_guest_does_not_read_does_not_stop_the_other_ports(tmp_path, monkeypatch):
+    """One thread serves every port. A guest that asks for a large value and then does
+    not read the reply (QEMU takes no more of it than the guest's port buffer) must not
+    hold that thread in a blocking write: the console is still logged."""
+    guest = """
+        assert request("info-set guestinfo.big " + "x" * 900_000) == "1 "
+        send("info-get guestinfo.big")          # and the reply is not read
+        say("console still served")
+        ports["console"].recv(1)                # the test's go
+        assert receive() == "1 " + "x" * 900_000
+        say("read at last")
+    """
+    with Run(tmp_path, monkeypatch, guest) as run:
+        console = run.console_until("console still served")
+        assert "console still served" in console
+        run.machine.send_console(b"g")
+        run.finish()
+        assert "read at last" in run.machine.console_text()
+
+
+def test_requests_sent_ahead_are_answered_as_the_guest_reads(tmp_path, monkeypatch):
+    """One request at a time: a guest that sends hundreds of requests for a large value
+    in one write, without reading, must not have the host build every reply at once
+    (300 x 200 kB here; one 64 KiB read of such requests would be gigabytes). The host
+    answers the next request once the last reply is taken, and they all arrive, in
+    order, when the guest reads."""
+    guest = """
+        big = "y" * 200_000
+        assert request("info-set guestinfo.big " + big) == "1 "
+        guestinfo.sendall(b"".join(struct.pack(">I", 22) + b"info-get guestinfo.big"
+                                   for _ in range(300)))
+        say("sent")
+        ports["console"].recv(1)
+        replies = [receive() for _ in range(300)]
+        say(f"read {sum(r == '1 ' + big for r in replies)} good replies")
+    """
+    with Run(tmp_path, monkeypatch, guest) as run:
+        assert "sent" in run.console_until("sent")
+        answered = run.machine.guestinfo.requests
+        run.machine.send_console(b"g")
+        run.finish()
+        assert "read 300 good replies" in run.machine.console_text()
+    # what fits in the socket's buffers, not the 301 requests
+    assert answered < 20, answered

@@ -33,6 +33,7 @@ disk, 11-1e further disks (1f is q35's LPC bridge).
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import os
 import re
@@ -359,7 +360,14 @@ class Machine:
         self.incoming_args: list[str] = []   # `-incoming ...`: start from a template
         self.guestinfo_connected = threading.Event()
         self._guestinfo_conn: socket.socket | None = None
+        # One request at a time, as the guest sends them: the requests read and not
+        # answered yet, and the reply bytes QEMU has not taken (the port thread and
+        # `answer_resume` write them, under the lock). While a reply waits, the port
+        # thread watches the port for room instead of reading more requests.
+        self._guestinfo_requests: collections.deque[str] = collections.deque()
+        self._guestinfo_out = bytearray()
         self._guestinfo_lock = threading.Lock()
+        self._guestinfo_events = selectors.EVENT_READ
 
     # -- lifecycle
     def start(self) -> None:
@@ -464,16 +472,19 @@ class Machine:
 
     def _serve(self) -> None:
         while not self._stop.is_set():
-            for key, _ in self._selector.select(timeout=0.2):
+            for key, events in self._selector.select(timeout=0.2):
                 kind, name = key.data
                 try:
                     if kind == "accept":
                         self._accept(key.fileobj, name)
-                    else:
+                    elif events & selectors.EVENT_READ:
                         self._read(key.fileobj, name)
+                    else:               # room for the guestinfo reply waiting
+                        self._answer_guestinfo()
                 except Exception as err:   # noqa: BLE001 - keep serving the other ports
                     print(f"tether vm: port {name}: {err}", file=sys.stderr)
                     self._drop(key.fileobj)
+            self._watch_guestinfo()
             if self.process is not None and self.process.poll() is not None \
                     and not self._open_connections():
                 return
@@ -504,6 +515,11 @@ class Machine:
             self._selector.unregister(conn)
         except (KeyError, ValueError):
             pass
+        if conn is self._guestinfo_conn:
+            with self._guestinfo_lock:
+                self._guestinfo_conn = None
+                self._guestinfo_out.clear()
+            self._guestinfo_requests.clear()
         conn.close()
 
     def _read(self, conn: socket.socket, name: str) -> None:
@@ -527,37 +543,64 @@ class Machine:
             self._read_entries(data)
         elif name == GUESTINFO_PORT:
             self.marks.setdefault("agent_start", now)
-            from extraconfig.virtio import answer, frame, info_get_request
-            replies = []
-            for request in self._deframer.feed(data):
-                if self.on_resume is not None and request == info_get_request(RESUME_KEY):
-                    # Only the agent's request before its config is the template's: a
-                    # later one (the container's) must not save this run's VM as it.
-                    on_resume, self.on_resume = self.on_resume, None
-                    self.marks.setdefault("resume_request", now)
-                    on_resume()
-                    continue
-                replies.append(frame(answer(request, self.guestinfo.info_get,
-                                            self.guestinfo.info_set, self.guestinfo.items)))
-            if replies:
-                self._send_guestinfo(b"".join(replies))
+            self._guestinfo_requests.extend(self._deframer.feed(data))
+            self._answer_guestinfo()
 
-    def answer_resume(self, value: str) -> None:
-        """Answer the agent's pending resume request (from any thread)."""
+    def _answer_guestinfo(self) -> None:
+        """Answer the requests read, one at a time: the next once QEMU has taken the
+        last reply whole (a guest sending requests ahead without reading the replies
+        gets no more of them built than its port holds)."""
         from extraconfig.virtio import answer, frame, info_get_request
-        self._send_guestinfo(frame(answer(info_get_request(RESUME_KEY), lambda _key: value,
-                                          self.guestinfo.info_set)))
+        while self._flush_guestinfo() and self._guestinfo_requests:
+            request = self._guestinfo_requests.popleft()
+            if self.on_resume is not None and request == info_get_request(RESUME_KEY):
+                # Only the agent's request before its config is the template's: a
+                # later one (the container's) must not save this run's VM as it.
+                on_resume, self.on_resume = self.on_resume, None
+                self.marks.setdefault("resume_request", time.monotonic())
+                on_resume()
+                continue
+            reply = frame(answer(request, self.guestinfo.info_get, self.guestinfo.info_set,
+                                 self.guestinfo.items))
+            with self._guestinfo_lock:
+                self._guestinfo_out += reply
+        self._watch_guestinfo()
 
-    def _send_guestinfo(self, data: bytes) -> None:
+    def _flush_guestinfo(self) -> bool:
+        """Write what QEMU takes of the replies waiting; True when none is left."""
+        with self._guestinfo_lock:
+            conn = self._guestinfo_conn
+            if self._guestinfo_out and conn is not None:
+                try:
+                    sent = conn.send(self._guestinfo_out)
+                except (BlockingIOError, InterruptedError):
+                    sent = 0
+                del self._guestinfo_out[:sent]
+            return not self._guestinfo_out
+
+    def _watch_guestinfo(self) -> None:
+        """The port thread's interest in the guestinfo port: room while a reply waits
+        (not the guest's next requests), else its requests."""
         conn = self._guestinfo_conn
         if conn is None:
-            raise VmError("the guestinfo port is not connected")
+            return
         with self._guestinfo_lock:
-            conn.setblocking(True)
-            try:
-                conn.sendall(data)
-            finally:
-                conn.setblocking(False)
+            events = selectors.EVENT_WRITE if self._guestinfo_out else selectors.EVENT_READ
+        if events != self._guestinfo_events:
+            self._selector.modify(conn, events, ("read", GUESTINFO_PORT))
+            self._guestinfo_events = events
+
+    def answer_resume(self, value: str) -> None:
+        """Answer the agent's pending resume request (from any thread; what QEMU does
+        not take at once, the port thread writes)."""
+        from extraconfig.virtio import answer, frame, info_get_request
+        reply = frame(answer(info_get_request(RESUME_KEY), lambda _key: value,
+                             self.guestinfo.info_set))
+        with self._guestinfo_lock:
+            if self._guestinfo_conn is None:
+                raise VmError("the guestinfo port is not connected")
+            self._guestinfo_out += reply
+        self._flush_guestinfo()
 
     def _read_entries(self, data: bytes) -> None:
         from tether.iolog import FramingError
