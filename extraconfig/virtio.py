@@ -7,7 +7,8 @@ the RPCI text a VMX sees, unchanged:
     guest -> host   "info-get KEY"            host -> guest   "1 VALUE"   (key present)
                                                               "0 No value found"
     guest -> host   "info-set KEY VALUE"      host -> guest   "1 "        (stored)
-                                                              "0 REASON"  (refused)
+                                                              "0 REASON"  (refused: not
+                                                              guestinfo.*, or the store full)
     guest -> host   "info-dump PREFIX"        host -> guest   "1 " + VMX lines
                                                               "0 REASON"  (cannot)
 
@@ -46,6 +47,11 @@ class FramingError(ValueError):
 
 class GuestinfoError(OSError):
     """The guestinfo port failed: no host, no reply in time, or a malformed reply."""
+
+
+class Refused(Exception):
+    """The host's store will not take an `info-set` (it is full): the guest gets
+    "0 REASON", REASON being the exception's text."""
 
 
 def frame(text: str) -> bytes:
@@ -144,7 +150,10 @@ def answer(request: str, get: Callable[[str], str | None],
     if verb == "info-get":
         stored = get(key)
         return f"0 {NOT_FOUND}" if stored is None else f"1 {stored}"
-    set_(key, value)
+    try:
+        set_(key, value)
+    except Refused as err:
+        return f"0 {err}"
     return "1 "
 
 

@@ -245,3 +245,40 @@ def test_requests_sent_ahead_are_answered_as_the_guest_reads(tmp_path, monkeypat
         assert "read 300 good replies" in run.machine.console_text()
     # what fits in the socket's buffers, not the 301 requests
     assert answered < 20, answered
+
+
+# ---------------------------------------------------------------- guestinfo: the store's bound
+
+def test_the_guests_writes_are_bounded(tmp_path, monkeypatch):
+    """A guest writing large values under ever new keys would grow the host's memory
+    (and the final map) without end. Past the host's limit an info-set is refused with
+    "0 REASON" (the agent's write-back logs a refused key and goes on); a smaller value in
+    place of a larger one frees room again."""
+    guest = """
+        value = "v" * 1_000_000
+        replies = [request(f"info-set guestinfo.flood{i} {value}") for i in range(20)]
+        say(f"stored {replies.count('1 ')} refused {sum(r.startswith('0 Too large') for r in replies)}")
+        assert request("info-set guestinfo.flood0 small") == "1 "
+        say("after freeing: " + request(f"info-set guestinfo.again {value[:500_000]}"))
+    """
+    with Run(tmp_path, monkeypatch, guest) as run:
+        run.finish()
+        console = run.machine.console_text()
+        store = run.machine.guestinfo
+    limit = vm.GUEST_WRITE_LIMIT
+    assert f"stored {limit // 1_000_000} refused {20 - limit // 1_000_000}" in console, console
+    assert "after freeing: 1 " in console, console
+    assert store.guest_bytes <= limit
+    assert sum(len(v) for k, v in store.data.items() if k.startswith("guestinfo.")) <= limit
+
+
+def test_many_small_keys_are_bounded_as_large_values_are():
+    store = vm.VmxGuestinfo({"guestinfo.host": "h" * 100}, guest_limit=1 << 20)
+    stored = 0
+    with pytest.raises(Exception, match="Too large"):
+        for i in range(1 << 20):
+            store.info_set(f"guestinfo.k{i}", "")
+            stored += 1
+    assert stored < (1 << 20) // vm.STORED_KEY_COST
+    store.info_set("guestinfo.host", "")   # smaller than the host's own: always fits
+    assert store.final_map()["guestinfo.host"] == ""

@@ -62,6 +62,13 @@ CONTAINERFS_SLOT = 0x10
 FIRST_DISK_SLOT, LAST_DISK_SLOT = 0x11, 0x1E
 NIL = "<nil>"
 DEFAULT_TIMEOUT = 120.0
+# What the guest's info-sets may add to the host's store, as vSphere bounds what a VM
+# writes to its VMX (tools.setInfo.sizeLimit, 1 MB by default). Ours is larger: the
+# write-back of a config of a thousand sessions is over 1 MB. A key costs its text and
+# STORED_KEY_COST (the dict entry and the two str objects), so many small keys are bounded
+# as a few large values are.
+GUEST_WRITE_LIMIT = 16 << 20
+STORED_KEY_COST = 100
 DEFAULT_STOP_TIMEOUT = 30.0    # ctrl-alt-del to power-off: the agent's 10 s grace and more
 
 # The ISO's own kernel arguments besides the console (init/build, FAST_BOOT_ARGS). The
@@ -288,11 +295,13 @@ class VmxGuestinfo:
     """The VM's extraConfig as vSphere keeps it: values `""` are stored as `<nil>` (an empty
     OptionValue would delete the key), and read back through vmomi as `""`."""
 
-    def __init__(self, keys: dict[str, str], on_set=None):
+    def __init__(self, keys: dict[str, str], on_set=None, guest_limit: int = GUEST_WRITE_LIMIT):
         self._lock = threading.Lock()
         self.data = {key: (NIL if value == "" else value) for key, value in keys.items()}
         self.on_set = on_set
         self.requests = 0
+        self.guest_limit = guest_limit
+        self.guest_bytes = 0       # what the guest's writes added (less what they freed)
 
     def info_get(self, key: str) -> str | None:
         with self._lock:
@@ -300,8 +309,17 @@ class VmxGuestinfo:
             return self.data.get(key)
 
     def info_set(self, key: str, value: str) -> None:
+        """Store the guest's write; virtio.Refused when it would take the guest's writes
+        past `guest_limit` (a smaller value in place of a larger one always fits)."""
+        from extraconfig.virtio import Refused
         with self._lock:
             self.requests += 1
+            old = self.data.get(key)
+            growth = _stored_cost(key, value) - (0 if old is None else _stored_cost(key, old))
+            if growth > 0 and self.guest_bytes + growth > self.guest_limit:
+                raise Refused(f"Too large: the guest's writes would pass the host's "
+                              f"{self.guest_limit}-byte limit")
+            self.guest_bytes += growth
             self.data[key] = value
         if self.on_set is not None:
             self.on_set(key, value)
@@ -315,6 +333,10 @@ class VmxGuestinfo:
     def final_map(self) -> dict[str, str]:
         with self._lock:
             return {key: ("" if value == NIL else value) for key, value in sorted(self.data.items())}
+
+
+def _stored_cost(key: str, value: str) -> int:
+    return STORED_KEY_COST + len(key) + len(value)
 
 
 def primary_started_key(config) -> str:
