@@ -282,3 +282,27 @@ def test_many_small_keys_are_bounded_as_large_values_are():
     assert stored < (1 << 20) // vm.STORED_KEY_COST
     store.info_set("guestinfo.host", "")   # smaller than the host's own: always fits
     assert store.final_map()["guestinfo.host"] == ""
+
+
+# ---------------------------------------------------------------- the console
+
+def test_the_console_log_is_bounded_and_keeps_its_end(tmp_path, monkeypatch):
+    """A guest writing to its serial console without end must not fill the host's disk
+    (console.log) nor its memory (the console the result holds); the end of the console,
+    where a failure shows, is what is kept."""
+    guest = """
+        line = b"z" * 1000 + b"\\r\\n"
+        for _ in range(5000):                   # 5 MB
+            ports["console"].sendall(line)
+        say("THE END")
+    """
+    run = Run(tmp_path, monkeypatch, guest)
+    run.machine.console_limit = 256 << 10
+    with run:
+        result = run.finish()
+    logs = [tmp_path / "run" / "console.log", tmp_path / "run" / "console.log.1"]
+    assert all(log.stat().st_size <= 256 << 10 for log in logs)
+    assert result.console.endswith("z\nTHE END\n")
+    assert len(result.console) <= 2 * (256 << 10) + 100
+    dropped = 5000 * 1002 + len("THE END\r\n") - sum(log.stat().st_size for log in logs)
+    assert result.console.startswith(f"[tether vm: the first {dropped} bytes of the console")

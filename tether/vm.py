@@ -69,6 +69,10 @@ DEFAULT_TIMEOUT = 120.0
 # as a few large values are.
 GUEST_WRITE_LIMIT = 16 << 20
 STORED_KEY_COST = 100
+# console.log's size: past it the log moves to console.log.1 (replacing the one before)
+# and starts again, so a guest writing to its console without end fills no disk and the
+# end of the console, where a failure shows, is kept.
+CONSOLE_LOG_LIMIT = 8 << 20
 DEFAULT_STOP_TIMEOUT = 30.0    # ctrl-alt-del to power-off: the agent's 10 s grace and more
 
 # The ISO's own kernel arguments besides the console (init/build, FAST_BOOT_ARGS). The
@@ -362,6 +366,8 @@ class Machine:
         self.qmp_socket = paths.pop("qmp")
         self.sockets = paths         # the ones we listen on, QEMU connecting
         self.console_log = os.path.join(workdir, "console.log")
+        self.console_limit = CONSOLE_LOG_LIMIT
+        self.console_dropped = 0        # bytes of the console no longer kept
         self.output_log = os.path.join(workdir, "output.log")
         self.process: subprocess.Popen | None = None
         self.marks: dict[str, float] = {}
@@ -460,9 +466,19 @@ class Machine:
             self._qemu_stderr.close()
 
     def console_text(self) -> str:
+        """The console as kept: at most the last two logs' worth (see CONSOLE_LOG_LIMIT)."""
         self._files["console"].flush()
-        with open(self.console_log, "rb") as f:
-            return f.read().decode("utf-8", "replace").replace("\r\n", "\n")
+        data = b""
+        for path in (self.console_log + ".1", self.console_log):
+            try:
+                with open(path, "rb") as f:
+                    data += f.read()
+            except FileNotFoundError:
+                continue
+        text = data.decode("utf-8", "replace").replace("\r\n", "\n")
+        if self.console_dropped:
+            text = f"[tether vm: the first {self.console_dropped} bytes of the console are not kept]\n" + text
+        return text
 
     def qemu_errors(self) -> str:
         self._qemu_stderr.flush()
@@ -555,8 +571,7 @@ class Machine:
         now = time.monotonic()
         if name == "console":
             self.marks.setdefault("console_first", now)
-            self._files["console"].write(data)
-            self._files["console"].flush()
+            self._log_console(data)
             if self.echo_console is not None:
                 self.echo_console(data)
         elif name == OUTPUT_PORT:
@@ -611,6 +626,19 @@ class Machine:
         if events != self._guestinfo_events:
             self._selector.modify(conn, events, ("read", GUESTINFO_PORT))
             self._guestinfo_events = events
+
+    def _log_console(self, data: bytes) -> None:
+        log = self._files["console"]
+        if log.tell() + len(data) > self.console_limit:
+            log.close()
+            try:
+                self.console_dropped += os.path.getsize(self.console_log + ".1")
+            except FileNotFoundError:
+                pass
+            os.replace(self.console_log, self.console_log + ".1")
+            log = self._files["console"] = open(self.console_log, "wb")
+        log.write(data)
+        log.flush()
 
     def answer_resume(self, value: str) -> None:
         """Answer the agent's pending resume request (from any thread; what QEMU does
