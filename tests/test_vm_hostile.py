@@ -306,3 +306,26 @@ def test_the_console_log_is_bounded_and_keeps_its_end(tmp_path, monkeypatch):
     assert len(result.console) <= 2 * (256 << 10) + 100
     dropped = 5000 * 1002 + len("THE END\r\n") - sum(log.stat().st_size for log in logs)
     assert result.console.startswith(f"[tether vm: the first {dropped} bytes of the console")
+
+
+# ---------------------------------------------------------------- what reaches the user's terminal
+
+def test_guest_text_in_the_launchers_messages_cannot_drive_the_terminal(tmp_path, monkeypatch,
+                                                                         capsys):
+    """`tether vm`'s own lines on stderr quote what the guest wrote (the primary's
+    `started` error, the end of the console when the run failed). A guest's escape
+    sequences there would reach the user's terminal unasked (retitle it, rewrite or
+    hide lines, set the clipboard on some), and a carriage return or newline would let
+    it forge a `tether vm:` line. They are shown escaped."""
+    started, _ = primary_keys()
+    evil = "no\x1b]0;owned\x07\x1b[2K\rtether vm: all good\nforged\x9b31m"
+    guest = f"""
+        ports["console"].sendall(b"boot\\x1b]52;c;cHduZWQ=\\x07 \\x1b[1A\\x1b[2Kclean\\r\\n")
+        assert request("info-set {started} " + {evil!r}) == "1 "
+    """
+    assert tether_vm(tmp_path, monkeypatch, guest, "--out", str(tmp_path / "out.vmx")) == 127
+    err = capsys.readouterr().err
+    assert not any(c in err for c in "\x1b\x07\r\x9b"), repr(err)
+    assert "tether vm: the primary did not start: no\\x1b]0;owned\\x07\\x1b[2K\\rtether vm: all " \
+           "good\\nforged\\x9b31m\n" in err, err
+    assert "boot\\x1b]52;c;cHduZWQ=\\x07 \\x1b[1A\\x1b[2Kclean\n" in err, err

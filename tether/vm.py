@@ -1153,7 +1153,7 @@ def main(argv: list[str]) -> int:
                 else:
                     attach_primary(run, deadline)
             except Exception as err:   # noqa: BLE001 - the VM result still counts
-                print(f"tether vm: attach failed: {err}", file=sys.stderr)
+                print(f"tether vm: attach failed: {shown(str(err))}", file=sys.stderr)
         result = run.finish(deadline - time.monotonic())
     except KeyboardInterrupt:
         run.close(keep=args.keep)
@@ -1193,7 +1193,7 @@ def show_timeline(result: VmResult, target: str) -> None:
               file=sys.stderr)
         return
     if target == "-":       # stdout carries the map: the table goes with the messages
-        sys.stderr.write(bootchart.text_table(phases))
+        sys.stderr.write(shown(bootchart.text_table(phases), keep=CONSOLE_KEEP))
         return
     bootchart.write(phases, target, f"Boot timeline: {result.config.id if result.config else ''}")
     print(f"tether vm: boot timeline in {target}", file=sys.stderr)
@@ -1213,11 +1213,29 @@ def report(result: VmResult, out: str | None, show_console: bool = True) -> None
         sys.stdout.buffer.write(data)
     sys.stdout.flush()
     if result.message:
-        print(f"tether vm: {result.message}", file=sys.stderr)
+        print(f"tether vm: {shown(result.message)}", file=sys.stderr)
     failed = result.qemu_status != 0 or result.exit_code in (EXIT_TIMEOUT, EXIT_NOT_STARTED)
     if failed and show_console:
         tail = "\n".join(result.console.splitlines()[-60:])
-        print(f"tether vm: serial console (last lines):\n{tail}", file=sys.stderr)
+        print(f"tether vm: serial console (last lines):\n{shown(tail, keep=CONSOLE_KEEP)}",
+              file=sys.stderr)
+
+
+CONSOLE_KEEP = frozenset("\n\t")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def shown(text: str, keep: frozenset = frozenset()) -> str:
+    """Guest text for our own lines on the user's terminal: control characters (C0, DEL,
+    C1: escape sequences, carriage returns, newlines but `keep`) as `\\xNN` (`\\n`...), so that
+    the guest can neither drive the terminal nor forge a line of ours."""
+    def escaped(match) -> str:
+        char = match.group()
+        if char in keep:
+            return char
+        return _NAMED.get(char) or f"\\x{ord(char):02x}"
+    return _CONTROL.sub(escaped, text)
 
 
 if __name__ == "__main__":
