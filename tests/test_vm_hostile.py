@@ -199,7 +199,7 @@ def test_bytes_that_are_not_utf8_reach_the_final_map(tmp_path, monkeypatch, caps
     assert capsysbinary.readouterr().out == written
 
 
-# ---------------------------------------------------------------- guestinfo: a guest that does not read
+# ---------------------------------------------------------------- guestinfo: replies not read
 
 def test_a_reply_the_guest_does_not_read_does_not_stop_the_other_ports(tmp_path, monkeypatch):
     """One thread serves every port. A guest that asks for a large value and then does
@@ -257,7 +257,8 @@ def test_the_guests_writes_are_bounded(tmp_path, monkeypatch):
     guest = """
         value = "v" * 1_000_000
         replies = [request(f"info-set guestinfo.flood{i} {value}") for i in range(20)]
-        say(f"stored {replies.count('1 ')} refused {sum(r.startswith('0 Too large') for r in replies)}")
+        refused = sum(r.startswith("0 Too large") for r in replies)
+        say(f"stored {replies.count('1 ')} refused {refused}")
         assert request("info-set guestinfo.flood0 small") == "1 "
         say("after freeing: " + request(f"info-set guestinfo.again {value[:500_000]}"))
     """

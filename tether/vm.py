@@ -64,9 +64,9 @@ NIL = "<nil>"
 DEFAULT_TIMEOUT = 120.0
 # What the guest's info-sets may add to the host's store, as vSphere bounds what a VM
 # writes to its VMX (tools.setInfo.sizeLimit, 1 MB by default). Ours is larger: the
-# write-back of a config of a thousand sessions is over 1 MB. A key costs its text and
-# STORED_KEY_COST (the dict entry and the two str objects), so many small keys are bounded
-# as a few large values are.
+# write-back of a config of a thousand sessions counts 1.55 MB here. A key costs its text
+# and STORED_KEY_COST (the dict entry and the two str objects), so many small keys are
+# bounded as a few large values are.
 GUEST_WRITE_LIMIT = 16 << 20
 STORED_KEY_COST = 100
 # console.log's size: past it the log moves to console.log.1 (replacing the one before)
@@ -477,7 +477,8 @@ class Machine:
                 continue
         text = data.decode("utf-8", "replace").replace("\r\n", "\n")
         if self.console_dropped:
-            text = f"[tether vm: the first {self.console_dropped} bytes of the console are not kept]\n" + text
+            text = (f"[tether vm: the first {self.console_dropped} bytes of the console "
+                    "are not kept]\n") + text
         return text
 
     def qemu_errors(self) -> str:
