@@ -38,6 +38,22 @@ def test_phases_are_read_in_order_and_bad_values_skipped():
     assert names == ["kernel", "stage0.modules", "python", "config", "networks", "exec:web"]
 
 
+def test_values_no_clock_has_are_skipped_and_the_axis_stays_short():
+    # A guest writes these keys: NaN, infinity and a phase lasting 1e300 s are not a
+    # boot's (the chart's axis would count 1e298 ticks); a long but real span gets about
+    # a dozen ticks whatever its length.
+    hostile = dict(GUEST, **{"guestinfo.tether.boot.nan": "nan nan",
+                             "guestinfo.tether.boot.inf": "0 inf",
+                             "guestinfo.tether.boot.huge": "0 1e300",
+                             "guestinfo.tether.boot.negative": "-1e300 0"})
+    assert [p.name for p in bootchart.read_phases(hostile)] == \
+        [p.name for p in bootchart.read_phases(GUEST)]
+    long = {"guestinfo.tether.boot.uptime": "0 900000"}
+    chart = ET.fromstring(bootchart.svg(bootchart.read_phases(long)))
+    ticks = [t for t in chart.iter(SVG + "line") if t.get("stroke") == "#ddd"]
+    assert 2 <= len(ticks) <= 13
+
+
 def test_host_marks_land_on_the_guest_clock():
     keys = bootchart.host_keys({"qemu_start": 100.0, "started": 102.41}, 102.42, 2.07)
     assert keys["guestinfo.tether.boot.host.qemu"] == "-0.350000 0.000000"

@@ -197,6 +197,10 @@ def _final(started="true", status=0, message=""):
     (_final(status=0), 0), (_final(status=3), 3), (_final(status=256 + 7), 7),
     (_final(status=-1, message="killed by signal 15"), 128 + 15),
     (_final(started="no such file"), 127), (_final(started=""), 127),
+    # what a guest can write into its exit log: no signal number, no crash
+    (_final(status=-1, message="signal " + "9" * 5000), 128 + 9),
+    (_final(status=-1, message="killed by signal 99999999999"), 128 + 9),
+    (_final(status=-1, message="killed by signal 0"), 128 + 9),
 ])
 def test_exit_code_of_the_primary(final, code):
     assert primary_outcome(final).exit_code == code

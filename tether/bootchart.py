@@ -51,6 +51,10 @@ class Phase(NamedTuple):
 
 # --------------------------------------------------------------------------- reading
 
+# Seconds: further from zero than this (a year) no boot clock reads.
+CLOCK_LIMIT = 366 * 86400.0
+
+
 def read_phases(entries: dict[str, str]) -> list[Phase]:
     """The timeline of a guestinfo map: the launcher's phases first, then the guest's,
     each group by start. Malformed values are skipped."""
@@ -62,6 +66,8 @@ def read_phases(entries: dict[str, str]) -> list[Phase]:
             start, end = (float(part) for part in value.split())
         except ValueError:
             continue
+        if not (abs(start) <= CLOCK_LIMIT and abs(end) <= CLOCK_LIMIT):
+            continue        # NaN, infinity, or no boot's clock: a guest may write anything
         phases.append(Phase(key[len(PREFIX):], start, max(start, end)))
     return sorted(phases, key=lambda p: (not p.host, p.start, p.end))
 
@@ -149,10 +155,14 @@ def _escape(text: str) -> str:
 
 
 def _tick_step(span: float) -> float:
+    """A round step giving the axis at most 12 ticks over `span` seconds."""
     for step in (0.05, 0.1, 0.2, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0):
         if span / step <= 12:
             return step
-    return 120.0
+    step = 120.0
+    while span / step > 12:     # a run of hours or days: minutes, then powers of ten
+        step *= 10
+    return step
 
 
 LEGEND = (("host", "tether vm (host)"), ("kernel", "firmware and kernel"),

@@ -9,6 +9,7 @@ from typing import NamedTuple
 
 EXIT_TIMEOUT = 124        # the launcher gave up waiting (timeout(1)'s status)
 EXIT_NOT_STARTED = 127    # the primary did not start (a shell's "could not run it")
+SIGNAL_LIMIT = 65         # Linux's signals are 1..64
 
 
 class Outcome(NamedTuple):
@@ -41,9 +42,13 @@ def signal_of(session) -> int:
     """The signal that killed a session whose status is -1: the last exit log naming one
     (`signal 15`, `SIGTERM`), else SIGKILL (the kernel's, which leaves no message)."""
     for entry in reversed(session.diagnostics.exit_logs or []):
-        match = re.search(r"signal (\d+)|SIG([A-Z]+)", getattr(entry, "message", "") or "")
+        # the guest writes these: a number no signal has is not taken (nor parsed whole)
+        match = re.search(r"signal (\d{1,3})\b|SIG([A-Z]+)", getattr(entry, "message", "") or "")
         if match and match.group(1):
-            return int(match.group(1))
+            number = int(match.group(1))
+            if 0 < number < SIGNAL_LIMIT:
+                return number
+            continue
         if match:
             try:
                 return int(signal.Signals["SIG" + match.group(2)])
