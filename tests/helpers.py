@@ -496,3 +496,29 @@ def executor_config(primary=None, *others, executor_id: str | None = None, debug
     ident = executor_id or (primary.common.id if primary is not None else sid())
     return ExecutorConfig(common=Common(id=ident, name="test"),
                           diagnostics=Diagnostics(debug_level=debug), sessions=sessions)
+
+
+@contextlib.contextmanager
+def vic_socket_server(directory, buffer_option: int, buffer_size: int):
+    """A real VicAttachServer on a real Loop in this process (a host with no sessions),
+    listening on a unix socket in `directory`, and a client socket connected to it with
+    one of its buffers (SO_SNDBUF or SO_RCVBUF) set to `buffer_size` first: yields
+    (loop, server, client), all closed after."""
+    import socket
+    from types import SimpleNamespace
+
+    from tether.attach.vic import server as vic_server
+    from tether.loop import Loop
+    loop = Loop()
+    host = SimpleNamespace(loop=loop, key=None, root="/", sessions={}, primary=None)
+    path = os.path.join(str(directory), "vic.sock")
+    server = vic_server.VicAttachServer(host, [f"unix:{path}"])
+    client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        client.setsockopt(socket.SOL_SOCKET, buffer_option, buffer_size)
+        client.connect(path)
+        yield loop, server, client
+    finally:
+        client.close()
+        server.close(grace=0)
+        loop.close()

@@ -7,17 +7,15 @@ from __future__ import annotations
 
 import socket
 import time
-from types import SimpleNamespace
 
 import pytest
 
 import vicssh_client as vc
-from helpers import session_config, sid
+from helpers import session_config, sid, vic_socket_server
 from test_vic_attach_sandbox import cat_session, key, vic   # noqa: F401 (fixtures)
 from tether.attach.vic import handshake as hs
 from tether.attach.vic import server as vic_server
 from tether.attach.vic import wire
-from tether.loop import Loop
 
 SYN, ACK, NAK = 0x16, 0x06, 0x15
 
@@ -25,22 +23,11 @@ SYN, ACK, NAK = 0x16, 0x06, 0x15
 @pytest.fixture
 def line(tmp_path):
     """(loop, link, client socket): a socket client before its handshake."""
-    loop = Loop()
-    host = SimpleNamespace(loop=loop, key=None, root="/", sessions={}, primary=None)
-    path = str(tmp_path / "vic.sock")
-    server = vic_server.VicAttachServer(host, [f"unix:{path}"])
-    client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        client.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-        client.connect(path)
+    with vic_socket_server(tmp_path, socket.SO_SNDBUF, 4096) as (loop, server, client):
         assert loop.run_until(lambda: bool(server.links), timeout=30)
         (link,) = server.links
         client.setblocking(False)
         yield loop, link, client
-    finally:
-        client.close()
-        server.close(grace=0)
-        loop.close()
 
 
 def attach_when_free(client, session_id: str, timeout: float = 20.0):

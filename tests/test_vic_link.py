@@ -5,35 +5,22 @@ from __future__ import annotations
 
 import socket
 import threading
-from types import SimpleNamespace
 
 import pytest
 
 import vicssh_client as vc
-from tether.attach.vic import server as vic_server
-from tether.loop import Loop
+from helpers import vic_socket_server
 
 
 @pytest.fixture
 def served(tmp_path):
     """(loop, server, client socket): a client through the sync handshake, in SSH."""
-    loop = Loop()
-    host = SimpleNamespace(loop=loop, key=None, root="/", sessions={}, primary=None)
-    path = str(tmp_path / "vic.sock")
-    server = vic_server.VicAttachServer(host, [f"unix:{path}"])
-    client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        client.connect(path)
+    with vic_socket_server(tmp_path, socket.SO_RCVBUF, 4096) as (loop, server, client):
         shaken = threading.Thread(target=vc.handshake_head, args=(client,), daemon=True)
         shaken.start()
         assert loop.run_until(lambda: any(link._pair for link in server.links), timeout=30)
         shaken.join(10)
         yield loop, server, client
-    finally:
-        client.close()
-        server.close(grace=0)
-        loop.close()
 
 
 def test_a_socket_client_that_reads_nothing_after_its_ssh_ended_is_let_go(served):
