@@ -24,11 +24,10 @@ from collections import deque
 from typing import TYPE_CHECKING
 
 from tether.attach import protocol as p
-from tether.attach import transports
+from tether.attach import stats, transports
 from tether.attach.accepting import MAX_CONNECTIONS, Acceptor
 from tether.attach.channels import (AttachChannel, CopyFromChannel, CopyToChannel,
                                     describe_error)
-from tether.attach.stats import collect_stats, process_run_state
 from tether.console import RateLimit, clip
 from tether.log import INFO, WARNING, get_logger
 from tether.sessions import Phase
@@ -56,6 +55,7 @@ PREAUTH_READ = 4 << 10        # bytes read at once from a peer that has not auth
 PREAUTH_BAD_FRAMES = 8        # bad frames before authentication: a socket is dropped, a line reset
 MAX_BAD_FRAMES = 64           # bad frames from an authenticated socket client: dropped
 REASON_LIMIT = 240            # characters of a refusal's text in the log and the reply
+MAX_PENDING_STATS = 4         # `stats` requests of one client being collected at once
 
 
 def start_attach_server(host: "Host", endpoints: list[str]) -> "AttachServer":
@@ -71,6 +71,7 @@ class AttachServer:
         self.acceptors: list[Acceptor] = []
         self.connections: set[Connection] = set()
         self.failed: dict[str, str] = {}
+        self.stats_worker = stats.StatsWorker(self.loop)
         # what unauthenticated peers cause in the log is rate limited (a flood of them
         # must not become a flood of log lines)
         self.preauth_log = RateLimit(burst=10, interval=10.0)
@@ -116,6 +117,7 @@ class AttachServer:
         """Stop listening; give queued output (a session's last words, its exit status)
         up to `grace` seconds to reach the clients, then close them. The agent calls this
         after its loop has stopped, so it waits with its own select."""
+        self.stats_worker.close()
         for acceptor in self.acceptors:
             acceptor.close()
         self.acceptors.clear()
@@ -699,7 +701,7 @@ class Connection:
         sessions = []
         for _, session in sorted(self.host.sessions.items()):
             state = p.plain(session.state())
-            state["run_state"] = process_run_state(session)
+            state["run_state"] = stats.process_run_state(session)
             sessions.append(state)
         self.ok(channel, sessions=sessions)
 
@@ -779,7 +781,39 @@ class Connection:
                                                  as_tar=message.get("tar"))
 
     def _req_stats(self, channel: int, message: dict) -> None:
-        self.ok(channel, **collect_stats(self.host.sessions))
+        """Collected on the server's stats worker, off the loop; the channel is taken
+        until the reply (a `close` on it drops the reply)."""
+        if sum(type(c) is _Pending for c in self.channels.values()) >= MAX_PENDING_STATS:
+            raise ValueError(f"stats: {MAX_PENDING_STATS} of this client's stats requests "
+                             "are still being answered; wait for their replies")
+        figures = stats.snapshot(sorted(self.host.sessions.items()))
+        pending = self.channels[channel] = _Pending()
+
+        def done(result) -> None:
+            if self.closed or self.channels.get(channel) is not pending:
+                return   # the client went away, or closed the channel
+            del self.channels[channel]
+            if isinstance(result, BaseException):
+                log.error("attach: stats failed: %s: %s", type(result).__name__, result)
+                self.send({"t": p.ERROR, "ch": channel, "msg": _printable(
+                    f"stats: internal error: {type(result).__name__}: {result}")})
+            else:
+                self.ok(channel, **result)
+        self.server.stats_worker.submit(lambda: stats.collect_stats(figures), done)
+
+
+class _Pending:
+    """The channel of a request answered later (`stats`, collected off the loop): taken
+    until then, so the client cannot reuse it meanwhile."""
+
+    def on_data(self, data) -> None:
+        pass
+
+    def on_eof(self) -> None:
+        pass
+
+    def on_detach(self) -> None:
+        pass
 
 
 PATH_LIMIT = 4096             # bytes of a copy path, an exec's program or dir (PATH_MAX)

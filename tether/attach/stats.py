@@ -1,10 +1,12 @@
 """What the attach server reports about sessions: the port layer's ProcessRunState in
 `list`, and resource figures for `stats`: from the session's cgroup where it has them
-(tether/cgroups.py), else by walking its processes."""
+(tether/cgroups.py), else by walking its processes, on a worker thread."""
 from __future__ import annotations
 
 import os
+import threading
 import time
+from collections import deque
 
 from tether.sessions import Phase
 
@@ -37,29 +39,36 @@ def process_run_state(session) -> dict:
             "FinishedAt": _rfc3339(cfg.detail.stop_time)}
 
 
+def snapshot(items: list) -> list[tuple]:
+    """What `collect_stats` needs of each session, taken on the loop (the sessions change
+    there) for the worker thread: (ID, pid, running, output_bytes, spliced_bytes, cgroup)."""
+    return [(sid, session.pid, bool(session.running), getattr(session, "output_bytes", 0),
+             getattr(session, "spliced_bytes", 0), getattr(session, "cgroup", None))
+            for sid, session in items]
 
-def collect_stats(sessions: dict) -> dict:
+
+def collect_stats(sessions: list[tuple]) -> dict:
+    """The `stats` figures of a snapshot(); reads the cgroups and walks processes, so it
+    runs on a worker thread (StatsWorker), never on the agent's loop."""
     import psutil   # only when someone asks
     memory = psutil.virtual_memory()
     result = {"time": time.time(), "cpus": psutil.cpu_count(),
               "load": list(os.getloadavg()),
               "memory": {"total": memory.total, "available": memory.available},
               "sessions": {}}
-    for sid, session in sessions.items():
-        entry = {"pid": session.pid, "running": bool(session.running), "cpu_seconds": 0.0,
-                 "rss": 0, "pids": 0, "output_bytes": getattr(session, "output_bytes", 0),
-                 "spliced_bytes": getattr(session, "spliced_bytes", 0)}
-        group = getattr(session, "cgroup", None)
-        figures = group.stats() if group is not None and session.running else {}
+    for sid, pid, running, output_bytes, spliced_bytes, group in sessions:
+        entry = {"pid": pid, "running": running, "cpu_seconds": 0.0, "rss": 0, "pids": 0,
+                 "output_bytes": output_bytes, "spliced_bytes": spliced_bytes}
+        figures = group.stats() if group is not None and running else {}
         if {"cpu_usec", "memory_bytes", "pids"} <= figures.keys():
             # the session's cgroup counts everything it started, exited children included
             entry.update(source="cgroup", cpu_seconds=figures["cpu_usec"] / 1e6,
                          cpu_usec=figures["cpu_usec"], rss=figures["memory_bytes"],
                          memory_bytes=figures["memory_bytes"], pids=figures["pids"],
                          oom_kills=figures.get("oom_kills", 0))
-        elif session.running and session.pid:
+        elif running and pid:
             try:
-                top = psutil.Process(session.pid)
+                top = psutil.Process(pid)
                 procs = [top] + top.children(recursive=True)
             except psutil.Error:
                 procs = []
@@ -74,3 +83,56 @@ def collect_stats(sessions: dict) -> dict:
                     continue
         result["sessions"][sid] = entry
     return result
+
+
+class StatsWorker:
+    """Runs `stats` collections one after another on a worker thread, off the agent's
+    loop: walking a container of many processes takes long, and on the loop it stalled
+    every session's I/O. `submit(work, done)`: `done(result)` runs on the loop with what
+    `work()` returned, or the exception it raised."""
+
+    def __init__(self, loop):
+        self.loop = loop
+        self._lock = threading.Lock()
+        self._jobs: deque = deque()
+        self._running = False
+        self._closed = False
+
+    def submit(self, work, done) -> None:
+        with self._lock:
+            if self._closed:
+                raise ValueError("stats: the attach server is shutting down")
+            self._jobs.append((work, done))
+            if self._running:
+                return
+            self._running = True
+        try:
+            threading.Thread(target=self._run, name="attach stats", daemon=True).start()
+        except BaseException:
+            with self._lock:
+                self._running = False
+                self._jobs.clear()
+            raise
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                if not self._jobs:
+                    self._running = False
+                    return
+                work, done = self._jobs.popleft()
+            try:
+                result = work()
+            except Exception as err:   # noqa: BLE001 - reaches the client as an error
+                result = err
+            with self._lock:   # never after close: the loop's wake-up fd may be gone
+                if self._closed:
+                    self._running = False
+                    return
+                self.loop.call_soon_threadsafe(lambda done=done, result=result: done(result))
+
+    def close(self) -> None:
+        """Post nothing more to the loop (the agent is stopping); what runs is dropped."""
+        with self._lock:
+            self._closed = True
+            self._jobs.clear()
