@@ -1,8 +1,10 @@
-"""The attach server at scale: `stats` over a big process tree.
+"""The attach server at scale: more sessions than one frame can list, `stats` over a
+big process tree.
 
 The server is the real attach server on the real loop, reaper and Sessions (the agent's
 parts, minus its boot steps and cgroups, so `stats` walks processes) in a child process
-listening on a unix socket; the test is the client.
+listening on a unix socket; the test is the client. Many sessions are exec'd ones whose
+launch failed (kept, as the agent keeps them), which are cheap to make.
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ import pytest
 
 from helpers import REPO, require_root, socket_paths
 from tether.attach import protocol as p
-from tether.attach.client import Client
+from tether.attach.client import Client, ClientError
 
 KEY = b"scale-key"
 
@@ -77,6 +79,56 @@ def server(tmp_path):
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(30)
+
+
+def exec_failing(client: Client, count: int, prefix: str) -> list[str]:
+    """`count` execs of a program that is not there, pipelined: each leaves a failed
+    session (255-byte ID) behind. Returns their IDs."""
+    ids, channels = [], []
+    for n in range(count):
+        ident = f"{prefix}{n:06d}".ljust(255, "x")
+        channel = client.open_channel()
+        client.send({"t": p.EXEC, "ch": channel, "args": ["/nonexistent"], "id": ident,
+                     "attach": False})
+        ids.append(ident)
+        channels.append(channel)
+    for channel in channels:
+        reply = client.next_message(channel, 60)
+        assert reply is not None and reply["t"] == p.ERROR and "stat" in reply["msg"], reply
+        client.release_channel(channel)
+    return ids
+
+
+def test_list_and_stats_answer_for_more_sessions_than_one_frame_holds(server):
+    """3,600 sessions: a `list` reply is about 3 MiB and a `stats` one 1.2 MiB, over
+    the 1 MiB frame limit: both failed for everyone ("message of N bytes is over the
+    1048576 limit"). The client now asks for pages; a client that asks for everything
+    at once gets a clear error instead."""
+    with Client.connect(server, KEY, timeout=60) as client:
+        running = client.exec(["/bin/sleep", "1000"], id="sleeper", attach=False)["id"]
+        ids = exec_failing(client, 3600, "f")
+        listed = client.list()
+        assert [s["id"] for s in listed] == sorted([running, *ids])
+        assert {s["id"]: s["run_state"]["Status"] for s in listed}[running] == "running"
+        stats = client.stats()
+        assert set(stats["sessions"]) == {running, *ids}
+        assert stats["sessions"][running]["running"] and stats["cpus"] >= 1
+        for kind in (p.LIST, p.STATS):
+            with pytest.raises(ClientError, match="do not fit one reply.*'after'"):
+                client.request(kind)             # an old client: no paging
+        assert client.ping("still here")["data"] == "still here"
+
+
+def test_a_page_is_the_sessions_after_the_one_named(server):
+    with Client.connect(server, KEY, timeout=60) as client:
+        ids = sorted(exec_failing(client, 5, "g"))
+        page = client.request(p.LIST, after=ids[1])
+        assert [s["id"] for s in page["sessions"]] == ids[2:] and page["next"] is None
+        page = client.request(p.STATS, after=ids[3])
+        assert list(page["sessions"]) == ids[4:] and page["next"] is None
+        assert client.request(p.LIST, after="")["sessions"][0]["id"] == ids[0]
+        with pytest.raises(ClientError, match="'after' must be str"):
+            client.request(p.LIST, after=7)
 
 
 PROCESSES = 300

@@ -223,11 +223,35 @@ class Client:
         return self.request(p.PING, data=data)
 
     def list(self) -> list[dict]:
-        return self.request(p.LIST)["sessions"]
+        """Every session's state, in ID order, asked for in pages (any number of them)."""
+        return [state for page in self._pages(p.LIST) for state in page["sessions"]]
 
     def stats(self) -> dict:
-        reply = self.request(p.STATS)
-        return {k: v for k, v in reply.items() if k not in ("t", "ch")}
+        """The agent's figures and every session's, asked for in pages: the machine's
+        figures are the first page's."""
+        figures: dict | None = None
+        for page in self._pages(p.STATS):
+            if figures is None:
+                figures = {k: v for k, v in page.items() if k not in ("t", "ch", "next")}
+            else:
+                figures["sessions"].update(page["sessions"])
+        return figures
+
+    def _pages(self, kind: str) -> Iterator[dict]:
+        """The replies to `kind` asked for page by page: each asks for the sessions after
+        the last one of the page before. An agent that does not page (before pages were
+        added) answers everything at once, without `next`."""
+        after = ""
+        while True:
+            reply = self.request(kind, after=after)
+            yield reply
+            following = reply.get("next")
+            if following is None:
+                return
+            if not isinstance(following, str) or following <= after:
+                raise ClientError(f"{kind}: the agent's next page starts at "
+                                  f"{following!r}, not after {after!r}")
+            after = following
 
     def resize(self, session: str, rows: int, cols: int) -> None:
         self.request(p.RESIZE, session=session, rows=rows, cols=cols)

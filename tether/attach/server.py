@@ -698,12 +698,25 @@ class Connection:
         self.ok(channel, data=message.get("data"), time=time.time())
 
     def _req_list(self, channel: int, message: dict) -> None:
-        sessions = []
-        for _, session in sorted(self.host.sessions.items()):
-            state = p.plain(session.state())
-            state["run_state"] = stats.process_run_state(session)
-            sessions.append(state)
-        self.ok(channel, sessions=sessions)
+        after = _after(message)
+        if after is None:   # a version 1 client: everything in one reply, if it fits
+            states = [stats.list_state(session)
+                      for _, session in stats.sessions_after(self.host.sessions, None)]
+            self._reply_whole(channel, p.LIST, len(states), {"sessions": states})
+            return
+        states, more = stats.list_page(self.host.sessions, after)
+        self.ok(channel, sessions=states, next=states[-1]["id"] if more else None)
+
+    def _reply_whole(self, channel: int, kind: str, count: int, fields: dict) -> None:
+        """The reply to a request for every session at once; one that does not fit a
+        frame is refused with what to do instead."""
+        try:
+            frame = p.encode({"t": p.OK, "ch": channel, **fields})
+        except p.ProtocolError:
+            raise ValueError(f"{kind}: the {count} sessions do not fit one reply (a frame "
+                             f"holds {p.MAX_PAYLOAD >> 20} MiB): ask for them in pages, "
+                             "with 'after' (docs/attach-protocol.md)") from None
+        self.send_bytes(frame)
 
     def _req_resize(self, channel: int, message: dict) -> None:
         session = self._session(message)
@@ -783,10 +796,16 @@ class Connection:
     def _req_stats(self, channel: int, message: dict) -> None:
         """Collected on the server's stats worker, off the loop; the channel is taken
         until the reply (a `close` on it drops the reply)."""
+        after = _after(message)
         if sum(type(c) is _Pending for c in self.channels.values()) >= MAX_PENDING_STATS:
             raise ValueError(f"stats: {MAX_PENDING_STATS} of this client's stats requests "
                              "are still being answered; wait for their replies")
-        figures = stats.snapshot(sorted(self.host.sessions.items()))
+        items = stats.sessions_after(self.host.sessions, after)
+        more = False
+        if after is not None:
+            count = stats.stats_page(items)
+            more, items = count < len(items), items[:count]
+        figures = stats.snapshot(items)
         pending = self.channels[channel] = _Pending()
 
         def done(result) -> None:
@@ -797,8 +816,13 @@ class Connection:
                 log.error("attach: stats failed: %s: %s", type(result).__name__, result)
                 self.send({"t": p.ERROR, "ch": channel, "msg": _printable(
                     f"stats: internal error: {type(result).__name__}: {result}")})
+            elif after is None:
+                try:
+                    self._reply_whole(channel, p.STATS, len(figures), result)
+                except ValueError as err:
+                    self.send({"t": p.ERROR, "ch": channel, "msg": str(err)})
             else:
-                self.ok(channel, **result)
+                self.ok(channel, **result, next=items[-1][0] if more else None)
         self.server.stats_worker.submit(lambda: stats.collect_stats(figures), done)
 
 
@@ -814,6 +838,14 @@ class _Pending:
 
     def on_detach(self) -> None:
         pass
+
+
+def _after(message: dict) -> str | None:
+    """A paged `list` or `stats`: the ID the page starts after ("" for the first page);
+    None for a request of every session at once (version 1)."""
+    if message.get("after") is None:
+        return None
+    return p.require(message, "after", str)
 
 
 PATH_LIMIT = 4096             # bytes of a copy path, an exec's program or dir (PATH_MAX)

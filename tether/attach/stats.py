@@ -1,6 +1,7 @@
 """What the attach server reports about sessions: the port layer's ProcessRunState in
 `list`, and resource figures for `stats`: from the session's cgroup where it has them
-(tether/cgroups.py), else by walking its processes, on a worker thread."""
+(tether/cgroups.py), else by walking its processes, on a worker thread. Both come in
+pages for a client that asks for them (any number of sessions; a frame holds 1 MiB)."""
 from __future__ import annotations
 
 import os
@@ -8,6 +9,9 @@ import threading
 import time
 from collections import deque
 
+import msgpack
+
+from tether.attach.protocol import plain
 from tether.sessions import Phase
 
 GO_ZERO_TIME = "0001-01-01T00:00:00Z"
@@ -37,6 +41,48 @@ def process_run_state(session) -> dict:
             "ExitCode": cfg.exit_status, "ExitMsg": message,
             "StartedAt": _rfc3339(cfg.detail.start_time),
             "FinishedAt": _rfc3339(cfg.detail.stop_time)}
+
+
+# -- pages: `list` and `stats` for any number of sessions -----------------------------------
+# A reply is one frame (at most 1 MiB), and 2,500 sessions' states fill one: a client asks
+# for the sessions after a given ID and gets those that fit a page, and the ID to ask
+# after next (docs/attach-protocol.md, "Pages").
+PAGE_BYTES = 512 << 10        # of a page's entries, well under a frame's 1 MiB
+STATS_ENTRY_BYTES = 512       # what a `stats` entry holds besides its ID, at most
+
+
+def sessions_after(sessions: dict, after: str | None) -> list:
+    """(ID, session) in ID order: all of them, or those whose ID sorts after `after`."""
+    return sorted(item for item in sessions.items() if after is None or item[0] > after)
+
+
+def list_page(sessions: dict, after: str) -> tuple[list[dict], bool]:
+    """The `list` states of the sessions after `after` that fit PAGE_BYTES (one at
+    least), and whether more follow."""
+    states, used = [], 0
+    for sid, session in sessions_after(sessions, after):
+        state = list_state(session)
+        used += len(msgpack.packb(state, use_bin_type=True))
+        if states and used > PAGE_BYTES:
+            return states, True
+        states.append(state)
+    return states, False
+
+
+def list_state(session) -> dict:
+    state = plain(session.state())
+    state["run_state"] = process_run_state(session)
+    return state
+
+
+def stats_page(items: list) -> int:
+    """How many of `items` (ID, session) one `stats` page holds (one at least)."""
+    used = 0
+    for count, (sid, _) in enumerate(items):
+        used += len(sid.encode(errors="surrogateescape")) + STATS_ENTRY_BYTES
+        if count and used > PAGE_BYTES:
+            return count
+    return len(items)
 
 
 def snapshot(items: list) -> list[tuple]:
