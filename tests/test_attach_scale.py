@@ -1,5 +1,6 @@
-"""The attach server at scale: more sessions than one frame can list, `stats` over a
-big process tree.
+"""The attach server at scale and against clients that hold what they took: more
+sessions than one frame can list, `stats` over a big process tree, copies whose client
+went quiet.
 
 The server is the real attach server on the real loop, reaper and Sessions (the agent's
 parts, minus its boot steps and cgroups, so `stats` walks processes) in a child process
@@ -21,14 +22,17 @@ from tether.attach import protocol as p
 from tether.attach.client import Client, ClientError
 
 KEY = b"scale-key"
+COPY_IDLE = 2.0     # the server's copy idle timeout in these tests (seconds)
 
 SERVER = textwrap.dedent("""
     import os, signal, sys
     from tether.loop import Loop
     from tether.reaper import Reaper
     from tether.sessions import Session
+    from tether.attach import channels
     from tether.attach.server import start_attach_server
     endpoint, key = sys.argv[1], sys.argv[2].encode()
+    channels.COPY_IDLE_TIMEOUT = float(sys.argv[3])
     loop = Loop()
     reaper = Reaper(loop)
     reaper.start()
@@ -66,7 +70,7 @@ def server(tmp_path):
         path = socket_path()
         env = dict(os.environ, PYTHONPATH=str(REPO))
         proc = subprocess.Popen([sys.executable, "-c", SERVER, "unix:" + path,
-                                 KEY.decode()],
+                                 KEY.decode(), str(COPY_IDLE)],
                                 stdout=subprocess.PIPE, stderr=log, env=env, cwd=REPO)
         try:
             assert proc.stdout.readline() == b"ready\n", \
@@ -158,3 +162,83 @@ def test_stats_walks_processes_off_the_loop(server):
         entry = replies[1]["sessions"]["tree"]
         assert entry["pids"] == PROCESSES + 1 and entry["rss"] > 0, entry
         stream.signal("KILL")
+
+
+def stopped_with(client: Client, channel: int) -> str:
+    """The error that ended a stalled copy's channel, after what it had sent."""
+    while True:
+        message = client.next_message(channel, 60)
+        assert message is not None, "the copy was not stopped"
+        if message["t"] == p.ERROR:
+            return message["msg"]
+        assert message["t"] in (p.OK, p.DATA), message
+
+
+def wait_for_log(path, text: str, count: int, wait: float = 20) -> None:
+    deadline = time.monotonic() + wait
+    while path.read_text().count(text) < count:
+        assert time.monotonic() < deadline, f"{text!r} not {count} times in the log"
+        time.sleep(0.05)
+
+
+def open_copy_to(client: Client, path: str, wait: float = 10) -> int:
+    """A copy-to channel, asked for again while the agent has no copy slot free."""
+    deadline = time.monotonic() + wait
+    while True:
+        channel = client.open_channel()
+        client.send({"t": p.COPY_TO, "ch": channel, "path": path})
+        reply = client.next_message(channel, 60)
+        if reply["t"] == p.OK:
+            return channel
+        client.release_channel(channel)
+        assert "copies are already running" in reply["msg"], reply
+        assert time.monotonic() < deadline, "the stopped copies kept their slots"
+        time.sleep(0.1)
+
+
+def test_idle_copies_give_their_slots_back(server, tmp_path):
+    """A copy started and then left alone (nothing sent to a copy-to, nothing read of a
+    copy-from) kept one of the 16 copy slots for as long as its client stayed
+    connected: 16 of them locked `tether cp` out for everyone, for ever. A copy whose
+    client has not moved its data for the idle timeout is now stopped with an error
+    saying so, and its slot is free again."""
+    copies = tmp_path / "copies"
+    copies.mkdir()
+    big = copies / "big"
+    with open(big, "wb") as f:
+        f.truncate(64 << 20)            # more than the socket, the backlog and read-ahead
+    stalled: list[tuple[Client, int, str]] = []
+    clients: list[Client] = []
+    try:
+        for _ in range(2):
+            clients.append(Client.connect(server, KEY, timeout=60))
+        senders, readers = clients      # copy-to, then nothing; copy-from, never read
+        for n in range(16):
+            client, kind = (senders, p.COPY_TO) if n % 2 else (readers, p.COPY_FROM)
+            channel = client.open_channel()
+            fields = {"path": str(copies / f"to{n}")} if kind == p.COPY_TO else \
+                {"path": str(big)}
+            client.send({"t": kind, "ch": channel, **fields})
+            if kind == p.COPY_TO:
+                assert client.next_message(channel, 60)["t"] == p.OK
+            stalled.append((client, channel, kind))
+        wait_for_log(tmp_path / "server.log", "the copy was stopped", 16)
+        # 16 copies at once again: the stalled ones' slots are free
+        late = Client.connect(server, KEY, timeout=60)
+        clients.append(late)
+        opened = [open_copy_to(late, str(copies / f"late{n}")) for n in range(16)]
+        for n, channel in enumerate(opened):
+            late.send({"t": p.DATA, "ch": channel, "s": "stdin", "d": b"in at last %d" % n})
+            late.send({"t": p.EOF, "ch": channel})
+        for n, channel in enumerate(opened):
+            assert late.next_message(channel, 60)["t"] == p.OK
+            assert (copies / f"late{n}").read_bytes() == b"in at last %d" % n
+        for client, channel, kind in stalled:
+            what = "sent nothing" if kind == p.COPY_TO else "took nothing"
+            assert f"the client {what} for {COPY_IDLE:g}s: the copy was stopped" in \
+                stopped_with(client, channel)
+    finally:
+        for client in clients:
+            client.close()
+    # no half-written copy left behind
+    assert sorted(os.listdir(copies)) == sorted(["big", *(f"late{n}" for n in range(16))])

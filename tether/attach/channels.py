@@ -8,7 +8,8 @@ session's output while this client's backlog is high, `has_room()` says whether 
 producer may queue more. The connection calls a channel's `on_data(bytes)`, `on_eof()`
 and `on_detach()` with what the client sends, and `pump()` (when the channel has one)
 when its backlog drains. A copy-to that writes slower than the client sends stops the
-connection's reading for a while (`pause_reading(holder)` / `resume_reading(holder)`).
+connection's reading for a while (`pause_reading(holder)` / `resume_reading(holder)`,
+`reading_paused()`); `wrote_at` is when the client last took bytes (time.monotonic).
 
 A copy's file work blocks (a slow disk, a hung filesystem), so it runs on a worker
 thread of its own (`copyfiles.py` holds that half), never on the loop: bytes go between
@@ -18,16 +19,19 @@ from __future__ import annotations
 
 import tarfile
 import threading
+import time
 from collections import deque
 
 from tether.attach import copyfiles
 from tether.attach import protocol as p
+from tether.console import clip
 from tether.log import get_logger
 from tether.sessions import Phase
 
 log = get_logger("tether.attach")
 
 MAX_COPIES = 16               # copies running at once, each on a worker thread
+COPY_IDLE_TIMEOUT = 60.0      # seconds a copy's worker may wait on its client: then stopped
 OUTBOX_LIMIT = 4 << 20        # copy-from: read ahead of the connection at most this much
 INBOX_HIGH = 8 << 20          # copy-to: the client's bytes not yet written: over this,
 INBOX_LOW = 2 << 20           # stop reading the client until down to this
@@ -184,11 +188,15 @@ class Outbox:
         self._size = 0
         self._closed = False
         self._cancelled = False
+        self.waiting_since: float | None = None   # the worker waits for the client to take
 
     def write(self, data: bytes) -> None:
         with self._cond:
             while self._size >= self._limit and not self._cancelled:
+                if self.waiting_since is None:
+                    self.waiting_since = time.monotonic()
                 self._cond.wait()
+            self.waiting_since = None
             if self._cancelled:
                 raise Cancelled()
             first = not self._chunks
@@ -231,6 +239,7 @@ class Inbox:
         self._size = 0
         self._eof = False
         self._cancelled = False
+        self.waiting_since: float | None = None   # the worker waits for the client's bytes
 
     def put(self, data: bytes) -> int:
         with self._cond:
@@ -253,7 +262,10 @@ class Inbox:
     def read(self, size: int = -1) -> bytes:
         with self._cond:
             while not self._chunks and not self._eof and not self._cancelled:
+                if self.waiting_since is None:
+                    self.waiting_since = time.monotonic()
                 self._cond.wait()
+            self.waiting_since = None
             if self._cancelled:
                 raise Cancelled()
             if not self._chunks:
@@ -272,6 +284,52 @@ class Inbox:
         return chunk
 
 
+class IdleWatch:
+    """Stops a copy whose worker has waited on the client for COPY_IDLE_TIMEOUT seconds:
+    a copy-to's client sent nothing, a copy-from's client took nothing (the connection
+    wrote it nothing: a slow line still counts as taking). A copy holds one of the
+    MAX_COPIES slots, and idle clients holding them all locked every copy out. Checked a
+    few times per timeout, on the loop. For a copy-to, the time the connection's reading
+    is paused (for a copy-to that lags, maybe another one) does not count."""
+
+    def __init__(self, connection, queue, on_idle, *, sending: bool):
+        self.connection = connection
+        self.queue = queue                # Inbox or Outbox: its `waiting_since`
+        self.on_idle = on_idle
+        self.sending = sending            # copy-from: the client's progress is our writes
+        self._paused_at = 0.0
+        self._timer = None
+        self._arm()
+
+    def _arm(self) -> None:
+        self._timer = self.connection.loop.call_later(COPY_IDLE_TIMEOUT / 4, self._check)
+
+    def _check(self) -> None:
+        now = time.monotonic()
+        if self.sending:
+            progress = self.connection.wrote_at
+        else:
+            if self.connection.reading_paused():
+                self._paused_at = now
+            progress = self._paused_at
+        since = self.queue.waiting_since
+        if since is not None and now - max(since, progress) >= COPY_IDLE_TIMEOUT:
+            self._timer = None
+            self.on_idle()
+            return
+        self._arm()
+
+    def stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+
+def idle_reason(what: str) -> str:
+    return (f"the client {what} for {COPY_IDLE_TIMEOUT:g}s: the copy was stopped (it held "
+            f"one of the {MAX_COPIES} copy slots)")
+
+
 class CopyToChannel:
     """Data in, a file (written to a temporary name, put in place at the end) or a tar
     stream extracted under a directory; the file work on a worker thread."""
@@ -280,12 +338,14 @@ class CopyToChannel:
                  mode, as_tar: bool):
         self.connection = connection
         self.channel = channel
+        self.path = path
         self.paused = False
         self.inbox = Inbox(drained=lambda: self.worker.post(self._drained))
         mode = mode if isinstance(mode, int) and not isinstance(mode, bool) else 0o644
         self.worker = CopyWorker(connection.loop, f"copy-to {path}",
                                  lambda: self._work(root, path, mode, as_tar), self._failed)
         self.worker.start()
+        self.idle = IdleWatch(connection, self.inbox, self._idle, sending=False)
 
     def _ours(self) -> bool:
         return self.connection.channels.get(self.channel) is self
@@ -321,17 +381,25 @@ class CopyToChannel:
             self.connection.send({"t": p.OK, "ch": self.channel})
 
     def _done(self, size: int, digest: str) -> None:
+        self.idle.stop()
         if self._ours():
             self.connection.ok(self.channel, size=size, sha256=digest)
             self.connection.finish(self.channel)
         self._resume()
 
     def _failed(self, reason: str) -> None:
+        self.idle.stop()
         if self._ours():
             self.connection.send({"t": p.ERROR, "ch": self.channel, "msg": reason})
             self.connection.channels.pop(self.channel, None)
         self.inbox.cancel()
         self._resume()
+
+    def _idle(self) -> None:
+        reason = idle_reason("sent nothing")
+        log.warning("attach: copy-to %s: %s", clip(self.path), reason)
+        self.worker.cancel()     # the worker stops where it waits, the partial file goes
+        self._failed("copy-to: " + reason)
 
     def _drained(self) -> None:
         self._resume()
@@ -350,6 +418,7 @@ class CopyToChannel:
         self.inbox.close()
 
     def on_detach(self) -> None:
+        self.idle.stop()
         self.worker.cancel()
         self.inbox.cancel()
         self._resume()
@@ -362,11 +431,13 @@ class CopyFromChannel:
     def __init__(self, connection, channel: int, root: str, path: str, *, as_tar):
         self.connection = connection
         self.channel = channel
+        self.path = path
         self.sending = False
         self.outbox = Outbox(wake=lambda: self.worker.post(self.pump))
         self.worker = CopyWorker(connection.loop, f"copy-from {path}",
                                  lambda: self._work(root, path, as_tar), self._failed)
         self.worker.start()
+        self.idle = IdleWatch(connection, self.outbox, self._idle, sending=True)
 
     def _ours(self) -> bool:
         return self.connection.channels.get(self.channel) is self
@@ -395,6 +466,7 @@ class CopyFromChannel:
 
     def _failed(self, reason: str) -> None:
         self.sending = False
+        self.idle.stop()
         if self._ours():
             self.connection.send({"t": p.ERROR, "ch": self.channel, "msg": reason})
             self.connection.channels.pop(self.channel, None)
@@ -410,6 +482,7 @@ class CopyFromChannel:
             if chunk is None:
                 if finished:
                     self.sending = False
+                    self.idle.stop()
                     connection.send({"t": p.EOF, "ch": self.channel})
                     connection.finish(self.channel)
                 return
@@ -423,7 +496,17 @@ class CopyFromChannel:
     def on_eof(self) -> None:
         pass
 
+    def _idle(self) -> None:
+        reason = idle_reason("took nothing")
+        log.warning("attach: copy-from %s: %s", clip(self.path), reason)
+        self.on_detach()
+        if self._ours():
+            self.connection.send({"t": p.ERROR, "ch": self.channel,
+                                  "msg": "copy-from: " + reason})
+            self.connection.channels.pop(self.channel, None)
+
     def on_detach(self) -> None:
         self.sending = False
+        self.idle.stop()
         self.worker.cancel()
         self.outbox.cancel()

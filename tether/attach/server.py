@@ -214,6 +214,7 @@ class Connection:
         self._pumps_due = False
         self._read_pauses: set = set()    # channels that asked us to stop reading for now
         self._hold_timer = None
+        self.wrote_at = 0.0               # when the client last took bytes (monotonic)
         self.closed = False
         self.loop.add_reader(self.fd, self._on_readable)
         # A socket that does not authenticate in time is closed (lines wait for ever).
@@ -325,6 +326,10 @@ class Connection:
         if not self._read_pauses and not self.closed and self._retry is None:
             self.loop.remove_reader(self.fd)
         self._read_pauses.add(holder)
+
+    def reading_paused(self) -> bool:
+        """Whether a copy-to that lags has us not reading this client for now."""
+        return bool(self._read_pauses)
 
     def resume_reading(self, holder) -> None:
         if holder not in self._read_pauses:
@@ -518,6 +523,7 @@ class Connection:
                 return False
             piece.left -= n
             self._out_size -= n
+            self.wrote_at = time.monotonic()
         self._out.popleft()
         piece.end()
         if self._splice_timer is not None and not any(
@@ -549,6 +555,7 @@ class Connection:
                 return
             if n == 0:
                 break
+            self.wrote_at = time.monotonic()
             self._out_size -= n
             for piece in batch:
                 if n >= len(piece):
