@@ -9,7 +9,9 @@ launch failed (kept, as the agent keeps them), which are cheap to make.
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -44,6 +46,9 @@ SERVER = textwrap.dedent("""
             session = Session(cfg, loop=loop, reaper=reaper, root="/")
             self.sessions[session.id] = session
             session.start()
+            if session.pid:   # for the test to end them if we cannot
+                with open(sys.argv[4], "a") as pids:
+                    print(session.pid, file=pids)
             return session
         def request_stop(self, reason):
             loop.stop()
@@ -69,8 +74,9 @@ def server(tmp_path):
             open(tmp_path / "server.log", "wb") as log:
         path = socket_path()
         env = dict(os.environ, PYTHONPATH=str(REPO))
+        pids = tmp_path / "session.pids"
         proc = subprocess.Popen([sys.executable, "-c", SERVER, "unix:" + path,
-                                 KEY.decode(), str(COPY_IDLE)],
+                                 KEY.decode(), str(COPY_IDLE), str(pids)],
                                 stdout=subprocess.PIPE, stderr=log, env=env, cwd=REPO)
         try:
             assert proc.stdout.readline() == b"ready\n", \
@@ -81,8 +87,11 @@ def server(tmp_path):
             try:
                 proc.wait(30)
             except subprocess.TimeoutExpired:
-                proc.kill()
+                proc.kill()   # its sessions outlive it: end them (each its own group)
                 proc.wait(30)
+                for pid in pids.read_text().split() if pids.exists() else ():
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(int(pid), signal.SIGKILL)
 
 
 def exec_failing(client: Client, count: int, prefix: str) -> list[str]:
