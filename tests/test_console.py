@@ -121,3 +121,14 @@ def test_sandbox_with_a_stderr_nobody_reads_still_stops_on_sigterm(tmp_path):
             proc.kill()
             proc.wait(30)
         proc.stderr.close()
+
+
+def test_peer_text_is_shown_with_every_unprintable_character_escaped():
+    from tether.console import escape_unprintable
+    # an escape sequence, a carriage return that would rewrite our line, a C1 CSI and a
+    # right-to-left override that would show the rest of the line backwards
+    hostile = "ok\x1b]0;title\x07\x1b[2K\rtether vm: fine\x9b1A \u202eevil\tend\n"
+    assert escape_unprintable(hostile) == (
+        "ok\\x1b]0;title\\x07\\x1b[2K\\rtether vm: fine\\x9b1A \\u202eevil\\tend\\n")
+    assert escape_unprintable(hostile, keep="\n\t").endswith("\\u202eevil\tend\n")
+    assert escape_unprintable("plain ünïcode text") == "plain ünïcode text"

@@ -300,6 +300,16 @@ def clip(value, limit: int = PEER_TEXT_LIMIT) -> str:
     return repr(raw)
 
 
+def escape_unprintable(text: str, keep: str = "") -> str:
+    """`text` with each character that is not printable (C0 and C1 controls, ESC of an
+    escape sequence, CR, bidi overrides...) but those in `keep` written as its Python
+    escape (\\x1b, \\r, \\u202e): a peer's text shown in a line of ours can neither drive
+    the terminal nor forge a line."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() or c in keep else repr(c)[1:-1] for c in text)
+
+
 class RateLimit:
     """At most `burst` log lines per `interval` seconds for one kind of event; the rest
     are counted and the count is given with the next line let through."""

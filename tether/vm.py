@@ -940,7 +940,7 @@ class VmRun:
             message = "the VM did not power off after ctrl-alt-del; killed"
         elif qemu_status is None:
             self.machine.kill()
-            message = f"the VM did not power off within the timeout; killed"
+            message = "the VM did not power off within the timeout; killed"
         elif qemu_status != 0:
             message = f"QEMU exited with status {qemu_status}: {self.machine.qemu_errors().strip()}"
         final = self.guestinfo.final_map()
@@ -1222,21 +1222,13 @@ def report(result: VmResult, out: str | None, show_console: bool = True) -> None
               file=sys.stderr)
 
 
-CONSOLE_KEEP = frozenset("\n\t")
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
-_NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+CONSOLE_KEEP = "\n\t"      # a console tail keeps its lines and tabs
 
 
-def shown(text: str, keep: frozenset = frozenset()) -> str:
-    """Guest text for our own lines on the user's terminal: control characters (C0, DEL,
-    C1: escape sequences, carriage returns, newlines but `keep`) as `\\xNN` (`\\n`...), so that
-    the guest can neither drive the terminal nor forge a line of ours."""
-    def escaped(match) -> str:
-        char = match.group()
-        if char in keep:
-            return char
-        return _NAMED.get(char) or f"\\x{ord(char):02x}"
-    return _CONTROL.sub(escaped, text)
+def shown(text: str, keep: str = "") -> str:
+    """Guest text in our own lines on the user's terminal (tether.console)."""
+    from tether.console import escape_unprintable
+    return escape_unprintable(text, keep)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ from tether.attach import stats, transports
 from tether.attach.accepting import MAX_CONNECTIONS, Acceptor
 from tether.attach.channels import (AttachChannel, CopyFromChannel, CopyToChannel,
                                     describe_error)
-from tether.console import RateLimit, clip
+from tether.console import RateLimit, clip, escape_unprintable
 from tether.log import INFO, WARNING, get_logger
 from tether.sessions import Phase
 
@@ -875,9 +875,7 @@ def _request_path(message: dict) -> str:
 def _printable(text: str) -> str:
     """A refusal's text for the log and the reply: at most REASON_LIMIT characters, with
     control characters escaped (peer text inside it is clipped where it is quoted)."""
-    cut = text[:REASON_LIMIT]
-    if not cut.isprintable():
-        cut = "".join(c if c.isprintable() else repr(c)[1:-1] for c in cut)
+    cut = escape_unprintable(text[:REASON_LIMIT])
     return cut + "..." if len(text) > REASON_LIMIT else cut
 
 
