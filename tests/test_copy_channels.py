@@ -27,6 +27,7 @@ class Connection:
         self.data = bytearray()
         self.paused: set = set()
         self.pauses = 0
+        self.wrote_at = time.monotonic()    # when the client last took bytes (idle watch)
 
     def send(self, message: dict) -> None:
         self.sent.append(message)
@@ -39,6 +40,7 @@ class Connection:
         self.send({"t": p.CLOSE, "ch": channel})
 
     def send_parts(self, parts, size: int) -> bool:
+        self.wrote_at = time.monotonic()
         for message in p.FrameDecoder(accept_unchecked=True).feed(b"".join(parts)):
             self.data += message["d"]
         return True
@@ -52,6 +54,9 @@ class Connection:
 
     def resume_reading(self, holder) -> None:
         self.paused.discard(holder)
+
+    def reading_paused(self) -> bool:
+        return bool(self.paused)
 
     def kinds(self) -> list[str]:
         return [m["t"] for m in self.sent]
