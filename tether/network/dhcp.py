@@ -21,6 +21,8 @@ from pyroute2.dhcp.enums import dhcp
 from pyroute2.dhcp.hooks import Trigger, hook
 from pyroute2.dhcp.leases import Lease, MissingOptionError
 
+from tether.log import get_logger
+
 from .clientid import CLIENT_ID_TYPE
 
 RESTART_DELAYS = (1.0, 2.0, 4.0, 8.0, 16.0, 30.0)
@@ -71,7 +73,8 @@ def requested_parameters(want_router: bool, want_dns: bool) -> tuple:
 
 
 class _ClientIdSocket(AsyncDHCP4Socket):
-    """Puts the reference's RFC 4361 client id (type 255) on every message sent."""
+    """Puts the reference's RFC 4361 client id (type 255) on every message sent, and drops
+    received packets it cannot decode."""
 
     def __init__(self, ifname: str, client_id: bytes):
         super().__init__(ifname)
@@ -81,11 +84,36 @@ class _ClientIdSocket(AsyncDHCP4Socket):
         msg.dhcp["options"]["client_id"] = {"type": CLIENT_ID_TYPE, "key": self._client_id}
         return await super().put(msg, *args, **kwargs)
 
+    async def get(self):
+        # pyroute2 drops only the ValueErrors of its decoder: anything else (an empty
+        # client id option raises IndexError) would end its receiving task for good.
+        while True:
+            raw = await self.loop.sock_recv(self, 4096)
+            try:
+                return self._decode_msg(raw)
+            except Exception as exc:
+                _dropped(self.ifname, "undecodable", exc)
+
 
 class _Client(AsyncDHCPClient):
     def __init__(self, config: ClientConfig, client_id: bytes):
         super().__init__(config)
         self._sock = _ClientIdSocket(config.interface, client_id)
+
+    async def _process_msg(self, msg) -> None:
+        # Anyone on the network can broadcast to port 68: a packet without a (known)
+        # message type must not end the receiving task (pyroute2 lets its KeyError out).
+        try:
+            dhcp.MessageType(msg.dhcp["options"]["message_type"])
+        except (KeyError, ValueError, TypeError) as exc:
+            _dropped(self.config.interface, "without a valid message type", exc)
+            return
+        await super()._process_msg(msg)
+
+
+def _dropped(ifname: str, what: str, exc: BaseException) -> None:
+    """A packet from the network dropped: debug only, a flood must not flood the log."""
+    get_logger("tether.dhcp").debug("DHCP on %s: dropped a packet %s: %r", ifname, what, exc)
 
 
 @dataclasses.dataclass
