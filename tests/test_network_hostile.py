@@ -117,3 +117,28 @@ def test_a_malformed_dhcp_packet_does_not_deafen_the_client(netpair, hostile, ch
     renewed = child.wait_for(lambda e: e["event"] == "publish" and dns_of(e) == ["10.77.0.54"],
                              timeout=60)
     assert renewed["endpoints"]["n"]["assigned"] == f"{LEASE_IP}/24"
+
+
+@pytest.mark.root
+def test_the_client_hears_the_server_again_after_the_link_went_down_and_up(
+        netpair, hostile, child_factory):
+    """A raw socket on a link that goes down gets ENETDOWN; pyroute2's receiving task then
+    returns quietly. The client must be restarted, not left deaf with its lease running
+    out."""
+    server = hostile(routers=["10.77.0.1"], dns=["10.77.0.53"], t1=2, t2=100)
+    child = child_factory(netpair, DYNAMIC, hold=300)
+    first = child.wait_for(lambda e: e["event"] in ("publish", "error"))
+    assert first["event"] == "publish" and dns_of(first) == ["10.77.0.53"], first
+    child.wait_for(lambda e: e["event"] == "applied")
+    sh("ip", "-n", netpair.agent, "link", "set", "dev", "n", "down")
+    time.sleep(1)
+    sh("ip", "-n", netpair.agent, "link", "set", "dev", "n", "up")
+    server.command(options={"mask": "255.255.255.0", "lease": 120, "routers": ["10.77.0.1"],
+                            "dns": ["10.77.0.54"], "t1": 2, "t2": 100})
+    renewed = child.wait_for(lambda e: e["event"] == "publish" and dns_of(e) == ["10.77.0.54"],
+                             timeout=60)
+    assert renewed["endpoints"]["n"]["assigned"] == f"{LEASE_IP}/24"
+    assert addresses(netpair, "n") == [f"{LEASE_IP}/24"]
+    # the routes the link lost when it went down are back
+    assert any(r["dst"] == "default" and r.get("gateway") == "10.77.0.1"
+               for r in netpair.agent_json("route", "show"))

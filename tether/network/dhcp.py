@@ -180,7 +180,7 @@ class DhcpService:
             try:
                 async with _Client(config, spec.client_id) as client:
                     await client.bootstrap()
-                    await handle.stop_event.wait()
+                    await self._until_stopped_or_deaf(handle, client)
                 return
             except Exception as exc:      # keep the agent's DHCP alive whatever happens
                 delay = RESTART_DELAYS[min(failures, len(RESTART_DELAYS) - 1)]
@@ -191,6 +191,23 @@ class DhcpService:
                     await asyncio.wait_for(handle.stop_event.wait(), delay)
                 except asyncio.TimeoutError:
                     pass
+
+    @staticmethod
+    async def _until_stopped_or_deaf(handle: DhcpHandle, client: _Client) -> None:
+        """Wait for stop; raise when the client's socket tasks end first. A link that goes
+        down gives its raw socket ENETDOWN and pyroute2's tasks then return quietly,
+        leaving a client that never hears an answer again. The lease stays on the NIC
+        (no RELEASE, no UNBOUND): the restarted client asks again and the answer is
+        applied as a renewal, which also puts back the routes the link lost."""
+        stopped = asyncio.ensure_future(handle.stop_event.wait())
+        io = [t for t in (client._receiver_task, client._sender_task) if t is not None]
+        try:
+            await asyncio.wait([stopped, *io], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopped.cancel()
+        if not handle.stop_event.is_set():
+            client.config.release = False
+            raise OSError("its socket closed (did the link go down?)")
 
     def _hooks(self, handle: DhcpHandle):
         service = self
