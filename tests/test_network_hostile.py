@@ -23,10 +23,10 @@ LEASE_IP = "10.77.0.60"
 class HostileDhcp:
     """The scriptable server on `peer0`; `command()` changes what it answers."""
 
-    def __init__(self, pair: NetPair, options: dict):
+    def __init__(self, pair: NetPair, options: dict, lease_ip: str = LEASE_IP):
         self.proc = subprocess.Popen(
             ["ip", "netns", "exec", pair.peer, sys.executable, str(SERVER), "peer0",
-             "10.77.0.1", LEASE_IP],
+             "10.77.0.1", lease_ip],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         self.events: list[dict] = []
         assert self.next_event()["event"] == "ready"
@@ -68,8 +68,9 @@ class HostileDhcp:
 def hostile(netpair):
     servers = []
 
-    def start(**options):
-        server = HostileDhcp(netpair, {"mask": "255.255.255.0", "lease": 120, **options})
+    def start(lease_ip=LEASE_IP, **options):
+        server = HostileDhcp(netpair, {"mask": "255.255.255.0", "lease": 120, **options},
+                             lease_ip)
         servers.append(server)
         return server
     try:
@@ -142,3 +143,70 @@ def test_the_client_hears_the_server_again_after_the_link_went_down_and_up(
     # the routes the link lost when it went down are back
     assert any(r["dst"] == "default" and r.get("gateway") == "10.77.0.1"
                for r in netpair.agent_json("route", "show"))
+
+
+# -- lease values no NIC should get ---------------------------------------------------------------
+@pytest.mark.root
+@pytest.mark.parametrize("lease_ip,mask,problem", [
+    ("127.0.0.5", "255.255.255.0", "address 127.0.0.5/24: loopback"),
+    ("224.0.0.5", "255.255.255.0", "address 224.0.0.5/24: multicast"),
+    ("0.0.0.0", "255.255.255.0", "address 0.0.0.0/24: unspecified"),
+    ("10.77.0.255", "255.255.255.0", "address 10.77.0.255/24: the network or broadcast address of 10.77.0.0/24"),
+    ("10.77.0.60", "0.0.0.0", "address 10.77.0.60/0: a subnet mask of 0.0.0.0"),
+    ("10.77.0.60", "255.0.255.0", "address 10.77.0.60 with the subnet mask 255.0.255.0"),
+    ("10.77.0.60", None, "address 10.77.0.60 without a subnet mask"),
+])
+def test_an_unusable_lease_is_refused_with_a_clear_error(netpair, hostile, child_factory,
+                                                         lease_ip, mask, problem):
+    """The address was put on the NIC as given (127.0.0.5/24 took over part of loopback's
+    range), published, and the boot then failed on the route with 'Network is
+    unreachable'; a lease without a mask looked like no server at all."""
+    hostile(lease_ip=lease_ip, mask=mask, routers=["10.77.0.1"], dns=["10.77.0.53"])
+    child = child_factory(netpair, DYNAMIC, dhcp_timeout=20)
+    events = child.run_to_end()
+    assert events[-1]["event"] == "error", events
+    assert events[-1]["message"] == (
+        f"network n: DHCP server 10.77.0.1 gave an unusable lease on n: {problem}")
+    assert addresses(netpair, "n") == []
+    assert all(e["endpoints"]["n"]["assigned"] == "" for e in events if e["event"] == "publish")
+
+
+@pytest.mark.root
+def test_unusable_routers_dns_servers_and_mtu_of_a_lease_are_left_out(netpair, hostile,
+                                                                     child_factory):
+    """The first router was taken as it came (0.0.0.0: a default route with no gateway),
+    every DNS server went into resolv.conf, and an MTU of 100 was set on the NIC (which
+    takes IPv6 off it: below 1280)."""
+    hostile(routers=["0.0.0.0", "255.255.255.255", "10.77.0.1"],
+            dns=["0.0.0.0", "224.0.0.1", "127.0.0.1", "10.77.0.53"], mtu=100)
+    child = child_factory(netpair, DYNAMIC)
+    events = child.run_to_end()
+    assert events[-1]["event"] == "done", (events, child.stderr)
+    pub = last_publish(events)
+    assert pub["endpoints"]["n"] == {"assigned": f"{LEASE_IP}/24", "gateway": "10.77.0.1/24",
+                                     "dns": ["10.77.0.53"]}
+    assert pub["files"]["resolv.conf"].splitlines()[0:2] == ["nameserver 10.77.0.53",
+                                                             "options timeout:15"]
+    assert netpair.agent_json("link", "show", "n")[0]["mtu"] == 1500
+    routes = netpair.agent_json("route", "show")
+    assert any(r["dst"] == "default" and r.get("gateway") == "10.77.0.1" for r in routes)
+    assert "router 0.0.0.0 ignored (unspecified)" in child.stderr
+    assert "MTU 100 ignored" in child.stderr
+
+
+@pytest.mark.root
+def test_a_lease_mtu_the_nic_cannot_take_leaves_the_rest_of_the_lease_applied(
+        netpair, hostile, child_factory):
+    """A macvlan cannot go above its lower link's MTU (as a vmxnet3 cannot above 9000):
+    the kernel's EINVAL used to fail the whole endpoint."""
+    sh("ip", "-n", netpair.agent, "link", "add", "link", "eth0", "name", "mv0",
+       "type", "macvlan", "mode", "bridge")
+    sh("ip", "-n", netpair.agent, "link", "set", "dev", "eth0", "up")
+    hostile(routers=["10.77.0.1"], dns=["10.77.0.53"], mtu=9000)
+    child = child_factory(netpair, [{"key": "n", "id": "mv0", "name": "n", "default": True}])
+    events = child.run_to_end()
+    assert events[-1]["event"] == "done", (events, child.stderr)
+    assert last_publish(events)["endpoints"]["n"]["assigned"] == f"{LEASE_IP}/24"
+    assert addresses(netpair, "mv0") == [f"{LEASE_IP}/24"]
+    assert netpair.agent_json("link", "show", "mv0")[0]["mtu"] == 1500
+    assert "the lease's MTU 9000 on mv0" in child.stderr

@@ -31,7 +31,7 @@ def option(code: int, data: bytes) -> bytes:
 def encode_options(options: dict) -> bytes:
     out = b""
     ip4 = socket.inet_aton
-    if "mask" in options:
+    if options.get("mask") is not None:
         out += option(1, ip4(options["mask"]))
     if options.get("routers") is not None:
         out += option(3, b"".join(ip4(r) for r in options["routers"]))

@@ -128,8 +128,12 @@ class NetworkManager:
         if handle.lease is None and not self.wait_for_leases:
             self._first_lease_later(name, ifname, handle)
             return
+        from .dhcp import UnusableLease
         try:
             lease = handle.lease or handle.wait_first(self.dhcp_timeout)
+        except UnusableLease as exc:
+            self._dhcp.stop_one(ifname)
+            raise NetworkError(f"network {name}: {exc}") from None
         except Exception:
             self._dhcp.stop_one(ifname)
             raise NetworkError(
@@ -192,7 +196,11 @@ class NetworkManager:
                 gateway_net = network.gateway
             dynamic_dns = list(lease.dns)
             if lease.mtu and name not in self.mtus:
-                link.set_mtu(ipr, index, lease.mtu)
+                try:
+                    link.set_mtu(ipr, index, lease.mtu)
+                except Exception as exc:   # more than the NIC takes: the lease still applies
+                    self.log.warning("network %s: the lease's MTU %d on %s: %s",
+                                     name, lease.mtu, ifname, _describe(exc))
 
         old = _cidr(endpoint.assigned)
         if old and old != new and not self._shared_address(name, endpoint, old):

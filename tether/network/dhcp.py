@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import dataclasses
+import ipaddress
 import threading
 from typing import Callable, Optional
 
@@ -28,6 +29,15 @@ from .clientid import CLIENT_ID_TYPE
 RESTART_DELAYS = (1.0, 2.0, 4.0, 8.0, 16.0, 30.0)
 
 
+# The interface MTU a lease may set (option 26): below 576 is refused, as systemd-networkd
+# and dhcpcd do (RFC 791's minimum datagram every host must take).
+MTU_MIN, MTU_MAX = 576, 65535
+
+
+class UnusableLease(ValueError):
+    """A lease whose address or mask cannot be put on a NIC; the message says why."""
+
+
 @dataclasses.dataclass(frozen=True)
 class LeaseInfo:
     ip: str
@@ -40,14 +50,73 @@ class LeaseInfo:
 
     @classmethod
     def from_lease(cls, lease: Lease) -> "LeaseInfo":
+        """The lease as plain data; raises UnusableLease for an address or mask no NIC
+        should get. Routers, DNS servers and an MTU that cannot be used are left out
+        (logged): the rest of the lease still applies."""
         def opt(name, default=None):
             try:
                 return getattr(lease, name)
             except MissingOptionError:
                 return default
-        return cls(ip=lease.ip, prefixlen=lease.prefixlen,
-                   routers=tuple(opt("routers", ()) or ()), dns=tuple(opt("name_servers", ()) or ()),
-                   mtu=opt("mtu"), server_id=opt("server_id"), lease_time=opt("lease_time"))
+        mask = opt("subnet_mask")
+        if mask is None:
+            raise UnusableLease(f"address {lease.ip} without a subnet mask")
+        try:
+            iface = ipaddress.IPv4Interface(f"{lease.ip}/{mask}")
+        except ValueError:
+            raise UnusableLease(f"address {lease.ip} with the subnet mask {mask}") from None
+        problem = _unusable(iface.ip)
+        if problem is None and iface.network.prefixlen == 0:
+            problem = "a subnet mask of 0.0.0.0"
+        if problem is None and iface.network.prefixlen < 31 and iface.ip in (
+                iface.network.network_address, iface.network.broadcast_address):
+            problem = f"the network or broadcast address of {iface.network}"
+        if problem:
+            raise UnusableLease(f"address {iface}: {problem}")
+        where = f"lease {iface} on {lease.interface}"
+        mtu = opt("mtu")
+        if mtu is not None and not MTU_MIN <= mtu <= MTU_MAX:
+            _log().warning("DHCP %s: MTU %s ignored (not within %d-%d)",
+                           where, mtu, MTU_MIN, MTU_MAX)
+            mtu = None
+        return cls(ip=str(iface.ip), prefixlen=iface.network.prefixlen,
+                   routers=_usable(opt("routers", ()), "router", where),
+                   dns=_usable(opt("name_servers", ()), "DNS server", where),
+                   mtu=mtu, server_id=opt("server_id"), lease_time=opt("lease_time"))
+
+
+def _unusable(ip: ipaddress.IPv4Address) -> Optional[str]:
+    """Why a DHCP-given address cannot be a host's address, router or DNS server."""
+    for test, what in ((ip.is_unspecified, "unspecified"), (ip.is_loopback, "loopback"),
+                       (ip.is_multicast, "multicast"), (ip.is_reserved, "reserved/broadcast")):
+        if test:
+            return what
+    return None
+
+
+def _usable(addresses, what: str, where: str) -> tuple[str, ...]:
+    out = []
+    for text in addresses or ():
+        try:
+            problem = _unusable(ipaddress.IPv4Address(text))
+        except ValueError:
+            problem = "not an IPv4 address"
+        if problem:
+            _log().warning("DHCP %s: %s %s ignored (%s)", where, what, text, problem)
+        else:
+            out.append(text)
+    return tuple(out)
+
+
+def _log():
+    return get_logger("tether.dhcp")
+
+
+def _server(lease: Lease) -> str:
+    try:
+        return lease.server_id
+    except MissingOptionError:
+        return lease.server_mac
 
 
 class MemoryLease(Lease):
@@ -113,7 +182,7 @@ class _Client(AsyncDHCPClient):
 
 def _dropped(ifname: str, what: str, exc: BaseException) -> None:
     """A packet from the network dropped: debug only, a flood must not flood the log."""
-    get_logger("tether.dhcp").debug("DHCP on %s: dropped a packet %s: %r", ifname, what, exc)
+    _log().debug("DHCP on %s: dropped a packet %s: %r", ifname, what, exc)
 
 
 @dataclasses.dataclass
@@ -214,7 +283,15 @@ class DhcpService:
 
         @hook(Trigger.BOUND, Trigger.RENEWED, Trigger.REBOUND)
         async def got_lease(lease: Lease):
-            info = LeaseInfo.from_lease(lease)
+            try:
+                info = LeaseInfo.from_lease(lease)
+            except UnusableLease as exc:
+                message = (f"DHCP server {_server(lease)} gave an unusable lease on "
+                           f"{handle.spec.ifname}: {exc}")
+                service._log.error("%s; ignored", message)
+                if not handle.first_lease.done():
+                    handle.first_lease.set_exception(UnusableLease(message))
+                return
             lost, handle.lease = handle.lease is None, info
             if not handle.first_lease.done():
                 # the first lease is applied by whoever waits for it (NetworkManager.apply)
