@@ -205,3 +205,22 @@ def test_a_symlink_swapped_in_for_etc_mid_flush_keeps_the_bind_inside_the_root(t
     assert not [m for m in got["mounts"] if m.startswith(str(outside))], \
         "a generated /etc file was bound outside the container root"
     assert str(root / "etc.old" / "hostname") in got["mounts"]
+
+
+# -- names from the config that would write lines of their own ---------------------------------
+@pytest.mark.parametrize("bad", ["web\n6.6.6.6 bank.example", "web\r6.6.6.6", "web 6.6.6.6",
+                                 "web\t6.6.6.6", "web#x", "web\x00", "web\x0b6.6.6.6"])
+def test_names_that_would_add_lines_to_the_files_are_left_out(bad):
+    """The network name, the container name (an alias) and the executor ID (the
+    hostname) come from the config: a newline in one wrote a line of its own into
+    /etc/hosts (a name for any address) and /etc/hostname."""
+    etc = EtcFiles("/nonexistent", "/nonexistent")
+    etc.set_hostname("abcdef012345", [bad, "box"])
+    etc.set_network_host(bad, "10.0.0.2")
+    etc.set_network_host("db", "10.0.0.3")
+    assert etc.render_hosts([]).splitlines() == [
+        "127.0.0.1\tlocalhost", "::1\tlocalhost ip6-localhost ip6-loopback",
+        "127.0.1.1\tabcdef012345 box", "10.0.0.3\tdb.localhost"]
+    etc.set_hostname(bad)
+    assert etc.render_hostname() is None            # the image's file stays
+    assert "6.6.6.6" not in etc.render_hosts([])

@@ -44,12 +44,18 @@ class EtcFiles:
 
     # -- model -----------------------------------------------------------------------------
     def set_hostname(self, name: str, aliases: list[str] | tuple[str, ...] = ()) -> None:
-        self.hostname = name
-        self.aliases = [a for a in aliases if a and a != name]
+        """The names come from the config: one that would not read back as one name (a
+        newline would start a line of its own in /etc/hosts) is left out."""
+        self.hostname = name if _fit_for_files(name, "hostname") else None
+        self.aliases = [a for a in aliases
+                        if a and a != name and _fit_for_files(a, "host alias")]
 
     def set_network_host(self, network_name: str, ip: str | None) -> None:
         """`<network_name>.localhost` resolves to `ip` (None removes the entry)."""
-        self.network_hosts[f"{network_name}.localhost"] = ip
+        name = f"{network_name}.localhost"
+        if ip is not None and not _fit_for_files(name, "network host name"):
+            return
+        self.network_hosts[name] = ip
 
     def set_nameservers(self, endpoint: str, static: list[str], dynamic: list[str],
                         gateway: str | None) -> None:
@@ -200,6 +206,18 @@ class EtcFiles:
             return rootfs.open_in_root(root_fd, path, os.O_PATH)
         finally:
             os.close(root_fd)
+
+
+def _fit_for_files(name: str, what: str) -> bool:
+    """hosts(5) splits a line at blanks and ends it at '#' or a newline; a name with any
+    of those, or another control character, is logged and kept out of the files."""
+    if name and name.isprintable() and not any(c.isspace() or c == "#" for c in name):
+        return True
+    from tether.log import get_logger
+    get_logger("tether.etcfiles").warning(
+        "%s %r left out of /etc/hostname and /etc/hosts: it has blanks, control "
+        "characters or '#'", what, name)
+    return False
 
 
 def _hosts_line(ip: str, names: list[str]) -> str:
