@@ -120,14 +120,50 @@ def test_flush_binds_generated_files_and_leaves_image_untouched(tmp_path):
     assert got["resolv2"].splitlines() == [
         "nameserver 10.0.0.54", "options timeout:15", "options attempts:5"]
     assert got["hosts2"] == got["first"]["hosts"]
-    # hostname, hosts, resolv.conf, and one more resolv.conf for the change
+    # hostname, hosts, resolv.conf: the change to resolv.conf left one mount of it
     assert sorted(got["mounts"]) == sorted(
-        [str(root / "etc" / n) for n in ("hostname", "hosts", "resolv.conf", "resolv.conf")])
+        [str(root / "etc" / n) for n in ("hostname", "hosts", "resolv.conf")])
     # outside the namespace the image's files are as they were
     assert (root / "etc" / "hosts").read_text() == IMAGE_HOSTS
     assert (root / "etc" / "hostname").read_text() == "imagehost\n"
     assert (root / "etc" / "resolv.conf").read_text() == ""
     assert (state / "resolv.conf").read_text() == got["resolv2"]
+
+
+CHURN_SCRIPT = textwrap.dedent("""
+    import json, os, sys
+    from tether.etcfiles import EtcFiles
+    root, state = sys.argv[1], sys.argv[2]
+    etc = EtcFiles(root, state)
+    etc.set_hostname("abcdef012345")
+    wrong = []
+    for i in range(300):
+        etc.set_nameservers("n", [], [f"10.0.{i % 2}.53"], None)
+        etc.set_network_host("n", f"10.0.{i % 3}.2")
+        etc.flush()
+        resolv = open(os.path.join(root, "etc", "resolv.conf")).read()
+        hosts = open(os.path.join(root, "etc", "hosts")).read()
+        if resolv.splitlines()[0] != f"nameserver 10.0.{i % 2}.53" or \\
+                f"10.0.{i % 3}.2\\tn.localhost" not in hosts.splitlines():
+            wrong.append(i)
+    mounts = [l.split()[4] for l in open("/proc/self/mountinfo")]
+    print(json.dumps({"wrong": wrong, "mounts": [m for m in mounts if m.startswith(root)],
+                      "state": sorted(os.listdir(state))}))
+""")
+
+
+@pytest.mark.root
+def test_a_dhcp_server_changing_everything_at_every_renewal_does_not_stack_mounts(tmp_path):
+    """Each change used to stack one more bind mount and keep one more state file, for
+    as long as the server kept changing its answers (mount-max is 100000, then the
+    container's own mounts fail too). Now each file keeps one mount of ours."""
+    root, state = tmp_path / "root", tmp_path / "state"
+    (root / "etc").mkdir(parents=True)
+    got = run_in_mount_namespace(CHURN_SCRIPT, str(root), str(state), timeout=120)
+    assert got["wrong"] == []
+    assert sorted(got["mounts"]) == sorted(
+        str(root / "etc" / n) for n in ("hostname", "hosts", "resolv.conf"))
+    assert len(got["state"]) == 6, got["state"]     # each file's mounted one and latest copy
 
 
 # -- a hostile image's /etc/hosts, and a container racing the bind ---------------------------

@@ -5,16 +5,18 @@ The files are written atomically (temp file + rename) into `state_dir` and bind-
 /etc/hosts is read once, before anything is mounted over it, and blended with our entries.
 
 A bind mount pins an inode, so a later change cannot be a plain rename: each changed file is
-written under a new name and bind-mounted on top of the previous one. Readers switch from the
-old complete file to the new complete file in one step. Changes after the first are rare (a
-DHCP server handing out other DNS servers), so the few stacked mounts cost nothing.
+written under a new name and bind-mounted on top of ours. Readers switch from the old
+complete file to the new complete file in one step. Then the first mount's file, hidden
+under the new one, gets the same content and the new mount is detached, so each file keeps
+one mount of ours: a DHCP server that changes its DNS servers at every renewal does not
+stack mounts and state files without end.
 """
 from __future__ import annotations
 
 import os
 
 from tether import rootfs
-from tether.system import bind_mount, fd_path
+from tether.system import MNT_DETACH, bind_mount, fd_path, umount
 
 HOSTNAME_IP = "127.0.1.1"
 LOCALHOST_V4 = ("127.0.0.1", ["localhost"])
@@ -40,6 +42,7 @@ class EtcFiles:
         self.nameservers: dict[str, tuple[list[str], list[str], str | None]] = {}
         self._seed_hosts: list[str] | None = None
         self._written: dict[str, str] = {}      # name -> content last mounted
+        self._base: dict[str, str] = {}         # name -> the file of our first mount of it
         self._generation = 0
 
     # -- model -----------------------------------------------------------------------------
@@ -149,6 +152,35 @@ class EtcFiles:
             finally:
                 os.close(target)
             self._written[name] = content
+            if name not in self._base:
+                self._base[name] = source
+            else:
+                self._collapse(name, source, content)
+
+    def _collapse(self, name: str, top: str, content: str) -> None:
+        """Back to one mount of ours: the base file, hidden under `top` (just mounted),
+        takes the content in place, then `top` is detached (readers see the same content
+        before and after) and its file removed. When /etc/<name> does not show `top`
+        any more (the container moved things), the stack is left as it is."""
+        try:
+            _rewrite(self._base[name], content)
+            root_fd = rootfs.open_root(self.root)
+            try:
+                shown_fd = rootfs.open_in_root(root_fd, f"/etc/{name}", os.O_PATH)
+            finally:
+                os.close(root_fd)
+            try:
+                shown, ours = os.fstat(shown_fd), os.stat(top)
+                if (shown.st_dev, shown.st_ino) != (ours.st_dev, ours.st_ino):
+                    return
+                umount(fd_path(shown_fd), MNT_DETACH)
+            finally:
+                os.close(shown_fd)
+            os.unlink(top)
+        except OSError as exc:
+            from tether.log import get_logger
+            get_logger("tether.etcfiles").warning(
+                "/etc/%s: keeping a second mount (%s)", name, exc.strerror or exc)
 
     def _read_seed_hosts(self) -> list[str]:
         """The image's /etc/hosts lines: a regular file only, its first SEED_HOSTS_MAX
@@ -206,6 +238,20 @@ class EtcFiles:
             return rootfs.open_in_root(root_fd, path, os.O_PATH)
         finally:
             os.close(root_fd)
+
+
+def _rewrite(path: str, content: str) -> None:
+    """The file's content replaced in place (same inode): the bind mount of it shows it."""
+    data = content.encode("utf-8")
+    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.ftruncate(fd, len(data))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _fit_for_files(name: str, what: str) -> bool:
