@@ -210,3 +210,33 @@ def test_a_lease_mtu_the_nic_cannot_take_leaves_the_rest_of_the_lease_applied(
     assert addresses(netpair, "mv0") == [f"{LEASE_IP}/24"]
     assert netpair.agent_json("link", "show", "mv0")[0]["mtu"] == 1500
     assert "the lease's MTU 9000 on mv0" in child.stderr
+
+
+# -- a server that refuses every REQUEST ----------------------------------------------------------
+@pytest.mark.root
+def test_a_server_that_refuses_every_request_is_not_asked_in_a_tight_loop(
+        netpair, hostile, child_factory):
+    """pyroute2 starts over at once after a NAK; against a server that offers and then
+    refuses, the client went round DISCOVER/OFFER/REQUEST/NAK about 800 times a second.
+    Now each NAK in a row doubles the wait (the first restarts at once); a lease comes
+    again once the server stops refusing."""
+    server = hostile(routers=["10.77.0.1"], dns=["10.77.0.53"], t1=2, t2=100)
+    child = child_factory(netpair, DYNAMIC, hold=300)
+    first = child.wait_for(lambda e: e["event"] in ("publish", "error"))
+    assert first["event"] == "publish", first
+    server.command(nak=True)
+    lost = child.wait_for(lambda e: e["event"] == "publish"
+                          and e["endpoints"]["n"]["assigned"] == "", timeout=60)
+    assert lost["endpoints"]["n"]["dns"] == []
+    naks = 0
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:      # a window to count in, not a timing assertion
+        try:
+            naks += server.next_event(max(0.1, deadline - time.monotonic()))["event"] == "nak"
+        except AssertionError:
+            break                           # nothing more in the window
+    assert naks < 20, f"{naks} NAKs in 10 s: the client asks in a loop"
+    server.command(nak=False)
+    again = child.wait_for(lambda e: e["event"] == "publish"
+                           and e["endpoints"]["n"]["assigned"] == f"{LEASE_IP}/24", timeout=120)
+    assert dns_of(again) == ["10.77.0.53"]

@@ -16,6 +16,7 @@ import ipaddress
 import threading
 from typing import Callable, Optional
 
+from pyroute2.dhcp import fsm
 from pyroute2.dhcp.client import AsyncDHCPClient, ClientConfig
 from pyroute2.dhcp.dhcp4socket import AsyncDHCP4Socket
 from pyroute2.dhcp.enums import dhcp
@@ -27,6 +28,7 @@ from tether.log import get_logger
 from .clientid import CLIENT_ID_TYPE
 
 RESTART_DELAYS = (1.0, 2.0, 4.0, 8.0, 16.0, 30.0)
+NAK_DELAY_MAX = 60.0     # seconds; a server that refuses every REQUEST is asked this often
 
 
 # The interface MTU a lease may set (option 26): below 576 is refused, as systemd-networkd
@@ -168,6 +170,31 @@ class _Client(AsyncDHCPClient):
     def __init__(self, config: ClientConfig, client_id: bytes):
         super().__init__(config)
         self._sock = _ClientIdSocket(config.interface, client_id)
+
+    _naks_in_a_row = 0
+
+    async def nak_received(self, msg) -> None:
+        # pyroute2 starts over at once after a NAK: a server that offers and then refuses
+        # (misconfigured, or hostile) made it loop DISCOVER/OFFER/REQUEST/NAK hundreds of
+        # times a second, burning the agent's CPU. The first NAK restarts at once (a
+        # server that lost its state); each further one in a row waits twice as long.
+        if self.state in (fsm.State.REQUESTING, fsm.State.REBOOTING, fsm.State.RENEWING,
+                          fsm.State.REBINDING):
+            naks, self._naks_in_a_row = self._naks_in_a_row, self._naks_in_a_row + 1
+            if naks:
+                delay = min(2.0 ** (naks - 1), NAK_DELAY_MAX)
+                _log().warning("DHCP on %s: refused %d times in a row; asking again in %gs",
+                               self.config.interface, naks + 1, delay)
+                try:   # cut short when the client stops
+                    await asyncio.wait_for(self._states[fsm.State.OFF].wait(), delay)
+                except asyncio.TimeoutError:
+                    pass
+        await super().nak_received(msg)
+
+    async def ack_received(self, msg) -> None:
+        await super().ack_received(msg)
+        if self.state == fsm.State.BOUND:
+            self._naks_in_a_row = 0
 
     async def _process_msg(self, msg) -> None:
         # Anyone on the network can broadcast to port 68: a packet without a (known)
