@@ -258,3 +258,19 @@ def test_exit_code_of_a_failed_primary_comes_from_the_errno_not_the_text(sandbox
     result, s = run_one(sandbox, session_config(sid(), [str(tmp_path)]))
     assert s.started == f"{tmp_path}: is a directory"
     assert result.returncode == 126, result.log
+
+
+def test_an_executor_id_that_cannot_be_a_hostname_leaves_the_hostname_alone(sandbox):
+    """The hostname is the ID's first 12 characters (the reference's rule); one with a
+    newline or a blank is no hostname: it would be the kernel's, and `hostname` would
+    print two lines. Left as it is, and the log says why."""
+    import signal
+    shower = session_config(sid(), ["/bin/sh", "-c", "echo name=$(hostname | od -c | head -1)"
+                                    "; exec sleep 1000"], env=["PATH=/bin:/usr/bin"])
+    box = sandbox.start(executor_config(shower, executor_id="ab\ncd 10.0.0.1"))
+    box.wait_for_log(r"name=")
+    box.signal(signal.SIGTERM)
+    result = box.wait()
+    assert "cannot be a hostname" in result.log, result.log
+    shown = re.search(r"name=(.*)$", result.log, re.M).group(1)
+    assert "\\n" not in shown and "a   b" not in shown, result.log

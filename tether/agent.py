@@ -20,7 +20,8 @@ import os
 import sys
 
 from tether import boottime, signals
-from tether.console import SECRETS_DEBUG_LEVEL, console, env_debug_level, write_console
+from tether.console import (SECRETS_DEBUG_LEVEL, clip, console, env_debug_level,
+                            escape_unprintable, write_console)
 from tether.log import DEBUG, INFO, get_logger, set_level
 from tether.symbols import Symbols
 from tether.writeback import CONFIG_ERROR_KEY
@@ -382,7 +383,8 @@ class Agent:
             self.refuse_launch(self._invalid_ids[self.config.id])
         self.set_log_level()
         self.scrub_secrets(self.config)
-        log.info("configuration for %s: %d session(s)", self.config.common.id or "(no ID)",
+        log.info("configuration for %s: %d session(s)",
+                 escape_unprintable(self.config.common.id or "(no ID)"),
                  len([s for s in (self.config.sessions or {}).values() if s is not None]))
 
     def scrub_secrets(self, config) -> None:
@@ -442,7 +444,11 @@ class Agent:
             log.info("not PID 1: hostname and /etc files left alone")
             return
         if not name:
-            log.info("no executor ID: hostname left as it is")
+            if self.config.common.id:
+                log.warning("executor ID %s cannot be a hostname (letters, digits, '-', "
+                            "'.', '_'): hostname left as it is", clip(self.config.common.id))
+            else:
+                log.info("no executor ID: hostname left as it is")
             return
         system.set_hostname(name)
         etc = self._etc_files()
@@ -624,7 +630,7 @@ class Agent:
             self.supervisor.launch(cfg)
         if self.config.common.id and self.config.common.id not in self.sessions:
             log.warning("no primary session (ID %s): serving until told to stop",
-                        self.config.common.id)
+                        escape_unprintable(self.config.common.id))
 
     @staticmethod
     def _fresh(cfg) -> None:
@@ -812,9 +818,15 @@ def template_requested(cmdline: str | None = None) -> bool:
     return system.kernel_arg(resume.TEMPLATE_ARG, args) == "1"
 
 
+HOSTNAME_CHARACTERS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+                                "0123456789-._")
+
+
 def hostname_for(executor_id: str) -> str:
-    """The reference's rule: the first 12 characters of the ID."""
-    return executor_id[:12]
+    """The reference's rule: the first 12 characters of the ID; "" when those are not a
+    hostname (a newline or a blank would reach the kernel's name and every reader of it)."""
+    name = executor_id[:12]
+    return name if HOSTNAME_CHARACTERS.issuperset(name) else ""
 
 
 REDACTED = "<redacted>"
