@@ -240,3 +240,35 @@ def test_a_server_that_refuses_every_request_is_not_asked_in_a_tight_loop(
     again = child.wait_for(lambda e: e["event"] == "publish"
                            and e["endpoints"]["n"]["assigned"] == f"{LEASE_IP}/24", timeout=120)
     assert dns_of(again) == ["10.77.0.53"]
+
+
+# -- a router outside the lease's subnet ----------------------------------------------------------
+@pytest.mark.root
+def test_a_router_outside_the_leases_subnet_is_reached_on_the_link(netpair, hostile,
+                                                                   child_factory):
+    """Clouds hand out /32 leases whose router is outside them: the kernel refuses a
+    default route via a gateway it has no route to ('Network is unreachable'), which
+    failed the endpoint at boot, and a renewal naming such a router had already deleted
+    the default route before the replace failed. A host route to the router on the link
+    comes first now, and the old route goes only once the new one is in."""
+    server = hostile(mask="255.255.255.255", routers=["10.77.0.1"], dns=["10.77.0.53"],
+                     t1=2, t2=100)
+    child = child_factory(netpair, DYNAMIC, hold=300)
+    first = child.wait_for(lambda e: e["event"] in ("publish", "error"))
+    assert first["event"] == "publish", (first, child.stderr)
+    child.wait_for(lambda e: e["event"] == "applied")
+    assert addresses(netpair, "n") == [f"{LEASE_IP}/32"]
+    routes = netpair.agent_json("route", "show")
+    assert any(r["dst"] == "default" and r.get("gateway") == "10.77.0.1" for r in routes), routes
+    # a renewal that names another router outside the subnet: the route follows it
+    server.command(options={"mask": "255.255.255.255", "lease": 120, "routers": ["10.77.0.2"],
+                            "dns": ["10.77.0.54"], "t1": 2, "t2": 100})
+    child.wait_for(lambda e: e["event"] == "publish" and dns_of(e) == ["10.77.0.54"], timeout=60)
+    deadline = time.monotonic() + 30
+    while True:
+        defaults = [r.get("gateway") for r in netpair.agent_json("route", "show")
+                    if r["dst"] == "default"]
+        if defaults == ["10.77.0.2"] or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert defaults == ["10.77.0.2"], (defaults, child.stderr)

@@ -12,6 +12,7 @@ import struct
 from pyroute2.netlink.exceptions import NetlinkError
 
 IFA_F_NODAD = 0x02
+SCOPE_LINK = 253         # rtnetlink's RT_SCOPE_LINK: on the link, no gateway
 
 
 def links(ipr) -> list[tuple[int, str, str]]:
@@ -86,19 +87,31 @@ def del_address(ipr, index: int, cidr: str) -> None:
 
 
 def set_default_route(ipr, index: int, gateway: str) -> None:
-    """Replace the default route of this family on this link by one via `gateway`."""
+    """Make the default route of this family on this link the one via `gateway`. The new
+    route goes in before the old ones go, so a gateway the kernel refuses leaves the
+    route there was. A gateway outside the link's subnets (a cloud's /32 lease) is
+    reached through a host route to it on the link, as DHCP clients do."""
     version = ipaddress.ip_address(gateway).version
     family = socket.AF_INET6 if version == 6 else socket.AF_INET
     dst = "::/0" if version == 6 else "0.0.0.0/0"
-    for route in ipr.get_routes(family=family, oif=index):
-        if route["dst_len"] == 0 and route["table"] == 254:
-            try:
-                ipr.route("del", dst=dst, oif=index, family=family,
-                          gateway=route.get("gateway"))
-            except NetlinkError as exc:
-                if exc.code != errno.ESRCH:
-                    raise
-    ipr.route("replace", dst=dst, gateway=gateway, oif=index, family=family)
+    old = [route.get("gateway") for route in ipr.get_routes(family=family, oif=index)
+           if route["dst_len"] == 0 and route["table"] == 254]
+    try:
+        ipr.route("replace", dst=dst, gateway=gateway, oif=index, family=family)
+    except NetlinkError as exc:
+        if exc.code != errno.ENETUNREACH:
+            raise
+        ipr.route("replace", dst=f"{gateway}/{128 if version == 6 else 32}", oif=index,
+                  family=family, scope=SCOPE_LINK)
+        ipr.route("replace", dst=dst, gateway=gateway, oif=index, family=family)
+    for old_gateway in old:
+        if old_gateway == gateway:
+            continue
+        try:
+            ipr.route("del", dst=dst, oif=index, family=family, gateway=old_gateway)
+        except NetlinkError as exc:
+            if exc.code != errno.ESRCH:     # `replace` took its place
+                raise
 
 
 def add_route(ipr, index: int, destination: str, gateway: str) -> None:
