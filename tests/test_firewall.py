@@ -371,6 +371,28 @@ def test_refused_ruleset_keeps_the_old_one(tmp_path):
         sh("ip", "netns", "del", ns, check=False)
 
 
+def test_a_network_name_of_any_text_does_not_break_the_ruleset(tmp_path):
+    """A network's name is a guestinfo key: it may hold a NUL, a quote or a newline, and
+    it goes into each rule's comment. nftables refused the whole ruleset over a NUL
+    ('syntax error': a launch error no one could act on); comments show such text
+    escaped."""
+    ns = f"tfn-{secrets.token_hex(3)}"
+    sh("ip", "netns", "add", ns)
+    try:
+        odd = [EndpointPolicy('we\x00b"\n\x1b[2J', "eth0", TrustLevel.PUBLISHED,
+                              ports=(parse_port("8080/tcp"),))]
+        code = textwrap.dedent("""
+            import json, sys
+            from tether.network.firewall import Firewall
+            Firewall()._run(json.loads(sys.argv[1]))
+        """)
+        sh("ip", "netns", "exec", ns, sys.executable, "-c", code, json.dumps(ruleset(odd)))
+        listing = sh("ip", "netns", "exec", ns, "nft", "list", "table", "inet", "tether").stdout
+        assert 'tcp dport 8080 accept comment "we\\x00b\'\\n\\x1b[2J: 8080/tcp"' in listing, listing
+    finally:
+        sh("ip", "netns", "del", ns, check=False)
+
+
 # -- the ruleset as data ---------------------------------------------------------------------
 def _rules(commands, chain):
     return [c["add"]["rule"] for c in commands

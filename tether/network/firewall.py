@@ -24,6 +24,7 @@ import dataclasses
 import ipaddress
 from typing import Any, Mapping, Optional
 
+from tether.console import escape_unprintable
 from tether.log import get_logger
 
 from .ports import PortSpec, PortSpecError, TrustLevel
@@ -144,7 +145,9 @@ def _source_ranges(pools) -> list[tuple[str, Any]]:
 
 def _endpoint_rules(b: _Builder, p: EndpointPolicy) -> None:
     iif, oif = _meta("iifname", p.ifname), _meta("oifname", p.ifname)
-    tag = f"{p.name}"
+    # The name is a guestinfo key, any text: nft refuses a ruleset over a NUL in a
+    # comment, and lists a '"' in one unescaped (a listing nft cannot read back).
+    tag = escape_unprintable(p.name).replace('"', "'")
 
     def outbound() -> None:
         b.rule("input", iif, _established(), _ACCEPT, comment=f"{tag}: replies")
