@@ -188,3 +188,41 @@ def test_log_port_goes_quiet_when_its_reader_goes_away():
         assert loop.wakeups - before < 10, f"{loop.wakeups - before} wake-ups in 0.5 s"
     finally:
         loop.close()
+
+
+def test_a_flooded_log_port_drops_whole_entries_and_its_reader_keeps_the_framing():
+    """Past its limit the port drops the oldest output: whole entries, never the rest of
+    one half written (it used to cut bytes anywhere, and the reader then took session
+    output for headers: a FramingError, or entries the container forged)."""
+    from tether.loop import Loop
+    loop = Loop()
+    r, w = os.pipe2(os.O_CLOEXEC)
+    try:
+        port = iolog.LogPort(w, loop, limit=100_000)
+        framers = [LineFramer(iolog.STDOUT, None), LineFramer(iolog.STDERR, "other")]
+        for i in range(10_000):
+            port.write(framers[i % 2].feed(b"line %05d\n" % i))
+        assert port.dropped > 0
+        got = bytearray()
+        os.set_blocking(r, False)
+        while port.pending:
+            loop._run_once(0.05)
+            try:
+                got += os.read(r, 1 << 16)
+            except BlockingIOError:
+                pass
+        with pytest.raises(BlockingIOError):
+            got += os.read(r, 1 << 16)
+        entries = list(parse(bytes(got)))       # no FramingError
+        numbers = [int(e.data[5:10]) for e in entries]
+        assert all(e.data == b"line %05d\n" % n for e, n in zip(entries, numbers))
+        assert [e.session for e in entries] == [None if n % 2 == 0 else "other"
+                                                for n in numbers]
+        assert numbers == sorted(numbers) and numbers[-1] == 9_999
+        assert len(got) + port.dropped == sum(len(encode_entry(b"line 00000\n", 0, 0,
+                                                               None if i % 2 == 0 else "other"))
+                                              for i in range(10_000))
+    finally:
+        loop.close()
+        os.close(r)
+        os.close(w)

@@ -14,8 +14,10 @@ ID. A reference reader shows those bytes as a prefix; the primary's log stays cl
 from __future__ import annotations
 
 import binascii
+import itertools
 import struct
 import time
+from _collections import deque   # collections' deque, without importing collections
 from _collections_abc import Callable, Iterator   # collections.abc's, already loaded by os
 
 MAX_ENTRY = 4095
@@ -169,6 +171,9 @@ class LogPort:
     A regular file is written directly. A device (serial, virtio-serial) or a pipe is
     made non-blocking and fed from a bounded buffer on the loop; past `limit` bytes the
     oldest pending output is dropped and counted, rather than stalling every session.
+    Each `write` is whole entries, and what is dropped is whole writes, never the rest of
+    one the port has begun: a cut entry would end the reader's framing there, and from
+    then on a session's output would be read as headers (forged entries).
 
     A regular file given with its `path` is capped: once a write would take it past
     `max_bytes`, it is renamed to PATH.1 (replacing the previous one) and a new PATH is
@@ -190,7 +195,9 @@ class LogPort:
         self.dropped = 0
         self.closed = False
         self.rotations = 0
-        self._pending = bytearray()
+        self._pending: deque[bytes] = deque()   # whole writes; the first maybe begun
+        self._pending_size = 0
+        self._begun = 0              # bytes of the first pending write already written
         self._waiting = False        # a writer callback is registered on the loop
         st = os.fstat(fd)
         self._direct = loop is None or stat.S_ISREG(st.st_mode)
@@ -202,7 +209,7 @@ class LogPort:
 
     @property
     def pending(self) -> int:
-        return len(self._pending)
+        return self._pending_size - self._begun
 
     def write(self, data: bytes) -> None:
         import os
@@ -226,13 +233,22 @@ class LogPort:
                 self.dropped += len(view)
                 self.close(err)
             return
-        self._pending += data
-        if len(self._pending) > self.limit:
-            extra = len(self._pending) - self.limit
-            del self._pending[:extra]
-            self.dropped += extra
+        self._pending.append(bytes(data))
+        self._pending_size += len(data)
+        if self._pending_size > self.limit:
+            self._drop_oldest()
         if not self._waiting:
             self._flush()
+
+    def _drop_oldest(self) -> None:
+        """Whole writes, oldest first, down to `limit`; a begun one is finished first."""
+        head = self._pending.popleft() if self._begun else None
+        while self._pending_size > self.limit and self._pending:
+            chunk = self._pending.popleft()
+            self._pending_size -= len(chunk)
+            self.dropped += len(chunk)
+        if head is not None:
+            self._pending.appendleft(head)
 
     def _rotate(self) -> None:
         """PATH -> PATH.1, and a fresh PATH (see the class)."""
@@ -251,10 +267,19 @@ class LogPort:
 
     def _flush(self) -> None:
         import os
+        pending = self._pending
         try:
-            while self._pending:
-                n = os.write(self.fd, self._pending)
-                del self._pending[:n]
+            while pending:
+                chunks = [memoryview(pending[0])[self._begun:]]
+                chunks += itertools.islice(pending, 1, 64)
+                written = os.writev(self.fd, chunks)
+                if not written:
+                    break
+                n = self._begun + written
+                while pending and n >= len(pending[0]):
+                    n -= len(pending[0])
+                    self._pending_size -= len(pending.popleft())
+                self._begun = n
         except BlockingIOError:
             pass
         except OSError as err:
@@ -278,8 +303,9 @@ class LogPort:
         if self._waiting:
             self.loop.remove_writer(self.fd)
             self._waiting = False
-        self.dropped += len(self._pending)
+        self.dropped += self.pending
         self._pending.clear()
+        self._pending_size = self._begun = 0
         try:
             os.close(self.fd)
         except OSError:
