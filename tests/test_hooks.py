@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
+import sys
+import textwrap
 import time
 
 import pytest
 
+from helpers import REPO
 from tether.config import Hook, Hooks
 from tether.hooks import HookError, run_point, state
 
@@ -91,3 +96,64 @@ def test_a_hook_that_cannot_run_says_why(tmp_path):
     with pytest.raises(HookError, match=r"prestart hook 0 .*missing\): cannot run: exec .*"
                                         r"No such file or directory"):
         run_point(hooks, "prestart", state("web", "created", 1, "/"))
+
+
+def _run_apart(code: str, pidfile, timeout: float = 120) -> subprocess.CompletedProcess:
+    """`code` in a Python of its own, so that a wait that never ends fails the test
+    instead of hanging it; the hook whose PID `pidfile` holds is killed at the end."""
+    try:
+        return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=REPO,
+                              capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the hook's wait did not end")
+    finally:
+        try:
+            os.kill(int(pidfile.read_text()), signal.SIGKILL)
+        except (FileNotFoundError, ValueError, ProcessLookupError):
+            pass
+
+
+def test_a_hook_that_does_not_read_a_state_larger_than_a_pipe_still_times_out(tmp_path):
+    """Big annotations make a state a pipe cannot hold: writing it used to block until
+    the hook read it or exited, past any timeout, and a hook that did neither held PID 1
+    (and the launch) for ever."""
+    pidfile = tmp_path / "pid"
+    path = script(tmp_path / "deaf", f"echo $$ > {pidfile}\nexec sleep 300\n")
+    run = _run_apart(f"""
+        from tether.config import Hook, Hooks
+        from tether.hooks import HookError, run_point, state
+        doc = state("web", "created", 1, "/", {{"big": "x" * (1 << 20)}})
+        try:
+            run_point(Hooks(prestart=[Hook(path={path!r}, timeout=1)]), "prestart", doc)
+        except HookError as err:
+            print(err)
+    """, pidfile)
+    assert run.returncode == 0, run.stderr
+    assert "prestart hook 0" in run.stdout and "timed out after 1s" in run.stdout
+
+
+def test_a_hook_whose_timeout_is_beyond_reach_runs(tmp_path):
+    """A timeout of centuries (as good as none) used to raise OverflowError from
+    select(2): not a HookError, so it escaped the launch's and the exit's handling."""
+    hooks = Hooks(poststop=[Hook(path=script(tmp_path / "ok", "exit 0\n"), timeout=10**10),
+                            Hook(path=script(tmp_path / "ok2", "exit 0\n"), timeout=10**400)])
+    assert run_point(hooks, "poststop", state("web", "stopped", 0, "/"), keep_going=True) == []
+
+
+def test_hooks_run_when_the_agent_holds_more_than_1024_fds(tmp_path):
+    """PID 1 raises RLIMIT_NOFILE and may well hold fds past 1024 (sessions, attach
+    connections): select(2) cannot wait on those, and every hook failed with ValueError."""
+    pidfile = tmp_path / "pid"
+    path = script(tmp_path / "ok", f"echo $$ > {pidfile}\necho fine\n")
+    run = _run_apart(f"""
+        import os, resource
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 4096), max(hard, 4096)))
+        held = [os.open("/dev/null", os.O_RDONLY) for _ in range(1100)]
+        from tether.config import Hook, Hooks
+        from tether.hooks import run_point, state
+        print(run_point(Hooks(prestart=[Hook(path={path!r})]), "prestart",
+                        state("web", "created", 1, "/")))
+    """, pidfile)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "[]"

@@ -33,6 +33,8 @@ from tether.log import get_logger
 log = get_logger("tether.hooks")
 
 DEFAULT_TIMEOUT = 30
+LONGEST_WAIT = 1 << 31   # seconds: a longer timeout is as good as none (and fits a float)
+POLL_SLICE = 3600        # seconds: poll(2) takes at most INT_MAX milliseconds
 OCI_VERSION = "1.0.2"
 OUTPUT_KEPT = 4096
 IN_CONTAINER = ("create_container", "start_container")
@@ -87,13 +89,8 @@ def run_hook(point: str, index: int, hook, state_json: bytes, root: str = "/") -
     started = time.monotonic()
     pid, stdin_w, output_r = _spawn(name, hook.path, args, env, root)
     try:
-        try:
-            os.write(stdin_w, state_json)
-        except BrokenPipeError:
-            pass   # the hook does not read its stdin: that is its business
-        finally:
-            os.close(stdin_w)
-        status, output, timed_out = _wait(pid, output_r, started + timeout)
+        status, output, timed_out = _wait(pid, stdin_w, state_json, output_r,
+                                          started + min(timeout, LONGEST_WAIT))
     finally:
         os.close(output_r)
     took = time.monotonic() - started
@@ -179,20 +176,40 @@ def _spawn(name: str, path: str, args: list[str], env: dict, root: str):
     return pid, stdin_w, out_r
 
 
-def _wait(pid: int, output_r: int, deadline: float) -> tuple[int, bytes, bool]:
-    """Collect output until the hook exits or the deadline; then kill its group."""
+def _wait(pid: int, stdin_w: int, state_json: bytes, output_r: int,
+          deadline: float) -> tuple[int, bytes, bool]:
+    """Write the state to the hook's stdin and collect its output until it exits or the
+    deadline; then kill its group. Closes `stdin_w`. A hook that does not read its stdin
+    does not hold us past the deadline (a state larger than a pipe, big annotations).
+    poll(2), not select(2): PID 1 may hold fds past select's 1024."""
     pidfd = os.pidfd_open(pid)
     output = bytearray()
     timed_out = False
     open_output = True
+    unwritten = memoryview(state_json)
+    os.set_blocking(stdin_w, False)
+    poller = select.poll()
+    poller.register(pidfd, select.POLLIN)
+    poller.register(output_r, select.POLLIN)
+    poller.register(stdin_w, select.POLLOUT)
     try:
         while True:
+            if stdin_w >= 0 and not unwritten:
+                poller.unregister(stdin_w)
+                os.close(stdin_w)
+                stdin_w = -1
             left = deadline - time.monotonic()
             if left <= 0:
                 timed_out = True
                 break
-            ready, _, _ = select.select([pidfd] + ([output_r] if open_output else []),
-                                        [], [], left)
+            ready = dict(poller.poll(min(left, POLL_SLICE) * 1000))
+            if stdin_w in ready:
+                try:
+                    unwritten = unwritten[os.write(stdin_w, unwritten):]
+                except BlockingIOError:
+                    pass
+                except BrokenPipeError:
+                    unwritten = unwritten[:0]   # the hook does not read its stdin: its business
             if output_r in ready:
                 chunk = os.read(output_r, 65536)
                 if chunk:
@@ -200,10 +217,13 @@ def _wait(pid: int, output_r: int, deadline: float) -> tuple[int, bytes, bool]:
                     del output[:-OUTPUT_KEPT]
                 else:
                     open_output = False
+                    poller.unregister(output_r)
             if pidfd in ready:
                 break
     finally:
         os.close(pidfd)
+        if stdin_w >= 0:
+            os.close(stdin_w)
     if timed_out:
         try:
             os.killpg(pid, signals.SIGKILL)
@@ -221,3 +241,4 @@ def _wait(pid: int, output_r: int, deadline: float) -> tuple[int, bytes, bool]:
     except BlockingIOError:
         pass
     return status, bytes(output[-OUTPUT_KEPT:]), timed_out
+
