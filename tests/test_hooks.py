@@ -157,3 +157,27 @@ def test_hooks_run_when_the_agent_holds_more_than_1024_fds(tmp_path):
     """, pidfile)
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip() == "[]"
+
+
+FORGED = "2026-01-01T00:00:00.000Z INFO tether.agent: forged"
+
+
+def test_what_a_hook_prints_reaches_the_log_and_started_escaped(tmp_path, caplog):
+    """A createContainer or startContainer hook is a program of the container's image:
+    its output must not drive the terminal showing our log or `started` (ESC, OSC), nor
+    forge a line of our log (a newline and our format)."""
+    failing = script(tmp_path / "failing",
+                     "printf 'ok\\n\\033]0;title\\007\\033[2Jlast\\n'\nexit 2\n")
+    with pytest.raises(HookError) as err:
+        run_point(Hooks(prestart=[Hook(path=failing)]), "prestart",
+                  state("web", "created", 1, "/"))
+    message = str(err.value)
+    assert message.isprintable() and message.endswith(": \\x1b]0;title\\x07\\x1b[2Jlast")
+    noisy = f"printf 'ok\\n{FORGED}\\n\\033]0;title\\007\\033[2Jlast\\r{FORGED}\\n'"
+    fine = script(tmp_path / "fine", f"{noisy}\nexit 0\n")
+    with caplog.at_level("DEBUG", logger="tether.hooks"):
+        run_point(Hooks(poststart=[Hook(path=fine)]), "poststart",
+                  state("web", "running", 1, "/"), keep_going=True)
+    said = [r.getMessage() for r in caplog.records if "said:" in r.getMessage()]
+    assert len(said) == 1 and said[0].isprintable()
+    assert said[0].endswith(f"said: ok\\n{FORGED}\\n\\x1b]0;title\\x07\\x1b[2Jlast\\r{FORGED}")

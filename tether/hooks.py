@@ -28,6 +28,7 @@ import select
 import time
 
 from tether import signals
+from tether.console import escape_unprintable
 from tether.log import get_logger
 
 log = get_logger("tether.hooks")
@@ -94,7 +95,10 @@ def run_hook(point: str, index: int, hook, state_json: bytes, root: str = "/") -
     finally:
         os.close(output_r)
     took = time.monotonic() - started
-    text = output.decode(errors="replace").strip()
+    # what the hook printed (a program of the container's image, for two of the points)
+    # goes into our log and `started`: escaped, so it can neither forge a log line nor
+    # drive the terminal that shows either
+    text = escape_unprintable(output.decode(errors="replace").strip(), keep="\n")
     if timed_out:
         raise HookError(f"{name}: timed out after {timeout}s" + _tail(text))
     if os.WIFSIGNALED(status):
@@ -105,7 +109,7 @@ def run_hook(point: str, index: int, hook, state_json: bytes, root: str = "/") -
         raise HookError(f"{name}: exited {code}" + _tail(text))
     log.info("%s ran in %.2fs", name, took)
     if text:
-        log.debug("%s said: %s", name, text[-OUTPUT_KEPT:])
+        log.debug("%s said: %s", name, text[-OUTPUT_KEPT:].replace("\n", "\\n"))
 
 
 def _tail(text: str) -> str:
