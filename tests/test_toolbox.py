@@ -230,3 +230,36 @@ def test_stop_ends_the_poll_thread():
         assert sim.channels == {}   # the TCLO channel was closed
     finally:
         agent.close()
+
+
+def test_power_ops_are_carried_out_one_at_a_time(tmp_path):
+    """A host repeating OS_Halt while the first is being carried out gets open-vm-tools'
+    refusal; it used to get a thread (and a stop sequence on the loop) per request."""
+    sim = SimulatedHypervisor()
+    agent = LoopAgent()
+    toolbox = start_toolbox_for(agent, RpciTransport(sim), halt_grace=TIMEOUT,
+                                kill_wait=TIMEOUT)
+    ready = tmp_path / "ready"
+    primary = ProcessSession(f"trap '' TERM; touch {ready}; while :; do sleep 0.1; done",
+                             ready_file=str(ready))
+    try:
+        agent.sessions[primary.id] = primary
+        assert ask(sim, "OS_Halt") == "OK "
+        assert wait_until(lambda: primary.signals == [signal.SIGTERM])
+        replies = [ask(sim, op) for op in ["OS_Halt"] * 20 + ["OS_PowerOn"]]
+        assert replies == ["ERROR State change already in progress"] * 21
+        assert [t.name for t in threading.enumerate()].count("toolbox-OS_Halt") == 1
+        assert primary.signals == [signal.SIGTERM]
+        primary.kill()                      # the halt in progress ends
+        assert sim.wait_for(lambda s: s.statechanges, TIMEOUT)
+        assert wait_until(lambda: agent.stop_reasons)
+        assert sim.statechanges == ["1 1"] and len(agent.stop_reasons) == 1
+        assert wait_until(lambda: "toolbox-OS_Halt" not in
+                          [t.name for t in threading.enumerate()])
+        assert ask(sim, "OS_PowerOn") == "OK "   # the next one is carried out
+        assert sim.wait_for(lambda s: len(s.statechanges) == 2, TIMEOUT)
+        assert sim.statechanges == ["1 1", "1 3"]
+    finally:
+        primary.kill()
+        toolbox.stop(timeout=TIMEOUT)
+        agent.close()

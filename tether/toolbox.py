@@ -46,6 +46,11 @@ STATE_HALT, STATE_REBOOT, STATE_POWERON, STATE_RESUME, STATE_SUSPEND = 1, 2, 3, 
 POWER_OPS = {"OS_Halt": STATE_HALT, "OS_Reboot": STATE_REBOOT, "OS_PowerOn": STATE_POWERON,
              "OS_Resume": STATE_RESUME, "OS_Suspend": STATE_SUSPEND}
 SIOCGIFADDR = 0x8915
+POWER_OP_BUSY = "State change already in progress"   # open-vm-tools' answer
+
+
+class PowerOpBusy(Exception):
+    """A power op came while another is being carried out."""
 
 
 def start_toolbox(host, channel_factory, **options) -> "Toolbox":
@@ -165,6 +170,9 @@ class Toolbox:
             return "ERROR Unknown Command"
         try:
             return "OK " + handler(command, args)
+        except PowerOpBusy as err:
+            log.info("toolbox: %s refused: %s", command, err)
+            return f"ERROR {err}"
         except Exception as err:   # noqa: BLE001 - answer the host, keep polling
             log.warning("toolbox: %s failed: %s", command, err)
             return f"ERROR {err}"
@@ -198,6 +206,11 @@ class Toolbox:
         return ""
 
     def _power_op(self, command: str, _args: str) -> str:
+        # One at a time, as open-vm-tools (powerOps.c): a host repeating OS_Halt would
+        # otherwise get a thread, and a stop sequence handed to the loop, per request.
+        self._workers = [w for w in self._workers if w.is_alive()]
+        if self._workers:
+            raise PowerOpBusy(POWER_OP_BUSY)
         state = POWER_OPS[command]
         action = {STATE_HALT: self._halt, STATE_REBOOT: self._refuse_reboot}.get(
             state, lambda: True)
