@@ -263,3 +263,19 @@ def test_power_ops_are_carried_out_one_at_a_time(tmp_path):
         primary.kill()
         toolbox.stop(timeout=TIMEOUT)
         agent.close()
+
+
+def test_what_the_host_sends_reaches_the_log_clipped_and_rate_limited(rig, caplog):
+    """Unknown commands are logged: each one used to be, whole (up to the backdoor's
+    64 MiB message), as often as the host sent them."""
+    from tether.console import RateLimit
+    sim, _, toolbox, _ = rig
+    toolbox._host_log = RateLimit(burst=3, interval=10.0, clock=lambda: 0.0)
+    with caplog.at_level("INFO", logger="tether.toolbox"):
+        assert ask(sim, "x" * (1 << 20)) == "ERROR Unknown Command"
+        for i in range(30):
+            assert ask(sim, f"Unknown_{i}\x1b[2J") == "ERROR Unknown Command"
+    lines = [r.getMessage() for r in caplog.records if "unknown TCLO command" in r.getMessage()]
+    assert len(lines) == 3
+    assert all(len(line) < 200 and line.isprintable() for line in lines)
+    assert "(1048576 in all)" in lines[0]

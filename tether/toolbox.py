@@ -28,7 +28,8 @@ import struct
 import threading
 import time
 
-from tether.log import get_logger
+from tether.console import RateLimit, clip
+from tether.log import INFO, get_logger
 
 log = get_logger("tether.toolbox")
 
@@ -98,6 +99,8 @@ class Toolbox:
         self._thread = threading.Thread(target=self._run, name="toolbox-tclo", daemon=True)
         self._workers: list[threading.Thread] = []
         self._rpc_lock = threading.Lock()
+        # lines the host's requests and answers cause: as many as the host sends
+        self._host_log = RateLimit(burst=10, interval=10.0)
         self.handlers = {
             "reset": self._reset,
             "ping": self._ping,
@@ -166,12 +169,12 @@ class Toolbox:
         command, _, args = text.partition(" ")
         handler = self.handlers.get(command)
         if handler is None:
-            log.info("toolbox: unknown TCLO command %r", command)
+            self._host_log.log(log, INFO, "toolbox: unknown TCLO command %s", clip(command))
             return "ERROR Unknown Command"
         try:
             return "OK " + handler(command, args)
         except PowerOpBusy as err:
-            log.info("toolbox: %s refused: %s", command, err)
+            self._host_log.log(log, INFO, "toolbox: %s refused: %s", command, err)
             return f"ERROR {err}"
         except Exception as err:   # noqa: BLE001 - answer the host, keep polling
             log.warning("toolbox: %s failed: %s", command, err)
@@ -179,7 +182,7 @@ class Toolbox:
 
     # -- commands ------------------------------------------------------------------------
     def _reset(self, _command: str, _args: str) -> str:
-        log.info("toolbox: TCLO reset")
+        self._host_log.log(log, INFO, "toolbox: TCLO reset")
         return f"ATR {self.name}"
 
     def _ping(self, _command: str, _args: str) -> str:
@@ -278,5 +281,6 @@ class Toolbox:
                 channel.close()
         reply = parse_reply(raw or b"")
         if not reply.ok:
-            log.info("toolbox: RPCI %r answered: %s", request.split(" ")[0], reply.text)
+            self._host_log.log(log, INFO, "toolbox: RPCI %r answered: %s",
+                               request.split(" ")[0], clip(reply.text))
         return reply.ok, reply.text
