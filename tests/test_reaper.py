@@ -130,3 +130,28 @@ def test_helper_timeout_kills_it():
     """)
     assert results["raised"] and results["quick"]
     assert results["left"] == []
+
+
+def test_an_orphan_storm_does_not_flood_the_log():
+    """At debug level every orphan reaped was a line: a container making them by the
+    thousand pushed everything else out of the console (which keeps the newest 1 MiB)."""
+    results = run_scenario("""
+        import io
+        from tether import log
+        from tether.console import RateLimit
+        stream = io.StringIO()
+        log.configure(log.DEBUG, stream=stream)
+        reaper._orphan_log = RateLimit(burst=3, interval=10.0, clock=lambda: 0.0)
+        system.set_child_subreaper()
+        pid = os.fork()
+        if pid == 0:
+            for _ in range(200):
+                if os.fork() == 0:
+                    os._exit(0)
+            os._exit(0)      # its children are re-parented to us
+        loop.run_until(lambda: reaper.orphans_reaped >= 201, timeout=120)
+        results["reaped"] = reaper.orphans_reaped
+        results["lines"] = [l for l in stream.getvalue().splitlines() if "reaped orphan" in l]
+    """)
+    assert results["reaped"] == 201
+    assert len(results["lines"]) == 3

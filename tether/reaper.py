@@ -14,7 +14,8 @@ from _thread import allocate_lock, get_ident   # threading's, without importing 
 from _collections_abc import Callable, Sequence   # collections.abc's, already loaded by os
 
 from tether import signals
-from tether.log import get_logger
+from tether.console import RateLimit
+from tether.log import DEBUG, get_logger
 
 TYPE_CHECKING = False     # typing's constant without importing typing (PID 1's startup)
 if TYPE_CHECKING:
@@ -49,6 +50,9 @@ class Reaper:
         self._helpers: dict[int, _HelperSlot] = {}
         self._lock = allocate_lock()   # reaping vs. registering a helper
         self.orphans_reaped = 0
+        # a process in a container may make orphans by the thousand (a fork storm, a
+        # double-forking daemon in a loop): their lines must not flush the console
+        self._orphan_log = RateLimit(burst=10, interval=10.0)
 
     def start(self) -> None:
         self.loop.add_signal_handler(signals.SIGCHLD, self.reap)
@@ -79,7 +83,9 @@ class Reaper:
             callback = self._watched.pop(pid, None)
             if callback is None:
                 self.orphans_reaped += 1
-                log.debug("reaped orphan %d (%s)", pid, describe_status(status))
+                if log.isEnabledFor(DEBUG):
+                    self._orphan_log.log(log, DEBUG, "reaped orphan %d (%s)", pid,
+                                         describe_status(status))
                 continue
             try:
                 callback(status)
