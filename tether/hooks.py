@@ -245,4 +245,3 @@ def _wait(pid: int, stdin_w: int, state_json: bytes, output_r: int,
     except BlockingIOError:
         pass
     return status, bytes(output[-OUTPUT_KEPT:]), timed_out
-
