@@ -153,3 +153,19 @@ def test_a_session_new_in_a_reload_whose_volume_fails_is_not_run(sandbox, tmp_pa
     assert result.session("new").started == (f"volume late: cannot mount {source} on "
                                               f"{late}: No such file or directory"), result
     assert "new-ran" not in result.log
+
+
+def test_a_volume_sources_password_stays_out_of_started_and_the_log(sandbox, tmp_path):
+    """The JSON form takes user:password@ in a source URL, but guestinfo has no keys for
+    it (Go's url.Userinfo has no exported fields): the agent never holds the password,
+    so neither a failed mount's `started` (which the container can read back) nor the
+    config dump at debug 1 can show it."""
+    dest = tmp_path / "data"
+    cfg = config(tmp_path, mounts={"data": {
+        "source": "nfs://alice:s3cret-pw@127.0.0.1:1/export", "path": str(dest)}})
+    cfg["diagnostics"] = {"debug_level": 1}
+    result = sandbox.run(cfg)
+    started = result.session("main").started
+    assert started.startswith(f"volume data: cannot mount 127.0.0.1:/export on {dest}: "), started
+    assert "s3cret-pw" not in result.log and "s3cret-pw" not in started, \
+        [line for line in result.log.splitlines() if "s3cret" in line]
