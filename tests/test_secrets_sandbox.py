@@ -87,3 +87,24 @@ def test_no_secret_in_the_log_below_debug_3(sandbox, hypervisor, tmp_path, debug
         assert shown == [], log
     else:   # level 3 shows the config as it is: the test can see them when they are there
         assert SECRET_ENV.split("=", 1)[1] in shown and SECRET_ARG in shown, log
+
+
+def test_a_reload_that_does_not_decode_still_empties_a_new_key(sandbox, hypervisor, tmp_path):
+    """The scrub ran on the decoded config, so a config that did not decode left its
+    secrets readable: a host that wrote a new Key with a broken session list had the
+    Key there for any process in the guest until a good config came. The Key's place
+    needs no decoding: it is emptied all the same."""
+    import signal
+    sim, path = hypervisor
+    cfg, _ = the_config(tmp_path)
+    box = start(sandbox, sim, path, cfg)
+    assert sim.guestinfo[KEY_KEY] == ""
+    broken = host_view(cfg)
+    broken["guestinfo.vice./sessions"] = "main|main"          # a name twice: no decode
+    sim.guestinfo.update(broken)
+    assert base64.b64decode(sim.guestinfo[KEY_KEY]) == KEY
+    box.signal(signal.SIGHUP)
+    box.wait_for_log(r"configuration cannot be decoded")
+    assert sim.guestinfo[KEY_KEY] == "", box.log_text()
+    box.signal(signal.SIGTERM)
+    box.wait()

@@ -394,6 +394,16 @@ class Agent:
         if should_scrub(config, self.transport):
             scrub_secrets(self.transport, config)
 
+    def _scrub_undecoded(self) -> None:
+        """A config that does not decode has no secret keys to list, but the Key's
+        place is fixed: it is emptied all the same (under the live config's setting, at
+        boot the transport's default), so a new Key does not wait in guestinfo for a
+        config that decodes."""
+        from tether.config import ExecutorConfig
+        from tether.scrub import key_key, scrub_secrets, should_scrub
+        if should_scrub(self.config or ExecutorConfig(), self.transport):
+            scrub_secrets(self.transport, None, [key_key()])
+
     def _decode(self, known=()):
         """The config from guestinfo (ours and VIC's keys), its sessions named
         (`name_sessions`). A DecodeError is answered before it is raised: in `started` of
@@ -409,6 +419,7 @@ class Agent:
             source = GuestSource(snapshot(self.transport) or self.transport)
             config = decode_config(source)
         except DecodeError as err:
+            self._scrub_undecoded()
             answered = self._writeback.config_error(f"configuration error: {err}", known)
             raise StepFailed(f"the configuration cannot be decoded: {err} (answered in "
                              f"{len(answered)} session(s) and {CONFIG_ERROR_KEY})") from None

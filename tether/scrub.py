@@ -4,7 +4,9 @@ Over the VMware backdoor any process in the guest, root or not, can `info-get` a
 guestinfo key (`vmtoolsd --cmd "info-get guestinfo.vice./key"`). So after the agent has
 read its config it overwrites, with empty values, the keys that hold secrets: the
 executor `Key` (the attach key) and every secret-scope (`@secret`) key of the config,
-ours included. An empty value reads as missing, for the guest and the host alike.
+ours included. An empty value reads as missing, for the guest and the host alike. A
+config that does not decode still has its Key emptied (its key is fixed; the other
+secret keys cannot be listed without the config).
 
 On by default for the backdoor transport; the config's `scrub_secrets` turns it on or off
 for any transport. A write the transport refuses is logged and the agent goes on.
@@ -35,10 +37,18 @@ def secret_keys(config) -> list[str]:
     return keys
 
 
-def scrub_secrets(transport, config) -> list[str]:
-    """Overwrite the secret keys with empty values; returns the keys emptied."""
+def key_key() -> str:
+    """Where the executor's Key is, known without decoding a config."""
+    from extraconfig.codec import calculate_key
+    from tether.config import ExecutorConfig
+    return calculate_key(ExecutorConfig(), "Key")
+
+
+def scrub_secrets(transport, config, keys: list[str] | None = None) -> list[str]:
+    """Overwrite the secret keys (`keys`, else those of `config`) with empty values;
+    returns the keys emptied."""
     done = []
-    for key in secret_keys(config):
+    for key in secret_keys(config) if keys is None else keys:
         try:
             transport.info_set(key, "")
         except Exception as err:   # noqa: BLE001 - a refused write must not stop the agent
