@@ -309,6 +309,35 @@ def test_the_console_log_is_bounded_and_keeps_its_end(tmp_path, monkeypatch):
     assert result.console.startswith(f"[tether vm: the first {dropped} bytes of the console")
 
 
+def test_the_session_output_log_is_bounded_and_each_file_reads_whole(tmp_path, monkeypatch):
+    """output.log took every byte of the output port: a container printing without end
+    filled the host's disk. Past its limit it moves to output.log.1 at the end of an
+    entry, so `tether logs` reads each file whole, and the last entries are kept."""
+    from tether import iolog
+    entries = b"".join(iolog.encode_entry(b"%06d " % i + b"y" * 993,
+                                          session="p" if i % 2 else None)
+                       for i in range(3000))                       # about 3 MB
+    blob = tmp_path / "entries.bin"
+    blob.write_bytes(entries + iolog.encode_entry(b"THE END\n"))
+    guest = f"""
+        data = open({str(blob)!r}, "rb").read()
+        for at in range(0, len(data), 7777):        # cut anywhere, as a port's reads are
+            ports["org.tether.output"].sendall(data[at:at + 7777])
+        say("done")
+    """
+    run = Run(tmp_path, monkeypatch, guest)
+    run.machine.output_limit = 256 << 10
+    with run:
+        run.console_until("done")
+        run.finish()
+    logs = [tmp_path / "run" / "output.log.1", tmp_path / "run" / "output.log"]
+    read = [list(iolog.parse(log.read_bytes())) for log in logs]   # FramingError if cut
+    assert all(log.stat().st_size <= (256 << 10) + (64 << 10) for log in logs)
+    assert read[-1][-1].data == b"THE END\n"
+    numbers = [int(e.data[:6]) for e in read[0] + read[1][:-1]]
+    assert numbers == list(range(numbers[0], 3000))      # the newest, in order, none cut
+
+
 # ---------------------------------------------------------------- what reaches the user's terminal
 
 def test_guest_text_in_the_launchers_messages_cannot_drive_the_terminal(tmp_path, monkeypatch,

@@ -73,6 +73,7 @@ STORED_KEY_COST = 100
 # and starts again, so a guest writing to its console without end fills no disk and the
 # end of the console, where a failure shows, is kept.
 CONSOLE_LOG_LIMIT = 8 << 20
+OUTPUT_LOG_LIMIT = 64 << 20     # output.log the same way (the agent's file log's size)
 DEFAULT_STOP_TIMEOUT = 30.0    # ctrl-alt-del to power-off: the agent's 10 s grace and more
 
 # The ISO's own kernel arguments besides the console (init/build, FAST_BOOT_ARGS). The
@@ -369,6 +370,8 @@ class Machine:
         self.console_limit = CONSOLE_LOG_LIMIT
         self.console_dropped = 0        # bytes of the console no longer kept
         self.output_log = os.path.join(workdir, "output.log")
+        self.output_limit = OUTPUT_LOG_LIMIT
+        self.output_dropped = 0         # bytes of session output no longer kept
         self.process: subprocess.Popen | None = None
         self.marks: dict[str, float] = {}
         self.attach_connected = threading.Event()
@@ -576,9 +579,7 @@ class Machine:
             if self.echo_console is not None:
                 self.echo_console(data)
         elif name == OUTPUT_PORT:
-            self._files["output"].write(data)
-            self._files["output"].flush()
-            self._read_entries(data)
+            self._log_output(data, self._read_entries(data))
         elif name == GUESTINFO_PORT:
             self.marks.setdefault("agent_start", now)
             self._guestinfo_requests.extend(self._deframer.feed(data))
@@ -653,15 +654,38 @@ class Machine:
             self._guestinfo_out += reply
         self._flush_guestinfo()
 
-    def _read_entries(self, data: bytes) -> None:
+    def _read_entries(self, data: bytes) -> int:
+        """Hand on the entries `data` completes; returns where in `data` the last one
+        ends (0: none ends in it)."""
         from tether.iolog import FramingError
+        reader = self._output_reader
         try:
-            for entry in self._output_reader.feed(data):
+            for entry in reader.feed(data):
                 self.marks.setdefault("output_first", time.monotonic())
                 if self.on_output is not None:
                     self.on_output(entry)
         except FramingError:
-            self._output_reader.skip()     # not iolog framing: drop it, keep running
+            reader.skip()     # not iolog framing: drop it, keep running
+            return 0
+        return max(0, len(data) - reader.pending)
+
+    def _log_output(self, data: bytes, entries_end: int) -> None:
+        """output.log as the port sent it. Past `output_limit` it moves to output.log.1
+        at the end of an entry (each file reads whole in `tether logs`) and starts again:
+        a guest printing without end fills no disk, as the agent's own file log rotates."""
+        log = self._files["output"]
+        if entries_end and log.tell() + entries_end > self.output_limit:
+            log.write(data[:entries_end])
+            log.close()
+            try:
+                self.output_dropped += os.path.getsize(self.output_log + ".1")
+            except FileNotFoundError:
+                pass
+            os.replace(self.output_log, self.output_log + ".1")
+            log = self._files["output"] = open(self.output_log, "wb")
+            data = data[entries_end:]
+        log.write(data)
+        log.flush()
 
 
 def qmp_command(path: str, command: str, arguments: dict | None = None,
