@@ -113,7 +113,11 @@ def vmx_unescape_key(text: str) -> str:
 
 def format_vmx(entries: Mapping[str, str]) -> str:
     """`key = "value"` lines, sorted by key, with VMX's `|XX` escapes."""
-    return "".join(f'{vmx_escape_key(k)} = "{vmx_escape(v)}"\n' for k, v in sorted(entries.items()))
+    return "".join(_vmx_line(k, v) for k, v in sorted(entries.items()))
+
+
+def _vmx_line(key: str, value: str) -> str:
+    return f'{vmx_escape_key(key)} = "{vmx_escape(value)}"\n'
 
 
 def _split_line(line: str) -> tuple[str, str] | None:
@@ -144,23 +148,31 @@ def parse_vmx(text: str) -> dict[str, str]:
 
 
 class VmxFileTransport:
-    """A VMX-style file; every `info_set` rewrites it atomically (write, fsync, rename)."""
+    """A VMX-style file; every `info_set` rewrites it atomically (write, fsync, rename),
+    or once at the end of a `batch()`. A set that changes nothing writes nothing."""
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = os.fspath(path)
         self._stamp: tuple[int, int] | None = None
         self._data: dict[str, str] = {}
+        self._lines: dict[str, str] = {}   # key -> its line in the file, as _data holds it
+        self._batching = 0
+        self._unsaved = False
 
     def _load(self) -> dict[str, str]:
+        if self._batching:
+            return self._data       # ours until the batch is written (a host's write: lost)
         try:
             st = os.stat(self.path)
         except FileNotFoundError:
             self._stamp, self._data = None, {}
+            self._lines.clear()
             return self._data
         stamp = (st.st_mtime_ns, st.st_size)
         if stamp != self._stamp:
             with open(self.path, encoding="utf-8", errors="surrogateescape") as f:
                 self._data = parse_vmx(f.read())
+            self._lines.clear()
             self._stamp = stamp
         return self._data
 
@@ -168,26 +180,58 @@ class VmxFileTransport:
         return self._load().get(key)
 
     def info_set(self, key: str, value: str) -> None:
-        data = dict(self._load())
+        data = self._load()
+        if data.get(key) == value:
+            return
         data[key] = value
-        self._store(data)
+        self._lines.pop(key, None)
+        self._changed()
 
     def info_delete(self, key: str) -> None:
-        data = dict(self._load())
+        data = self._load()
         if data.pop(key, None) is not None:
-            self._store(data)
+            self._lines.pop(key, None)
+            self._changed()
 
-    def _store(self, data: dict[str, str]) -> None:
+    def batch(self):
+        """A context: the sets made in it reach the file in one rewrite, at its end. The
+        agent's write-back of a session is one (a file rewritten per key made a config
+        of many sessions quadratic: 300 sessions took 40 s to launch)."""
+        import contextlib
+
+        @contextlib.contextmanager
+        def batched():
+            self._load()
+            self._batching += 1
+            try:
+                yield self
+            finally:
+                self._batching -= 1
+                if not self._batching and self._unsaved:
+                    self._store()
+        return batched()
+
+    def _changed(self) -> None:
+        self._unsaved = True
+        if not self._batching:
+            self._store()
+
+    def _store(self) -> None:
         import tempfile
+        lines = self._lines
+        for key in self._data.keys() - lines.keys():
+            lines[key] = _vmx_line(key, self._data[key])
         directory = os.path.dirname(self.path) or "."
         fd, tmp = tempfile.mkstemp(prefix=".vmx-", dir=directory)
         try:
             with os.fdopen(fd, "w", encoding="utf-8", errors="surrogateescape") as f:
-                f.write(format_vmx(data))
+                f.write("".join(lines[key] for key in sorted(self._data)))
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, self.path)
         except BaseException:
+            self._stamp = None      # the file holds what it held: read it again
+            self._unsaved = False
             try:
                 os.unlink(tmp)
             except FileNotFoundError:
@@ -196,7 +240,7 @@ class VmxFileTransport:
         # What we wrote is what the file holds: the next read need not parse it again
         # (the agent's write-back sets keys one by one, re-parsing made that quadratic).
         st = os.stat(self.path)
-        self._data, self._stamp = data, (st.st_mtime_ns, st.st_size)
+        self._stamp, self._unsaved = (st.st_mtime_ns, st.st_size), False
 
 
 # ------------------------------------------------------------ guest semantics

@@ -30,6 +30,19 @@ MESSAGE_LIMIT = 1024         # characters of the error text written back
 STARTED_SUFFIX = ".started"
 
 
+class _NoBatch:
+    """For transports that write each key as it comes."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+
+_NO_BATCH = _NoBatch()
+
+
 def started_last(sink):
     """A sink that passes pairs on at once, except `started` keys, released by `flush()`."""
     held: list[tuple[str, str]] = []
@@ -63,10 +76,11 @@ class WriteBack:
         sid = session_config.common.id if sid is None else sid
         try:
             prefix = calculate_keys(config, ["Sessions", sid])[0]
-            write, flush = started_last(self.sink)
-            encode_into(write, session_config, prefix=prefix)
-            encode_session_into(write, config, session_config)   # our exit records
-            flush()
+            with self._batch():
+                write, flush = started_last(self.sink)
+                encode_into(write, session_config, prefix=prefix)
+                encode_session_into(write, config, session_config)   # our exit records
+                flush()
         except Exception as err:   # noqa: BLE001 - the agent must keep serving
             self.failures += 1
             log.error("could not publish session %s to guestinfo: %s", sid, err,
@@ -88,13 +102,14 @@ class WriteBack:
             encode_into(collect, session_config, prefix=prefix)
             encode_session_into(collect, None, session_config)   # our exit records
             delete = getattr(self.transport, "info_delete", None)
-            for key in keys:
-                if "/" in key:
-                    continue          # read-only: the guest never wrote it
-                if delete is not None:
-                    delete(key)
-                else:
-                    self.transport.info_set(key, NIL)
+            with self._batch():
+                for key in keys:
+                    if "/" in key:
+                        continue          # read-only: the guest never wrote it
+                    if delete is not None:
+                        delete(key)
+                    else:
+                        self.transport.info_set(key, NIL)
         except Exception as err:   # noqa: BLE001
             self.failures += 1
             log.error("could not remove session %s from guestinfo: %s", sid, err)
@@ -115,10 +130,11 @@ class WriteBack:
         from extraconfig.codec import encode_into
         from tether.extension import encode_into_sink
         try:
-            write, flush = started_last(self.sink)
-            encode_into(write, config)
-            encode_into_sink(write, config)
-            flush()
+            with self._batch():
+                write, flush = started_last(self.sink)
+                encode_into(write, config)
+                encode_into_sink(write, config)
+                flush()
         except Exception as err:   # noqa: BLE001
             self.failures += 1
             log.error("could not publish the configuration to guestinfo: %s", err,
@@ -160,6 +176,12 @@ class WriteBack:
         message = " ".join(message.split())[:MESSAGE_LIMIT]
         if message or GuestSource(self.transport).get(CONFIG_ERROR_KEY):
             self._write(CONFIG_ERROR_KEY, message)
+
+    def _batch(self):
+        """The transport's batch where it has one (a VMX file: one rewrite for a whole
+        subtree, which the host then sees at once, `started` with the rest), else none."""
+        batch = getattr(self.transport, "batch", None)
+        return batch() if batch is not None else _NO_BATCH
 
     def _write(self, key: str, value: str) -> None:
         try:
