@@ -6,11 +6,13 @@ The child applies the plan around its setuid (`before_setuid`, `after_setuid`), 
 python-prctl; python-prctl has no call for the ambient set, so that one prctl goes
 through libc.
 
-The keep-list becomes the bounding set, and the inheritable set. A root session gets it
-as its effective set at exec. A non-root session gets no capabilities by default (as in
-Docker; a setuid binary may still gain those in the bounding set unless
-`no_new_privileges`); when its config names a keep-list explicitly, the list is raised as
-ambient capabilities so the unprivileged program really has them.
+The keep-list becomes the bounding set. A root session gets it as its effective set at
+exec. A non-root session gets no capabilities by default (as in Docker; a setuid binary
+may still gain those in the bounding set unless `no_new_privileges`); when its config
+names a keep-list explicitly, the list is raised as ambient capabilities so the
+unprivileged program really has them. The inheritable set is left empty unless ambient
+capabilities need it (as moby after CVE-2022-24769): otherwise a non-root session would
+gain the keep-list from any program carrying file-inheritable capabilities.
 """
 from __future__ import annotations
 
@@ -161,18 +163,21 @@ def _set_caps(flags: tuple[str, ...], raise_: list[int], clear: list[int]) -> No
 
 
 def before_setuid(plan: Plan) -> None:
-    """Still root: shrink the bounding set, make the keep-list the inheritable set (setuid
-    keeps it; exec gives a root process bounding | inheritable), and keep the permitted
-    set across the setuid when ambient capabilities are to be raised after it."""
+    """Still root: shrink the bounding set (exec gives a root process all of it), empty
+    the inheritable set, or make it the keep-list when ambient capabilities are to be
+    raised (they must be inheritable), and then keep the permitted set across the
+    setuid."""
     import _prctl
     for n in plan.drop:
         try:
             _prctl.prctl(_prctl.PR_CAPBSET_DROP, n)
         except ValueError:
             pass   # a capability python-prctl does not know: the kernel's EINVAL
-    _set_caps(("I",), plan.settable, plan.unsettable)
     if plan.ambient:
+        _set_caps(("I",), plan.settable, plan.unsettable)
         _prctl.prctl(_prctl.PR_SET_KEEPCAPS, True)
+    else:
+        _set_caps(("I",), [], plan.settable + plan.unsettable)
 
 
 def after_setuid(plan: Plan) -> None:
