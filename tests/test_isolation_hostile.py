@@ -78,3 +78,86 @@ def test_a_root_session_still_has_the_keep_list_with_an_empty_inheritable_set(sa
     keep = f"{(1 << NET_RAW) | 1:016x}"
     assert status_fields(result.log, "CapInh", "CapPrm", "CapEff", "CapBnd") == {
         "CapInh": "0" * 16, "CapPrm": keep, "CapEff": keep, "CapBnd": keep}, result.log
+
+
+# -- a container root: busybox, a static probe, the image's passwd ------------------------
+CHROOT_ESCAPE = r"""
+#include <stdio.h>
+#include <unistd.h>
+#include <sys/stat.h>
+/* The classic escape: chroot into a subdirectory, keep the old cwd (now outside the
+   root), walk up from it, chroot there. Then: is / still the container root? */
+int main(void) {
+    mkdir("/tmp/escape", 0700);
+    if (chroot("/tmp/escape") != 0) { perror("chroot /tmp/escape"); return 1; }
+    for (int i = 0; i < 64; i++) chdir("..");
+    if (chroot(".") != 0) { perror("chroot ."); return 1; }
+    printf("after the escape: %s\n",
+           access("/only-in-the-rootfs", F_OK) == 0 ? "in the container root"
+                                                     : "OUTSIDE the container root");
+    return 0;
+}
+"""
+
+
+@pytest.fixture
+def rootfs(tmp_path):
+    require_tool("busybox", "cc")
+    root = tmp_path / "rootfs"
+    for d in ("bin", "etc", "proc", "sys", "dev", "tmp", "mnt"):
+        (root / d).mkdir(parents=True)
+    os.chmod(root / "tmp", 0o1777)
+    (root / "only-in-the-rootfs").write_text("")
+    shutil.copy(BUSYBOX, root / "bin" / "busybox")
+    for applet in ("sh", "cat", "ls", "sleep", "grep", "mknod"):
+        os.symlink("busybox", root / "bin" / applet)
+    (root / "etc" / "passwd").write_text("root:x:0:0:root:/root:/bin/sh\n")
+    (root / "etc" / "group").write_text("root:x:0:\n")
+    source = tmp_path / "escape.c"
+    source.write_text(CHROOT_ESCAPE)
+    subprocess.run(["cc", "-static", "-o", str(root / "bin" / "escape"), str(source)],
+                   check=True, timeout=120)
+    return root
+
+
+def in_root(argv, **extra) -> dict:
+    return {"cmd": {"path": argv[0], "args": list(argv), "env": ["PATH=/bin"]}, **extra}
+
+
+def test_a_root_session_cannot_chroot_its_way_out_of_the_container_root(sandbox, rootfs):
+    # CAP_SYS_CHROOT is in the default set; a bare chroot let this reach the host's /
+    result = sandbox.run(config(in_root(["/bin/escape"])), rootfs=rootfs)
+    assert result.session("main").started == "true", result.log
+    assert "after the escape: in the container root" in result.log, result.log
+
+
+# the machine's, not the sandbox's: a root session writes them with no capability at all
+KERNEL_KNOBS = ("/proc/sys/kernel/core_pattern", "/proc/sys/vm/drop_caches", "/proc/sysrq-trigger",
+                "/sys/power/state", "/sys/kernel/mm/transparent_hugepage/enabled")
+
+
+def test_the_machines_sysctls_and_sys_are_read_only_to_a_root_session(sandbox, rootfs):
+    # each opened for writing (where this kernel has it), never written: `>>` with nothing
+    script = "".join(f"[ -e {path} ] && if (: >> {path}); then echo 'writable: {path}'; fi; "
+                     for path in KERNEL_KNOBS) + "echo done"
+    result = sandbox.run(config(in_root(["/bin/sh", "-c", script])), rootfs=rootfs)
+    assert "done" in result.log, result.log
+    assert "writable:" not in result.log, result.log
+    assert "core_pattern: Read-only file system" in result.log, result.log
+
+
+def test_mounts_made_in_the_root_later_reach_a_running_session(sandbox, rootfs):
+    # what the agent mounts in the root after a launch (a reload's volume, the /etc files
+    # bound again on a DHCP renewal) must still reach the session's own mount namespace
+    watcher = in_root(["/bin/sh", "-c", "i=0; while [ ! -e /mnt/arrived ] && [ $i -lt 600 ]; "
+                       "do sleep 0.1; i=$((i+1)); done; [ -e /mnt/arrived ] && "
+                       "echo seen the new mount"])
+    box = sandbox.start(config(watcher), rootfs=rootfs)
+    box.wait_for_log("session main started")
+    enter = ["nsenter", "-t", str(box.agent_pid()), "-m"]
+    subprocess.run(enter + ["mount", "-t", "tmpfs", "later", str(rootfs / "mnt")],
+                   check=True, timeout=30)
+    subprocess.run(enter + ["touch", str(rootfs / "mnt" / "arrived")], check=True, timeout=30)
+    result = box.wait()
+    assert "seen the new mount" in result.log, result.log
+    assert not (rootfs / "mnt" / "arrived").exists()   # in the sandbox's namespace only

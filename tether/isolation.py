@@ -23,15 +23,25 @@ MAX_EXIT_RECORDS = 5
 READY, GO = b"R", b"G"
 
 
+# What of the kernel a session in its own mount namespace sees read-only (moby's
+# readonly paths, and /sys): the sysctls and /proc/sysrq-trigger are the whole machine's,
+# not the namespaces', and root writes them with no capability at all (core_pattern runs
+# a program as full root; sysrq reboots; /sys/power/state suspends).
+READ_ONLY_PATHS = ("/proc/sys", "/proc/sysrq-trigger", "/proc/irq", "/proc/bus", "/proc/fs",
+                   "/proc/scsi", "/proc/acpi", "/sys")
+
+
 class ChildSetup:
     """Plain data for the child: the cgroup.procs fds to write itself into, the privilege
-    plan, and whether to wait for the launch hooks (`sync`)."""
-    __slots__ = ("procs_fds", "plan", "sync")
+    plan, whether to wait for the launch hooks (`sync`), and whether the session gets a
+    mount namespace of its own (`own_mounts`, see `enter_root`)."""
+    __slots__ = ("procs_fds", "plan", "sync", "own_mounts")
 
-    def __init__(self, procs_fds: list[int], plan, sync: bool):
+    def __init__(self, procs_fds: list[int], plan, sync: bool, own_mounts: bool = False):
         self.procs_fds = procs_fds
         self.plan = plan
         self.sync = sync
+        self.own_mounts = own_mounts
 
     def close(self) -> None:
         """The parent's copies, once the child is forked."""
@@ -44,6 +54,31 @@ class ChildSetup:
         """First thing in the child: into the session's cgroup, before anything is charged."""
         for fd in self.procs_fds:
             os.write(fd, b"0")
+
+    def enter_root(self, root: str) -> None:
+        """Make `root` the process's root. With `own_mounts`, not a bare chroot, which a
+        root process with CAP_SYS_CHROOT (Docker's default set) leaves at once (chroot
+        into a subdirectory, `..` up from the old cwd, chroot "."): a mount namespace of
+        its own, a slave of the agent's (the mounts the agent makes in the root later
+        still arrive), the root bound and moved over "/" as switch_root does, so `..`
+        above it leads back to it; then the kernel's knobs read-only (READ_ONLY_PATHS)."""
+        if not self.own_mounts:
+            os.chroot(root)
+            return
+        from tether import system
+        system.unshare(system.CLONE_NEWNS)
+        system.mount(None, "/", None, system.MS_REC | system.MS_SLAVE)
+        system.mount(root, root, None, system.MS_BIND | system.MS_REC)
+        os.chdir(root)
+        system.mount(".", "/", None, system.MS_MOVE)
+        os.chroot(".")
+        for path in READ_ONLY_PATHS:
+            try:
+                system.mount(path, path, None, system.MS_BIND | system.MS_REC)
+            except FileNotFoundError:
+                continue   # not in this root (no /proc bound there) or not in this kernel
+            system.mount(None, path, None, system.MS_REMOUNT | system.MS_BIND | system.MS_RDONLY
+                         | system.MS_NOSUID | system.MS_NODEV | system.MS_NOEXEC)
 
     @staticmethod
     def wait(sync_fd: int) -> None:
@@ -67,6 +102,10 @@ class Isolation:
         self.cgroups_problem = cgroups_problem  # why there are none, for `started`
         self.config = config                    # the ExecutorConfig (hooks)
         self.root = root
+        # Set by `tether sandbox`, whose sessions share this machine's kernel: each gets a
+        # mount namespace of its own (ChildSetup.enter_root); the sandbox made the root a
+        # shared mount for that.
+        self.own_mount_namespaces = False
         self._pending: dict[str, list[str]] = {}   # session ID -> poststart failures
         self._oom_seen: dict[str, int] = {}
 
@@ -107,7 +146,11 @@ class Isolation:
         if limits.any() or cfg.capabilities is not None or cfg.no_new_privileges:
             log.info("session %s: %s; capabilities %s", session.id,
                      describe_limits(limits), privileges.describe(plan))
-        return ChildSetup(fds, plan, sync=self._hooks_for(session, "launch"))
+        own_mounts = self.own_mount_namespaces and self.root not in ("", "/")
+        if own_mounts:
+            from tether import _linux, system  # noqa: F401 - the child's mounts, loaded here
+        return ChildSetup(fds, plan, sync=self._hooks_for(session, "launch"),
+                          own_mounts=own_mounts)
 
     def _hooks_for(self, session, which: str) -> bool:
         if not session.primary or self.config is None or not self.config.hooks.any():

@@ -276,6 +276,17 @@ def private_state_dir() -> str:
     return "/dev/shm/tether"
 
 
+def share_root(rootfs: str) -> None:
+    """The container root as a shared mount of its own, before the agent mounts anything
+    in it: each session gets a mount namespace of its own (a bare chroot is left by any
+    root process with CAP_SYS_CHROOT, into this machine's files), a slave copy of this
+    one, so what the agent mounts in the root later (volumes, the /etc files) reaches the
+    sessions already running."""
+    from tether import system
+    system.mount(rootfs, rootfs, None, system.MS_BIND | system.MS_REC)
+    system.mount(None, rootfs, None, system.MS_REC | system.MS_SHARED)
+
+
 def run_inside(args: argparse.Namespace, seed: dict[str, str],
                cgroup_paths: list[str] | None = None) -> int:
     """PID 1 of the new namespaces: private mounts, a fresh /proc, then the agent."""
@@ -303,7 +314,10 @@ def run_inside(args: argparse.Namespace, seed: dict[str, str],
                 store[key] = value
 
     state_dir = private_state_dir()
-    options = Options(rootfs=os.path.abspath(args.rootfs) if args.rootfs else None,
+    rootfs = os.path.abspath(args.rootfs) if args.rootfs else None
+    if rootfs:
+        share_root(rootfs)
+    options = Options(rootfs=rootfs,
                       output_log=args.output_log,
                       attach_endpoints=[f"unix:{args.attach_socket}"] if args.attach_socket
                       else [],
@@ -314,7 +328,9 @@ def run_inside(args: argparse.Namespace, seed: dict[str, str],
                       cgroups=with_cgroups, keep_execs=args.keep_execs,
                       output_log_max=args.output_log_max)
     try:
-        code = Agent(transport, options).run()
+        agent = Agent(transport, options)
+        agent.isolation.own_mount_namespaces = rootfs is not None
+        code = agent.run()
     finally:
         import shutil
         shutil.rmtree(state_dir, ignore_errors=True)

@@ -472,7 +472,10 @@ def _child_exec(spec: LaunchSpec, errw: int) -> None:
         os.dup2(spec.stderr, 2)
         if spec.root not in ("", "/"):
             step = f"chroot {spec.root}"
-            os.chroot(spec.root)
+            if setup is not None:
+                setup.enter_root(spec.root)
+            else:
+                os.chroot(spec.root)
         directory = spec.dir or "/"
         step = f"chdir {directory}"
         os.chdir(directory)
