@@ -4,6 +4,7 @@ reach. A session must not change the host: its files, sysctls, devices."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import struct
 import subprocess
@@ -144,6 +145,22 @@ def test_the_machines_sysctls_and_sys_are_read_only_to_a_root_session(sandbox, r
     assert "done" in result.log, result.log
     assert "writable:" not in result.log, result.log
     assert "core_pattern: Read-only file system" in result.log, result.log
+
+
+def test_a_root_session_cannot_make_device_nodes_for_the_machines_disks(sandbox, rootfs):
+    # no device cgroup stands in front of MKNOD in the sandbox: a node for the machine's
+    # loop0 (7,0) in the root could be opened. Made, never opened.
+    script = ("grep CapBnd /proc/self/status; "
+              "if mknod /tmp/loop0 b 7 0; then echo 'made a block device'; fi; echo done")
+    asked = in_root(["/bin/sh", "-c", "grep CapBnd /proc/self/status"], capabilities=["MKNOD"])
+    result = sandbox.run(config(in_root(["/bin/sh", "-c", script]), asked=asked),
+                         rootfs=rootfs)
+    assert "done" in result.log, result.log
+    assert "made a block device" not in result.log, result.log
+    assert not (rootfs / "tmp" / "loop0").exists()
+    mknod = 1 << 27
+    bounding = [int(v, 16) for v in re.findall(r"^CapBnd:\t(\w+)", result.log, re.M)]
+    assert sorted(bounding) == [mknod, 0xa80425fb & ~mknod], result.log   # given when asked
 
 
 def test_mounts_made_in_the_root_later_reach_a_running_session(sandbox, rootfs):

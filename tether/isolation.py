@@ -102,10 +102,11 @@ class Isolation:
         self.cgroups_problem = cgroups_problem  # why there are none, for `started`
         self.config = config                    # the ExecutorConfig (hooks)
         self.root = root
-        # Set by `tether sandbox`, whose sessions share this machine's kernel: each gets a
-        # mount namespace of its own (ChildSetup.enter_root); the sandbox made the root a
-        # shared mount for that.
-        self.own_mount_namespaces = False
+        # Set by `tether sandbox --rootfs`, whose sessions share this machine's kernel and
+        # devices: each gets a mount namespace of its own (ChildSetup.enter_root; the
+        # sandbox made the root a shared mount for that), and the default capabilities
+        # leave out MKNOD (privileges.SANDBOX_DEFAULT).
+        self.sandboxed_root = False
         self._pending: dict[str, list[str]] = {}   # session ID -> poststart failures
         self._oom_seen: dict[str, int] = {}
 
@@ -115,8 +116,10 @@ class Isolation:
         from tether.sessions import LaunchError
         cfg = session.config
         limits = cfg.limits
+        confined = self.sandboxed_root and self.root not in ("", "/")
         try:
-            plan = privileges.plan_for(cfg, uid)
+            plan = privileges.plan_for(cfg, uid, default=privileges.SANDBOX_DEFAULT
+                                       if confined else privileges.DEFAULT)
         except privileges.PrivilegeError as err:
             raise LaunchError(str(err)) from None
         if limits.cpus > 0 and limits.cpu_mhz > 0:
@@ -146,11 +149,10 @@ class Isolation:
         if limits.any() or cfg.capabilities is not None or cfg.no_new_privileges:
             log.info("session %s: %s; capabilities %s", session.id,
                      describe_limits(limits), privileges.describe(plan))
-        own_mounts = self.own_mount_namespaces and self.root not in ("", "/")
-        if own_mounts:
+        if confined:
             from tether import _linux, system  # noqa: F401 - the child's mounts, loaded here
         return ChildSetup(fds, plan, sync=self._hooks_for(session, "launch"),
-                          own_mounts=own_mounts)
+                          own_mounts=confined)
 
     def _hooks_for(self, session, which: str) -> bool:
         if not session.primary or self.config is None or not self.config.hooks.any():

@@ -36,6 +36,9 @@ NUMBER = {name: n for n, name in enumerate(CAPABILITIES)}
 DEFAULT = ("CHOWN", "DAC_OVERRIDE", "FSETID", "FOWNER", "MKNOD", "NET_RAW", "SETGID",
            "SETUID", "SETFCAP", "SETPCAP", "NET_BIND_SERVICE", "SYS_CHROOT", "KILL",
            "AUDIT_WRITE")
+# `tether sandbox --rootfs`: no device cgroup stands in front of MKNOD there, so a root
+# session could make a node for this machine's disk and open it. Given when asked for.
+SANDBOX_DEFAULT = tuple(name for name in DEFAULT if name != "MKNOD")
 
 
 
@@ -115,9 +118,11 @@ class Plan:
         self.settable, self.unsettable = _split(keep)
 
 
-def plan_for(config, uid: int, held: set[int] | None = None) -> Plan:
+def plan_for(config, uid: int, held: set[int] | None = None,
+             default: tuple[str, ...] = DEFAULT) -> Plan:
     """The privileges of a session whose config is `config` and whose user is `uid`.
-    `held`: what the agent has (default: read from /proc/self/status)."""
+    `held`: what the agent has (default: read from /proc/self/status); `default`: the
+    keep-list when the config names none."""
     # Loaded here, in the agent: the child runs after chroot into the container root,
     # where nothing can be imported. tether.system (ambient capabilities) is loaded below
     # when the plan raises them.
@@ -137,7 +142,7 @@ def plan_for(config, uid: int, held: set[int] | None = None) -> Plan:
                 + ("it" if len(missing) == 1 else "them"))
     else:
         # Docker's set, less what the agent itself lacks (a restricted sandbox host).
-        wanted = {NUMBER[name] for name in DEFAULT} & held
+        wanted = {NUMBER[name] for name in default} & held
     try:
         from tether.sessions import parse_signal
         death = parse_signal(config.parent_death_signal, 0) if config.parent_death_signal \

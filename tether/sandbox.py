@@ -329,7 +329,7 @@ def run_inside(args: argparse.Namespace, seed: dict[str, str],
                       output_log_max=args.output_log_max)
     try:
         agent = Agent(transport, options)
-        agent.isolation.own_mount_namespaces = rootfs is not None
+        agent.isolation.sandboxed_root = rootfs is not None
         code = agent.run()
     finally:
         import shutil
