@@ -110,9 +110,10 @@ def rootfs(tmp_path):
     os.chmod(root / "tmp", 0o1777)
     (root / "only-in-the-rootfs").write_text("")
     shutil.copy(BUSYBOX, root / "bin" / "busybox")
-    for applet in ("sh", "cat", "ls", "sleep", "grep", "mknod"):
+    for applet in ("sh", "cat", "ls", "sleep", "grep", "mknod", "wc"):
         os.symlink("busybox", root / "bin" / applet)
-    (root / "etc" / "passwd").write_text("root:x:0:0:root:/root:/bin/sh\n")
+    (root / "etc" / "passwd").write_text("root:x:0:0:root:/root:/bin/sh\n"
+                                         "alice:x:1234:2345:Alice:/:/bin/sh\n")
     (root / "etc" / "group").write_text("root:x:0:\n")
     source = tmp_path / "escape.c"
     source.write_text(CHROOT_ESCAPE)
@@ -178,3 +179,27 @@ def test_mounts_made_in_the_root_later_reach_a_running_session(sandbox, rootfs):
     result = box.wait()
     assert "seen the new mount" in result.log, result.log
     assert not (rootfs / "mnt" / "arrived").exists()   # in the sandbox's namespace only
+
+
+# -- a hostile /etc/group ------------------------------------------------------------------
+def test_a_user_in_more_groups_than_the_kernel_allows_gets_a_short_clear_error(sandbox, rootfs):
+    with open("/proc/sys/kernel/ngroups_max") as f:
+        most = int(f.read())
+    lines = ["root:x:0:", "staff:x:2345:alice"]
+    lines += [f"g{n}:x:{10000 + n}:alice" for n in range(most + 10)]   # the user's own too
+    lines += ["::::", "odd:x:notanumber:alice", "short:x", "g0again:x:10000:alice,bob"]
+    (rootfs / "etc" / "group").write_text("\n".join(lines) + "\n")
+    fits = ["staff:x:2345:alice"] + [f"g{n}:x:{10000 + n}:alice" for n in range(most - 1)]
+    many = in_root(["/bin/sh", "-c", "echo never ran"], user="alice")
+    result = sandbox.run(config(many), rootfs=rootfs)
+    started = result.session("main").started
+    assert started == (f"user alice is in {most + 11} groups in {rootfs}/etc/group; "
+                       f"the kernel allows {most}"), started[:300]
+    assert "never ran" not in result.log
+    # exactly as many as the kernel allows: launched, with all of them
+    (rootfs / "etc" / "group").write_text("\n".join(fits) + "\n")
+    at_most = in_root(["/bin/sh", "-c", "echo groups: $(grep Groups: /proc/self/status | wc -w)"],
+                      user="alice")
+    result = sandbox.run(config(at_most), rootfs=rootfs)
+    assert result.session("main").started == "true", result.log[-2000:]
+    assert f"groups: {most + 1}" in result.log, result.log[-2000:]   # with "Groups:"
