@@ -203,3 +203,30 @@ def test_a_user_in_more_groups_than_the_kernel_allows_gets_a_short_clear_error(s
     result = sandbox.run(config(at_most), rootfs=rootfs)
     assert result.session("main").started == "true", result.log[-2000:]
     assert f"groups: {most + 1}" in result.log, result.log[-2000:]   # with "Groups:"
+
+
+# -- the child half of a launch, without the agent --------------------------------------------
+def test_a_relative_dir_starts_in_the_container_root_not_outside_it(rootfs, tmp_path):
+    # chroot keeps the cwd: a relative Dir (config or exec) was taken from the agent's cwd,
+    # outside the root, and the session ran there (in a VM: the VM's files)
+    from tether.sessions import Credentials, LaunchSpec, Session
+    (tmp_path / "tmp").mkdir()
+    (tmp_path / "tmp" / "outside-the-root").write_text("")
+    (rootfs / "tmp" / "inside-the-root").write_text("")
+    out_r, out_w = os.pipe()
+    null = os.open("/dev/null", os.O_RDONLY)
+    spec = LaunchSpec(path="/bin/ls", args=["ls", "."], env=["PATH=/bin"], dir="tmp",
+                      root=str(rootfs), creds=Credentials(0, 0, [0], "/"), stdin=null,
+                      stdout=out_w, stderr=out_w, tty=False, setup=None)
+    cwd = os.getcwd()
+    os.chdir(tmp_path)   # the agent's cwd, outside the root
+    try:
+        pid = Session._fork(spec)
+    finally:
+        os.chdir(cwd)
+        os.close(out_w)
+        os.close(null)
+    with os.fdopen(out_r) as f:
+        listing = f.read().split()
+    os.waitpid(pid, 0)
+    assert listing == ["inside-the-root"], listing

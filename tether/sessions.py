@@ -488,6 +488,7 @@ def _child_exec(spec: LaunchSpec, errw: int) -> None:
                 setup.enter_root(spec.root)
             else:
                 os.chroot(spec.root)
+            os.chdir("/")   # a relative Dir starts in the root, not the agent's cwd outside it
         directory = spec.dir or "/"
         step = f"chdir {directory}"
         os.chdir(directory)
