@@ -110,7 +110,7 @@ def rootfs(tmp_path):
     os.chmod(root / "tmp", 0o1777)
     (root / "only-in-the-rootfs").write_text("")
     shutil.copy(BUSYBOX, root / "bin" / "busybox")
-    for applet in ("sh", "cat", "ls", "sleep", "grep", "mknod", "wc"):
+    for applet in ("sh", "cat", "ls", "sleep", "grep", "mknod", "wc", "tty", "readlink"):
         os.symlink("busybox", root / "bin" / applet)
     (root / "etc" / "passwd").write_text("root:x:0:0:root:/root:/bin/sh\n"
                                          "alice:x:1234:2345:Alice:/:/bin/sh\n")
@@ -162,6 +162,13 @@ def test_a_root_session_cannot_make_device_nodes_for_the_machines_disks(sandbox,
     mknod = 1 << 27
     bounding = [int(v, 16) for v in re.findall(r"^CapBnd:\t(\w+)", result.log, re.M)]
     assert sorted(bounding) == [mknod, 0xa80425fb & ~mknod], result.log   # given when asked
+
+
+def test_a_tty_session_finds_its_tty_by_its_name_in_the_root(sandbox, rootfs):
+    probe = in_root(["/bin/sh", "-c", "echo tty: $(tty) fd0: $(readlink /proc/self/fd/0)"],
+                    tty=True)
+    result = sandbox.run(config(probe), rootfs=rootfs)
+    assert re.search(r"tty: (/dev/pts/\d+) fd0: \1\s", result.log), result.log
 
 
 def test_mounts_made_in_the_root_later_reach_a_running_session(sandbox, rootfs):

@@ -31,6 +31,23 @@ READ_ONLY_PATHS = ("/proc/sys", "/proc/sysrq-trigger", "/proc/irq", "/proc/bus",
                    "/proc/scsi", "/proc/acpi", "/sys")
 
 
+def _reopen_ttys(ttys: dict[int, str], root: str) -> None:
+    """A tty session's pty, opened by the agent in the root's devpts, named by its path in
+    the agent's namespace (readlink of /proc/self/fd/0 said `<root>/dev/pts/0`, which
+    musl's ttyname rejects): opened again by its name inside, the same tty."""
+    prefix = root.rstrip("/") + "/"
+    opened: dict[str, int] = {}
+    for fd, name in ttys.items():
+        if not name.startswith(prefix):
+            continue   # not the root's own devpts
+        inner = "/" + name[len(prefix):]
+        if inner not in opened:
+            opened[inner] = os.open(inner, os.O_RDWR | os.O_NOCTTY)
+        os.dup2(opened[inner], fd)
+    for fd in opened.values():
+        os.close(fd)
+
+
 class ChildSetup:
     """Plain data for the child: the cgroup.procs fds to write itself into, the privilege
     plan, whether to wait for the launch hooks (`sync`), and whether the session gets a
@@ -66,12 +83,14 @@ class ChildSetup:
             os.chroot(root)
             return
         from tether import system
+        ttys = {fd: os.readlink(system.fd_path(fd)) for fd in (0, 1, 2) if os.isatty(fd)}
         system.unshare(system.CLONE_NEWNS)
         system.mount(None, "/", None, system.MS_REC | system.MS_SLAVE)
         system.mount(root, root, None, system.MS_BIND | system.MS_REC)
         os.chdir(root)
         system.mount(".", "/", None, system.MS_MOVE)
         os.chroot(".")
+        _reopen_ttys(ttys, root)
         for path in READ_ONLY_PATHS:
             try:
                 system.mount(path, path, None, system.MS_BIND | system.MS_REC)
