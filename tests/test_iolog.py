@@ -226,3 +226,27 @@ def test_a_flooded_log_port_drops_whole_entries_and_its_reader_keeps_the_framing
         loop.close()
         os.close(r)
         os.close(w)
+
+
+def test_tether_logs_into_a_reader_that_goes_away_stops_quietly(tmp_path):
+    """`tether logs FILE | head` printed a BrokenPipeError traceback; it stops as cat
+    does, with 128 + SIGPIPE."""
+    log = tmp_path / "output.log"
+    log.write_bytes(b"".join(encode_entry(b"line %d\n" % i) for i in range(50000)))
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    reader, writer = os.pipe()
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "tether", "logs", str(log)], cwd=repo,
+                                stdout=writer, stderr=subprocess.PIPE)
+        os.close(writer)
+        writer = -1
+        assert os.read(reader, 100)          # it started writing; then the reader goes
+        os.close(reader)
+        reader = -1
+        _, err = proc.communicate(timeout=60)
+    finally:
+        for fd in (reader, writer):
+            if fd >= 0:
+                os.close(fd)
+    assert b"Traceback" not in err, err.decode()
+    assert proc.returncode == 141

@@ -19,13 +19,13 @@ AGENT_USAGE = """usage: tether agent [options]
 Run the agent (PID 1 of a container VM).
 
 options:
-  --guestinfo-file FILE  VMX-style guestinfo file (when there is no backdoor or
-                         virtio-serial channel; also kernel argument tether.guestinfo=)
+  --guestinfo-file FILE  VMX-style guestinfo file, used as given (nothing is probed);
+                         kernel argument tether.guestinfo= names one as a fallback
   --rootfs DIR           container root (default: the containerfs disk, else /)
   --output-log PATH      session output log (default: virtio port org.tether.output,
                          else /dev/ttyS2; only as PID 1)
-  --attach ENDPOINT      attach endpoint: unix:PATH, vsock:PORT, port:NAME,
-                         serial:DEV; repeatable
+  --attach ENDPOINT      attach endpoint: unix:PATH, vsock:PORT, tcp:HOST:PORT,
+                         port:NAME, serial:DEV; repeatable
   --no-attach            serve no attach endpoint at all
   --vic-attach ENDPOINT  serve VIC's handshake + SSH attach on unix:PATH or a serial
                          device; repeatable (default: /dev/ttyS0 in VIC's serial layout)
