@@ -31,9 +31,25 @@ def _connect(endpoint: str, args):
     return Client.connect(endpoint, read_key(args.key_file), timeout=args.timeout)
 
 
-def _fail(prog: str, err: BaseException) -> int:
-    print(f"tether {prog}: {err}", file=sys.stderr)
+ERROR_LIMIT = 2000   # characters of an error message we print
+
+
+def _fail(prog: str, err: BaseException | str) -> int:
+    """Print the error as one line: escaped and clipped, as it may quote the agent (a
+    name in its tar, a refusal's text) or a file name of any bytes."""
+    from tether.console import escape_unprintable
+    text = str(err)
+    if len(text) > ERROR_LIMIT:
+        text = f"{text[:ERROR_LIMIT]}...({len(text)} characters in all)"
+    print(f"tether {prog}: {escape_unprintable(text)}", file=sys.stderr)
     return 1
+
+
+def _shown(value) -> str:
+    """A field of the agent's reply as a cell of our tables or a line of our output:
+    a scalar as text, control characters escaped; anything else by its type."""
+    from tether.attach.client import peer_text
+    return peer_text(value)
 
 
 def _ended(code: int | None) -> int:
@@ -118,7 +134,7 @@ def exec_main(argv: list[str]) -> int:
             result = client.exec(command, tty=args.tty, env=env, dir=args.workdir,
                                  user=args.user, id=args.id, attach=not args.detach)
             if args.detach:
-                print(result["id"])
+                print(_shown(result["id"]))
                 return 0
             return _ended(interact(client, result, stdin_fd=0))
     return _guard("exec", body)
@@ -138,9 +154,11 @@ def ps_main(argv: list[str]) -> int:
             return 0
         print(f"{'SESSION':<24} {'PID':>7} {'STATE':<10} {'STATUS':>6} STARTED")
         for s in sessions:
-            state = (s.get("run_state") or {}).get("Status", "?")   # the agent's word
-            print(f"{str(s.get('id'))[:24]:<24} {str(s.get('pid') or '-'):>7} {state:<10} "
-                  f"{s.get('status'):>6} {s.get('started')}")
+            run_state = s.get("run_state")
+            state = run_state.get("Status", "?") if isinstance(run_state, dict) else "?"
+            print(f"{_shown(s.get('id'))[:24]:<24} {_shown(s.get('pid') or '-'):>7} "
+                  f"{_shown(state):<10} {_shown(s.get('status')):>6} "
+                  f"{_shown(s.get('started'))}")
         return 0
     return _guard("ps", body)
 

@@ -27,9 +27,25 @@ from typing import BinaryIO
 
 from tether.attach import protocol as p
 from tether.attach import transports
+from tether.console import escape_unprintable
 
 DEFAULT_TIMEOUT = 30.0
 READ_SIZE = 1 << 20
+PEER_TEXT_LIMIT = 1000      # characters of the agent's text quoted in an error
+
+
+def peer_text(value) -> str:
+    """What the agent sent (an error's `msg`, a reply's type) as an error of ours may
+    quote it: clipped, its control characters escaped, so an agent can neither drive the
+    user's terminal nor forge lines where the message is shown."""
+    if isinstance(value, bytes):
+        value = value.decode(errors="replace")
+    elif value is not None and not isinstance(value, (str, int, float)):
+        return f"(a {type(value).__name__})"
+    text = str(value)
+    if len(text) > PEER_TEXT_LIMIT:
+        text = f"{text[:PEER_TEXT_LIMIT]}...({len(text)} characters in all)"
+    return escape_unprintable(text)
 
 
 class ClientError(Exception):
@@ -134,7 +150,7 @@ class Client:
             channel = message.get("ch")
             if channel is None:
                 if message.get("t") == p.ERROR:
-                    self._closed_error = f"the agent refused: {message.get('msg')}"
+                    self._closed_error = f"the agent refused: {peer_text(message.get('msg'))}"
                     raise ClientError(self._closed_error)
                 continue
             queue = self._queues.get(channel)
@@ -213,9 +229,9 @@ class Client:
         if reply is None:
             raise TimeoutError(f"no answer to {kind} in {self.timeout:.0f}s")
         if reply["t"] == p.ERROR:
-            raise ClientError(f"{kind}: {reply.get('msg')}")
+            raise ClientError(f"{kind}: {peer_text(reply.get('msg'))}")
         if reply["t"] != p.OK:
-            raise ClientError(f"{kind}: unexpected {reply['t']!r} reply")
+            raise ClientError(f"{kind}: unexpected {peer_text(reply['t'])!r} reply")
         return reply
 
     # -- requests ---------------------------------------------------------------------------
@@ -250,7 +266,8 @@ class Client:
                 return
             if not isinstance(following, str) or following <= after:
                 raise ClientError(f"{kind}: the agent's next page starts at "
-                                  f"{following!r}, not after {after!r}")
+                                  f"{peer_text(following)!r}, not after "
+                                  f"{peer_text(after)!r}")
             after = following
 
     def resize(self, session: str, rows: int, cols: int) -> None:
@@ -337,7 +354,7 @@ class Client:
     def _raise_if_refused(self, channel: int, kind: str) -> None:
         queue = self._queues[channel]
         if queue and queue[0]["t"] == p.ERROR:
-            raise ClientError(f"{kind}: {queue[0].get('msg')}")
+            raise ClientError(f"{kind}: {peer_text(queue[0].get('msg'))}")
 
     def copy_from(self, path: str, sink: BinaryIO, *, tar: bool | None = None) -> dict:
         """Write the file (or a tar of the directory) at `path` to `sink`. Returns the
@@ -358,7 +375,7 @@ class Client:
                     digest.update(message["d"])
                     received += len(message["d"])
                 elif kind == p.ERROR:
-                    raise ClientError(f"copy-from {path}: {message.get('msg')}")
+                    raise ClientError(f"copy-from {path}: {peer_text(message.get('msg'))}")
                 elif kind in (p.EOF, p.CLOSE):
                     break
             # A tar stream is made as it is sent: its size is not known up front (nil).
@@ -441,7 +458,8 @@ class Stream:
         if kind == p.ERROR:
             self.closed = True
             self.client.release_channel(self.channel)
-            raise ClientError(f"session {self.session}: {message.get('msg')}")
+            raise ClientError(f"session {peer_text(self.session)}: "
+                              f"{peer_text(message.get('msg'))}")
         return None
 
     def read_until(self, needle: bytes, timeout: float = DEFAULT_TIMEOUT,

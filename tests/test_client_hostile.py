@@ -1,0 +1,161 @@
+"""The host's `tether` CLI against a hostile agent: a container that took over the VM's
+PID 1 answers `tether ps`, `exec`, `attach`, `kill` and `cp` with anything it likes,
+and the client runs on the user's machine, often as root.
+
+The agent here is scripted: a real unix socket, the real handshake and frame encoder
+(tether/attach/protocol.py), and a handler per test that answers each request. The CLI
+runs as a user runs it, `python -m tether ...` in a process of its own.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import threading
+
+import pytest
+
+from helpers import REPO, socket_paths
+from tether.attach import protocol as p
+
+KEY = b"hostile-key"
+
+
+class ScriptedAgent:
+    """Serves a unix socket as an agent would up to the welcome; after it, every message
+    of the client goes to `handler(message, send)`; `send` takes a message (a dict) or
+    raw bytes."""
+
+    def __init__(self, path: str, handler):
+        self.handler = handler
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(path)
+        self.listener.listen(8)
+        self.conns: list[socket.socket] = []
+        self.threads = [threading.Thread(target=self._accept, daemon=True)]
+        self.threads[0].start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            self.conns.append(conn)
+            thread = threading.Thread(target=self._serve, args=(conn,), daemon=True)
+            self.threads.append(thread)
+            thread.start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        decoder = p.FrameDecoder(accept_unchecked=True)
+        shake = p.ServerHandshake(KEY, allow_unchecked=True)
+
+        def send(message) -> None:
+            conn.sendall(message if isinstance(message, bytes) else p.encode(message))
+        try:
+            while data := conn.recv(1 << 16):
+                for message in decoder.feed(data):
+                    if shake.authenticated:
+                        self.handler(message, send)
+                    else:
+                        for reply in shake.receive(message):
+                            send(reply)
+        except OSError:
+            return
+
+    def close(self) -> None:
+        for sock in (self.listener, *self.conns):   # shutdown wakes a blocked accept/recv
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        for thread in self.threads:
+            thread.join(10)
+        for sock in (self.listener, *self.conns):
+            sock.close()
+
+
+@pytest.fixture
+def hostile():
+    """serve(handler) -> the endpoint of a ScriptedAgent; run(*args) -> the CLI's
+    CompletedProcess (its --timeout is up to the test)."""
+    agents: list[ScriptedAgent] = []
+    env = dict(os.environ, PYTHONPATH=str(REPO), TETHER_KEY=KEY.decode())
+    env.pop("TETHER_KEY_FILE", None)
+    with socket_paths("tether-hostile") as socket_path:
+        def serve(handler) -> str:
+            path = socket_path()
+            agents.append(ScriptedAgent(path, handler))
+            return "unix:" + path
+
+        def run(*args, timeout: float = 120, **kw):
+            return subprocess.run([sys.executable, "-m", "tether", *args], cwd=REPO, env=env,
+                                  capture_output=True, timeout=timeout,
+                                  stdin=kw.pop("stdin", subprocess.DEVNULL), **kw)
+        run.serve, run.env = serve, env
+        try:
+            yield run
+        finally:
+            for agent in agents:
+                agent.close()
+
+
+def answer(kind: str, **fields):
+    """A handler that answers requests of `kind` with ok and `fields` (others: nothing)."""
+    def handler(message, send) -> None:
+        if message["t"] == kind:
+            send({"t": p.OK, "ch": message["ch"], **fields})
+    return handler
+
+
+def assert_no_terminal_control(text: bytes) -> None:
+    """Nothing a terminal would act on but the line ends: no ESC, CR, BEL, C1 control."""
+    controls = {c for c in text.decode(errors="replace")
+                if not c.isprintable() and c != "\n"}
+    assert not controls, (controls, text)
+
+
+# -- text the agent chose, printed by the CLI -------------------------------------------------
+FORGED = "\x1b]0;owned\x07\x1b[2J\x1b[1A\rroot 1 running 0 forged\n\x9b31m\u202e"
+
+
+def test_ps_prints_the_agents_fields_escaped(hostile):
+    endpoint = hostile.serve(answer(p.LIST, sessions=[
+        {"id": "web" + FORGED, "pid": 7, "status": FORGED, "started": "true" + FORGED,
+         "run_state": {"Status": "running" + FORGED}}]))
+    done = hostile("ps", endpoint)
+    assert done.returncode == 0, done.stderr
+    assert_no_terminal_control(done.stdout)
+    assert done.stdout.count(b"\n") == 2            # the heading and one row: none forged
+    assert b"web\\x1b]0;owned\\x07" in done.stdout and b"true\\x1b" in done.stdout
+
+
+def test_an_error_the_agent_sends_is_printed_escaped_and_clipped(hostile):
+    def refuse(message, send) -> None:
+        send({"t": p.ERROR, "ch": message["ch"], "msg": FORGED + "x" * (1 << 19)})
+    endpoint = hostile.serve(refuse)
+    for args in (("ps", endpoint), ("kill", endpoint, "s1"),
+                 ("exec", endpoint, "-d", "--", "true")):
+        done = hostile(*args)
+        assert done.returncode == 1, args
+        assert_no_terminal_control(done.stderr)
+        assert done.stderr.startswith(f"tether {args[0]}: ".encode()), done.stderr[:200]
+        assert done.stderr.count(b"\n") == 1 and len(done.stderr) < 4096, args
+
+
+def test_a_connection_error_the_agent_sends_is_printed_escaped(hostile):
+    def refuse(message, send) -> None:
+        send({"t": p.ERROR, "msg": FORGED})
+    done = hostile("ps", hostile.serve(refuse))
+    assert done.returncode == 1
+    assert_no_terminal_control(done.stderr)
+    assert b"the agent refused: \\x1b]0;owned" in done.stderr
+
+
+def test_exec_detached_prints_the_id_the_agent_chose_escaped(hostile):
+    endpoint = hostile.serve(answer(p.EXEC, id="abc" + FORGED, pid=9, tty=False))
+    done = hostile("exec", endpoint, "-d", "--", "true")
+    assert done.returncode == 0, done.stderr
+    assert_no_terminal_control(done.stdout)
+    assert done.stdout.startswith(b"abc\\x1b]0;owned")
