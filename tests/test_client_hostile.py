@@ -8,6 +8,7 @@ runs as a user runs it, `python -m tether ...` in a process of its own.
 """
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -159,3 +160,79 @@ def test_exec_detached_prints_the_id_the_agent_chose_escaped(hostile):
     assert done.returncode == 0, done.stderr
     assert_no_terminal_control(done.stdout)
     assert done.stdout.startswith(b"abc\\x1b]0;owned")
+
+
+# -- replies of the wrong shape ---------------------------------------------------------------
+def session_agent(on_request):
+    """A handler for an attach/exec conversation: ok to unblock, close-stdin and resize;
+    `on_request(message, send)` for the rest."""
+    def handler(message, send) -> None:
+        if message["t"] in (p.UNBLOCK, p.CLOSE_STDIN, p.RESIZE):
+            send({"t": p.OK, "ch": message["ch"]})
+        elif message["t"] != p.CLOSE:
+            on_request(message, send)
+    return handler
+
+
+def attached_then(*messages):
+    """Answers attach and exec with ok, then sends `messages` on their channel."""
+    def on_request(message, send) -> None:
+        send({"t": p.OK, "ch": message["ch"], "id": "s1", "tty": False, "running": True})
+        for extra in messages:
+            send({"ch": message["ch"], **extra})
+    return session_agent(on_request)
+
+
+MALFORMED = {
+    "ch-a-list": (("ps",), lambda m, send: send({"t": p.OK, "ch": [m["ch"]]})),
+    "ch-a-map": (("ps",), lambda m, send: send({"t": p.OK, "ch": {"a": 1}})),
+    "no-sessions": (("ps",), answer(p.LIST)),
+    "sessions-a-string": (("ps",), answer(p.LIST, sessions="abc")),
+    "session-a-number": (("ps",), answer(p.LIST, sessions=[1, 2])),
+    "fields-of-any-type": (("ps",), answer(p.LIST, sessions=[
+        {"id": 5, "pid": [1], "status": {"a": 1}, "run_state": "x", "started": None}])),
+    "json-of-bytes": (("ps", "--json"), answer(p.LIST, sessions=[{"id": b"\x00\xff"}])),
+    "json-nested-deep": (("ps", "--json"), answer(p.LIST, sessions=[{"id": "deep"}],
+                                                   x=1, next=None)),
+    "exec-without-id": (("exec", "-d", "--", "true"), answer(p.EXEC, pid=3)),
+    "exec-id-a-map": (("exec", "-d", "--", "true"), answer(p.EXEC, id={"a": 1})),
+    "exec-attached-without-id": (("exec", "--", "true"), answer(p.EXEC, pid=3)),
+    "kill-without-signal": (("kill", "s1"), answer(p.SIGNAL)),
+    "exit-code-a-string": (("attach", "s1"), attached_then({"t": p.EXIT, "code": "zero"})),
+    "exit-code-a-list": (("exec", "--", "true"), attached_then({"t": p.EXIT, "code": [0]})),
+    "data-of-a-number": (("attach", "s1"), attached_then({"t": p.DATA, "s": "stdout",
+                                                         "d": 12})),
+    "data-without-d": (("attach", "s1"), attached_then({"t": p.DATA, "s": "stderr"})),
+}
+
+
+@pytest.mark.parametrize("case", MALFORMED)
+def test_a_malformed_reply_is_a_clear_error_not_a_traceback(hostile, case, tmp_path):
+    args, handler = MALFORMED[case]
+    if case == "json-nested-deep":
+        deep = [None]
+        for _ in range(990):   # msgpack reads it; json.dumps(indent=2) recurses on it
+            deep = [deep]
+        handler = answer(p.LIST, sessions=[{"id": "deep", "x": deep}])
+    endpoint = hostile.serve(handler)
+    done = hostile(args[0], "--timeout", "5", endpoint, *args[1:])
+    assert b"Traceback" not in done.stderr, done.stderr.decode()
+    if case == "fields-of-any-type":   # shown as they are, by type when not text
+        assert done.returncode == 0 and b"(a list)" in done.stdout, done
+        return
+    if case == "json-of-bytes":
+        assert done.returncode == 0, done
+        assert json.loads(done.stdout) == [{"id": "\x00\ufffd"}]
+        return
+    assert done.returncode == 1, done
+    assert done.stderr.startswith(f"tether {args[0]}: ".encode()), done.stderr
+    assert done.stderr.count(b"\n") == 1, done.stderr
+
+
+def test_a_data_message_cannot_pass_for_the_exit(hostile):
+    """A data message's stream name is the agent's to choose: 'exit' is no exit."""
+    endpoint = hostile.serve(attached_then({"t": p.DATA, "s": "exit", "d": b"7"},
+                                           {"t": p.DATA, "s": "stdout", "d": b"out\n"},
+                                           {"t": p.EXIT, "code": 3}))
+    done = hostile("attach", endpoint, "s1")
+    assert (done.returncode, done.stdout) == (3, b"out\n"), done

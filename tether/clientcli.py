@@ -150,7 +150,11 @@ def ps_main(argv: list[str]) -> int:
         with _connect(args.endpoint, args) as client:
             sessions = client.list()
         if args.json:
-            print(json.dumps(sessions, indent=2))
+            try:   # bytes as text; json escapes what a terminal would act on
+                text = json.dumps(sessions, indent=2, default=_json_default)
+            except RecursionError:
+                return _fail("ps", "the agent's reply is nested too deeply to print")
+            print(text)
             return 0
         print(f"{'SESSION':<24} {'PID':>7} {'STATE':<10} {'STATUS':>6} STARTED")
         for s in sessions:
@@ -161,6 +165,12 @@ def ps_main(argv: list[str]) -> int:
                   f"{_shown(s.get('started'))}")
         return 0
     return _guard("ps", body)
+
+
+def _json_default(value):
+    if isinstance(value, bytes):
+        return value.decode(errors="replace")
+    return f"(a {type(value).__name__})"
 
 
 def kill_main(argv: list[str]) -> int:

@@ -52,6 +52,21 @@ class ClientError(Exception):
     """The agent refused a request or the connection failed; the text says why."""
 
 
+def field(reply: dict, name: str, kinds: type | tuple[type, ...], what: str):
+    """`reply[name]` when it is one of `kinds`; a ClientError otherwise: a reply is the
+    agent's to shape, and a wrong one must end in a clear error, not a traceback."""
+    value = reply.get(name)
+    if not isinstance(value, kinds) or isinstance(value, bool) and bool not in (
+            kinds if isinstance(kinds, tuple) else (kinds,)):
+        shape = "no" if value is None else f"a {type(value).__name__} as"
+        raise ClientError(f"{what}: the agent's reply has {shape} {name!r}, which the "
+                          "protocol does not allow (docs/attach-protocol.md)")
+    return value
+
+
+BYTES_LIKE = (bytes, bytearray, memoryview)
+
+
 def wait_fd(fd: int, timeout: float | None, *, write: bool = False) -> tuple[bool, bool]:
     """(readable, writable) of `fd` within `timeout` seconds (None: no limit), by poll(2):
     select(2) cannot take an fd above 1023, which a program with many files open has.
@@ -148,8 +163,8 @@ class Client:
     def _dispatch(self, messages: list[dict]) -> None:
         for message in messages:
             channel = message.get("ch")
-            if channel is None:
-                if message.get("t") == p.ERROR:
+            if type(channel) is not int:   # None: the connection's; other types: nobody's
+                if channel is None and message.get("t") == p.ERROR:
                     self._closed_error = f"the agent refused: {peer_text(message.get('msg'))}"
                     raise ClientError(self._closed_error)
                 continue
@@ -240,17 +255,25 @@ class Client:
 
     def list(self) -> list[dict]:
         """Every session's state, in ID order, asked for in pages (any number of them)."""
-        return [state for page in self._pages(p.LIST) for state in page["sessions"]]
+        states = []
+        for page in self._pages(p.LIST):
+            for state in field(page, "sessions", list, p.LIST):
+                if not isinstance(state, dict):
+                    raise ClientError(f"list: a session's state is a {type(state).__name__}"
+                                      ", not a map")
+                states.append(state)
+        return states
 
     def stats(self) -> dict:
         """The agent's figures and every session's, asked for in pages: the machine's
         figures are the first page's."""
         figures: dict | None = None
         for page in self._pages(p.STATS):
+            sessions = field(page, "sessions", dict, p.STATS)
             if figures is None:
                 figures = {k: v for k, v in page.items() if k not in ("t", "ch", "next")}
             else:
-                figures["sessions"].update(page["sessions"])
+                figures["sessions"].update(sessions)
         return figures
 
     def _pages(self, kind: str) -> Iterator[dict]:
@@ -274,7 +297,8 @@ class Client:
         self.request(p.RESIZE, session=session, rows=rows, cols=cols)
 
     def signal(self, session: str, signal: int | str) -> int:
-        return self.request(p.SIGNAL, session=session, signal=signal)["signal"]
+        return field(self.request(p.SIGNAL, session=session, signal=signal), "signal",
+                     int, p.SIGNAL)
 
     def close_stdin(self, session: str) -> None:
         self.request(p.CLOSE_STDIN, session=session)
@@ -321,10 +345,17 @@ class Client:
         except BaseException:
             self.release_channel(channel)
             raise
+        try:
+            ident = field(reply, "id", str, p.EXEC)
+        except ClientError:
+            if attach:
+                self.send({"t": p.CLOSE, "ch": channel})
+            self.release_channel(channel)
+            raise
         if not attach:
             self.release_channel(channel)
             return reply
-        return Stream(self, channel, reply["id"], reply)
+        return Stream(self, channel, ident, reply)
 
     def copy_to(self, path: str, source: bytes | BinaryIO, *, mode: int = 0o644,
                 tar: bool = False) -> dict:
@@ -363,6 +394,11 @@ class Client:
         try:
             self.send({"t": p.COPY_FROM, "ch": channel, "path": path, "tar": tar})
             info = self._expect_ok(channel, "copy-from")
+            if info.get("kind") not in ("file", "tar"):
+                raise ClientError(f"copy-from {path}: the agent's kind "
+                                  f"{peer_text(info.get('kind'))!r} is neither file nor tar")
+            declared = field(info, "size", (int, type(None)), "copy-from")
+            mode = field(info, "mode", (int, type(None)), "copy-from")
             digest = hashlib.sha256()
             received = 0
             while True:
@@ -371,6 +407,7 @@ class Client:
                     raise TimeoutError(f"copy-from {path}: the agent stopped sending")
                 kind = message["t"]
                 if kind == p.DATA:
+                    field(message, "d", BYTES_LIKE, "copy-from")
                     sink.write(message["d"])
                     digest.update(message["d"])
                     received += len(message["d"])
@@ -379,10 +416,9 @@ class Client:
                 elif kind in (p.EOF, p.CLOSE):
                     break
             # A tar stream is made as it is sent: its size is not known up front (nil).
-            if info.get("size") is not None and received != info.get("size"):
-                raise ClientError(f"copy-from {path}: got {received} of {info.get('size')} "
-                                  "bytes")
-            return {"kind": info.get("kind"), "size": received, "mode": info.get("mode"),
+            if declared is not None and received != declared:
+                raise ClientError(f"copy-from {path}: got {received} of {declared} bytes")
+            return {"kind": info["kind"], "size": received, "mode": mode,
                     "sha256": digest.hexdigest()}
         finally:
             self.release_channel(channel)
@@ -447,8 +483,11 @@ class Stream:
     def _event(self, message: dict):
         kind = message["t"]
         if kind == p.DATA:
-            return message.get("s", "stdout"), message["d"]
+            stream = message.get("s", "stdout")
+            data = field(message, "d", BYTES_LIKE, f"session {peer_text(self.session)}")
+            return (stream, data) if stream in ("stdout", "stderr") else None
         if kind == p.EXIT:
+            field(message, "code", (int, type(None)), f"session {peer_text(self.session)}")
             self.exit = message
             return "exit", message.get("code")
         if kind == p.CLOSE:
