@@ -236,3 +236,20 @@ def test_a_data_message_cannot_pass_for_the_exit(hostile):
                                            {"t": p.EXIT, "code": 3}))
     done = hostile("attach", endpoint, "s1")
     assert (done.returncode, done.stdout) == (3, b"out\n"), done
+
+
+# -- what the agent can make the client spend -------------------------------------------------
+def test_pages_that_never_end_are_cut_short(hostile):
+    """An agent can answer every page with a `next` past the last: the client asks for
+    at most MAX_PAGES pages, then says so, rather than listing (and holding) forever."""
+    from tether.attach.client import MAX_PAGES
+    asked = []
+
+    def endless(message, send) -> None:
+        after = message.get("after") or ""
+        asked.append(after)
+        send({"t": p.OK, "ch": message["ch"], "sessions": [{"id": after + "a"}],
+              "next": after + "a"})
+    done = hostile("ps", "--timeout", "5", hostile.serve(endless), timeout=60)
+    assert done.returncode == 1 and b"pages" in done.stderr, done
+    assert len(asked) == MAX_PAGES

@@ -32,6 +32,7 @@ from tether.console import escape_unprintable
 DEFAULT_TIMEOUT = 30.0
 READ_SIZE = 1 << 20
 PEER_TEXT_LIMIT = 1000      # characters of the agent's text quoted in an error
+MAX_PAGES = 64              # of a list or stats: ~190,000 sessions at the agent's page size
 
 
 def peer_text(value) -> str:
@@ -279,9 +280,10 @@ class Client:
     def _pages(self, kind: str) -> Iterator[dict]:
         """The replies to `kind` asked for page by page: each asks for the sessions after
         the last one of the page before. An agent that does not page (before pages were
-        added) answers everything at once, without `next`."""
+        added) answers everything at once, without `next`. At most MAX_PAGES pages: an
+        agent can always name a next page, and a client that followed would never end."""
         after = ""
-        while True:
+        for _ in range(MAX_PAGES):
             reply = self.request(kind, after=after)
             yield reply
             following = reply.get("next")
@@ -292,6 +294,8 @@ class Client:
                                   f"{peer_text(following)!r}, not after "
                                   f"{peer_text(after)!r}")
             after = following
+        raise ClientError(f"{kind}: the agent's reply goes on past {MAX_PAGES} pages; "
+                          "stopped there")
 
     def resize(self, session: str, rows: int, cols: int) -> None:
         self.request(p.RESIZE, session=session, rows=rows, cols=cols)
