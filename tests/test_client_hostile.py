@@ -253,3 +253,81 @@ def test_pages_that_never_end_are_cut_short(hostile):
     done = hostile("ps", "--timeout", "5", hostile.serve(endless), timeout=60)
     assert done.returncode == 1 and b"pages" in done.stderr, done
     assert len(asked) == MAX_PAGES
+
+
+# -- the user's terminal ----------------------------------------------------------------------
+def tty_agent(resize: str):
+    """Attach answered as a tty session's; resize answered by `resize`: ok, refused or
+    never answered."""
+    def on_request(message, send) -> None:
+        if message["t"] == p.ATTACH:
+            send({"t": p.OK, "ch": message["ch"], "tty": True, "running": True, "pid": 5})
+
+    def handler(message, send) -> None:
+        if message["t"] == p.RESIZE and resize != "ok":
+            if resize == "refused":
+                send({"t": p.ERROR, "ch": message["ch"], "msg": "resize: no"})
+            return
+        session_agent(on_request)(message, send)
+    return handler
+
+
+def attach_on_a_terminal(hostile, endpoint: str, *, then=None):
+    """`tether attach` with a pty (sized 24x80) as its terminal; `then(proc, slave)` runs
+    while it is attached. (exit status, stderr, the terminal's modes before, after)."""
+    import pty
+    import termios
+    master, slave = pty.openpty()
+    try:
+        fcntl_winsize(slave, 24, 80)
+        before = termios.tcgetattr(slave)
+        proc = subprocess.Popen([sys.executable, "-m", "tether", "attach", "--timeout", "3",
+                                 endpoint, "s1"], stdin=slave, stdout=slave,
+                                stderr=subprocess.PIPE, cwd=REPO, env=hostile.env)
+        try:
+            if then is not None:
+                then(proc, slave)
+            _, err = proc.communicate(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+        return proc.returncode, err, before, termios.tcgetattr(slave)
+    finally:
+        os.close(master)
+        os.close(slave)
+
+
+def fcntl_winsize(fd: int, rows: int, cols: int) -> None:
+    import fcntl
+    import struct
+    import termios
+    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+
+
+@pytest.mark.parametrize("resize", ["refused", "unanswered"])
+def test_a_failed_first_resize_leaves_the_terminal_as_it_was(hostile, resize):
+    """The terminal goes raw, then its size is sent: an agent that refuses the resize, or
+    never answers it, ends the attach, and the terminal must not stay raw."""
+    code, err, before, after = attach_on_a_terminal(hostile, hostile.serve(tty_agent(resize)))
+    assert code == 1 and err.startswith(b"tether attach: "), err
+    assert after == before
+
+
+@pytest.mark.parametrize("signame", ["SIGTERM", "SIGHUP"])
+def test_a_signal_while_attached_leaves_the_terminal_as_it_was(hostile, signame):
+    import signal
+    import termios
+    import time
+    signum = getattr(signal, signame)
+
+    def when_raw(proc, slave) -> None:
+        deadline = time.monotonic() + 30
+        while termios.tcgetattr(slave)[3] & termios.ICANON:   # until it went raw
+            assert proc.poll() is None and time.monotonic() < deadline, proc.returncode
+            time.sleep(0.01)
+        proc.send_signal(signum)
+    code, err, before, after = attach_on_a_terminal(hostile, hostile.serve(tty_agent("ok")),
+                                                    then=when_raw)
+    assert after == before
+    assert code == 128 + signum, err

@@ -139,35 +139,43 @@ def interact(client, stream, *, stdin_fd: int | None = 0, stdout: Writer | None 
     raw_saved = None
     tty_fd = stdin_fd
     wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-    old_winch = None
-    if stream.tty and tty_in:
-        raw_saved = termios.tcgetattr(tty_fd)
-        tty.setraw(tty_fd, termios.TCSANOW)
+    old_handlers: dict[int, object] = {}
 
-        def on_winch(_signum, _frame) -> None:
-            try:
-                os.write(wake_w, b"w")
-            except BlockingIOError:
-                pass   # a wake-up is already pending
-        if threading_is_main():
-            old_winch = signal.signal(signal.SIGWINCH, on_winch)
-        size = _terminal_size(tty_fd)
-        if size:
-            stream.resize(*size)
-    scanner = DetachScanner(detach_keys) if detach_keys and tty_in else None
-    # poll(2), not select(2): select cannot take an fd above 1023, which a program with
-    # many files open has (the client library waits the same way).
-    poller = select.poll()
-    for fd in (client.fileno(), wake_r) + ((stdin_fd,) if stdin_fd is not None else ()):
-        poller.register(fd, select.POLLIN)
+    def on_winch(_signum, _frame) -> None:
+        try:
+            os.write(wake_w, b"w")
+        except BlockingIOError:
+            pass   # a wake-up is already pending
 
     def restore_terminal() -> None:
         nonlocal raw_saved
         if raw_saved is not None:
-            termios.tcsetattr(tty_fd, termios.TCSADRAIN, raw_saved)
-            raw_saved = None
+            saved, raw_saved = raw_saved, None
+            try:
+                termios.tcsetattr(tty_fd, termios.TCSADRAIN, saved)
+            except termios.error:
+                pass   # the terminal is gone (hung up): nothing left to restore
 
+    # Everything from the terminal going raw on is inside the try: whatever ends the
+    # attach (a refused or unanswered resize, an error, SIGTERM, SIGHUP) restores it.
     try:
+        if stream.tty and tty_in:
+            if threading_is_main():
+                old_handlers[signal.SIGWINCH] = signal.signal(signal.SIGWINCH, on_winch)
+                for signum in END_SIGNALS:
+                    if signal.getsignal(signum) is not signal.SIG_IGN:
+                        old_handlers[signum] = signal.signal(signum, _end_by_signal)
+            raw_saved = termios.tcgetattr(tty_fd)
+            tty.setraw(tty_fd, termios.TCSANOW)
+            size = _terminal_size(tty_fd)
+            if size:
+                stream.resize(*size)
+        scanner = DetachScanner(detach_keys) if detach_keys and tty_in else None
+        # poll(2), not select(2): select cannot take an fd above 1023, which a program
+        # with many files open has (the client library waits the same way).
+        poller = select.poll()
+        for fd in (client.fileno(), wake_r) + ((stdin_fd,) if stdin_fd is not None else ()):
+            poller.register(fd, select.POLLIN)
         while True:
             for kind, value in stream.pending():
                 if kind == "stdout":
@@ -222,10 +230,19 @@ def interact(client, stream, *, stdin_fd: int | None = 0, stdout: Writer | None 
                 client.pump(0)
     finally:
         restore_terminal()
-        if old_winch is not None:
-            signal.signal(signal.SIGWINCH, old_winch)
+        for signum, handler in old_handlers.items():
+            signal.signal(signum, handler)
         os.close(wake_r)
         os.close(wake_w)
+
+
+END_SIGNALS = (signal.SIGTERM, signal.SIGHUP)   # end an attach, the terminal restored
+
+
+def _end_by_signal(signum, _frame):
+    """SIGTERM or SIGHUP on a raw terminal: exit as the signal would (128+N), but through
+    the `finally` that restores the terminal; the default action would leave it raw."""
+    raise SystemExit(128 + signum)
 
 
 def _poll_ms(timeout: float | None) -> int | None:
