@@ -331,3 +331,88 @@ def test_a_signal_while_attached_leaves_the_terminal_as_it_was(hostile, signame)
                                                     then=when_raw)
     assert after == before
     assert code == 128 + signum, err
+
+
+# -- tether cp out of the guest ---------------------------------------------------------------
+def tar_of(members, compression: str = "") -> bytes:
+    """A tar of (name, type, data or link target) members."""
+    import io
+    import tarfile
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w:" + compression, format=tarfile.PAX_FORMAT) as arc:
+        for name, kind, content in members:
+            info = tarfile.TarInfo(name)
+            info.type = kind
+            info.mode = 0o755 if kind == tarfile.DIRTYPE else 0o644
+            if kind == tarfile.REGTYPE:
+                info.size = len(content)
+                arc.addfile(info, io.BytesIO(content))
+            else:
+                info.linkname = content or ""
+                arc.addfile(info)
+    return out.getvalue()
+
+
+def sends_tar(stream: bytes):
+    """Answers copy-from with a directory's reply and `stream` as its tar."""
+    def handler(message, send) -> None:
+        if message["t"] == p.COPY_FROM:
+            send({"t": p.OK, "ch": message["ch"], "kind": "tar", "size": None, "mode": 0o755})
+            for frame in p.encode_data(message["ch"], stream, "stdout"):
+                send(frame)
+            send({"t": p.EOF, "ch": message["ch"]})
+            send({"t": p.CLOSE, "ch": message["ch"]})
+    return handler
+
+
+def past_path_max(dest: str) -> list:
+    """Members whose links resolve outside `dest` only past PATH_MAX: a check of each
+    name with os.path.realpath (tarfile's data filter before CPython's fix of
+    CVE-2025-4517) stops resolving there, sees them inside, and lets `out/escaped` be
+    written in dest's parent."""
+    import tarfile
+    levels = "abcdefghijklmnop"
+    component = "d" * ((4096 - len(dest) - 1) // (len(levels) + 1))
+    members, at = [], ""
+    for level in levels:
+        members += [(os.path.join(at, component), tarfile.DIRTYPE, None),
+                    (os.path.join(at, level), tarfile.SYMTYPE, component)]
+        at = os.path.join(at, component)
+    deep = os.path.join(*levels, "l" * 254)
+    members += [(deep, tarfile.SYMTYPE, os.path.join(*[".."] * len(levels))),
+                ("out", tarfile.SYMTYPE, os.path.join(deep, "..")),
+                ("out/escaped", tarfile.REGTYPE, b"written outside\n")]
+    return members
+
+
+def test_a_tar_copied_out_never_writes_outside_the_destination(hostile, tmp_path):
+    import tarfile
+    dest = tmp_path / "dest"
+    cases = {"past PATH_MAX": past_path_max(str(dest)),
+             "through an outward link": [("up", tarfile.SYMTYPE, ".."),
+                                         ("up/escaped", tarfile.REGTYPE, b"x")],
+             "dot-dot": [("../escaped", tarfile.REGTYPE, b"x")],
+             "hard link out": [("hard", tarfile.LNKTYPE, "../escaped")]}
+    for case, members in cases.items():
+        done = hostile("cp", f"{hostile.serve(sends_tar(tar_of(members)))}::/dir", str(dest))
+        assert b"Traceback" not in done.stderr, (case, done.stderr.decode())
+        assert sorted(os.listdir(tmp_path)) == ["dest"], (case, done)
+
+
+def test_a_compressed_tar_is_refused_not_expanded(hostile, tmp_path):
+    """The agent sends a directory as a plain tar; a compressed stream would be a bomb
+    on the user's disk: a few hundred bytes of bzip2 make a file of any size."""
+    import tarfile
+    bomb = tar_of([("zeros", tarfile.REGTYPE, bytes(16 << 20))], "bz2")
+    assert len(bomb) < 4096
+    dest = tmp_path / "dest"
+    done = hostile("cp", f"{hostile.serve(sends_tar(bomb))}::/dir", str(dest))
+    assert done.returncode == 1 and b"compressed" in done.stderr, done
+    assert not (dest / "zeros").exists()
+
+
+def test_a_stream_that_is_no_tar_is_a_clear_error(hostile, tmp_path):
+    done = hostile("cp", f"{hostile.serve(sends_tar(b'no tar here' * 200))}::/dir",
+                   str(tmp_path / "dest"))
+    assert done.returncode == 1 and b"Traceback" not in done.stderr, done.stderr.decode()
+    assert done.stderr.startswith(b"tether cp: ") and done.stderr.count(b"\n") == 1

@@ -260,8 +260,7 @@ def _copy_out(args, endpoint: str, path: str, local: str) -> int:
             spool.seek(0)
             if info["kind"] == "tar":
                 os.makedirs(local, exist_ok=True)
-                with tarfile.open(fileobj=spool, mode="r") as archive:
-                    archive.extractall(local, filter="data")
+                _extract(spool, local, path)
                 return 0
             target = local
             if os.path.isdir(target):
@@ -271,3 +270,32 @@ def _copy_out(args, endpoint: str, path: str, local: str) -> int:
                     out.write(chunk)
             os.chmod(target, _safe_mode(info.get("mode") or 0o644))
     return 0
+
+
+COMPRESSED = {b"\x1f\x8b": "gzip", b"BZh": "bzip2", b"\xfd7zXZ\x00": "xz"}
+
+
+def _extract(spool, local: str, path: str) -> None:
+    """Extract the agent's tar of `path` under the directory `local`, as the agent
+    extracts a client's: every member placed through directory fds with `local` as the
+    root (tether/attach/copyfiles.py), so no name or link (however long the path it
+    makes) reaches outside it, with the data filter's limits on names, links, modes and
+    special files. tarfile's own filter checks names with os.path.realpath, which a
+    chain of links past PATH_MAX gets wrong (CVE-2025-4517, and its kin in Python
+    versions we may run on). The agent sends plain tar: a compressed stream would
+    expand on the user's disk at the agent's will, and is refused."""
+    from tether.attach.client import ClientError
+    from tether.attach.copyfiles import CopyError, Guard, TarTarget
+    head = spool.read(6)
+    spool.seek(0)
+    for magic, name in COMPRESSED.items():
+        if head.startswith(magic):
+            raise ClientError(f"copy-from {path}: the agent sent a {name}-compressed tar, "
+                              "not the plain tar an agent sends: refused")
+    guard = Guard(local)
+    try:
+        TarTarget(guard, "/").extract(spool)
+    except (CopyError, tarfile.TarError) as err:
+        raise ClientError(f"copy-from {path}: the agent's tar: {err}") from None
+    finally:
+        guard.close()
