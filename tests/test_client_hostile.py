@@ -416,3 +416,30 @@ def test_a_stream_that_is_no_tar_is_a_clear_error(hostile, tmp_path):
                    str(tmp_path / "dest"))
     assert done.returncode == 1 and b"Traceback" not in done.stderr, done.stderr.decode()
     assert done.stderr.startswith(b"tether cp: ") and done.stderr.count(b"\n") == 1
+
+
+def test_a_file_copied_out_stops_at_the_size_the_agent_announced(hostile, tmp_path):
+    """A file's reply says its size; an agent that then sends on without end must not
+    fill the user's disk (the client spools what it receives): the client stops at the
+    first byte past the size, and nothing of it is kept."""
+    chunk = bytes(1 << 20)
+    pushed = []
+
+    def overflowing(message, send) -> None:
+        if message["t"] != p.COPY_FROM:
+            return
+        send({"t": p.OK, "ch": message["ch"], "kind": "file", "size": 10, "mode": 0o644})
+        try:
+            for _ in range(256):   # "without end", bounded so a failing run ends
+                for frame in p.encode_data(message["ch"], chunk, "stdout", checked=False):
+                    send(frame)
+                pushed.append(len(chunk))
+        except OSError:
+            pass                   # the client hung up
+        else:
+            send({"t": p.EOF, "ch": message["ch"]})
+    target = tmp_path / "file"
+    done = hostile("cp", f"{hostile.serve(overflowing)}::/file", str(target))
+    assert done.returncode == 1 and b"more than the 10 bytes" in done.stderr, done
+    assert not target.exists()
+    assert sum(pushed) < 64 << 20, "the client took what came past the size"

@@ -412,6 +412,10 @@ class Client:
                 kind = message["t"]
                 if kind == p.DATA:
                     field(message, "d", BYTES_LIKE, "copy-from")
+                    if declared is not None and received + len(message["d"]) > declared:
+                        # an agent that sends on would fill the sink (the user's disk)
+                        raise ClientError(f"copy-from {path}: the agent sent more than "
+                                          f"the {declared} bytes it announced")
                     sink.write(message["d"])
                     digest.update(message["d"])
                     received += len(message["d"])
