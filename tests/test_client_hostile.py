@@ -54,6 +54,7 @@ class ScriptedAgent:
 
         def send(message) -> None:
             conn.sendall(message if isinstance(message, bytes) else p.encode(message))
+        send.conn, send.decoder = conn, decoder   # for a handler that reads as it sends
         try:
             while data := conn.recv(1 << 16):
                 for message in decoder.feed(data):
@@ -443,3 +444,45 @@ def test_a_file_copied_out_stops_at_the_size_the_agent_announced(hostile, tmp_pa
     assert done.returncode == 1 and b"more than the 10 bytes" in done.stderr, done
     assert not target.exists()
     assert sum(pushed) < 64 << 20, "the client took what came past the size"
+
+
+# -- tether cp into the guest -----------------------------------------------------------------
+def test_data_pushed_at_a_copy_in_is_not_held_by_the_client(hostile, tmp_path):
+    """While the client sends a file, it reads what the agent sends (so neither side can
+    deadlock). An agent that reads slowly and pushes data on the copy's channel (where
+    none belongs) must not make the client hold it: here 1 MiB pushed per 64 KiB read,
+    512 MiB in all for a 32 MiB file, measured by the client's peak RSS."""
+    frame = b"".join(p.encode_data(1, bytes(1 << 20), "stdout", checked=False))
+
+    def flooding(message, send) -> None:
+        if message["t"] != p.COPY_TO:
+            return
+        send({"t": p.OK, "ch": message["ch"]})
+        flood = frame.replace(p.data_header(1, 1 << 20), p.data_header(message["ch"], 1 << 20))
+        received, ended = 0, False
+        for _ in range(512):
+            send(flood)
+            data = send.conn.recv(64 << 10)
+            for got in send.decoder.feed(data):
+                received += len(got.get("d") or b"")
+                ended = ended or got["t"] == p.EOF
+        while not ended:
+            data = send.conn.recv(1 << 20)
+            if not data:
+                return
+            for got in send.decoder.feed(data):
+                received += len(got.get("d") or b"")
+                ended = ended or got["t"] == p.EOF
+        send({"t": p.OK, "ch": message["ch"], "size": received})
+
+    source = tmp_path / "source.bin"
+    source.write_bytes(bytes(32 << 20))
+    measured = ("import resource, sys\nfrom tether.cli import main\ncode = main(sys.argv[1:])\n"
+                "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)\n"
+                "sys.exit(code)")
+    done = subprocess.run([sys.executable, "-c", measured, "cp", str(source),
+                           f"{hostile.serve(flooding)}::/file"], cwd=REPO, env=hostile.env,
+                          capture_output=True, stdin=subprocess.DEVNULL, timeout=300)
+    *_, peak_kib = done.stderr.split()
+    assert done.returncode == 0, done.stderr.decode()
+    assert int(peak_kib) < 200 << 10, f"the client grew to {int(peak_kib) >> 10} MiB"

@@ -32,6 +32,7 @@ from tether.console import escape_unprintable
 DEFAULT_TIMEOUT = 30.0
 READ_SIZE = 1 << 20
 PEER_TEXT_LIMIT = 1000      # characters of the agent's text quoted in an error
+REPLIES_KEPT = 8            # messages kept for a channel that carries no data to us
 MAX_PAGES = 64              # of a list or stats: ~190,000 sessions at the agent's page size
 
 
@@ -93,6 +94,7 @@ class Client:
         self.checked = True
         self.decoder = p.FrameDecoder(accept_unchecked=not conn.persistent, stream_data=True)
         self._queues: dict[int, deque] = {}
+        self._reply_only: set[int] = set()   # channels with no data for us (copy-to)
         self._next_channel = 1
         self._closed_error: str | None = None
         self.server_version: int | None = None
@@ -170,8 +172,12 @@ class Client:
                     raise ClientError(self._closed_error)
                 continue
             queue = self._queues.get(channel)
-            if queue is not None:
-                queue.append(message)
+            if queue is None:
+                continue
+            if channel in self._reply_only and (message["t"] == p.DATA
+                                                 or len(queue) >= REPLIES_KEPT):
+                continue   # nobody reads it while we send: holding it has no bound
+            queue.append(message)
 
     def pump(self, timeout: float | None = 0.0) -> None:
         """Read what is there (waiting up to `timeout`) and sort it into channels."""
@@ -210,14 +216,19 @@ class Client:
             raise ClientError("the agent closed the connection") from None
 
     # -- channels ---------------------------------------------------------------------------
-    def open_channel(self) -> int:
+    def open_channel(self, *, data: bool = True) -> int:
+        """A fresh channel; without `data`, one the agent sends only replies on: its data
+        is dropped and at most REPLIES_KEPT messages are kept."""
         channel = self._next_channel
         self._next_channel += 1
         self._queues[channel] = deque()
+        if not data:
+            self._reply_only.add(channel)
         return channel
 
     def release_channel(self, channel: int) -> None:
         self._queues.pop(channel, None)
+        self._reply_only.discard(channel)
 
     def next_message(self, channel: int, timeout: float | None = None) -> dict | None:
         """The next message on `channel`; None if none came within `timeout`."""
@@ -365,7 +376,7 @@ class Client:
                 tar: bool = False) -> dict:
         """Write `source` to `path` in the container root (tar: extract under `path`).
         Returns the agent's ok: size and sha256 of what it received."""
-        channel = self.open_channel()
+        channel = self.open_channel(data=False)
         try:
             self.send({"t": p.COPY_TO, "ch": channel, "path": path, "mode": mode, "tar": tar})
             self._expect_ok(channel, "copy-to")
