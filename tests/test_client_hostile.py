@@ -486,3 +486,20 @@ def test_data_pushed_at_a_copy_in_is_not_held_by_the_client(hostile, tmp_path):
     *_, peak_kib = done.stderr.split()
     assert done.returncode == 0, done.stderr.decode()
     assert int(peak_kib) < 200 << 10, f"the client grew to {int(peak_kib) >> 10} MiB"
+
+
+# -- tether ports on a guestinfo the guest wrote to -------------------------------------------
+def test_ports_prints_names_from_the_guestinfo_escaped(tmp_path):
+    """`tether ports` reads the `--out` of `tether vm`, which holds what the guest wrote
+    (it may set any key, and the list of networks is a value): a network's name is
+    shown escaped in the table and in an error."""
+    encoded = subprocess.run([sys.executable, "-m", "tether", "config", "encode",
+                              str(REPO / "examples" / "static-network.json")], cwd=REPO,
+                             capture_output=True, check=True).stdout.decode()
+    guestinfo = tmp_path / "guestinfo.vmx"
+    guestinfo.write_text(encoded.replace("bridge", "br\x1b]0;owned\x07\x1b[2Jx"))
+    for args in ((str(guestinfo),), (str(guestinfo), "nosuch")):
+        done = subprocess.run([sys.executable, "-m", "tether", "ports", *args], cwd=REPO,
+                              capture_output=True)
+        assert_no_terminal_control(done.stdout + done.stderr)
+        assert b"br\\x1b]0;owned" in done.stdout + done.stderr, done

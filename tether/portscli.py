@@ -59,15 +59,19 @@ def main(argv: list[str]) -> int:
     if not 1 <= len(argv) <= 2 or argv[0] in ("-h", "--help"):
         print(USAGE, file=sys.stderr)
         return 0 if argv[:1] in (["-h"], ["--help"]) else 2
+    # Names are shown escaped: a VM's guestinfo (`--out`) holds what its guest wrote, and
+    # the list of network names is a value it may set.
+    from .console import escape_unprintable
     path = argv[0]
     try:
         text = sys.stdin.read() if path == "-" else open(path, encoding="utf-8",
                                                           errors="surrogateescape").read()
         for line in lines(load(text), argv[1] if len(argv) == 2 else None):
-            print(line)
+            print(escape_unprintable(line))
         return 0
     except OSError as err:
-        print(f"tether ports: {err.filename or path}: {err.strerror}", file=sys.stderr)
+        print(f"tether ports: {escape_unprintable(str(err.filename or path))}: "
+              f"{err.strerror}", file=sys.stderr)
     except (ValueError, LookupError) as err:   # ConfigError, DecodeError, bad specs
-        print(f"tether ports: {err}", file=sys.stderr)
+        print(f"tether ports: {escape_unprintable(str(err))}", file=sys.stderr)
     return 1
