@@ -56,6 +56,7 @@ class AttachChannel:
         self.session = session
         self.stdin = True
         self.attached = False
+        self.holding = False     # told the client `hold`: the session's stdin is behind
 
     def start(self, *, stdin: bool, replay: bool, extra: dict | None = None) -> None:
         connection, channel, session = self.connection, self.channel, self.session
@@ -112,8 +113,18 @@ class AttachChannel:
 
     # from the client
     def on_data(self, data: bytes) -> None:
-        if self.stdin:
-            self.session.write_stdin(data)
+        # Input the process has not read piles up in the session: past its high mark the
+        # client is told to `hold` its input until `go` (it waits in the client, not
+        # here; what a client that ignores this sends past the session's limit is lost).
+        if self.stdin and not self.session.write_stdin(data) and not self.holding:
+            self.holding = True
+            self.connection.send({"t": p.HOLD, "ch": self.channel})
+            self.session.when_stdin_drained(self._stdin_drained)
+
+    def _stdin_drained(self) -> None:
+        self.holding = False
+        if self.connection.channels.get(self.channel) is self:
+            self.connection.send({"t": p.GO, "ch": self.channel})
 
     def on_eof(self) -> None:
         pass   # the client has no more input; the process's stdin stays open (detach rule)

@@ -62,6 +62,8 @@ CLOSE = "close"          # the channel is finished (client: detach)
 OK = "ok"
 ERROR = "error"          # {"ch", "msg"}; ch absent/None: a connection-level error
 EXIT = "exit"            # {"ch", "status", "code", "signal"}: the attached process ended
+HOLD = "hold"            # {"ch"}: the session holds a backlog of stdin: send no more on it
+GO = "go"                # {"ch"}: ... until this (the backlog is down again)
 
 
 class ProtocolError(Exception):
