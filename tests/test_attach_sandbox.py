@@ -354,3 +354,27 @@ def test_stats_and_ps_per_session(agent):
         run = next(s["run_state"] for s in client.list() if s["id"] == ended.session)
         assert run["Status"] == "exited" and run["ExitCode"] == 6
         assert run["ExitMsg"] == "exited 6" and run["FinishedAt"] >= run["StartedAt"]
+
+
+def test_write_waits_while_the_agent_holds_stdin_and_nothing_is_lost(agent, tmp_path):
+    """Stream.write to a process that reads nothing yet: past 1 MiB of backlog the agent
+    says `hold`, and write waits for its `go` (output and other replies still read)."""
+    flag = tmp_path / "read-now"
+    counter = session_config(sid(), ["/bin/sh", "-c", f"while [ ! -e {flag} ]; do sleep 0.05; "
+                                     "done; exec wc -c"], open_stdin=True)
+    box, endpoint = agent(counter)
+    size = 12 << 20
+    with Client.connect(endpoint, KEY) as client:
+        stream = client.attach(counter.id)
+        releaser = threading.Timer(3.0, flag.touch)   # the process reads from then on
+        releaser.start()
+        try:
+            for _ in range(size >> 20):
+                stream.write(b"y" * (1 << 20))
+        finally:
+            releaser.cancel()
+        assert flag.exists()           # the writes had to wait for the process
+        stream.close_stdin()
+        out = stream.collect(timeout=120)
+    assert out["stdout"].strip() == str(size).encode()
+    assert "dropping input" not in box.log_text()

@@ -8,6 +8,7 @@ import os
 import stat
 import subprocess
 import sys
+import time
 import textwrap
 
 import pytest
@@ -249,3 +250,30 @@ def test_attach_replay_is_inert_on_a_terminal(cli, tmp_path):
     assert b"\x1b[6n" not in shown, shown           # the query was not replayed
     assert seen.read_bytes() == b"echo ok"
     assert attached.returncode == 0, attached.stderr.read()
+
+
+def test_attach_with_a_big_input_for_a_process_not_reading_yet_loses_nothing(cli, tmp_path):
+    """The agent holds at most 4 MiB of input a process has not read; past 1 MiB it tells
+    the client to hold its stdin until the process catches up. `tether attach < FILE`
+    used to send on and lose everything past the limit."""
+    flag = tmp_path / "read-now"
+    endpoint, primary = cli.start("/bin/sh", "-c", f"while [ ! -e {flag} ]; do sleep 0.05; "
+                                  "done; exec wc -c")
+    big = tmp_path / "big"
+    big.write_bytes(b"x" * (12 << 20))
+    with open(big, "rb") as source:
+        attached = subprocess.Popen([sys.executable, "-m", "tether", "attach", endpoint, primary],
+                                    cwd=REPO, env=cli.env, stdin=source,
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        cli.box.wait_for_log(r"attach|attached", timeout=60)
+        time.sleep(3)          # the client sends what it may meanwhile (not a timing check)
+        flag.touch()
+        out, err = attached.communicate(timeout=120)
+    finally:
+        if attached.poll() is None:
+            attached.kill()
+            attached.wait()
+    assert out.strip() == str(12 << 20).encode(), err
+    assert attached.returncode == 0, err
+    assert "dropping input" not in cli.box.log_text()

@@ -95,6 +95,7 @@ class Client:
         self.decoder = p.FrameDecoder(accept_unchecked=not conn.persistent, stream_data=True)
         self._queues: dict[int, deque] = {}
         self._reply_only: set[int] = set()   # channels with no data for us (copy-to)
+        self.held: set[int] = set()   # channels whose stdin the agent asked us to hold
         self._next_channel = 1
         self._closed_error: str | None = None
         self.server_version: int | None = None
@@ -174,6 +175,12 @@ class Client:
             queue = self._queues.get(channel)
             if queue is None:
                 continue
+            if message.get("t") == p.HOLD:    # flow control, not for the channel's reader
+                self.held.add(channel)
+                continue
+            if message.get("t") == p.GO:
+                self.held.discard(channel)
+                continue
             if channel in self._reply_only and (message["t"] == p.DATA
                                                  or len(queue) >= REPLIES_KEPT):
                 continue   # nobody reads it while we send: holding it has no bound
@@ -229,6 +236,7 @@ class Client:
     def release_channel(self, channel: int) -> None:
         self._queues.pop(channel, None)
         self._reply_only.discard(channel)
+        self.held.discard(channel)
 
     def next_message(self, channel: int, timeout: float | None = None) -> dict | None:
         """The next message on `channel`; None if none came within `timeout`."""
@@ -456,7 +464,18 @@ class Stream:
         self.exit: dict | None = None       # the exit message, once it came
         self.closed = False
 
+    @property
+    def held(self) -> bool:
+        """The agent asked us to hold stdin: the process is behind reading it. Send
+        nothing until it says go (`write` waits; an interactive loop stops reading its
+        own input meanwhile, so the input waits where it came from)."""
+        return self.channel in self.client.held
+
     def write(self, data: bytes) -> None:
+        """Send stdin; while the agent holds it, wait for its go, reading (and keeping)
+        what else comes, as long as it takes: the process reads when it reads."""
+        while self.held and not self.closed:
+            self.client.pump(None)
         for frame in p.encode_data(self.channel, data, "stdin", self.client.checked):
             self.client._send(frame)
 

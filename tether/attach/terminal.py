@@ -176,6 +176,7 @@ def interact(client, stream, *, stdin_fd: int | None = 0, stdout: Writer | None 
         poller = select.poll()
         for fd in (client.fileno(), wake_r) + ((stdin_fd,) if stdin_fd is not None else ()):
             poller.register(fd, select.POLLIN)
+        stdin_held = False   # the agent holds the session's stdin: ours is not read meanwhile
         while True:
             for kind, value in stream.pending():
                 if kind == "stdout":
@@ -196,6 +197,12 @@ def interact(client, stream, *, stdin_fd: int | None = 0, stdout: Writer | None 
             if replay is not None:
                 wait = replay.timeout(time.monotonic())
                 timeout = wait if timeout is None else min(timeout, wait)
+            if stdin_fd is not None and stream.held != stdin_held:
+                stdin_held = stream.held
+                if stdin_held:
+                    poller.unregister(stdin_fd)
+                else:
+                    poller.register(stdin_fd, select.POLLIN)
             try:
                 ready = {fd for fd, events in poller.poll(_poll_ms(timeout))
                          if events & _READABLE}
