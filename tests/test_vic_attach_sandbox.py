@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import subprocess
 import time
 
@@ -12,6 +13,7 @@ import pytest
 
 from helpers import executor_config, session_config, sid, socket_paths
 import vicssh_client as vc
+from tether.sessions import Phase
 
 SH = ["/bin/sh", "-c"]
 box_keys: dict = {}      # sandbox -> the Key its config carries
@@ -355,3 +357,65 @@ def test_input_for_a_process_not_reading_holds_the_host_back_not_dropped(vic, tm
     finally:
         client.close()
     assert "dropping input" not in box.log_text()
+
+
+@pytest.mark.parametrize("signame", ["SIGTERM", "SIGHUP"])
+def test_tether_attach_vic_ended_by_a_signal_leaves_the_terminal_as_it_was(vic, signame):
+    """`tether attach --vic` puts the terminal raw for a tty session; SIGTERM or SIGHUP
+    used to kill it there, leaving the user's terminal raw (no echo, no line editing)."""
+    import os
+    import pty
+    import signal
+    import sys
+    import termios
+    import time
+    from helpers import REPO
+    signum = getattr(signal, signame)
+    primary = cat_session(tty=True)
+    box, path = vic(primary)
+    master, slave = pty.openpty()
+    try:
+        before = termios.tcgetattr(slave)
+        proc = subprocess.Popen([sys.executable, "-m", "tether", "attach", "--vic",
+                                 f"unix:{path}", primary.id], stdin=slave, stdout=slave,
+                                stderr=subprocess.PIPE, cwd=REPO)
+        try:
+            deadline = time.monotonic() + 60
+            while termios.tcgetattr(slave)[3] & termios.ICANON:     # until it went raw
+                assert proc.poll() is None and time.monotonic() < deadline, proc.returncode
+                time.sleep(0.01)
+            proc.send_signal(signum)
+            _, err = proc.communicate(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+        assert termios.tcgetattr(slave) == before
+        assert proc.returncode == 128 + signum, err
+    finally:
+        os.close(master)
+        os.close(slave)
+
+
+def test_tether_attach_vic_prints_the_agents_ids_escaped(tmp_path):
+    """The IDs a (hostile) agent lists reach the user's terminal escaped: no escape
+    sequence, carriage return or line of ours forged by them."""
+    import sys
+    from types import SimpleNamespace
+    from helpers import REPO, vic_socket_server
+    evil = "a\x1b]0;owned\x07\rtether attach: fine\x1b[2J"
+    with vic_socket_server(tmp_path, socket.SO_RCVBUF, 1 << 16) as (loop, server, probe):
+        probe.close()
+        server.service.host.sessions[evil] = SimpleNamespace(phase=Phase.RUNNING)
+        proc = subprocess.Popen([sys.executable, "-m", "tether", "attach", "--vic",
+                                 f"unix:{tmp_path / 'vic.sock'}"], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, cwd=REPO)
+        try:
+            loop.run_until(lambda: proc.poll() is not None, timeout=60)
+            out, err = proc.communicate(timeout=10)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+    assert proc.returncode == 0, err
+    assert out == b"a\\x1b]0;owned\\x07\\rtether attach: fine\\x1b[2J\n", out

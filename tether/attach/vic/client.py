@@ -15,6 +15,7 @@ import socket
 import sys
 import time
 
+from tether.attach.client import peer_text
 from tether.attach.vic import handshake as hs
 from tether.attach.vic import wire
 
@@ -147,7 +148,7 @@ async def open_attach(conn, session_id: str, output: _Output):
         await chan._open_forward(lambda: output, wire.ATTACH_CHANNEL.encode(),
                                  session_id.encode())
     except ChannelOpenError as err:
-        raise VicError(f"attach {session_id}: refused: {err.reason}") from None
+        raise VicError(f"attach {session_id}: refused: {peer_text(err.reason)}") from None
     return chan
 
 
@@ -162,7 +163,7 @@ async def attach(endpoint: str, session_id: str | None, *, variant: str = hs.HEA
         ids = await container_ids(conn)
         if list_only:
             for sid in ids:
-                print(sid)
+                print(peer_text(sid))     # the agent's text: escaped, as every line we print
             return 0
         version = await container_version(conn)
         output = _Output(1, 2)
@@ -178,20 +179,13 @@ async def attach(endpoint: str, session_id: str | None, *, variant: str = hs.HEA
 async def _interact(chan, output: _Output, stdin_fd: int | None, scanner) -> int:
     import termios
     import tty
+
+    from tether.attach.terminal import END_SIGNALS
     loop = asyncio.get_event_loop()
     tty_in = stdin_fd is not None and os.isatty(stdin_fd)
     saved = None
-    if tty_in:
-        saved = termios.tcgetattr(stdin_fd)
-        tty.setraw(stdin_fd, termios.TCSANOW)
-
-        def resize() -> None:
-            size = os.get_terminal_size(stdin_fd)
-            loop.create_task(chan.request(wire.WINDOW_CHANGE, wire.encode_window_change(
-                size.columns, size.lines)))
-        resize()
-        loop.add_signal_handler(signal.SIGWINCH, resize)
     detached = loop.create_future()
+    ended = loop.create_future()      # SIGTERM or SIGHUP: 128+N, the terminal restored
 
     def on_stdin() -> None:
         data = os.read(stdin_fd, 64 << 10)
@@ -208,20 +202,42 @@ async def _interact(chan, output: _Output, stdin_fd: int | None, scanner) -> int
         else:
             chan.write(data)
 
-    if stdin_fd is not None:
-        loop.add_reader(stdin_fd, on_stdin)
+    # Everything from the terminal going raw on is inside the try: whatever ends the
+    # attach (an error, SIGTERM, SIGHUP) restores it.
     try:
-        done, _ = await asyncio.wait([output.done, detached],
+        if tty_in:
+            for signum in END_SIGNALS:
+                loop.add_signal_handler(signum, lambda n=signum: ended.done()
+                                        or ended.set_result(128 + n))
+            saved = termios.tcgetattr(stdin_fd)
+            tty.setraw(stdin_fd, termios.TCSANOW)
+
+            def resize() -> None:
+                size = os.get_terminal_size(stdin_fd)
+                loop.create_task(chan.request(wire.WINDOW_CHANGE, wire.encode_window_change(
+                    size.columns, size.lines)))
+            resize()
+            loop.add_signal_handler(signal.SIGWINCH, resize)
+        if stdin_fd is not None:
+            loop.add_reader(stdin_fd, on_stdin)
+        done, _ = await asyncio.wait([output.done, detached, ended],
                                      return_when=asyncio.FIRST_COMPLETED)
+        if ended in done:
+            return ended.result()
         if detached in done:
             print("\r\nread escape sequence", file=sys.stderr)
         return 0
     finally:
         if stdin_fd is not None:
             loop.remove_reader(stdin_fd)
+        if tty_in:
+            for signum in (*END_SIGNALS, signal.SIGWINCH):
+                loop.remove_signal_handler(signum)
         if saved is not None:
-            termios.tcsetattr(stdin_fd, termios.TCSADRAIN, saved)
-            loop.remove_signal_handler(signal.SIGWINCH)
+            try:
+                termios.tcsetattr(stdin_fd, termios.TCSADRAIN, saved)
+            except termios.error:
+                pass   # the terminal is gone (hung up): nothing left to restore
 
 
 async def _close_stdin(chan) -> None:
@@ -242,8 +258,8 @@ def attach_main(args) -> int:
                                   stdin_fd=None if args.no_stdin else 0,
                                   list_only=args.session is None))
     except (VicError, OSError, TimeoutError) as err:
-        print(f"tether attach: {err}", file=sys.stderr)
+        print(f"tether attach: {peer_text(str(err))}", file=sys.stderr)
         return 1
     except Exception as err:   # noqa: BLE001 - asyncssh's errors: a message, no traceback
-        print(f"tether attach: {type(err).__name__}: {err}", file=sys.stderr)
+        print(f"tether attach: {type(err).__name__}: {peer_text(str(err))}", file=sys.stderr)
         return 1
