@@ -280,3 +280,21 @@ def test_an_unchecked_data_frame_comes_out_as_it_arrives():
     rest = decoder.feed(frame[100_000:])
     assert bytes(first[0]["d"]) + bytes(rest[0]["d"]) == data
     assert decoder.buffered == 0
+
+
+@pytest.mark.parametrize("checked", [True, False])
+def test_a_frame_trickling_in_is_parsed_once_it_is_all_here(checked, monkeypatch):
+    """A reader fed a big frame a few bytes at a time joined and parsed everything kept
+    so far on every feed: quadratic copying a peer can ask for (a 1 MiB reply at a few
+    bytes a read). The start is appended until the frame is whole."""
+    reply = {"t": "ok", "ch": 4, "sessions": ["x" * 100 for _ in range(2000)]}
+    frame = p.encode(reply, checked=checked)
+    decoder = p.FrameDecoder(accept_unchecked=True, stream_data=True)
+    parses = []
+    real = decoder._frames
+    monkeypatch.setattr(decoder, "_frames", lambda buf: (parses.append(len(buf)), real(buf))[1])
+    got = []
+    for at in range(0, len(frame), 997):
+        got += decoder.feed(frame[at:at + 997])
+    assert got == [reply]
+    assert len(parses) <= 3, f"{len(parses)} parses of {len(frame)} bytes fed in 997s"
