@@ -522,3 +522,14 @@ def vic_socket_server(directory, buffer_option: int, buffer_size: int):
         client.close()
         server.close(grace=0)
         loop.close()
+
+
+def peak_rss_kib() -> int:
+    """This process's peak resident set (VmHWM), in KiB. Not getrusage's ru_maxrss: Linux
+    keeps that across execve, so a child of a big process (pytest, after tests that held
+    a lot) starts with its parent's peak (462 MiB read as the client's own, once)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    raise RuntimeError("no VmHWM in /proc/self/status")

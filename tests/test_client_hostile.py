@@ -477,9 +477,9 @@ def test_data_pushed_at_a_copy_in_is_not_held_by_the_client(hostile, tmp_path):
 
     source = tmp_path / "source.bin"
     source.write_bytes(bytes(32 << 20))
-    measured = ("import resource, sys\nfrom tether.cli import main\ncode = main(sys.argv[1:])\n"
-                "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)\n"
-                "sys.exit(code)")
+    measured = ("import sys\nsys.path.insert(0, 'tests')\nfrom helpers import peak_rss_kib\n"
+                "from tether.cli import main\ncode = main(sys.argv[1:])\n"
+                "print(peak_rss_kib(), file=sys.stderr)\nsys.exit(code)")
     done = subprocess.run([sys.executable, "-c", measured, "cp", str(source),
                            f"{hostile.serve(flooding)}::/file"], cwd=REPO, env=hostile.env,
                           capture_output=True, stdin=subprocess.DEVNULL, timeout=300)

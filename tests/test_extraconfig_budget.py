@@ -86,19 +86,20 @@ def test_amplifying_lengths_fail_fast_within_the_budget():
 
 
 MEMORY = """
-import resource, sys
+import sys
 sys.path.insert(0, "tests")
 import extraconfig.codec as C
+from helpers import peak_rss_kib
 from test_extraconfig_budget import hostile_exit_logs
 from tether.config import ExecutorConfig
 C.CODEGEN = sys.argv[1]
 C.decode({"guestinfo.vice./common/id": "x"}, ExecutorConfig)
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+before = peak_rss_kib()
 try:
     C.decode(hostile_exit_logs(), ExecutorConfig)
 except C.DecodeBudgetError:
     pass
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)
+print(peak_rss_kib() - before)
 """
 
 
