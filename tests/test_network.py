@@ -145,7 +145,33 @@ def netpair(request):
         pair.close()
 
 
-class Child:
+class JsonLines:
+    """A process (`self.proc`, text stdout) that reports one JSON object a line; what
+    has come is in `self.events`. `who` names it in failures."""
+    who = "the child"
+
+    def next_event(self, timeout=90.0):
+        import selectors
+        with selectors.DefaultSelector() as sel:
+            sel.register(self.proc.stdout, selectors.EVENT_READ)
+            if not sel.select(timeout=max(0.0, timeout)):
+                raise AssertionError(f"no event from {self.who} in time: {self.events[-5:]}")
+        line = self.proc.stdout.readline()
+        if not line:
+            raise AssertionError(f"{self.who} ended: {self.proc.stderr.read()}")
+        event = json.loads(line)
+        self.events.append(event)
+        return event
+
+    def wait_for(self, predicate, timeout=90.0):
+        deadline = time.monotonic() + timeout
+        while True:
+            event = self.next_event(max(0.1, deadline - time.monotonic()))
+            if predicate(event):
+                return event
+
+
+class Child(JsonLines):
     """The agent side: NetworkManager in the agent namespace; JSON lines out."""
 
     def __init__(self, pair: NetPair, tmp_path: Path, endpoints, **extra):
@@ -163,28 +189,6 @@ class Child:
             ["ip", "netns", "exec", pair.agent, sys.executable, str(CHILD), str(spec_path)],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=str(REPO))
         self.events = []
-
-    def next_event(self, timeout=90.0):
-        import selectors
-        sel = selectors.DefaultSelector()
-        sel.register(self.proc.stdout, selectors.EVENT_READ)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if sel.select(timeout=max(0.0, deadline - time.monotonic())):
-                line = self.proc.stdout.readline()
-                if not line:
-                    raise AssertionError(f"child ended: {self.proc.stderr.read()}")
-                event = json.loads(line)
-                self.events.append(event)
-                return event
-        raise AssertionError("no event from the child in time")
-
-    def wait_for(self, predicate, timeout=90.0):
-        deadline = time.monotonic() + timeout
-        while True:
-            event = self.next_event(max(0.1, deadline - time.monotonic()))
-            if predicate(event):
-                return event
 
     def run_to_end(self, timeout=120.0):
         out, err = self.proc.communicate(timeout=timeout)

@@ -11,8 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import require_root
-from test_network import (Child, NetPair, _need_root_netns, addresses, child_factory,  # noqa: F401
+from test_network import (Child, JsonLines, NetPair, _need_root_netns, addresses, child_factory,  # noqa: F401
                           last_publish, netpair, sh)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -20,8 +19,9 @@ SERVER = REPO / "tests" / "test_network_hostile_server.py"
 LEASE_IP = "10.77.0.60"
 
 
-class HostileDhcp:
+class HostileDhcp(JsonLines):
     """The scriptable server on `peer0`; `command()` changes what it answers."""
+    who = "the DHCP server"
 
     def __init__(self, pair: NetPair, options: dict, lease_ip: str = LEASE_IP):
         self.proc = subprocess.Popen(
@@ -36,25 +36,8 @@ class HostileDhcp:
         self.proc.stdin.write(json.dumps(cmd) + "\n")
         self.proc.stdin.flush()
 
-    def next_event(self, timeout: float = 60.0) -> dict:
-        import selectors
-        sel = selectors.DefaultSelector()
-        sel.register(self.proc.stdout, selectors.EVENT_READ)
-        if not sel.select(timeout):
-            raise AssertionError(f"no event from the DHCP server: {self.events}")
-        line = self.proc.stdout.readline()
-        if not line:
-            raise AssertionError(f"DHCP server ended: {self.proc.stderr.read()}")
-        event = json.loads(line)
-        self.events.append(event)
-        return event
-
     def wait_for(self, kind: str, timeout: float = 60.0) -> dict:
-        deadline = time.monotonic() + timeout
-        while True:
-            event = self.next_event(max(0.1, deadline - time.monotonic()))
-            if event["event"] == kind:
-                return event
+        return super().wait_for(lambda event: event["event"] == kind, timeout)
 
     def close(self) -> None:
         if self.proc.poll() is None:

@@ -632,15 +632,22 @@ class Machine:
     def _log_console(self, data: bytes) -> None:
         log = self._files["console"]
         if log.tell() + len(data) > self.console_limit:
-            log.close()
-            try:
-                self.console_dropped += os.path.getsize(self.console_log + ".1")
-            except FileNotFoundError:
-                pass
-            os.replace(self.console_log, self.console_log + ".1")
-            log = self._files["console"] = open(self.console_log, "wb")
+            self.console_dropped += self._rotate("console", self.console_log)
+            log = self._files["console"]
         log.write(data)
         log.flush()
+
+    def _rotate(self, name: str, path: str) -> int:
+        """The log `name` moves to PATH.1 (replacing the one before) and starts again at
+        `path`; returns the size of the PATH.1 it replaced: bytes no longer kept."""
+        self._files[name].close()
+        try:
+            dropped = os.path.getsize(path + ".1")
+        except FileNotFoundError:
+            dropped = 0
+        os.replace(path, path + ".1")
+        self._files[name] = open(path, "wb")
+        return dropped
 
     def answer_resume(self, value: str) -> None:
         """Answer the agent's pending resume request (from any thread; what QEMU does
@@ -676,13 +683,8 @@ class Machine:
         log = self._files["output"]
         if entries_end and log.tell() + entries_end > self.output_limit:
             log.write(data[:entries_end])
-            log.close()
-            try:
-                self.output_dropped += os.path.getsize(self.output_log + ".1")
-            except FileNotFoundError:
-                pass
-            os.replace(self.output_log, self.output_log + ".1")
-            log = self._files["output"] = open(self.output_log, "wb")
+            self.output_dropped += self._rotate("output", self.output_log)
+            log = self._files["output"]
             data = data[entries_end:]
         log.write(data)
         log.flush()
