@@ -14,7 +14,6 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 
 import pytest
@@ -26,43 +25,7 @@ from tether.attach.client import Client, ClientError
 KEY = b"scale-key"
 COPY_IDLE = 2.0     # the server's copy idle timeout in these tests (seconds)
 
-SERVER = textwrap.dedent("""
-    import os, signal, sys
-    from tether.loop import Loop
-    from tether.reaper import Reaper
-    from tether.sessions import Session
-    from tether.attach import channels
-    from tether.attach.server import start_attach_server
-    endpoint, key = sys.argv[1], sys.argv[2].encode()
-    channels.COPY_IDLE_TIMEOUT = float(sys.argv[3])
-    loop = Loop()
-    reaper = Reaper(loop)
-    reaper.start()
-
-    class Host:   # what the attach server needs of the agent
-        def __init__(self):
-            self.loop, self.root, self.key, self.sessions = loop, "/", key, {}
-        def exec_session(self, cfg):
-            session = Session(cfg, loop=loop, reaper=reaper, root="/")
-            self.sessions[session.id] = session
-            session.start()
-            if session.pid:   # for the test to end them if we cannot
-                with open(sys.argv[4], "a") as pids:
-                    print(session.pid, file=pids)
-            return session
-        def request_stop(self, reason):
-            loop.stop()
-
-    host = Host()
-    server = start_attach_server(host, [endpoint])
-    loop.add_signal_handler(signal.SIGTERM, loop.stop)
-    print("ready", flush=True)
-    loop.run_forever()
-    server.close(grace=0)
-    for session in host.sessions.values():   # what the test started ends with it
-        if session.running:
-            os.killpg(session.pid, signal.SIGKILL)
-""")
+SERVER = str(REPO / "tests" / "attach_host.py")
 
 
 @pytest.fixture
@@ -75,8 +38,9 @@ def server(tmp_path):
         path = socket_path()
         env = dict(os.environ, PYTHONPATH=str(REPO))
         pids = tmp_path / "session.pids"
-        proc = subprocess.Popen([sys.executable, "-c", SERVER, "unix:" + path,
-                                 KEY.decode(), str(COPY_IDLE), str(pids)],
+        proc = subprocess.Popen([sys.executable, SERVER, "unix:" + path, KEY.decode(),
+                                 "--copy-idle", str(COPY_IDLE), "--pids", str(pids),
+                                 "--grace", "0"],
                                 stdout=subprocess.PIPE, stderr=log, env=env, cwd=REPO)
         try:
             assert proc.stdout.readline() == b"ready\n", \

@@ -11,7 +11,6 @@ import os
 import socket
 import subprocess
 import sys
-import textwrap
 
 import pytest
 
@@ -22,39 +21,7 @@ from tether.system import set_raw_tty
 
 KEY = b"serial-key"
 
-SERVER = textwrap.dedent("""
-    import logging, signal, sys
-    from tether.loop import Loop
-    from tether.reaper import Reaper
-    from tether.sessions import Session
-    from tether.config import Cmd, Common, SessionConfig
-    from tether.attach.server import start_attach_server
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr)
-    endpoint, key = sys.argv[1], sys.argv[2].encode()
-    loop = Loop()
-    reaper = Reaper(loop)
-    reaper.start()
-
-    class Host:   # what the attach server needs of the agent
-        def __init__(self):
-            self.loop, self.root, self.key, self.sessions = loop, "/", key, {}
-        def exec_session(self, cfg):
-            session = Session(cfg, loop=loop, reaper=reaper, root="/")
-            self.sessions[session.id] = session
-            session.start()
-            return session
-        def request_stop(self, reason):
-            loop.stop()
-
-    host = Host()
-    host.exec_session(SessionConfig(common=Common(id="cat"), open_stdin=True,
-                                    cmd=Cmd(path="/bin/cat", args=["cat"], env=["PATH=/bin"])))
-    server = start_attach_server(host, [endpoint])
-    loop.add_signal_handler(signal.SIGTERM, loop.stop)
-    print("ready", flush=True)
-    loop.run_forever()
-    server.close()
-""")
+SERVER = [sys.executable, str(REPO / "tests" / "attach_host.py")]   # the agent's attach parts
 # The server's session runs as root, as the agent's do: launching it sets its groups.
 NEEDS_ROOT = "the server launches its session as root (setgroups, setuid)"
 
@@ -66,7 +33,7 @@ def serial_line():
     set_raw_tty(master, baud=None)
     device = os.ttyname(slave)
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    proc = subprocess.Popen([sys.executable, "-c", SERVER, "serial:" + device, KEY.decode()],
+    proc = subprocess.Popen(SERVER + ["serial:" + device, KEY.decode(), "--cat"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=REPO)
     try:
         assert proc.stdout.readline() == b"ready\n", proc.stderr.read().decode()
@@ -141,9 +108,8 @@ def test_tcp_endpoint_serves_the_same_protocol():
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    proc = subprocess.Popen([sys.executable, "-c", SERVER, f"tcp:127.0.0.1:{port}",
-                             KEY.decode()], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            env=env, cwd=REPO)
+    proc = subprocess.Popen(SERVER + [f"tcp:127.0.0.1:{port}", KEY.decode(), "--cat"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=REPO)
     try:
         assert proc.stdout.readline() == b"ready\n", proc.stderr.read().decode()
         with Client.connect(f"tcp:127.0.0.1:{port}", KEY) as client:
@@ -196,7 +162,7 @@ def test_vsock_endpoint_serves_the_same_protocol():
     require_root(NEEDS_ROOT)
     port = 20000 + os.getpid() % 20000
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    proc = subprocess.Popen([sys.executable, "-c", SERVER, f"vsock:{port}", KEY.decode()],
+    proc = subprocess.Popen(SERVER + [f"vsock:{port}", KEY.decode(), "--cat"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=REPO)
     try:
         assert proc.stdout.readline() == b"ready\n", proc.stderr.read().decode()
