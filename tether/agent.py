@@ -156,7 +156,8 @@ class Agent:
         self.resumed_at: float | None = None   # boot clock of the resume answer (templates)
         self.mode = options.mode
         from tether.isolation import Isolation
-        self.isolation = Isolation()   # cgroups (step "cgroups"), privileges, hooks
+        # cgroups (step "cgroups"), privileges, hooks
+        self.isolation = Isolation(sandboxed=self.mode is RunMode.SANDBOX)
 
     @property
     def sessions(self) -> dict:

@@ -116,16 +116,16 @@ class ChildSetup:
 
 class Isolation:
     def __init__(self, *, cgroups=None, cgroups_problem: str = "", config=None,
-                 root: str = "/"):
+                 root: str = "/", sandboxed: bool = False):
         self.cgroups = cgroups                  # tether.cgroups.Cgroups, or None
         self.cgroups_problem = cgroups_problem  # why there are none, for `started`
         self.config = config                    # the ExecutorConfig (hooks)
         self.root = root
-        # Set by `tether sandbox --rootfs`, whose sessions share this machine's kernel and
-        # devices: each gets a mount namespace of its own (ChildSetup.enter_root; the
-        # sandbox made the root a shared mount for that), and the default capabilities
-        # leave out MKNOD (privileges.SANDBOX_DEFAULT).
-        self.sandboxed_root = False
+        # The agent of `tether sandbox`: with a container root (--rootfs) its sessions
+        # share this machine's kernel and devices, so each gets a mount namespace of its
+        # own (ChildSetup.enter_root; the sandbox made the root a shared mount for that),
+        # and the default capabilities leave out MKNOD (privileges.SANDBOX_DEFAULT).
+        self.sandboxed = sandboxed
         self._pending: dict[str, list[str]] = {}   # session ID -> poststart failures
         self._oom_seen: dict[str, int] = {}
 
@@ -135,7 +135,7 @@ class Isolation:
         from tether.sessions import LaunchError
         cfg = session.config
         limits = cfg.limits
-        confined = self.sandboxed_root and self.root not in ("", "/")
+        confined = self.sandboxed and self.root not in ("", "/")
         try:
             plan = privileges.plan_for(cfg, uid, default=privileges.SANDBOX_DEFAULT
                                        if confined else privileges.DEFAULT)

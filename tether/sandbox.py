@@ -328,9 +328,7 @@ def run_inside(args: argparse.Namespace, seed: dict[str, str],
                       cgroups=with_cgroups, keep_execs=args.keep_execs,
                       output_log_max=args.output_log_max)
     try:
-        agent = Agent(transport, options)
-        agent.isolation.sandboxed_root = rootfs is not None
-        code = agent.run()
+        code = Agent(transport, options).run()
     finally:
         import shutil
         shutil.rmtree(state_dir, ignore_errors=True)
