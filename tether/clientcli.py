@@ -37,19 +37,15 @@ ERROR_LIMIT = 2000   # characters of an error message we print
 def _fail(prog: str, err: BaseException | str) -> int:
     """Print the error as one line: escaped and clipped, as it may quote the agent (a
     name in its tar, a refusal's text) or a file name of any bytes."""
-    from tether.console import escape_unprintable
-    text = str(err)
-    if len(text) > ERROR_LIMIT:
-        text = f"{text[:ERROR_LIMIT]}...({len(text)} characters in all)"
-    print(f"tether {prog}: {escape_unprintable(text)}", file=sys.stderr)
+    print(f"tether {prog}: {_shown(str(err), ERROR_LIMIT)}", file=sys.stderr)
     return 1
 
 
-def _shown(value) -> str:
-    """A field of the agent's reply as a cell of our tables or a line of our output:
-    a scalar as text, control characters escaped; anything else by its type."""
+def _shown(value, limit: int | None = None) -> str:
+    """A field of the agent's reply (or an error) as a cell of our tables or a line of
+    our output: tether.attach.client.peer_text, loaded when first needed."""
     from tether.attach.client import peer_text
-    return peer_text(value)
+    return peer_text(value) if limit is None else peer_text(value, limit)
 
 
 def _ended(code: int | None) -> int:

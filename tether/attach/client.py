@@ -36,17 +36,17 @@ REPLIES_KEPT = 8            # messages kept for a channel that carries no data t
 MAX_PAGES = 64              # of a list or stats: ~190,000 sessions at the agent's page size
 
 
-def peer_text(value) -> str:
-    """What the agent sent (an error's `msg`, a reply's type) as an error of ours may
-    quote it: clipped, its control characters escaped, so an agent can neither drive the
-    user's terminal nor forge lines where the message is shown."""
+def peer_text(value, limit: int = PEER_TEXT_LIMIT) -> str:
+    """What the agent sent (an error's `msg`, a reply's type, a field of a table) as a
+    line of ours may show it: at most `limit` characters, control characters escaped, so
+    an agent can neither drive the user's terminal nor forge lines where it is shown."""
     if isinstance(value, bytes):
         value = value.decode(errors="replace")
     elif value is not None and not isinstance(value, (str, int, float)):
         return f"(a {type(value).__name__})"
     text = str(value)
-    if len(text) > PEER_TEXT_LIMIT:
-        text = f"{text[:PEER_TEXT_LIMIT]}...({len(text)} characters in all)"
+    if len(text) > limit:
+        text = f"{text[:limit]}...({len(text)} characters in all)"
     return escape_unprintable(text)
 
 
