@@ -27,13 +27,12 @@ def should_scrub(config, transport) -> bool:
 
 def secret_keys(config) -> list[str]:
     """The guest-visible keys holding `config`'s secrets."""
-    from extraconfig.codec import calculate_key
     from extraconfig.secret import is_secret_key
     from tether.extension import encode_config
     keys = sorted(k for k in encode_config(config)
                   if is_secret_key(k) and k.startswith("guestinfo."))
     if config.key:
-        keys.append(calculate_key(config, "Key"))
+        keys.append(key_key())
     return keys
 
 

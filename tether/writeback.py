@@ -31,7 +31,8 @@ STARTED_SUFFIX = ".started"
 
 
 class _NoBatch:
-    """For transports that write each key as it comes."""
+    """For transports that write each key as it comes (contextlib.nullcontext's job, but
+    contextlib is not loaded on the agent's way to its primary)."""
 
     def __enter__(self):
         return self
